@@ -1,0 +1,82 @@
+"""Defaults for every run; model and run files start from `get_config()` and change what differs.
+
+Every section is overridable on the command line, e.g.
+`--config.optimizer.lr=3e-4 --config.mesh.model=8`.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from gptj.model import GPTJConfig
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # The model: exactly the fields of gptj.model.GPTJConfig.
+    config.model = ml_collections.ConfigDict(dataclasses.asdict(GPTJConfig()))
+
+    # Device mesh `data` x `model` (-1: the rest of the devices) and the rule set
+    # that maps logical axes onto it: megatron | zero3 | zero1 | dp.
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, rules="megatron"))
+
+    # The reference's optimizer: clip by global norm, Adam, decoupled weight decay
+    # on matrices, GPT-3 schedule (linear warmup, cosine to end_lr over anneal_steps).
+    config.optimizer = ml_collections.ConfigDict(dict(
+        lr=1.2e-4, end_lr=1.2e-5, warmup_steps=3000, anneal_steps=300000,
+        weight_decay=0.1, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0,
+    ))
+
+    config.train = ml_collections.ConfigDict(dict(
+        seed=0,
+        batch_size=8,            # global sequences per optimizer step
+        microbatches=1,          # gradient accumulation steps per optimizer step
+        total_steps=1000,
+        log_every=10,
+        ckpt_every=500,
+        keep_last=3,             # checkpoints kept besides every keep_every-th
+        keep_every=10000,
+        eval_every=500,          # validation loss every N steps (0: never)
+        val_batches=100,
+        z_loss=0.0,
+        on_nonfinite="stop",     # stop | skip (skip the update, keep going)
+        profile_steps="",        # e.g. "20:25" captures a jax.profiler trace of those steps
+        peak_flops_per_device=0.0,  # for MFU; 0 = not reported
+        fresh_optimizer=False,   # with init_from: new optimizer state and step 0
+        use_wandb=False,
+    ))
+
+    # seqio task names (gptj.tasks registers them by explicit function calls).
+    config.data = ml_collections.ConfigDict(dict(
+        train_task="",
+        val_tasks=[],            # named validation sets
+        seq_len=2048,            # tokens per example (records hold seq_len + 1)
+        shuffle_buffer=10000,
+        num_epochs=-1,           # -1: repeat forever
+        tfrecord_pattern="",     # for the `tfrecords` task: glob or index file
+        text_pattern="",         # for the `text` task: .txt/.jsonl glob
+        text_field="text",
+    ))
+
+    # Weights to start from instead of the workdir's own latest checkpoint:
+    # "hf:PATH", "mtj:PATH", or a gptj workdir / params directory.
+    config.init_from = ""
+
+    config.eval = ml_collections.ConfigDict(dict(
+        harness_tasks=[],
+        num_fewshot=0,
+        limit=0,                 # 0: all examples
+        batch_size=8,
+        include_path="",
+    ))
+
+    config.sample = ml_collections.ConfigDict(dict(
+        max_new_tokens=64, temperature=0.8, top_p=0.9, top_k=0, seed=0, batch_size=8,
+    ))
+
+    config.serve = ml_collections.ConfigDict(dict(
+        host="127.0.0.1", port=5000, max_batch_size=8, max_wait_ms=20, max_queue=256,
+        max_new_tokens_limit=1024, model_name="gptj",
+    ))
+    return config

@@ -1,0 +1,19 @@
+"""A tiny GPT-J that trains on a 2-core CPU in minutes on the built-in demo corpus."""
+
+from gptj.configs import base
+
+
+def get_config():
+    config = base.get_config()
+    config.model.update(dict(
+        vocab_size=50257, vocab_pad_multiple=64, num_layers=2, d_model=128, num_heads=4, rotary_dim=16,
+        max_len=256, dtype="float32", param_dtype="float32", scan_layers=True, remat_policy="none",
+        init_std=0.02,
+    ))
+    config.mesh.update(dict(data=-1, model=1, rules="megatron"))
+    config.optimizer.update(dict(lr=3e-3, end_lr=3e-4, warmup_steps=30, anneal_steps=300, weight_decay=0.1))
+    config.train.update(dict(
+        batch_size=8, total_steps=300, log_every=10, ckpt_every=100, keep_last=2, eval_every=100, val_batches=8,
+    ))
+    config.data.update(dict(train_task="gptj_demo_train", val_tasks=["gptj_demo_validation"], seq_len=128))
+    return config

@@ -1,0 +1,371 @@
+"""GPT-J as Flax Linen modules, with every parameter and activation named logically.
+
+The model never mentions a mesh axis. Parameters carry logical axis names
+(`vocab`, `embed`, `heads`, `head_dim`, `mlp`, `layers`) and activations carry
+`act_*` names; `gptj.partitioning` maps both onto the `data` x `model` mesh.
+Activation names are distinct from parameter names so that a rule set can shard
+a weight's `embed` dimension (ZeRO-3) without also sharding the residual stream.
+
+Parameter layout (the same whether or not `scan_layers` is set, so checkpoints
+move freely between the two):
+
+    wte                                  [vocab, embed]
+    blocks/ln/{scale,bias}               [layers, embed]
+    blocks/attn/{q,k,v}_proj             [layers, embed, heads, head_dim]
+    blocks/attn/out_proj                 [layers, heads, head_dim, embed]
+    blocks/mlp/fc_in_kernel, fc_in_bias  [layers, embed, mlp], [layers, mlp]
+    blocks/mlp/fc_out_kernel, fc_out_bias [layers, mlp, embed], [layers, embed]
+    ln_f/{scale,bias}                    [embed]
+    lm_head_kernel, lm_head_bias         [embed, vocab], [vocab]
+
+Decoding (`decode=True`) keeps a KV cache in the `cache` collection: per layer
+`cached_key`/`cached_value` [batch, cache_len, heads, head_dim], `key_mask`
+[batch, cache_len] (which slots hold real tokens) and `index` (the next slot).
+A call writes its T tokens at `index`, so the same code serves a prompt prefill
+(T = prompt length) and one decode step (T = 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+
+# A large negative logit for masked attention slots and padded vocabulary rows:
+# finite so that fully masked rows give a uniform softmax instead of NaN.
+_NEG_INF = -1e30
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_all": jax.checkpoint_policies.everything_saveable,
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(name: str | Any) -> Any:
+    """Maps a dtype name ('float32', 'bfloat16', 'float16') to a jnp dtype."""
+    if not isinstance(name, str):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTJConfig:
+    """Shape and numerics of a GPT-J model.
+
+    `vocab_size` is the number of token ids the model answers for (HF's
+    `vocab_size`); the embedding and head are padded up to a multiple of
+    `vocab_pad_multiple` so the vocabulary axis can be split over the model
+    axis. Padded logits are masked to -1e30, so they never win a softmax.
+    """
+
+    vocab_size: int = 50400
+    num_layers: int = 28
+    d_model: int = 4096
+    num_heads: int = 16
+    rotary_dim: int = 64
+    max_len: int = 2048
+    d_ff: int = 0  # 0 means 4 * d_model
+    layer_norm_eps: float = 1e-5
+    vocab_pad_multiple: int = 1
+    rope_base: float = 10000.0
+    init_std: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        problems = []
+        for name in ("vocab_size", "num_layers", "d_model", "num_heads", "max_len", "vocab_pad_multiple"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads > 0 and self.d_model % self.num_heads:
+            problems.append(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
+        elif self.num_heads > 0 and not 0 <= self.rotary_dim <= self.head_dim:
+            problems.append(f"rotary_dim {self.rotary_dim} must lie in [0, head_dim={self.head_dim}]")
+        if self.rotary_dim % 2:
+            problems.append(f"rotary_dim {self.rotary_dim} must be even (RoPE rotates pairs)")
+        if self.d_ff < 0:
+            problems.append(f"d_ff must be >= 0 (0 means 4 * d_model), got {self.d_ff}")
+        if self.remat_policy not in REMAT_POLICIES:
+            problems.append(f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                problems.append(f"{name} {getattr(self, name)!r} is not one of {sorted(_DTYPES)}")
+        if problems:
+            raise ValueError("invalid GPT-J config: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_pad_multiple
+        return -(-self.vocab_size // m) * m
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "GPTJConfig":
+        """Builds a config from a mapping, rejecting unknown keys by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown GPT-J model config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "GPTJConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _init(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in fp32 whatever the compute dtype."""
+
+    config: GPTJConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        pdt = resolve_dtype(cfg.param_dtype)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (cfg.d_model,), pdt)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (cfg.d_model,), pdt)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + cfg.layer_norm_eps)
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(resolve_dtype(cfg.dtype))
+
+
+def rotary_sin_cos(positions: jax.Array, rotary_dim: int, base: float):
+    """sin and cos of RoPE angles for integer positions [..., T] -> [..., T, rotary_dim/2] (fp32)."""
+    inv_freq = 1.0 / (base ** (np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)))
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array, rotary_dim: int) -> jax.Array:
+    """GPT-J RoPE: rotates interleaved pairs (x0, x1), (x2, x3), ... of the first rotary_dim dims.
+
+    x: [B, T, H, D]; sin, cos: [B, T, rotary_dim/2].
+    """
+    if rotary_dim == 0:
+        return x
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    pairs = rot.astype(jnp.float32).reshape(*rot.shape[:-1], rotary_dim // 2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
+    rotated = jnp.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
+    rotated = rotated.reshape(rot.shape).astype(x.dtype)
+    return jnp.concatenate([rotated, rest], axis=-1)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with GPT-J's partial RoPE and an optional KV cache."""
+
+    config: GPTJConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, positions, token_mask):
+        cfg = self.config
+        dtype, pdt = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
+        qkv_shape = (cfg.d_model, cfg.num_heads, cfg.head_dim)
+        qkv_axes = ("embed", "heads", "head_dim")
+
+        def project(name):
+            kernel = self.param(name, nn.with_logical_partitioning(_init(cfg.init_std), qkv_axes), qkv_shape, pdt)
+            y = jnp.einsum("btd,dhk->bthk", x, kernel.astype(dtype))
+            return nn.with_logical_constraint(y, ("act_batch", "act_length", "act_heads", "head_dim"))
+
+        q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
+        sin, cos = rotary_sin_cos(positions, cfg.rotary_dim, cfg.rope_base)
+        q = apply_rotary(q, sin, cos, cfg.rotary_dim)
+        k = apply_rotary(k, sin, cos, cfg.rotary_dim)
+
+        batch, length = x.shape[:2]
+        if self.decode:
+            k, v, key_mask, query_slots = self._update_cache(k, v, token_mask)
+            key_slots = jnp.arange(k.shape[1])
+            allowed = (key_slots[None, None, :] <= query_slots[None, :, None]) & key_mask[:, None, :]
+        else:
+            causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+            allowed = causal[None] & token_mask[:, None, :]
+
+        scale = 1.0 / np.sqrt(cfg.head_dim)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(allowed[:, None], scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", "head_dim"))
+
+        out_kernel = self.param(
+            "out_proj",
+            nn.with_logical_partitioning(_init(cfg.init_std), ("heads", "head_dim", "embed")),
+            (cfg.num_heads, cfg.head_dim, cfg.d_model),
+            pdt,
+        )
+        return jnp.einsum("bthk,hkd->btd", out, out_kernel.astype(dtype))
+
+    def _update_cache(self, k, v, token_mask):
+        """Writes k, v [B, T, H, D] at the cache index; returns the whole cache and query slots."""
+        batch, length = k.shape[:2]
+        initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        key_mask = self.variable("cache", "key_mask", jnp.zeros, (batch, k.shape[1]), bool)
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        if not initialized:
+            # Cache creation (model.init with decode=True): shapes come from the
+            # input, which the caller sizes to the full cache length.
+            return k, v, token_mask, jnp.arange(length)
+        start = index.value
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), (0, start, 0, 0))
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v.astype(cached_value.value.dtype), (0, start, 0, 0))
+        key_mask.value = jax.lax.dynamic_update_slice(key_mask.value, token_mask, (0, start))
+        index.value = start + length
+        return cached_key.value, cached_value.value, key_mask.value, start + jnp.arange(length)
+
+
+class MLP(nn.Module):
+    config: GPTJConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dtype, pdt = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
+        init = _init(cfg.init_std)
+        zeros = nn.initializers.zeros
+        w_in = self.param("fc_in_kernel", nn.with_logical_partitioning(init, ("embed", "mlp")), (cfg.d_model, cfg.mlp_dim), pdt)
+        b_in = self.param("fc_in_bias", nn.with_logical_partitioning(zeros, ("mlp",)), (cfg.mlp_dim,), pdt)
+        w_out = self.param("fc_out_kernel", nn.with_logical_partitioning(init, ("mlp", "embed")), (cfg.mlp_dim, cfg.d_model), pdt)
+        b_out = self.param("fc_out_bias", nn.with_logical_partitioning(zeros, ("embed",)), (cfg.d_model,), pdt)
+        h = jnp.einsum("btd,df->btf", x, w_in.astype(dtype)) + b_in.astype(dtype)
+        h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
+        h = jax.nn.gelu(h, approximate=True)
+        return jnp.einsum("btf,fd->btd", h, w_out.astype(dtype)) + b_out.astype(dtype)
+
+
+class Block(nn.Module):
+    """GPT-J's parallel block: x + attn(ln(x)) + mlp(ln(x)), one LayerNorm."""
+
+    config: GPTJConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, positions, token_mask):
+        h = LayerNorm(self.config, name="ln")(x)
+        out = x + Attention(self.config, self.decode, name="attn")(h, positions, token_mask) + MLP(self.config, name="mlp")(h)
+        out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_embed"))
+        return out, None
+
+
+class GPTJ(nn.Module):
+    """The GPT-J causal language model.
+
+    Call with `tokens` [B, T] int32; optional `positions` [B, T] (default
+    0..T-1; left-padded batches pass per-row positions) and `token_mask`
+    [B, T] bool (False for padding; padded keys are never attended to).
+    Returns logits [B, T, padded_vocab_size] in fp32.
+    """
+
+    config: GPTJConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, token_mask=None):
+        cfg = self.config
+        dtype, pdt = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        if token_mask is None:
+            token_mask = jnp.ones(tokens.shape, dtype=bool)
+
+        embedding = self.param(
+            "wte", nn.with_logical_partitioning(_init(cfg.init_std), ("vocab", "embed")), (cfg.padded_vocab_size, cfg.d_model), pdt
+        )
+        x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+
+        block = Block
+        policy = REMAT_POLICIES[cfg.remat_policy]
+        if cfg.remat_policy != "none":
+            block = nn.remat(Block, policy=policy, prevent_cse=False)
+        # One stacked parameter layout for both settings: scan_layers=False
+        # unrolls the same scan at trace time (longer compile, no loop overhead).
+        blocks = nn.scan(
+            block,
+            variable_axes={"params": 0, "cache": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+            unroll=1 if cfg.scan_layers else cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = blocks(cfg, self.decode, name="blocks")(x, positions, token_mask)
+
+        x = LayerNorm(cfg, name="ln_f")(x)
+        head = self.param("lm_head_kernel", nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "vocab")), (cfg.d_model, cfg.padded_vocab_size), pdt)
+        head_bias = self.param("lm_head_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)), (cfg.padded_vocab_size,), pdt)
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+        logits = logits + head_bias.astype(jnp.float32)
+        if cfg.padded_vocab_size != cfg.vocab_size:
+            real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+            logits = jnp.where(real, logits, _NEG_INF)
+        return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+
+
+def count_params(tree) -> int:
+    """Number of scalars in a (possibly abstract) parameter tree."""
+    return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree_util.tree_leaves(tree)))
+
+
+def abstract_params(config: GPTJConfig):
+    """Parameter shapes, dtypes and logical axes (as nn.Partitioned boxes), with nothing allocated."""
+    model = GPTJ(config)
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(tokens.shape, tokens.dtype)))["params"]
+
+
+def init_cache(config: GPTJConfig, batch_size: int, cache_len: int):
+    """A zero KV cache for `batch_size` rows of `cache_len` slots (the `cache` collection)."""
+    model = GPTJ(config, decode=True)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((batch_size, cache_len), jnp.int32))["cache"]
+    )
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+CACHE_LOGICAL_AXES = {
+    "cached_key": ("layers", "act_batch", "act_kv_length", "act_heads", "head_dim"),
+    "cached_value": ("layers", "act_batch", "act_kv_length", "act_heads", "head_dim"),
+    "key_mask": ("layers", "act_batch", "act_kv_length"),
+    "index": ("layers",),
+}
+
+
+def cache_logical_axes(cache) -> Any:
+    """Logical axis names for each leaf of a KV cache tree (for sharding it like the activations)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: CACHE_LOGICAL_AXES[path[-1].key], cache)

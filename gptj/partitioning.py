@@ -1,0 +1,313 @@
+"""The device mesh, the rule sets that map logical axis names onto it, and sharded state.
+
+A rule set is an ordered table of `(logical_name, mesh_axis_or_None)`; the
+first row naming a logical axis wins. Changing the rule set changes the
+parallelism; model code never mentions `data` or `model`.
+
+| rule set   | params over   | optimizer state over | activations' batch over |
+|------------|---------------|----------------------|-------------------------|
+| `megatron` | model         | model                | data                    |
+| `zero3`    | data x model  | data x model         | data                    |
+| `zero1`    | model         | data x model         | data                    |
+| `dp`       | (replicated)  | (replicated)         | data x model            |
+
+Every logical name used by a parameter must appear in the table (mapping to
+None is fine); a name no row resolves is an error naming the parameter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+import flax.linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "model")
+
+Rules = tuple[tuple[str, Any], ...]
+
+# Activations: batch over data, tensor-parallel dims over model, the residual
+# stream replicated over model (Megatron's layout).
+_TENSOR_PARALLEL_ACTIVATIONS: Rules = (
+    ("act_batch", "data"),
+    ("act_length", None),
+    ("act_kv_length", None),
+    ("act_embed", None),
+    ("act_heads", "model"),
+    ("act_mlp", "model"),
+    ("act_vocab", "model"),
+    ("head_dim", None),
+    ("layers", None),
+)
+
+_MEGATRON_PARAMS: Rules = (
+    ("vocab", "model"),
+    ("embed", None),
+    ("heads", "model"),
+    ("mlp", "model"),
+)
+
+# ZeRO-3 / 2D FSDP: the megatron split plus each weight's embed dimension over data.
+_ZERO3_PARAMS: Rules = (
+    ("vocab", "model"),
+    ("embed", "data"),
+    ("heads", "model"),
+    ("mlp", "model"),
+)
+
+_DATA_PARALLEL: Rules = (
+    ("act_batch", ("data", "model")),
+    ("act_length", None),
+    ("act_kv_length", None),
+    ("act_embed", None),
+    ("act_heads", None),
+    ("act_mlp", None),
+    ("act_vocab", None),
+    ("head_dim", None),
+    ("layers", None),
+    ("vocab", None),
+    ("embed", None),
+    ("heads", None),
+    ("mlp", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleSet:
+    """A named mapping from logical axis names to mesh axes.
+
+    `rules` covers parameters and activations; `opt_state_rules`, when set,
+    replaces it for the optimizer state (ZeRO-1 shards only the optimizer).
+    """
+
+    name: str
+    description: str
+    rules: Rules
+    opt_state_rules: Rules | None = None
+
+    @property
+    def optimizer_rules(self) -> Rules:
+        return self.opt_state_rules or self.rules
+
+
+RULE_SETS: dict[str, RuleSet] = {
+    "megatron": RuleSet("megatron", "tensor parallel over model, data parallel over data",
+                        _MEGATRON_PARAMS + _TENSOR_PARALLEL_ACTIVATIONS),
+    "zero3": RuleSet("zero3", "megatron plus params and optimizer state split over data (2D FSDP)",
+                     _ZERO3_PARAMS + _TENSOR_PARALLEL_ACTIVATIONS),
+    "zero1": RuleSet("zero1", "megatron params; optimizer state also split over data",
+                     _MEGATRON_PARAMS + _TENSOR_PARALLEL_ACTIVATIONS,
+                     opt_state_rules=_ZERO3_PARAMS + _TENSOR_PARALLEL_ACTIVATIONS),
+    "dp": RuleSet("dp", "pure data parallel over both mesh axes; everything replicated", _DATA_PARALLEL),
+}
+
+
+class PartitioningError(ValueError):
+    """A mesh, rule set or parameter that cannot be laid out; the message says which and why."""
+
+
+def get_rule_set(name: str | RuleSet) -> RuleSet:
+    """Looks up a rule set by name (`megatron`, `zero3`, `zero1`, `dp`)."""
+    if isinstance(name, RuleSet):
+        return name
+    if name not in RULE_SETS:
+        raise PartitioningError(f"unknown rule set {name!r}; choose one of {sorted(RULE_SETS)}")
+    return RULE_SETS[name]
+
+
+def resolve_mesh_shape(data: int, model: int, num_devices: int) -> tuple[int, int]:
+    """Resolves a (data, model) request where one entry may be -1 ("the rest of the devices")."""
+    if data == -1 and model == -1:
+        raise PartitioningError("mesh: only one of data and model may be -1")
+    for name, size in (("data", data), ("model", model)):
+        if size == 0 or size < -1:
+            raise PartitioningError(f"mesh: {name} must be a positive size or -1, got {size}")
+    known = (data if data != -1 else 1) * (model if model != -1 else 1)
+    if num_devices % known:
+        raise PartitioningError(f"mesh: data={data} x model={model} does not divide the {num_devices} available devices")
+    if data == -1:
+        data = num_devices // known
+    if model == -1:
+        model = num_devices // known
+    if data * model != num_devices:
+        raise PartitioningError(
+            f"mesh: data={data} x model={model} = {data * model} devices, but {num_devices} are available; "
+            "use -1 for one axis to take the rest")
+    return data, model
+
+
+def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 2D (`data`, `model`) mesh over all (or the given) devices, across every host.
+
+    The model axis is the fast-varying one, so a model-parallel group sits on
+    neighbouring devices of one host whenever model <= local device count.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    data, model = resolve_mesh_shape(data, model, len(devices))
+    if devices[0].platform in ("tpu", "gpu", "cuda", "rocm") and len(devices) == jax.device_count():
+        from jax.experimental import mesh_utils
+        try:
+            grid = mesh_utils.create_device_mesh((data, model), devices, allow_split_physical_axes=True)
+        except (ValueError, NotImplementedError, AssertionError):
+            grid = np.asarray(devices).reshape(data, model)
+    else:
+        grid = np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id))).reshape(data, model)
+    return Mesh(grid, MESH_AXES)
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, PartitionSpec)
+
+
+class Partitioner:
+    """Owns the mesh and the rule set; turns logical axes into shardings and jits under them.
+
+    Usage:
+        partitioner = Partitioner(make_mesh(data=2, model=4), "megatron")
+        abstract, specs, shardings = partitioner.abstract_state(init_fn, rng)
+        state = partitioner.jit(init_fn, out_shardings=shardings)(rng)
+    """
+
+    def __init__(self, mesh: Mesh, rule_set: str | RuleSet = "megatron"):
+        self.mesh = mesh
+        self.rule_set = get_rule_set(rule_set)
+
+    @property
+    def rules(self) -> Rules:
+        return self.rule_set.rules
+
+    def axis_size(self, mesh_axes) -> int:
+        if mesh_axes is None:
+            return 1
+        if isinstance(mesh_axes, str):
+            mesh_axes = (mesh_axes,)
+        return math.prod(self.mesh.shape[a] for a in mesh_axes)
+
+    # -- logical names -> shardings ------------------------------------------------
+
+    def mesh_spec(self, logical: PartitionSpec | Sequence[str | None], rules: Rules | None = None, *, where: str = "",
+                  shape: Sequence[int] | None = None) -> PartitionSpec:
+        """Resolves one logical spec to a mesh PartitionSpec, checking names and divisibility."""
+        table = dict(reversed(rules or self.rules))  # reversed: the first row of a name wins
+        mesh_axes = []
+        for dim, name in enumerate(logical):
+            if name is None:
+                mesh_axes.append(None)
+                continue
+            if name not in table:
+                raise PartitioningError(
+                    f"{where or 'array'}: logical axis {name!r} is not resolved by rule set "
+                    f"{self.rule_set.name!r} (known axes: {sorted(table)})")
+            axis = table[name]
+            if shape is not None and axis is not None and shape[dim] % self.axis_size(axis):
+                raise PartitioningError(
+                    f"{where or 'array'}: dimension {dim} ({name}={shape[dim]}) is not divisible by mesh axis "
+                    f"{axis!r} of size {self.axis_size(axis)} under rule set {self.rule_set.name!r}")
+            mesh_axes.append(axis)
+        # A mesh axis may shard only one dimension; a later repeat is replicated.
+        used, resolved = set(), []
+        for axis in mesh_axes:
+            names = set((axis,) if isinstance(axis, str) else (axis or ()))
+            if names & used:
+                resolved.append(None)
+            else:
+                used |= names
+                resolved.append(axis)
+        return PartitionSpec(*resolved)
+
+    def shardings_for(self, logical_specs, abstract=None, *, optimizer_subtree: str | None = "opt_state"):
+        """NamedShardings for a tree of logical PartitionSpecs.
+
+        Leaves under a key named `optimizer_subtree` use the rule set's optimizer
+        rules (which differ for zero1). `abstract`, a tree of arrays or
+        ShapeDtypeStructs of the same structure, enables divisibility checks.
+        """
+        def one(path, spec, leaf=None):
+            keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+            rules = self.rule_set.optimizer_rules if optimizer_subtree in keys else self.rules
+            spec = self.mesh_spec(spec, rules, where=_path_str(path), shape=None if leaf is None else leaf.shape)
+            return NamedSharding(self.mesh, spec)
+
+        if abstract is None:
+            return jax.tree_util.tree_map_with_path(one, logical_specs, is_leaf=_is_spec)
+        return jax.tree_util.tree_map_with_path(one, logical_specs, abstract, is_leaf=_is_spec)
+
+    def abstract_state(self, init_fn: Callable[..., Any], *args, optimizer_subtree: str | None = "opt_state"):
+        """Abstract state, logical specs and mesh shardings of whatever `init_fn(*args)` builds.
+
+        `init_fn` returns a pytree whose parameters are boxed with logical axis
+        names (flax's `nn.Partitioned`, as `with_logical_partitioning` creates).
+        Nothing is allocated: the shapes come from `jax.eval_shape`.
+        Returns `(abstract, logical_specs, shardings)`, the first unboxed.
+        """
+        boxed = jax.eval_shape(init_fn, *args)
+        logical_specs = nn.get_partition_spec(boxed)
+        abstract = nn.meta.unbox(boxed)
+        shardings = self.shardings_for(logical_specs, abstract, optimizer_subtree=optimizer_subtree)
+        return abstract, logical_specs, shardings
+
+    def sharding(self, logical: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
+        """The NamedSharding of one array with the given logical axes (e.g. a batch)."""
+        return NamedSharding(self.mesh, self.mesh_spec(logical, shape=shape))
+
+    def batch_sharding(self, ndim: int = 2) -> NamedSharding:
+        """Sharding of an input batch [batch, ...]: batch split as the rule set splits activations."""
+        return self.sharding(("act_batch",) + (None,) * (ndim - 1))
+
+    @property
+    def data_parallel_size(self) -> int:
+        """How many ways the rule set splits the batch."""
+        return self.axis_size(dict(reversed(self.rules)).get("act_batch"))
+
+    # -- running under the mesh -----------------------------------------------------
+
+    @contextlib.contextmanager
+    def activate(self):
+        """Mesh and logical-axis rules active, so `with_logical_constraint` resolves inside traced code."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    def jit(self, fn: Callable, *, in_shardings=None, out_shardings=None, static_argnums=(), donate_argnums=()):
+        """jax.jit of `fn` with the given shardings, traced and run under this mesh and rule set."""
+        def traced(*args, **kwargs):
+            with nn.logical_axis_rules(self.rules):
+                return fn(*args, **kwargs)
+
+        kwargs = dict(static_argnums=static_argnums, donate_argnums=donate_argnums)
+        if in_shardings is not None:
+            kwargs["in_shardings"] = in_shardings
+        if out_shardings is not None:
+            kwargs["out_shardings"] = out_shardings
+        jitted = jax.jit(traced, **kwargs)
+        partitioner = self
+
+        class _Partitioned:
+            """The jitted callable; `.lower(...)` is exposed for ahead-of-time compilation."""
+
+            def __call__(self, *args, **kw):
+                with partitioner.activate():
+                    return jitted(*args, **kw)
+
+            def lower(self, *args, **kw):
+                with partitioner.activate():
+                    return jitted.lower(*args, **kw)
+
+        return _Partitioned()
+
+
+def per_device_bytes(abstract, shardings) -> int:
+    """Bytes one device holds for a tree of arrays laid out by `shardings`."""
+    total = 0
+    for leaf, sharding in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(shardings)):
+        shard_shape = sharding.shard_shape(leaf.shape)
+        total += int(np.prod(shard_shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return total

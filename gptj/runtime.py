@@ -1,0 +1,50 @@
+"""Process start-up shared by every mode: joining the other hosts and quieting all but process 0."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import logging
+
+
+class DistributedInitError(RuntimeError):
+    """The hosts of a multi-host run could not be joined."""
+
+
+def _cluster_detected() -> bool:
+    """True when the environment describes a multi-host job that jax can join on its own."""
+    markers = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE")
+    if os.environ.get("SLURM_NTASKS", "1") == "1" and not any(os.environ.get(m) for m in markers[1:]):
+        return False
+    return any(os.environ.get(m) for m in markers)
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, timeout_s: int = 300) -> None:
+    """Joins a multi-host run when one is described, then limits logging to process 0.
+
+    Explicit flags (coordinator, process count and id) win; otherwise a cluster
+    that jax recognises (TPU pod, SLURM, Open MPI) is joined automatically; a
+    plain single-process run does nothing. CPU processes use gloo collectives.
+    """
+    explicit = coordinator_address is not None or num_processes is not None or process_id is not None
+    if explicit:
+        missing = [n for n, v in (("coordinator_address", coordinator_address), ("num_processes", num_processes),
+                                  ("process_id", process_id)) if v is None]
+        if missing:
+            raise DistributedInitError(f"an explicit multi-host launch needs all of --coordinator_address, "
+                                       f"--num_processes and --process_id; missing {missing}")
+    if explicit or _cluster_detected():
+        if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        try:
+            jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                       process_id=process_id, initialization_timeout=timeout_s)
+        except Exception as e:  # the runtime raises several unrelated types for the same failures
+            where = coordinator_address or "the cluster's coordinator"
+            raise DistributedInitError(
+                f"could not join the multi-host run at {where} within {timeout_s}s "
+                f"(process {process_id} of {num_processes}): {e}") from e
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.WARNING)

@@ -1,0 +1,95 @@
+"""gptj entry point: run the same command on every host.
+
+    python main.py --config=gptj/configs/tiny.py --workdir=runs/tiny [--mode=train|eval|sample|serve|plan]
+
+Any config field can be overridden: --config.train.total_steps=200.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+MODES = ("train", "eval", "sample", "serve", "plan")
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
+flags.DEFINE_string("mode", "train", f"One of {', '.join(MODES)}.")
+# Multi-host: by default jax.distributed.initialize() discovers the cluster
+# (TPU pod, SLURM); these flags name it explicitly for anything else.
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for an explicit multi-host launch.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (hosts) in an explicit multi-host launch.")
+flags.DEFINE_integer("process_id", None, "This process's index in an explicit multi-host launch.")
+flags.DEFINE_integer("initialization_timeout", 300, "Seconds to wait for every host to join.")
+# --mode=eval
+flags.DEFINE_list("tasks", None, "lm-evaluation-harness tasks (default: config.eval.harness_tasks).")
+flags.DEFINE_integer("num_fewshot", None, "Few-shot examples per harness task (default: config.eval.num_fewshot).")
+flags.DEFINE_integer("limit", None, "Examples per harness task (default: config.eval.limit; 0 = all).")
+flags.DEFINE_string("include_path", None, "A folder of local lm-eval task YAMLs.")
+# --mode=sample
+flags.DEFINE_string("prompt", None, "Prompt to complete.")
+flags.DEFINE_string("prompt_file", None, "File with one prompt per line.")
+flags.DEFINE_string("output", None, "Write JSON lines {prompt, completion, token_ids} here.")
+flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate (default: config.sample.max_new_tokens).")
+flags.DEFINE_float("temperature", None, "0 means greedy (default: config.sample.temperature).")
+flags.DEFINE_float("top_p", None, "Nucleus mass (default: config.sample.top_p).")
+flags.DEFINE_integer("top_k", None, "0 disables top-k (default: config.sample.top_k).")
+flags.DEFINE_integer("seed", None, "Sampling seed (default: config.sample.seed).")
+# --mode=serve
+flags.DEFINE_string("host", None, "Address to bind (default: config.serve.host, 127.0.0.1).")
+flags.DEFINE_integer("port", None, "Port to bind (default: config.serve.port).")
+# --mode=plan
+flags.DEFINE_float("device_memory_gib", None, "Per-device memory to check the plan against.")
+
+flags.mark_flags_as_required(["config"])
+
+
+def _override(section, **values):
+    """Command-line flags that were given override the config section's defaults."""
+    with section.unlocked():
+        for key, value in values.items():
+            if value is not None:
+                section[key] = value
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from gptj import runtime
+
+    runtime.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                       FLAGS.initialization_timeout)
+    config = FLAGS.config
+    mode = FLAGS.mode
+    if mode not in MODES:
+        raise app.UsageError(f"unknown --mode={mode!r}; choose one of {', '.join(MODES)}")
+    if mode != "plan" and not FLAGS.workdir:
+        raise app.UsageError("--workdir is required")
+
+    if mode == "train":
+        from gptj import trainer
+        trainer.train_and_evaluate(config, FLAGS.workdir)
+    elif mode == "eval":
+        from gptj import eval_harness
+        _override(config.eval, num_fewshot=FLAGS.num_fewshot, limit=FLAGS.limit, include_path=FLAGS.include_path)
+        if FLAGS.tasks is not None:
+            _override(config.eval, harness_tasks=list(FLAGS.tasks))
+        eval_harness.evaluate(config, FLAGS.workdir)
+    elif mode == "sample":
+        from gptj import sampling
+        _override(config.sample, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                  top_p=FLAGS.top_p, top_k=FLAGS.top_k, seed=FLAGS.seed)
+        sampling.sample_main(config, FLAGS.workdir, prompt=FLAGS.prompt, prompt_file=FLAGS.prompt_file,
+                             output=FLAGS.output)
+    elif mode == "serve":
+        from gptj import serve
+        _override(config.serve, host=FLAGS.host, port=FLAGS.port)
+        serve.serve(config, FLAGS.workdir)
+    elif mode == "plan":
+        from gptj import plan
+        plan.print_plan(config, device_memory_gib=FLAGS.device_memory_gib)
+
+
+if __name__ == "__main__":
+    app.run(main)

