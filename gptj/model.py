@@ -85,6 +85,11 @@ class GPTJConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    # "einsum": explicit fp32-score attention (any mask, decoding). "dot_product":
+    # jax.nn.dot_product_attention for unpadded causal training/scoring, which
+    # JAX lowers to cuDNN flash attention on NVIDIA GPUs; padded or cached
+    # calls fall back to einsum.
+    attention_impl: str = "einsum"
 
     def __post_init__(self):
         problems = []
@@ -99,6 +104,8 @@ class GPTJConfig:
             problems.append(f"rotary_dim {self.rotary_dim} must be even (RoPE rotates pairs)")
         if self.d_ff < 0:
             problems.append(f"d_ff must be >= 0 (0 means 4 * d_model), got {self.d_ff}")
+        if self.attention_impl not in ("einsum", "dot_product"):
+            problems.append(f"attention_impl {self.attention_impl!r} is not 'einsum' or 'dot_product'")
         if self.remat_policy not in REMAT_POLICIES:
             problems.append(f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
         for name in ("dtype", "param_dtype"):
@@ -205,20 +212,26 @@ class Attention(nn.Module):
         q = apply_rotary(q, sin, cos, cfg.rotary_dim)
         k = apply_rotary(k, sin, cos, cfg.rotary_dim)
 
-        batch, length = x.shape[:2]
+        length = x.shape[1]
+        scale = 1.0 / np.sqrt(cfg.head_dim)
         if self.decode:
             k, v, key_mask, query_slots = self._update_cache(k, v, token_mask)
             key_slots = jnp.arange(k.shape[1])
             allowed = (key_slots[None, None, :] <= query_slots[None, :, None]) & key_mask[:, None, :]
+        elif token_mask is None and cfg.attention_impl == "dot_product":
+            allowed = None
         else:
-            causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-            allowed = causal[None] & token_mask[:, None, :]
+            allowed = jnp.tril(jnp.ones((length, length), dtype=bool))[None]
+            if token_mask is not None:
+                allowed = allowed & token_mask[:, None, :]
 
-        scale = 1.0 / np.sqrt(cfg.head_dim)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(allowed[:, None], scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        if allowed is None:
+            out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
+        else:
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+            scores = jnp.where(allowed[:, None], scores, _NEG_INF)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", "head_dim"))
 
         out_kernel = self.param(
@@ -287,7 +300,8 @@ class GPTJ(nn.Module):
 
     Call with `tokens` [B, T] int32; optional `positions` [B, T] (default
     0..T-1; left-padded batches pass per-row positions) and `token_mask`
-    [B, T] bool (False for padding; padded keys are never attended to).
+    [B, T] bool (False for padding; padded keys are never attended to;
+    None means no padding).
     Returns logits [B, T, padded_vocab_size] in fp32.
     """
 
@@ -300,8 +314,8 @@ class GPTJ(nn.Module):
         dtype, pdt = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        if token_mask is None:
-            token_mask = jnp.ones(tokens.shape, dtype=bool)
+        if token_mask is None and self.decode:
+            token_mask = jnp.ones(tokens.shape, dtype=bool)  # the cache records which slots are real
 
         embedding = self.param(
             "wte", nn.with_logical_partitioning(_init(cfg.init_std), ("vocab", "embed")), (cfg.padded_vocab_size, cfg.d_model), pdt
