@@ -1,0 +1,99 @@
+"""Weight conversion tools: `python -m gptj.convert <command> ...`.
+
+    python -m gptj.convert to_hf    --workdir=runs/tiny --out=hf_dir [--dtype=float32]
+    python -m gptj.convert from_hf  --hf_dir=hf_dir --out=params_dir [--vocab_pad_multiple=1]
+    python -m gptj.convert from_mtj --mtj_dir=step_383500 --out=params_dir [--mtj_config=6B_roto_256.json]
+    python -m gptj.convert slim     --workdir=runs/tiny --out=slim_dir [--dtype=bfloat16]
+
+`--workdir` takes a training workdir (its latest checkpoint) or a params directory. Bad
+input (a missing, damaged or foreign checkpoint) prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _to_hf(args) -> str:
+    from gptj.convert import hf
+    from gptj.params_io import load_params, to_numpy
+
+    params, config = load_params(args.workdir)
+    hf.write_hf(to_numpy(params), config, args.out, dtype=args.dtype)
+    return f"wrote HF GPTJForCausalLM ({args.dtype}) to {args.out}"
+
+
+def _from_hf(args) -> str:
+    from gptj.convert import hf
+    from gptj.params_io import save_params
+
+    params, config = hf.read_hf(args.hf_dir, vocab_pad_multiple=args.vocab_pad_multiple)
+    save_params(args.out, params, config)
+    return f"wrote params directory {args.out} ({config.num_layers} layers, d_model {config.d_model})"
+
+
+def _from_mtj(args) -> str:
+    from gptj.convert import mtj
+    from gptj.params_io import save_params
+
+    params, config = mtj.read_mtj(args.mtj_dir, config=args.mtj_config, vocab_pad_multiple=args.vocab_pad_multiple)
+    save_params(args.out, params, config)
+    return f"wrote params directory {args.out} ({config.num_layers} layers, d_model {config.d_model})"
+
+
+def _slim(args) -> str:
+    from gptj.convert import slim
+    from gptj.params_io import abstract_params_like
+
+    config = slim.slim(args.workdir, args.out, dtype=args.dtype)
+    size = slim.params_bytes(abstract_params_like(config, dtype=config.param_dtype))
+    return f"wrote {args.dtype} params directory {args.out} ({size / 2**30:.2f} GiB of weights)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m gptj.convert", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    to_hf = commands.add_parser("to_hf", help="gptj workdir or params directory -> HF GPTJForCausalLM directory")
+    to_hf.add_argument("--workdir", required=True, help="training workdir or params directory")
+    to_hf.add_argument("--out", required=True, help="new HF directory")
+    to_hf.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    to_hf.set_defaults(run=_to_hf)
+
+    from_hf = commands.add_parser("from_hf", help="HF GPT-J directory -> gptj params directory")
+    from_hf.add_argument("--hf_dir", required=True, help="a save_pretrained directory of GPTJForCausalLM")
+    from_hf.add_argument("--out", required=True, help="new params directory")
+    from_hf.add_argument("--vocab_pad_multiple", type=int, default=1, help="pad the vocabulary to a multiple of this")
+    from_hf.set_defaults(run=_from_hf)
+
+    from_mtj = commands.add_parser("from_mtj", help="mesh-transformer-jax checkpoint -> gptj params directory")
+    from_mtj.add_argument("--mtj_dir", required=True, help="step_N directory, or the model directory with meta.json")
+    from_mtj.add_argument("--out", required=True, help="new params directory")
+    from_mtj.add_argument("--mtj_config", default=None,
+                          help="the reference's config JSON (default: one beside the checkpoint, else GPT-J-6B's)")
+    from_mtj.add_argument("--vocab_pad_multiple", type=int, default=1, help="pad the vocabulary to a multiple of this")
+    from_mtj.set_defaults(run=_from_mtj)
+
+    slim = commands.add_parser("slim", help="params only, in bf16, for inference")
+    slim.add_argument("--workdir", required=True, help="training workdir or params directory")
+    slim.add_argument("--out", required=True, help="new params directory")
+    slim.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    slim.set_defaults(run=_slim)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        print(args.run(args))
+    except ValueError as e:  # WeightsError, PartitioningError and bad values are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
