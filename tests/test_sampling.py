@@ -1,0 +1,240 @@
+"""Generation: greedy parity with HF `generate`, KV-cache exactness, sampler statistics, sharded decoding."""
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+from scipy import stats
+
+from gptj.model import GPTJ, init_cache
+from gptj.partitioning import Partitioner, make_mesh
+from gptj.sampling import Sampler, bucket, sample_tokens
+from tests.sampling_utils import random_hf_gptj, random_params
+
+torch = pytest.importorskip("torch")
+
+PROMPTS = [[5, 17, 3], [40, 2, 2, 91, 8, 60, 33, 12, 7], list(range(10, 27)), [88, 1, 64, 30, 30, 9]]
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """A random HF GPT-J and a gptj Sampler over the same weights (fp32)."""
+    from gptj.convert.hf import read_hf
+
+    hf_dir = str(tmp_path_factory.mktemp("hf"))
+    hf_model = random_hf_gptj(hf_dir)
+    params, config = read_hf(hf_dir, vocab_pad_multiple=8)
+    return hf_model, Sampler(config, params, eos_id=None), params, config
+
+
+def hf_greedy(hf_model, prompt, new_tokens=NEW_TOKENS):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def hf_references(hf_pair):
+    return [hf_greedy(hf_pair[0], p) for p in PROMPTS]
+
+
+def test_greedy_matches_hf_generate_single_prompts(hf_pair, hf_references):
+    sampler = hf_pair[1]
+    for prompt, expected in zip(PROMPTS[:2], hf_references[:2]):
+        [out] = sampler.generate([prompt], max_new_tokens=NEW_TOKENS, temperature=0.0)
+        assert out.tokens == expected
+        assert out.finish_reason == "length"
+
+
+def test_greedy_matches_hf_generate_ragged_batch(hf_pair, hf_references):
+    """One left-padded batch of different prompt lengths; each row equals HF on that prompt alone."""
+    outs = hf_pair[1].generate(PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0.0)
+    assert [o.tokens for o in outs] == hf_references
+
+
+def test_decode_steps_equal_full_forward(hf_pair):
+    """Prefill, then one token at a time through the cache: every step's logits equal a full forward."""
+    _, _, params, config = hf_pair
+    rng = np.random.default_rng(1)
+    total, prompt_len = 20, 7
+    tokens = rng.integers(0, config.vocab_size, (2, total))
+    pad = np.array([0, 3])  # row 1 is left-padded by 3
+    mask = np.arange(total)[None] >= pad[:, None]
+    positions = np.maximum(np.arange(total)[None] - pad[:, None], 0)
+    full = GPTJ(config).apply({"params": params}, tokens, positions, mask)
+
+    decoder = GPTJ(config, decode=True)
+    cache = init_cache(config, 2, 32)
+    logits, variables = decoder.apply({"params": params, "cache": cache}, tokens[:, :prompt_len],
+                                      positions[:, :prompt_len], mask[:, :prompt_len], mutable=["cache"])
+    v = config.vocab_size
+    worst = float(np.abs(logits - full[:, :prompt_len])[:, :, :v][mask[:, :prompt_len]].max())
+    for t in range(prompt_len, total):
+        logits, variables = decoder.apply({"params": params, "cache": variables["cache"]}, tokens[:, t:t + 1],
+                                          positions[:, t:t + 1], mask[:, t:t + 1], mutable=["cache"])
+        worst = max(worst, float(np.abs(logits[:, 0, :v] - full[:, t, :v]).max()))
+    assert worst <= 1e-4
+
+
+def test_sampled_logprobs_equal_scoring_forward(hf_pair):
+    """The sampler's per-token log-probs (cache path, left padding, buckets) equal one full forward's."""
+    sampler = hf_pair[1]
+    outs = sampler.generate(PROMPTS, max_new_tokens=12, temperature=1.0, seed=[3, 4, 5, 6], top_logprobs=2)
+    scores = sampler.score([p + o.tokens for p, o in zip(PROMPTS, outs)], top_logprobs=2)
+    for prompt, out, score in zip(PROMPTS, outs, scores):
+        assert len(out.tokens) == 12
+        np.testing.assert_allclose(out.logprobs, score.token_logprobs[len(prompt):], atol=1e-4)
+        got_top = [[lp for _, lp in step] for step in out.top_logprobs]
+        want_top = [[lp for _, lp in step] for step in score.top_logprobs[len(prompt):]]
+        np.testing.assert_allclose(got_top, want_top, atol=1e-4)
+
+
+def test_rows_are_independent_of_their_batch(hf_pair):
+    """A sampled row (same seed) is the same alone as inside a ragged batch, which the server relies on."""
+    sampler = hf_pair[1]
+    kwargs = dict(max_new_tokens=10, temperature=[0.9, 1.2, 0.7, 1.0], top_k=[0, 20, 0, 5], top_p=[0.9, 1.0, 1.0, 0.8],
+                  seed=[11, 12, 13, 14])
+    batch = sampler.generate(PROMPTS, **kwargs)
+    for i, prompt in enumerate(PROMPTS):
+        row_kwargs = {k: v[i] if isinstance(v, list) else v for k, v in kwargs.items()}
+        [alone] = sampler.generate([prompt], **row_kwargs)
+        assert alone.tokens == batch[i].tokens
+
+
+class CharTokenizer:
+    """Token i is one letter, so stop strings can be placed exactly."""
+
+    def encode(self, text):
+        return [ord(c) - 97 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_eos_stop_strings_and_max_new_tokens_per_row(hf_pair):
+    _, _, params, config = hf_pair
+    sampler = Sampler(config, params, tokenizer=CharTokenizer(), eos_id=None)
+    greedy = sampler.generate(PROMPTS[:3], max_new_tokens=NEW_TOKENS)
+    text0, text1 = greedy[0].text, greedy[1].text
+    # An EOS id that row 2 produces but rows 0 and 1 do not (before their own stops).
+    eos = next(t for t in greedy[2].tokens[3:] if t not in greedy[0].tokens and t not in greedy[1].tokens[:4])
+    stop = text0[6:9]
+    outs = sampler.generate(PROMPTS[:3], max_new_tokens=[NEW_TOKENS, 4, NEW_TOKENS],
+                            stop=[[stop], [], []], eos_id=eos)
+    cut = text0.find(stop)
+    assert outs[0].text == text0[:cut] and outs[0].finish_reason == "stop"
+    assert outs[0].tokens == greedy[0].tokens[:cut] and len(outs[0].logprobs) == cut
+    assert outs[1].tokens == greedy[1].tokens[:4] and outs[1].text == text1[:4] and outs[1].finish_reason == "length"
+    first_eos = greedy[2].tokens.index(eos)
+    assert outs[2].tokens == greedy[2].tokens[:first_eos] and outs[2].finish_reason == "stop"
+
+
+def test_streaming_callback_sees_growing_prefixes(hf_pair):
+    sampler = hf_pair[1]
+    seen = {0: [], 1: []}
+    outs = sampler.generate(PROMPTS[:2], max_new_tokens=[NEW_TOKENS, 20],
+                            callback=lambda row, gen: seen[row].append(list(gen.tokens)))
+    for row in (0, 1):
+        assert len(seen[row]) >= 2 and seen[row][-1] == outs[row].tokens
+        assert all(final[:len(part)] == part for part, final in zip(seen[row], [outs[row].tokens] * len(seen[row])))
+
+
+def test_shapes_are_bucketed_so_requests_share_programs(hf_pair):
+    """Prompts of 3..16 tokens and 1..16 new tokens reuse one compiled prefill."""
+    _, _, params, config = hf_pair
+    traces = []
+
+    class Counting(Sampler):
+        def _prefill_fn(self, *args):
+            traces.append(args[1].shape)
+            return super()._prefill_fn(*args)
+
+    sampler = Counting(config, params, eos_id=None)
+    for length, new in ((3, 5), (9, 16), (16, 1)):
+        sampler.generate([list(range(1, length + 1))], max_new_tokens=new)
+    assert len(traces) == 1
+    assert bucket(3, 16) == 16 and bucket(17, 16) == 32 and bucket(100, 16, cap=96) == 100 and bucket(40, 16, 48) == 48
+
+
+# -- the samplers against analytic distributions --------------------------------------
+
+LOGITS = np.array([2.0, 1.5, 1.2, 0.9, 0.4, 0.0, -0.3, -1.0, -2.0, -4.0], np.float32)
+
+
+def reference_distribution(temperature, top_k, top_p):
+    """Filtered next-token distribution computed independently in numpy (temperature, top-k, then top-p)."""
+    scaled = LOGITS.astype(np.float64) / temperature
+    order = np.argsort(-scaled)
+    keep = np.zeros_like(scaled, dtype=bool)
+    keep[order[:top_k or len(scaled)]] = True
+    probs = np.where(keep, np.exp(scaled - scaled.max()), 0.0)
+    probs /= probs.sum()
+    if top_p < 1.0:
+        cumulative, nucleus = 0.0, np.zeros_like(keep)
+        for token in order:
+            if not keep[token] or cumulative >= top_p:
+                break
+            nucleus[token] = True
+            cumulative += probs[token]
+        probs = np.where(nucleus, probs, 0.0)
+        probs /= probs.sum()
+    return probs
+
+
+SETTINGS = [(0.7, 0, 1.0), (1.5, 3, 1.0), (1.0, 0, 0.75), (1.3, 6, 0.9), (0.5, 0, 0.95)]
+
+
+def test_samplers_match_analytic_distributions_chi_square():
+    """Per-row settings in one batch; each row group's frequencies fit its filtered distribution."""
+    draws = 20000
+    temperature = np.repeat([s[0] for s in SETTINGS], draws).astype(np.float32)
+    top_k = np.repeat([s[1] for s in SETTINGS], draws).astype(np.int32)
+    top_p = np.repeat([s[2] for s in SETTINGS], draws).astype(np.float32)
+    rows = len(temperature)
+    keys = jax.random.split(jax.random.PRNGKey(0), rows)
+    logits = jnp.broadcast_to(jnp.asarray(LOGITS), (rows, len(LOGITS)))
+    tokens = np.asarray(jax.jit(sample_tokens)(logits, keys, temperature, top_k, top_p))
+    for i, setting in enumerate(SETTINGS):
+        counts = np.bincount(tokens[i * draws:(i + 1) * draws], minlength=len(LOGITS))
+        expected = reference_distribution(*setting)
+        support = expected > 0
+        assert counts[~support].sum() == 0, f"{setting}: sampled tokens outside the filtered support"
+        _, p_value = stats.chisquare(counts[support], expected[support] * draws)
+        assert p_value > 1e-3, f"{setting}: chi-square p={p_value:.2e}, counts {counts}, expected {expected * draws}"
+
+
+def test_temperature_zero_is_greedy_and_nucleus_never_leaks():
+    rows = 4096
+    keys = jax.random.split(jax.random.PRNGKey(1), rows)
+    logits = jnp.broadcast_to(jnp.asarray(LOGITS), (rows, len(LOGITS)))
+    zeros, ones = np.zeros(rows, np.float32), np.ones(rows, np.float32)
+    greedy = np.asarray(sample_tokens(logits, keys, zeros, np.zeros(rows, np.int32), ones))
+    assert (greedy == 0).all()
+    # top_p 0.3: the nucleus is {0} alone (p0 ~ 0.32 already reaches it).
+    tiny_nucleus = np.asarray(sample_tokens(logits, keys, ones, np.zeros(rows, np.int32), np.full(rows, 0.3, np.float32)))
+    assert (tiny_nucleus == 0).all()
+
+
+# -- model-parallel decoding ------------------------------------------------------------
+
+
+def test_megatron_2x4_decoding_equals_single_device():
+    from gptj.model import GPTJConfig
+
+    config = GPTJConfig(vocab_size=100, vocab_pad_multiple=8, num_layers=2, d_model=32, num_heads=4, rotary_dim=4,
+                        max_len=64)
+    params = random_params(config, seed=2)
+    single = Sampler(config, params, eos_id=None)
+    sharded = Sampler(config, params, Partitioner(make_mesh(2, 4), "megatron"), eos_id=None)
+    cache_key = sharded._state_sh.cache["blocks"]["attn"]["cached_key"]
+    assert tuple(cache_key.spec) == (None, "data", None, "model", None)  # batch over data, heads over model
+    assert sharded.params["blocks"]["attn"]["q_proj"].sharding.spec[2] == "model"
+    kwargs = dict(max_new_tokens=16, temperature=[0.0, 0.0, 1.0, 0.8], top_p=[1.0, 1.0, 1.0, 0.9], seed=[0, 1, 2, 3])
+    want = single.generate(PROMPTS, **kwargs)
+    got = sharded.generate(PROMPTS, **kwargs)
+    for w, g in zip(want, got):
+        assert g.tokens == w.tokens
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5)
