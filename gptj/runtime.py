@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import jax
 from absl import logging
 
 
+# jax's own initialization timeout is set this much later than ours, so ours fires first.
+_JAX_TIMEOUT_MARGIN_S = 30
+
+
 class DistributedInitError(RuntimeError):
     """The hosts of a multi-host run could not be joined."""
+
+
+def _give_up(message: str) -> None:
+    """Ends a process stuck joining the run: one line on stderr, exit status 1 (from a watchdog thread)."""
+    os.write(2, f"error: {message}\n".encode())
+    os._exit(1)
 
 
 def _cluster_detected() -> bool:
@@ -38,13 +49,23 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if explicit or _cluster_detected():
         if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        where = coordinator_address or "the cluster's coordinator"
+        failure = (f"could not join the multi-host run at {where} within {timeout_s}s "
+                   f"(process {process_id} of {num_processes})")
+        # When the coordinator never answers (or a process never starts), jax's runtime
+        # aborts the process from C++ with a stack trace. A watchdog that fires first
+        # turns that into one line and exit status 1, like every other user error.
+        watchdog = threading.Timer(timeout_s, _give_up, args=(
+            f"{failure}: the coordinator did not answer or not every process started; check that all "
+            "processes run with the same --coordinator_address and --num_processes",))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                       process_id=process_id, initialization_timeout=timeout_s)
+                                       process_id=process_id, initialization_timeout=timeout_s + _JAX_TIMEOUT_MARGIN_S)
         except Exception as e:  # the runtime raises several unrelated types for the same failures
-            where = coordinator_address or "the cluster's coordinator"
-            raise DistributedInitError(
-                f"could not join the multi-host run at {where} within {timeout_s}s "
-                f"(process {process_id} of {num_processes}): {e}") from e
+            raise DistributedInitError(f"{failure}: {e}") from e
+        finally:
+            watchdog.cancel()
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)
