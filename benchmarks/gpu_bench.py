@@ -1,0 +1,302 @@
+"""The single-GPU check (run through benchmarks/gpu.sh): training MFU and bf16 decode against the hardware limits.
+
+(a) Training: a GPT-J-1.3B-shaped model (`gptj.scaling.MODEL_SHAPES["gptj_1.3b"]`:
+    24 layers, d_model 2048, 16 heads of 128, rotary 32, vocab 50257 padded to
+    50304, ~1.41B parameters), seq 2048, batch 8, bf16 compute with fp32 master
+    weights and AdamW, remat `dots_no_batch` (weight matmuls saved, attention
+    recomputed) and cuDNN flash attention (`attention_impl="dot_product"`).
+    MFU = tokens/s x model FLOPs per token (6 N + 12 L d T, PaLM convention)
+    / peak dense bf16 FLOP/s (989 TFLOP/s on H100 SXM and H200).
+(b) Decode: a GPT-J-6B-shaped model in bf16 (random weights made on the
+    device), greedy, prompt 128, through `gptj.sampling.Sampler`, at batch 1
+    and 64. Decode tokens/s comes from the difference of two generations
+    (128 and 64 new tokens: same compiled programs, so prefill cancels). The
+    limit is reading every weight and the KV cache (at the mean context
+    length) once per step at the HBM bandwidth (3.35 TB/s H100 SXM, 4.8 TB/s
+    H200), or the FLOPs at peak if that is slower.
+
+Also measured, for context: a large bf16 matmul's FLOP/s and a copy's HBM
+bandwidth, each against the datasheet figure.
+
+Only jax, flax, optax and the gptj model/partitioning/sampling/scaling modules
+are imported (the GPU machine has no tensorflow, seqio, clu or ml_collections).
+`--dry-run` shrinks every shape so the whole script runs on a CPU in seconds;
+there the limit is the CPU's measured fp32 matmul peak and no bandwidth limit.
+Results go out as the benchmarks/common.py JSON contract, written after each
+part so a time-out keeps what finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import flax.linen as nn  # noqa: E402
+
+from benchmarks.common import (emit_results, matmul_peak_flops, measure_matmul_flops, result, time_runs,  # noqa: E402
+                               write_results)
+from gptj import scaling  # noqa: E402
+from gptj.model import GPTJ, GPTJConfig  # noqa: E402
+from gptj.partitioning import Partitioner, make_mesh  # noqa: E402
+from gptj.sampling import Sampler  # noqa: E402
+
+# Shapes for --dry-run: the same code path, small enough for a CPU.
+DRY_TRAIN = GPTJConfig(vocab_size=500, vocab_pad_multiple=128, num_layers=2, d_model=64, num_heads=4, rotary_dim=8,
+                       max_len=64, dtype="bfloat16", remat_policy="dots_no_batch")
+DRY_DECODE = GPTJConfig(vocab_size=500, num_layers=2, d_model=64, num_heads=4, rotary_dim=8, max_len=64,
+                        dtype="bfloat16", param_dtype="bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What the device can do at best: dense bf16 FLOP/s and HBM bytes/s (None when unknown)."""
+
+    name: str
+    peak_flops: float
+    hbm_bandwidth: float | None
+    nominal: bool  # datasheet figures (True) or measured on this machine (dry run)
+
+
+def device_limits(dry_run: bool) -> Limits:
+    """Datasheet limits from the device kind (H100 SXM / H100 PCIe / H200); the CPU's measured peak in a dry run."""
+    device = jax.devices()[0]
+    kind = getattr(device, "device_kind", device.platform)
+    if dry_run or device.platform == "cpu":
+        return Limits(f"{kind} (measured fp32 matmul peak)", matmul_peak_flops(n=512, runs=5), None, False)
+    upper = kind.upper()
+    if "H200" in upper:
+        hw = scaling.HARDWARE["h200"]
+        return Limits(kind, hw.peak_flops, hw.hbm_bandwidth, True)
+    if "H100" in upper and "PCIE" in upper:
+        return Limits(kind, 756e12, 2.0e12, True)
+    if "H100" in upper:
+        hw = scaling.HARDWARE["h100"]
+        return Limits(kind, hw.peak_flops, hw.hbm_bandwidth, True)
+    if "A100" in upper:
+        hw = scaling.HARDWARE["a100"]
+        return Limits(kind, hw.peak_flops, hw.hbm_bandwidth, True)
+    print(f"warning: unknown device kind {kind!r}; using H100 SXM limits", file=sys.stderr)
+    hw = scaling.HARDWARE["h100"]
+    return Limits(f"{kind} (assumed H100 SXM limits)", hw.peak_flops, hw.hbm_bandwidth, True)
+
+
+def _xla_flops(compiled) -> float | None:
+    """FLOPs XLA counts for a compiled program (None where the backend does not say)."""
+    try:
+        analysis = compiled.cost_analysis()
+        if isinstance(analysis, (list, tuple)):
+            analysis = analysis[0]
+        return float(analysis.get("flops")) if analysis and analysis.get("flops") else None
+    except Exception:  # noqa: BLE001 - cost analysis is optional context
+        return None
+
+
+def _peak_memory_gib() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
+def _si(x: float) -> str:
+    """A count with an SI prefix: 1.41G, 3.2M, 850k."""
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{prefix}"
+    return f"{x:.3g}"
+
+
+def _is_oom(error: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
+
+
+# -- (a) training ----------------------------------------------------------------------------
+
+def bench_hardware(limits: Limits, dry_run: bool) -> list[dict]:
+    """A big bf16 matmul's FLOP/s and a copy's HBM bandwidth, against the datasheet."""
+    rows = []
+    n = 256 if dry_run else 8192
+    timing = measure_matmul_flops(n, "bfloat16", runs=5 if dry_run else 10)
+    rows.append(result(f"bf16 matmul {n}^3", "TFLOP/s", 2 * n**3 / timing.median / 1e12, spread=timing.spread,
+                       limit=limits.peak_flops / 1e12 if limits.nominal else None,
+                       note="the best a single matmul reaches here: context for the MFU below"))
+    if limits.hbm_bandwidth:
+        x = jnp.ones((1 << 30,), jnp.float32)  # 4 GiB, read once and written once per call
+        copy = jax.jit(lambda a: a + 1.0)
+        t = time_runs(lambda: copy(x).block_until_ready(), runs=10, warmup=2)
+        rows.append(result("HBM copy a+1 (4 GiB in, 4 GiB out)", "GB/s", 2 * x.nbytes / t.median / 1e9,
+                           spread=t.spread, limit=limits.hbm_bandwidth / 1e9))
+        del x
+    return rows
+
+
+def bench_train(cfg: GPTJConfig, batch: int, seq_len: int, steps: int, limits: Limits) -> dict:
+    """Times AdamW training steps on one device; returns the MFU row."""
+    partitioner = Partitioner(make_mesh(1, 1, devices=jax.devices()[:1]), "megatron")
+    model = GPTJ(cfg)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1))
+
+    def init(rng):
+        params = nn.meta.unbox(model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"])
+        return {"params": params, "opt_state": tx.init(params)}
+
+    def train_step(state, tokens):
+        def loss_fn(params):
+            logits = model.apply({"params": params}, tokens[:, :-1])
+            logp = jax.nn.log_softmax(logits, axis=-1)
+            return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
+
+    state = partitioner.jit(init)(jax.random.PRNGKey(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (batch, seq_len + 1), 0, cfg.vocab_size, jnp.int32)
+    start = time.perf_counter()
+    compiled = partitioner.jit(train_step, donate_argnums=(0,)).lower(state, tokens).compile()
+    compile_s = time.perf_counter() - start
+    xla_flops = _xla_flops(compiled)
+
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], loss = compiled(holder["state"], tokens)
+        loss.block_until_ready()
+
+    timing = time_runs(one_step, runs=steps, warmup=2)
+    loss = float(compiled(holder["state"], tokens)[1])
+    del holder
+
+    step_tokens = batch * seq_len
+    model_flops, hw_flops = scaling.train_flops_per_token(cfg, seq_len)
+    tokens_per_s = step_tokens / timing.median
+    limit = limits.peak_flops / model_flops  # tokens/s at 100% MFU
+    hfu = tokens_per_s * hw_flops / limits.peak_flops
+    six_n = tokens_per_s * 6 * scaling.matmul_params(cfg) / limits.peak_flops
+    notes = [f"{_si(scaling.total_params(cfg))} params, step {timing.median * 1e3:.1f} ms, compile "
+             f"{compile_s:.0f} s, loss {loss:.2f}",
+             f"HFU (remat recompute counted) {100 * hfu:.1f}%, 6N-only MFU {100 * six_n:.1f}%"]
+    if xla_flops:
+        notes.append(f"XLA counts {_si(xla_flops / step_tokens)} FLOP/token vs analytic hardware {_si(hw_flops)}")
+    peak = _peak_memory_gib()
+    if peak is not None:
+        notes.append(f"peak device memory {peak:.1f} GiB")
+    return result(f"train MFU: {cfg.num_layers}L d{cfg.d_model} seq {seq_len} batch {batch}, {cfg.dtype}, "
+                  f"remat {cfg.remat_policy}, attention {cfg.attention_impl}", "tokens/s", tokens_per_s,
+                  limit=limit, spread=timing.spread, note="; ".join(notes))
+
+
+def run_train(args, limits: Limits) -> dict:
+    """(a), retrying once at half the batch if the device runs out of memory."""
+    cfg = DRY_TRAIN if args.dry_run else scaling.MODEL_SHAPES["gptj_1.3b"]
+    cfg = cfg.replace(remat_policy=args.remat or cfg.remat_policy, attention_impl=args.attention)
+    seq_len = 32 if args.dry_run else 2048
+    batch = 2 if args.dry_run else args.train_batch
+    steps = 3 if args.dry_run else args.train_steps
+    try:
+        return bench_train(cfg, batch, seq_len, steps, limits)
+    except Exception as e:  # noqa: BLE001 - one retry on OOM, otherwise report
+        if not _is_oom(e) or batch == 1:
+            raise
+        print(f"train batch {batch} ran out of memory; retrying at {batch // 2}", file=sys.stderr)
+        return bench_train(cfg, batch // 2, seq_len, steps, limits)
+
+
+# -- (b) decode ----------------------------------------------------------------------------
+
+def bench_decode(cfg: GPTJConfig, batches: list[int], prompt_len: int, new_tokens: int, runs: int,
+                 limits: Limits) -> list[dict]:
+    """Greedy decode tokens/s per batch size with the Sampler, against the bandwidth limit."""
+    model = GPTJ(cfg)
+    params = jax.jit(lambda rng: nn.meta.unbox(model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]))(
+        jax.random.PRNGKey(0))
+    sampler = Sampler(cfg, params, eos_id=None)
+    del params
+    short = new_tokens // 2 + 1  # same generation bucket as new_tokens, so the same compiled programs
+    rows = []
+    rng = np.random.default_rng(0)
+    for batch in batches:
+        prompts = rng.integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
+        generate = lambda n: sampler.generate(prompts, max_new_tokens=n, temperature=0.0)  # noqa: E731
+        generate(new_tokens)  # compiles prefill and the decode loop
+        long_t = time_runs(lambda: generate(new_tokens), runs=runs, warmup=0)
+        short_t = time_runs(lambda: generate(short), runs=runs, warmup=1)
+        decode_s = long_t.median - short_t.median
+        if decode_s <= 0:
+            raise RuntimeError(f"batch {batch}: {new_tokens} tokens took no longer than {short}; timing too noisy")
+        tokens_per_s = batch * (new_tokens - short) / decode_s
+        mean_context = prompt_len + (new_tokens + short) / 2
+        limit = None
+        if limits.hbm_bandwidth:
+            hw = dataclasses.replace(scaling.HARDWARE["h100"], peak_flops=limits.peak_flops,
+                                     hbm_bandwidth=limits.hbm_bandwidth)
+            limit = scaling.decode_limit(cfg, batch, int(mean_context), hw)
+        per_step = scaling.decode_bytes_per_step(cfg, batch, int(mean_context))
+        note = (f"{_si(scaling.total_params(cfg))} params bf16, prompt {prompt_len}, {_si(per_step)}B "
+                f"read per step; step {decode_s / (new_tokens - short) * 1e3:.2f} ms; "
+                f"prefill+{short} tokens {short_t.median * 1e3:.0f} ms")
+        rows.append(result(f"decode batch {batch}: {cfg.num_layers}L d{cfg.d_model} bf16 greedy", "tokens/s",
+                           tokens_per_s, limit=limit, spread=max(long_t.spread, short_t.spread), note=note))
+    return rows
+
+
+def run_decode(args, limits: Limits) -> list[dict]:
+    cfg = DRY_DECODE if args.dry_run else scaling.MODEL_SHAPES["gptj_6b"].replace(
+        param_dtype="bfloat16", dtype="bfloat16", remat_policy="none")
+    batches = [1, 4] if args.dry_run else args.decode_batches
+    prompt_len = 8 if args.dry_run else args.prompt_len
+    new_tokens = 16 if args.dry_run else args.new_tokens
+    return bench_decode(cfg, batches, prompt_len, new_tokens, 2 if args.dry_run else 3, limits)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="shrunk shapes: runs end to end on a CPU")
+    parser.add_argument("--json", default="", help="results file (benchmarks/common.py contract)")
+    parser.add_argument("--parts", default="hardware,train,decode", help="comma list of hardware,train,decode")
+    parser.add_argument("--train-batch", type=int, default=8)
+    parser.add_argument("--train-steps", type=int, default=8, help="timed steps (after 2 warm-up steps)")
+    parser.add_argument("--remat", default="", help="remat policy (default: the shape's, dots_no_batch)")
+    parser.add_argument("--attention", default="dot_product", choices=["dot_product", "einsum"])
+    parser.add_argument("--decode-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 64])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    args = parser.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - {"hardware", "train", "decode"})
+    if unknown:
+        parser.error(f"unknown --parts {unknown}; choose from hardware, train, decode")
+
+    limits = device_limits(args.dry_run)
+    print(f"device: {limits.name}; jax {jax.__version__}; peak {limits.peak_flops / 1e12:.1f} TFLOP/s"
+          + (f", HBM {limits.hbm_bandwidth / 1e12:.2f} TB/s" if limits.hbm_bandwidth else ""), flush=True)
+    rows: list[dict] = []
+    failed = False
+    runners = {"hardware": lambda: bench_hardware(limits, args.dry_run),
+               "train": lambda: [run_train(args, limits)], "decode": lambda: run_decode(args, limits)}
+    for part in parts:
+        start = time.perf_counter()
+        try:
+            rows.extend(runners[part]())
+        except Exception as e:  # noqa: BLE001 - report and go on to the next part
+            failed = True
+            traceback.print_exc()
+            rows.append(result(f"{part} (failed)", "-", 0.0, note=f"{type(e).__name__}: {str(e)[:300]}"))
+        print(f"[{part} done in {time.perf_counter() - start:.0f} s]", flush=True)
+        if args.json:
+            write_results(args.json, rows)  # keep what finished if time runs out
+    emit_results(args.json, rows)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

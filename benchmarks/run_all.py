@@ -1,0 +1,220 @@
+"""Runs every benchmark against its peer on this machine and reports one table, a JSON file and a bar chart.
+
+    python benchmarks/run_all.py --quick            # < 15 minutes on a 2-core CPU
+    python benchmarks/run_all.py --only=train_vs_hf,decode_vs_hf
+
+Each benchmark script (train_vs_hf, decode_vs_hf, eval_vs_hf, prepare_data)
+runs as a child process, one after another so they never share the cores, with
+`--quick` and `--json PATH`; what it writes follows the contract in
+benchmarks/common.py. run_all first measures the machine's fp32 matmul peak
+(the limit behind every CPU MFU figure, passed to the children in
+GPTJ_BENCH_PEAK_FLOPS) and jnp's matmul against torch's. A script that is
+missing, fails, times out or lacks `--json` is left out of the table with a
+note saying which. Outputs in --out-dir (default benchmarks/results):
+results.json (machine, command, date, per-script status, all rows),
+benchmarks.png (speed-up over the peer, and fraction of the hardware limit)
+and logs/<script>.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.common import (PEAK_ENV, ResultsError, format_table, load_results, matmul_peak_flops,  # noqa: E402
+                               result, time_runs)
+
+# (script, seconds allowed with --quick); a full run gets 4x. The quick budgets
+# add up to 13 minutes, leaving room for the peak measurement inside 15.
+SCRIPTS = (("train_vs_hf", 270), ("decode_vs_hf", 210), ("eval_vs_hf", 210), ("prepare_data", 90))
+TOTAL_QUICK_BUDGET_S = 14 * 60
+
+
+def measure_matmul_rows(peak: float | None, n: int = 2048) -> tuple[float, list[dict]]:
+    """The fp32 matmul peak (jnp, median) and, as its peer, torch's matmul of the same size."""
+    rows = []
+    if peak is None:
+        peak = matmul_peak_flops(n=n)
+    try:
+        import torch
+
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        t = time_runs(lambda: torch.matmul(a, b), runs=7, warmup=2)
+        torch_flops = 2.0 * n**3 / t.median
+    except ImportError:
+        torch_flops = None
+    rows.append(result(f"fp32 matmul {n}^3 (the CPU MFU limit)", "GFLOP/s", peak / 1e9,
+                       peer=None if torch_flops is None else torch_flops / 1e9, peer_name="torch",
+                       note="jnp on XLA:CPU, median of 7 after warm-up; every CPU MFU below divides by this"))
+    return peak, rows
+
+
+def _tail(path: str, lines: int = 3) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read().strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])
+
+
+def run_script(name: str, bench_dir: str, out_dir: str, quick: bool, timeout: float, env: dict) -> dict:
+    """Runs one benchmark script; returns its status record with the rows it produced (possibly none)."""
+    path = os.path.join(bench_dir, f"{name}.py")
+    record = {"name": name, "status": "ok", "seconds": 0.0, "note": "", "rows": []}
+    if not os.path.exists(path):
+        record.update(status="missing", note=f"{os.path.relpath(path, ROOT)} does not exist yet; left out")
+        return record
+    json_path = os.path.join(out_dir, "parts", f"{name}.json")
+    log_path = os.path.join(out_dir, "logs", f"{name}.log")
+    for p in (json_path, log_path):
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+    if os.path.exists(json_path):
+        os.remove(json_path)
+    cmd = [sys.executable, path] + (["--quick"] if quick else []) + ["--json", json_path]
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        # Own process group, so a time-out also ends whatever the script started.
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    if rc is None:
+        record.update(status="timeout", note=f"stopped after {timeout:.0f} s; see {os.path.relpath(log_path, ROOT)}")
+    elif rc != 0:
+        tail = _tail(log_path)
+        if "unrecognized arguments" in tail and "--json" in tail:
+            record.update(status="no-contract",
+                          note="does not accept --json (the contract in benchmarks/common.py); results left out")
+        else:
+            record.update(status="failed", note=f"exit {rc}: {tail[-300:]}")
+    if os.path.exists(json_path):
+        try:
+            record["rows"] = load_results(json_path)
+        except ResultsError as e:
+            record.update(status="bad-output", note=str(e)[:300])
+    elif record["status"] == "ok":
+        record.update(status="no-output", note="exited 0 without writing --json; results left out")
+    return record
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """Two horizontal bar panels: speed-up over the peer (line at 1x) and fraction of the hardware limit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vs_peer = [r for r in rows if r.get("ratio") is not None]
+    vs_limit = [r for r in rows if r.get("fraction_of_limit") is not None]
+    panels = [(vs_peer, "ratio", "times better than the peer (>1: gptj wins)", 1.0),
+              (vs_limit, "fraction_of_limit", "fraction of the hardware limit", None)]
+    panels = [p for p in panels if p[0]]
+    if not panels:
+        panels = [([], "ratio", "no comparable results", None)]
+    height = 1.5 + 0.45 * sum(max(1, len(p[0])) for p in panels)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, height), squeeze=False,
+                             gridspec_kw={"height_ratios": [max(1, len(p[0])) for p in panels]})
+    for ax, (subset, key, label, line) in zip(axes[:, 0], panels):
+        names = [r["metric"] if len(r["metric"]) <= 60 else r["metric"][:57] + "..." for r in subset]
+        values = [r[key] for r in subset]
+        colors = ["tab:green" if (line is None or v >= line) else "tab:red" for v in values]
+        ax.barh(range(len(values)), values, color=colors)
+        ax.set_yticks(range(len(values)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+        if line is not None:
+            ax.axvline(line, color="black", linewidth=1)
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.2f}x" if key == "ratio" else f" {100 * v:.0f}%", va="center", fontsize=8)
+    axes[0, 0].set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="each script's quick mode (a 2-core CPU, < 15 min)")
+    parser.add_argument("--only", default="", help="comma list of scripts to run (default: all)")
+    parser.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--bench-dir", default=os.path.join(ROOT, "benchmarks"), help="where the scripts live")
+    parser.add_argument("--peak-flops", type=float, default=0.0, help="skip measuring the matmul peak; use this")
+    args = parser.parse_args(argv)
+
+    known = [name for name, _ in SCRIPTS]
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(only) - set(known))
+    if unknown:
+        parser.error(f"unknown scripts {unknown}; choose from {known}")
+    scripts = [(n, t) for n, t in SCRIPTS if not only or n in only]
+    os.makedirs(args.out_dir, exist_ok=True)
+
+    started = time.perf_counter()
+    peak, rows = measure_matmul_rows(args.peak_flops or None)
+    print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env[PEAK_ENV] = repr(peak)
+
+    records = []
+    for name, quick_budget in scripts:
+        budget = quick_budget if args.quick else 4 * quick_budget
+        if args.quick:
+            budget = min(budget, TOTAL_QUICK_BUDGET_S - (time.perf_counter() - started))
+        if budget < 10:
+            records.append({"name": name, "status": "skipped", "seconds": 0.0, "rows": [],
+                            "note": "no time left in the 14-minute quick budget"})
+            continue
+        print(f"running {name} (up to {budget:.0f} s) ...", flush=True)
+        record = run_script(name, args.bench_dir, args.out_dir, args.quick, budget, env)
+        print(f"  {record['status']} in {record['seconds']} s" + (f": {record['note']}" if record["note"] else ""),
+              flush=True)
+        records.append(record)
+        rows.extend(record["rows"])
+
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = "python benchmarks/run_all.py" + (" --quick" if args.quick else "") + (
+        f" --only={args.only}" if args.only else "")
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpu_count": os.cpu_count(), "fp32_matmul_peak_flops": peak}
+    print(f"\n{command}  ({date}, {os.cpu_count()} CPU cores, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s)\n")
+    print(format_table(rows))
+    for r in rows:
+        if r.get("note"):
+            print(f"note ({r['metric']}): {r['note']}")
+    for rec in records:
+        if rec["status"] != "ok":
+            print(f"left out: {rec['name']}: {rec['status']} - {rec['note']}")
+
+    json_path = os.path.join(args.out_dir, "results.json")
+    png_path = os.path.join(args.out_dir, "benchmarks.png")
+    with open(json_path, "w") as f:
+        json.dump({"command": command, "date": date, "machine": machine,
+                   "scripts": [{k: v for k, v in rec.items() if k != "rows"} for rec in records],
+                   "results": rows}, f, indent=1)
+    plot(rows, png_path, f"gptj vs peers on {os.cpu_count()} CPU cores ({date})")
+    print(f"\nwrote {os.path.relpath(json_path)} and {os.path.relpath(png_path)} "
+          f"in {time.perf_counter() - started:.0f} s")
+    broken = [rec["name"] for rec in records if rec["status"] in ("failed", "timeout", "bad-output", "no-output")]
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
