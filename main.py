@@ -53,23 +53,94 @@ def _override(section, **values):
                 section[key] = value
 
 
+def _config_file_and_overrides(argv):
+    """(config file path, dotted override names) as written on the command line."""
+    path, overrides = None, []
+    for arg in argv[1:]:
+        name = arg.lstrip("-").split("=", 1)[0]
+        if name == "config" and "=" in arg:
+            path = arg.split("=", 1)[1].split(":", 1)[0]
+        elif name.startswith("config."):
+            overrides.append(name[len("config."):])
+    return path, overrides
+
+
+def _unknown_override(argv) -> str | None:
+    """The first --config.a.b override that names no field of the config file, as a message."""
+    import importlib.util
+
+    path, overrides = _config_file_and_overrides(argv)
+    if not path or not overrides:
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location("_gptj_run_config", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
+    except Exception:  # the flag parser reports a broken config file itself
+        return None
+    for name in overrides:
+        node = config
+        for i, key in enumerate(name.split(".")):
+            if not hasattr(node, "keys") or key not in node:
+                known = sorted(node.keys()) if hasattr(node, "keys") else []
+                where = ".".join(name.split(".")[:i]) or "the config"
+                return f"unknown config key {name!r} (--config.{name}): {where} has {known}"
+            node = node[key]
+    return None
+
+
+def _parse_flags(argv):
+    """absl flag parsing with one-line errors for bad --config overrides instead of a traceback."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"error: {e}\nPass --helpshort or --helpfull to see help on flags.")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        sys.exit(f"error: {_unknown_override(argv) or f'bad --config override ({type(e).__name__}: {e})'}")
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that describe bad input: reported as one line and exit status 1, not a traceback."""
+    from gptj.config_validation import ConfigError
+    from gptj.params_io import WeightsError
+    from gptj.partitioning import PartitioningError
+    from gptj.runtime import DistributedInitError
+    from gptj.tasks.files import DataError
+    from gptj.trainer import NonFiniteLossError
+
+    return ConfigError, WeightsError, PartitioningError, DistributedInitError, DataError, NonFiniteLossError
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from gptj import runtime
+    try:
+        _run(FLAGS.config, FLAGS.mode)
+    except _user_errors() as e:
+        logging.error("%s: %s", type(e).__name__, e)
+        sys.exit(f"error: {e}")
 
+
+def _run(config, mode):
+    from gptj import config_validation, runtime
+
+    if mode not in MODES:
+        raise config_validation.ConfigError(f"unknown --mode={mode!r}; choose one of {', '.join(MODES)}")
+    if mode != "plan" and not FLAGS.workdir:
+        raise config_validation.ConfigError("--workdir is required")
     runtime.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                        FLAGS.initialization_timeout)
-    config = FLAGS.config
-    mode = FLAGS.mode
-    if mode not in MODES:
-        raise app.UsageError(f"unknown --mode={mode!r}; choose one of {', '.join(MODES)}")
-    if mode != "plan" and not FLAGS.workdir:
-        raise app.UsageError("--workdir is required")
+    # Every mode's config is checked before anything is built or compiled; train
+    # mode also checks the optimizer, batch split and data tasks.
+    config_validation.validate(config, mode)
 
     if mode == "train":
         from gptj import trainer
-        trainer.train_and_evaluate(config, FLAGS.workdir)
+        explicit = [k.split(".", 1)[1] for k in config_flags.get_override_values(FLAGS["config"])
+                    if k.startswith("model.")]
+        status = trainer.train_and_evaluate(config, FLAGS.workdir, explicit_model_fields=explicit)
+        logging.info("train: %s", status)
     elif mode == "eval":
         from gptj import eval_harness
         _override(config.eval, num_fewshot=FLAGS.num_fewshot, limit=FLAGS.limit, include_path=FLAGS.include_path)
@@ -92,4 +163,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,151 @@
+"""Checks a run config before anything is built or compiled, with one clear line per problem.
+
+`validate(config, mode)` raises ConfigError naming every problem it finds:
+unknown sections or keys (against gptj/configs/base.py), an invalid model,
+mesh or rule set, optimizer and train settings out of range, a batch that
+does not split over the data-parallel devices and microbatches, unknown
+seqio tasks, a malformed `init_from`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Mapping
+
+MODES = ("train", "eval", "sample", "serve", "plan")
+INIT_FROM_PREFIXES = ("hf:", "mtj:")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message lists every problem found."""
+
+
+def parse_init_from(spec: str) -> tuple[str, str]:
+    """'hf:PATH' -> ('hf', PATH); 'mtj:PATH' -> ('mtj', PATH); a plain PATH -> ('gptj', PATH)."""
+    for prefix in INIT_FROM_PREFIXES:
+        if spec.startswith(prefix):
+            return prefix[:-1], spec[len(prefix):]
+    return "gptj", spec
+
+
+def _unknown_keys(config: Mapping[str, Any], schema: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names in `config` that `schema` lacks (recursing into sections)."""
+    unknown = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            unknown.append(name)
+        elif isinstance(value, Mapping) and isinstance(schema[key], Mapping):
+            unknown.extend(_unknown_keys(value, schema[key], name + "."))
+    return unknown
+
+
+def _check_optimizer(opt, problems: list[str]) -> None:
+    if not opt.lr > 0:
+        problems.append(f"optimizer.lr must be positive, got {opt.lr}")
+    if opt.end_lr < 0:
+        problems.append(f"optimizer.end_lr must be >= 0, got {opt.end_lr}")
+    if opt.warmup_steps < 0:
+        problems.append(f"optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}")
+    if opt.anneal_steps <= 0:
+        problems.append(f"optimizer.anneal_steps must be positive (set end_lr = lr for a constant rate), "
+                        f"got {opt.anneal_steps}")
+    if opt.weight_decay < 0:
+        problems.append(f"optimizer.weight_decay must be >= 0, got {opt.weight_decay}")
+    for name in ("b1", "b2"):
+        if not 0 <= opt[name] < 1:
+            problems.append(f"optimizer.{name} must lie in [0, 1), got {opt[name]}")
+    if not opt.eps > 0:
+        problems.append(f"optimizer.eps must be positive, got {opt.eps}")
+    if opt.clip_norm < 0:
+        problems.append(f"optimizer.clip_norm must be >= 0 (0 disables clipping), got {opt.clip_norm}")
+
+
+def _check_train(config, data_parallel: int | None, problems: list[str]) -> None:
+    from gptj.train_hooks import parse_profile_steps
+
+    train = config.train
+    for name in ("batch_size", "microbatches", "total_steps", "log_every", "keep_last"):
+        if train[name] <= 0:
+            problems.append(f"train.{name} must be positive, got {train[name]}")
+    for name in ("ckpt_every", "keep_every", "eval_every", "val_batches"):
+        if train[name] < 0:
+            problems.append(f"train.{name} must be >= 0, got {train[name]}")
+    if train.z_loss < 0:
+        problems.append(f"train.z_loss must be >= 0, got {train.z_loss}")
+    if train.peak_flops_per_device < 0:
+        problems.append(f"train.peak_flops_per_device must be >= 0, got {train.peak_flops_per_device}")
+    if train.on_nonfinite not in ("stop", "skip"):
+        problems.append(f"train.on_nonfinite must be 'stop' or 'skip', got {train.on_nonfinite!r}")
+    try:
+        parse_profile_steps(train.profile_steps)
+    except ValueError as e:
+        problems.append(str(e))
+    if data_parallel and train.batch_size > 0 and train.microbatches > 0:
+        if train.batch_size % (data_parallel * train.microbatches):
+            problems.append(
+                f"train.batch_size={train.batch_size} must be divisible by the data-parallel size ({data_parallel}, "
+                f"from mesh.data and rule set {config.mesh.rules!r}) times train.microbatches="
+                f"{train.microbatches} = {data_parallel * train.microbatches}")
+    if config.data.seq_len <= 0:
+        problems.append(f"data.seq_len must be positive, got {config.data.seq_len}")
+    elif not config.init_from and config.data.seq_len > config.model.max_len:
+        problems.append(f"data.seq_len={config.data.seq_len} exceeds model.max_len={config.model.max_len}")
+    if not config.data.train_task:
+        problems.append("data.train_task is empty: name the seqio task to train on")
+    if train.use_wandb and importlib.util.find_spec("wandb") is None:
+        problems.append("train.use_wandb is set but wandb is not installed (pip install wandb)")
+
+
+def _check_init_from(spec: str, problems: list[str]) -> None:
+    kind, path = parse_init_from(spec)
+    if not path:
+        problems.append(f"init_from={spec!r} names no path")
+    elif not os.path.exists(path):
+        problems.append(f"init_from={spec!r}: {path} does not exist")
+    elif kind == "gptj" and not os.path.isfile(os.path.join(path, "config.json")):
+        problems.append(f"init_from={spec!r}: {path} is not a gptj workdir or params directory (no config.json); "
+                        "use hf:PATH for HuggingFace or mtj:PATH for mesh-transformer-jax checkpoints")
+
+
+def validate(config, mode: str = "train", *, check_tasks: bool = True) -> None:
+    """Raises ConfigError listing every problem of `config` for `mode`; returns None if it can run.
+
+    Touches no accelerator memory and compiles nothing (it asks jax only for
+    the device count). In train mode, `check_tasks` registers the config's
+    seqio tasks to prove they exist (runs on in-memory data turn it off).
+    """
+    if mode not in MODES:
+        raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    from gptj.configs import base
+    from gptj.model import GPTJConfig
+    from gptj.partitioning import Partitioner, PartitioningError, make_mesh
+
+    problems = [f"unknown config key {name!r}" for name in _unknown_keys(config, base.get_config())]
+    if problems:  # the checks below would trip over the same misspelt names
+        raise ConfigError("; ".join(problems) + " (see gptj/configs/base.py for the known keys)")
+    try:
+        GPTJConfig.from_dict(config.model.to_dict())
+    except (TypeError, ValueError) as e:
+        problems.append(f"model: {e}")
+    data_parallel = None
+    try:  # a plan is made for a machine other than this one, so its mesh is checked there
+        if mode != "plan":
+            mesh = make_mesh(config.mesh.data, config.mesh.model)
+            data_parallel = Partitioner(mesh, config.mesh.rules).data_parallel_size
+    except PartitioningError as e:
+        problems.append(str(e))
+    if config.init_from:
+        _check_init_from(config.init_from, problems)
+    if mode == "train":
+        _check_optimizer(config.optimizer, problems)
+        _check_train(config, data_parallel, problems)
+    if check_tasks and mode == "train" and not problems:
+        from gptj import tasks
+        try:
+            tasks.register_tasks_for_config(config)
+        except ValueError as e:
+            problems.append(f"data: {e}")
+    if problems:
+        raise ConfigError("; ".join(problems))

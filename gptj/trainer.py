@@ -1,0 +1,399 @@
+"""A generic trainer: sharded state from its abstract shape, jitted steps, and the training loop.
+
+The Trainer knows nothing of GPT-J. It is given a Flax module, a loss
+function over the module's outputs, an optax optimizer, a `Partitioner` and
+the shape of a batch, and it
+
+- derives the train state's shardings from `jax.eval_shape` of the init (the
+  parameters carry logical axis names; the optimizer state inherits them), then
+  runs the init jitted with those `out_shardings`, so no host ever holds an
+  unsharded model;
+- jits the train step (gradient accumulation over microbatches with
+  `lax.scan`, the optimizer update, a non-finite guard) and the eval step with
+  explicit in/out shardings, donating the old state;
+- compiles the train step ahead of time and logs per-device memory (params,
+  optimizer state, XLA temporaries) before step 1;
+- runs the loop, calling hooks (checkpointing, validation, metrics,
+  profiling; see `gptj.train_hooks`) and stopping cleanly on SIGTERM/SIGINT.
+
+The state is a dict `{"step": int32[], "params": ..., "opt_state": ...}`:
+fp32 master weights and optimizer state whatever the module computes in.
+
+The GPT-J binding (config -> model, loss, optimizer, data, checkpoints) is in
+`gptj.train_lm`; `train_and_evaluate` and `build_train_step_for_plan` below
+are its entry points, kept here because main.py and --mode=plan call them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import signal
+import threading
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gptj.partitioning import Partitioner, per_device_bytes
+
+# (module outputs, batch) -> dict of sums; must contain "loss_sum" (minimised) and "weight".
+LossFn = Callable[[Any, Mapping[str, jax.Array]], dict]
+
+ON_NONFINITE = ("stop", "skip")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient became NaN/inf and the run was told to stop rather than skip."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    """Per-device bytes of the compiled train step (what one device must hold)."""
+
+    params: int
+    opt_state: int
+    temporaries: int | None
+    arguments: int | None
+    outputs: int | None
+    code: int | None
+
+    def __str__(self) -> str:
+        def gib(n):
+            if n is None:
+                return "n/a"
+            return f"{n / 2**30:.3f} GiB" if n >= 2**30 else f"{n / 2**20:.3f} MiB"
+
+        return (f"per-device memory of the train step: params {gib(self.params)}, optimizer state "
+                f"{gib(self.opt_state)}, temporaries {gib(self.temporaries)} (arguments {gib(self.arguments)}, "
+                f"outputs {gib(self.outputs)}, code {gib(self.code)})")
+
+
+class Hook:
+    """Something the training loop runs; see gptj.train_hooks for checkpoint/eval/metrics/profile hooks.
+
+    `on_step` is called after every step with device-side metrics; it must not
+    block on them unless `needs_sync(step)` said so (the loop then made sure
+    the step's loss is finite before calling it).
+    """
+
+    def on_start(self, step: int, state) -> None:
+        """Before the first step of this run (step is where training resumes)."""
+
+    def needs_sync(self, step: int) -> bool:
+        """True if `on_step(step, ...)` persists state, so a non-finite step must be caught first."""
+        return False
+
+    def on_step(self, step: int, state, metrics: Mapping[str, jax.Array]) -> None:
+        """After step `step` (1-based count of updates) has been dispatched."""
+
+    def on_end(self, step: int, state, status: str) -> None:
+        """When the loop ends with `status` 'completed' or 'preempted' (not after an error)."""
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT set a flag the loop polls between steps; a second signal gets the old behaviour."""
+
+    def __init__(self):
+        self._flag = threading.Event()
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        logging.warning("received %s: finishing the current step, then saving and exiting "
+                        "(send it again to abort)", signal.Signals(signum).name)
+        self._flag.set()
+        self._restore()
+
+    def _restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        try:
+            yield self
+        finally:
+            self._restore()
+
+    def requested(self) -> bool:
+        """Whether any process was asked to stop (all processes agree, so they stop at the same step)."""
+        local = self._flag.is_set()
+        if jax.process_count() == 1:
+            return local
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+
+
+def _tree_add(a, b):
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+class Trainer:
+    """Trains a Flax module's parameters; see the module docstring.
+
+    Args:
+      model: a Flax module called as `model.apply({'params': p}, batch[input_key])`.
+      loss_fn: `(outputs, batch) -> dict of sums` with `loss_sum` and `weight`;
+        the gradient is d(sum of loss_sum)/dp divided by the sum of weights.
+      optimizer: an optax transformation (initialised on flax-boxed params, so
+        masks must accept boxed trees).
+      partitioner: mesh and rule set.
+      batch_spec: global shape/dtype of one batch, e.g. {'inputs': ShapeDtypeStruct((B, L), int32), ...}.
+      microbatches: gradient accumulation steps per update; B must divide by it.
+      summarize: sums -> metrics dict (default: loss = loss_sum / weight).
+      lr_schedule: step -> learning rate, reported as the `lr` metric.
+      on_nonfinite: 'stop' (raise NonFiniteLossError) or 'skip' (drop the update, keep going).
+      input_key: the batch entry the module is called on.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                 partitioner: Partitioner, batch_spec: Mapping[str, jax.ShapeDtypeStruct], *,
+                 microbatches: int = 1, summarize: Callable[[dict], dict] | None = None,
+                 lr_schedule: Callable[[jax.Array], jax.Array] | None = None, on_nonfinite: str = "stop",
+                 input_key: str = "inputs"):
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
+        batch_size = next(iter(batch_spec.values())).shape[0]
+        if microbatches < 1 or batch_size % microbatches:
+            raise ValueError(f"batch size {batch_size} is not divisible by microbatches={microbatches}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.partitioner = partitioner
+        self.batch_spec = dict(batch_spec)
+        self.microbatches = microbatches
+        self.summarize = summarize or (lambda s: {"loss": s["loss_sum"] / jnp.maximum(s["weight"], 1.0)})
+        self.lr_schedule = lr_schedule
+        self.on_nonfinite = on_nonfinite
+        self.input_key = input_key
+        self.batch_shardings = {k: partitioner.batch_sharding(v.ndim) for k, v in self.batch_spec.items()}
+        self._compiled_train = None
+        self._jitted_eval = None
+
+    # -- state -----------------------------------------------------------------------
+
+    def _boxed_init(self, rng):
+        """The train state with flax-boxed leaves (logical axes), as eval_shape and the jitted init see it."""
+        spec = self.batch_spec[self.input_key]
+        dummy = jnp.zeros((1,) + tuple(spec.shape[1:]), spec.dtype)
+        params = self.model.init(rng, dummy)["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.optimizer.init(params)}
+
+    @functools.cached_property
+    def _abstract(self):
+        abstract, _, shardings = self.partitioner.abstract_state(self._boxed_init, jax.random.PRNGKey(0))
+        return abstract, shardings
+
+    @property
+    def state_shardings(self):
+        """NamedShardings of the train state (params under the rule set, opt_state under its optimizer rules)."""
+        return self._abstract[1]
+
+    @property
+    def abstract_state(self):
+        """The train state as ShapeDtypeStructs carrying their shardings (restore and AOT targets)."""
+        abstract, shardings = self._abstract
+        return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                      abstract, shardings)
+
+    @property
+    def abstract_batch(self):
+        """The batch as ShapeDtypeStructs carrying their shardings."""
+        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_shardings[k])
+                for k, v in self.batch_spec.items()}
+
+    def init_state(self, seed: int):
+        """A freshly initialised train state, created already sharded."""
+        init = self.partitioner.jit(lambda rng: nn.meta.unbox(self._boxed_init(rng)),
+                                    out_shardings=self.state_shardings)
+        return init(jax.random.PRNGKey(seed))
+
+    def state_from_params(self, params, step: int = 0):
+        """A train state around existing (sharded) params with a fresh optimizer state at `step`."""
+        shardings = self.state_shardings
+
+        def build(p):
+            return {"step": jnp.asarray(step, jnp.int32), "params": p, "opt_state": self.optimizer.init(p)}
+
+        params = jax.device_put(params, shardings["params"])
+        return self.partitioner.jit(build, in_shardings=(shardings["params"],), out_shardings=shardings)(params)
+
+    # -- steps -------------------------------------------------------------------------
+
+    def _split_microbatches(self, x):
+        """[B, ...] -> [M, B/M, ...] where microbatch m takes rows m, m+M, ...
+
+        Strided rows keep every microbatch spread over all data-parallel
+        devices (contiguous blocks would put a whole microbatch on a few).
+        """
+        m = self.microbatches
+        x = x.reshape((x.shape[0] // m, m) + x.shape[1:]).swapaxes(0, 1)
+        spec = self.partitioner.mesh_spec(("act_batch",) + (None,) * (x.ndim - 2))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.partitioner.mesh, PartitionSpec(None, *spec)))
+
+    def _grads_and_sums(self, params, batch):
+        def objective(p, mb):
+            sums = self.loss_fn(self.model.apply({"params": p}, mb[self.input_key]), mb)
+            return sums["loss_sum"], sums
+
+        grad_fn = jax.grad(objective, has_aux=True)
+        if self.microbatches == 1:
+            return grad_fn(params, batch)
+        microbatches = jax.tree_util.tree_map(self._split_microbatches, batch)
+        param_shardings = self.state_shardings["params"]
+
+        def body(carry, mb):
+            grads, sums = grad_fn(params, mb)
+            grads = jax.lax.with_sharding_constraint(_tree_add(carry[0], grads), param_shardings)
+            return (grads, _tree_add(carry[1], sums)), None
+
+        first = jax.tree_util.tree_map(lambda x: x[0], microbatches)
+        sums_shape = jax.eval_shape(lambda: grad_fn(params, first)[1])
+        zeros = (jax.tree_util.tree_map(jnp.zeros_like, params),
+                 jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
+        (grads, sums), _ = jax.lax.scan(body, zeros, microbatches)
+        return grads, sums
+
+    def _train_step(self, state, batch):
+        params = state["params"]
+        grads, sums = self._grads_and_sums(params, batch)
+        weight = jnp.maximum(sums["weight"], 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / weight.astype(g.dtype), grads)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = self.optimizer.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite step leaves params and optimizer state as they were, so the
+        # state stays good whether the run then stops or skips on.
+        finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
+
+        def keep(new, old):
+            return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
+                     "opt_state": keep(opt_state, state["opt_state"])}
+        metrics = dict(self.summarize(sums), grad_norm=grad_norm, finite=finite, tokens=sums["weight"])
+        if self.lr_schedule is not None:
+            metrics["lr"] = self.lr_schedule(state["step"])
+        return new_state, metrics
+
+    @functools.cached_property
+    def jitted_train_step(self):
+        """`(state, batch) -> (state, metrics)`, jitted with the state's shardings and the state donated."""
+        return self.partitioner.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_shardings),
+                                    out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+
+    def compile(self) -> MemoryReport:
+        """Compiles the train step ahead of time and logs what one device holds; returns that report."""
+        lowered = self.jitted_train_step.lower(self.abstract_state, self.abstract_batch)
+        self._compiled_train = lowered.compile()
+        abstract, shardings = self._abstract
+        analysis = None
+        try:
+            analysis = self._compiled_train.memory_analysis()
+        except (NotImplementedError, RuntimeError):  # not every backend reports it
+            pass
+
+        def field(name):
+            return None if analysis is None else int(getattr(analysis, name))
+
+        report = MemoryReport(
+            params=per_device_bytes(abstract["params"], shardings["params"]),
+            opt_state=per_device_bytes(abstract["opt_state"], shardings["opt_state"]),
+            temporaries=field("temp_size_in_bytes"), arguments=field("argument_size_in_bytes"),
+            outputs=field("output_size_in_bytes"), code=field("generated_code_size_in_bytes"))
+        logging.info("%s", report)
+        return report
+
+    def train_step(self, state, batch):
+        """One update (compiling first if `compile()` was not called)."""
+        if self._compiled_train is None:
+            self.compile()
+        batch = jax.device_put(batch, self.batch_shardings)  # a no-op when the loader laid it out already
+        return self._compiled_train(state, batch)
+
+    def _eval_step(self, params, batch):
+        return self.loss_fn(self.model.apply({"params": params}, batch[self.input_key]), batch)
+
+    def evaluate(self, params, batches: Iterable[Mapping[str, jax.Array]], max_batches: int = 0) -> dict[str, float]:
+        """Summarised metrics over `batches` (at most `max_batches` of them when > 0)."""
+        if self._jitted_eval is None:
+            self._jitted_eval = self.partitioner.jit(
+                self._eval_step, in_shardings=(self.state_shardings["params"], self.batch_shardings))
+        totals, seen = None, 0
+        for batch in batches:
+            if max_batches and seen >= max_batches:
+                break
+            sums = self._jitted_eval(params, jax.device_put(batch, self.batch_shardings))
+            totals = sums if totals is None else _tree_add(totals, sums)
+            seen += 1
+        if totals is None:
+            return {}
+        return {k: float(v) for k, v in self.summarize(jax.device_get(totals)).items()} | {"batches": seen}
+
+    # -- loop --------------------------------------------------------------------------
+
+    def _check_finite(self, step: int, metrics) -> None:
+        if metrics is None or bool(metrics["finite"]):
+            return
+        if self.on_nonfinite == "stop":
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {step} (loss {float(metrics['loss'])}, grad norm "
+                f"{float(metrics['grad_norm'])}); stopping without saving, the last checkpoint is untouched. "
+                "Set train.on_nonfinite=skip to drop such updates instead.")
+        logging.warning("non-finite loss or gradient at step %d: update skipped", step)
+
+    def fit(self, state, train_iter: Iterator[Mapping[str, jax.Array]], total_steps: int,
+            hooks: Sequence[Hook] = ()) -> tuple[Any, str]:
+        """Trains from `state` until step `total_steps` or a stop signal; returns (state, status).
+
+        status is 'completed' or 'preempted' (SIGTERM/SIGINT: the current step
+        finishes and the hooks' `on_end` runs, e.g. a final checkpoint).
+        Raises NonFiniteLossError with on_nonfinite='stop'.
+        """
+        if self._compiled_train is None:
+            self.compile()
+        step = int(jax.device_get(state["step"]))
+        status = "completed"
+        with _StopRequest().installed() as stop:
+            for hook in hooks:
+                hook.on_start(step, state)
+            pending = None  # the previous step's metrics, checked one step late to keep dispatch ahead
+            while step < total_steps:
+                state, metrics = self.train_step(state, next(train_iter))
+                step += 1
+                self._check_finite(step - 1, pending)
+                pending = metrics
+                if any(h.needs_sync(step) for h in hooks):
+                    self._check_finite(step, pending)
+                    pending = None
+                for hook in hooks:
+                    hook.on_step(step, state, metrics)
+                if stop.requested():
+                    status = "preempted"
+                    break
+            self._check_finite(step, pending)
+            for hook in hooks:
+                hook.on_end(step, state, status)
+        return state, status
+
+
+def train_and_evaluate(config, workdir: str, **kwargs) -> str:
+    """Trains GPT-J as `config` says, in `workdir`; see gptj.train_lm.train_and_evaluate."""
+    from gptj import train_lm
+    return train_lm.train_and_evaluate(config, workdir, **kwargs)
+
+
+def build_train_step_for_plan(config, partitioner: Partitioner | None = None):
+    """The jitted train step and abstract inputs for `config`, allocating nothing; see gptj.train_lm."""
+    from gptj import train_lm
+    return train_lm.build_train_step_for_plan(config, partitioner)
