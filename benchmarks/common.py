@@ -38,6 +38,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 PEAK_ENV = "GPTJ_BENCH_PEAK_FLOPS"
 
+# The CPU bench model of issue 8's goals (pass to GPTJConfig(**BENCH_MODEL)), trained/scored at BENCH_SEQ_LEN.
+BENCH_MODEL = dict(vocab_size=50400, num_layers=4, d_model=512, num_heads=8, rotary_dim=32, max_len=256)
+BENCH_SEQ_LEN = 256
+
 FIELDS = ("metric", "unit", "gptj", "peer", "peer_name", "ratio", "limit", "fraction_of_limit", "spread",
           "peer_spread", "higher_is_better", "note")
 
@@ -100,6 +104,25 @@ def matmul_peak_flops(n: int = 2048, runs: int = 7) -> float:
     if os.environ.get(PEAK_ENV):
         return float(os.environ[PEAK_ENV])
     return 2.0 * n**3 / measure_matmul_flops(n, "float32", runs).median
+
+
+def train_tokens_per_s_limit(config, seq_len: int, peak_flops: float | None = None) -> float:
+    """Training tokens/s at 100% MFU: the peak over model FLOPs per token (6 N + 12 L d T, gptj.scaling).
+
+    Use it as `limit` of a training row; `fraction_of_limit` is then the MFU.
+    """
+    from gptj.scaling import train_flops_per_token
+
+    peak = matmul_peak_flops() if peak_flops is None else peak_flops
+    return peak / train_flops_per_token(config, seq_len)[0]
+
+
+def forward_tokens_per_s_limit(config, context_len: int, peak_flops: float | None = None) -> float:
+    """Forward-only tokens/s at the FLOP peak (decode steps, scoring), attending over `context_len` tokens."""
+    from gptj.scaling import forward_flops_per_token
+
+    peak = matmul_peak_flops() if peak_flops is None else peak_flops
+    return peak / forward_flops_per_token(config, context_len)
 
 
 def result(metric: str, unit: str, gptj: float, *, peer: float | None = None, peer_name: str = "",

@@ -109,3 +109,13 @@ def test_gpu_sh_dry_run_end_to_end(tmp_path):
     assert train["gptj"] > 0 and 0 < train["fraction_of_limit"] < 1.5
     assert "remat dots_no_batch" in train["metric"] and "HFU" in train["note"]
     assert all(rows[k]["gptj"] > 0 for k in ("decode batch 1", "decode batch 4"))
+
+
+def test_flop_limits_match_the_scaling_model():
+    from gptj import scaling
+    from gptj.model import GPTJConfig
+
+    cfg = GPTJConfig(**common.BENCH_MODEL)
+    model_flops = 3 * (2 * scaling.matmul_params(cfg) + 4 * 4 * 256 * 512)  # 6N + 12 L d T
+    assert common.train_tokens_per_s_limit(cfg, 256, 1e12) == pytest.approx(1e12 / model_flops)
+    assert common.forward_tokens_per_s_limit(cfg, 256, 1e12) == pytest.approx(3e12 / model_flops)
