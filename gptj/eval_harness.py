@@ -1,0 +1,439 @@
+"""lm-evaluation-harness over a sharded gptj model, and the `--mode=eval` entry point.
+
+`GPTJLM` is an `lm_eval.api.model.LM` (through `TemplateLM`, so tokenising a
+(context, continuation) pair and the empty-context rule are the harness's
+own): it answers `loglikelihood`, `loglikelihood_rolling` and
+`generate_until` with the same token-level conventions as the harness's `hf`
+model, so that scores can be compared with it one for one.
+
+How requests run:
+- every request becomes one row of at most `max_len` input tokens, cut from the
+  left as the `hf` model cuts it (`(context + continuation)[-(max_len + 1):][:-1]`);
+- rows are grouped into length buckets (powers of two from `min_bucket`, capped at
+  `max_len`) and padded on the right to their bucket, in batches of a fixed size
+  that the mesh's data axis divides; one program is compiled per bucket;
+- the compiled scorer returns per-row sums (log-probability, all-greedy), not
+  logits, fully replicated, so every host reads the same few bytes.
+
+Several hosts: every host must hold the same requests (the harness builds them
+deterministically on each host) and calls the model together; inputs are built
+from the same host-local arrays everywhere and outputs are replicated, so every
+host gets the same answers. Only process 0 writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
+from lm_eval.api.model import TemplateLM
+
+from gptj.eval_tasks import EvalError
+from gptj.model import GPTJ, GPTJConfig
+from gptj.partitioning import Partitioner
+
+EOT_ID = 50256  # GPT-2's <|endoftext|>: the prefix of empty contexts and rolling windows
+DEFAULT_MAX_GEN_TOKS = 256  # the harness's `hf` model default
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    """One scoring row: `inputs` fed to the model, log-probs read for the last `n_scored` targets."""
+
+    inputs: list[int]
+    targets: list[int]
+    n_scored: int
+
+
+def bucket_length(length: int, max_len: int, min_bucket: int = 16) -> int:
+    """The padded length of a row of `length` tokens: the next power of two >= min_bucket, at most max_len."""
+    bucket = min_bucket
+    while bucket < length:
+        bucket *= 2
+    return min(bucket, max_len)
+
+
+class GPTJLM(TemplateLM):
+    """An lm-evaluation-harness model over gptj params laid out on a mesh.
+
+    Args:
+      params: the model's params (any sharding; they stay where they are).
+      model_config: their `GPTJConfig` (sets the context length `max_len`).
+      partitioner: the mesh and rule set the params live on.
+      tokenizer: GPT-2 BPE with `encode(str) -> list[int]` and `decode(list[int]) -> str`.
+      batch_size: rows per compiled call, rounded up to a multiple of the data-parallel size.
+      max_gen_toks: default generation budget when a task names none (the harness's 256).
+      min_bucket: the shortest padded length.
+    """
+
+    def __init__(self, params, model_config: GPTJConfig, partitioner: Partitioner, tokenizer, *,
+                 batch_size: int = 8, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, min_bucket: int = 16):
+        super().__init__()
+        if batch_size <= 0:
+            raise EvalError(f"eval batch_size must be positive, got {batch_size}")
+        self.params = params
+        self.model_config = model_config
+        self.partitioner = partitioner
+        self.tokenizer = tokenizer
+        dp = partitioner.data_parallel_size
+        self.rows_per_batch = -(-batch_size // dp) * dp
+        self._max_gen_toks = max_gen_toks
+        self.min_bucket = min(min_bucket, model_config.max_len)
+        self._scorer = self._build_scorer()
+        self._sampler = None
+
+    # -- the harness's interface ---------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return EOT_ID
+
+    @property
+    def max_length(self) -> int:
+        return self.model_config.max_len
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def tokenizer_name(self) -> str:
+        return "gpt2"
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """GPT-2 BPE ids; GPT-2 adds no special tokens, so `add_special_tokens` changes nothing."""
+        return list(self.tokenizer.encode(string))
+
+    def tok_decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(t) for t in tokens if t != EOT_ID])
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """Scores `((context, continuation), context_ids, continuation_ids)` requests.
+
+        Returns `(log p(continuation | context), continuation is the greedy output)` per request.
+        """
+        rows = []
+        for _, context_ids, continuation_ids in requests:
+            if not continuation_ids:
+                raise EvalError("a loglikelihood request has an empty continuation (nothing to score)")
+            if len(continuation_ids) > self.max_length:
+                raise EvalError(f"a continuation of {len(continuation_ids)} tokens is longer than the model's "
+                                f"context ({self.max_length} tokens); it cannot be scored")
+            whole = (list(context_ids) + list(continuation_ids))[-(self.max_length + 1):]
+            rows.append(_Row(whole[:-1], whole[1:], len(continuation_ids)))
+        scores = self.score_rows(rows)
+        for (request, _, _), answer in zip(requests, scores):
+            if request is not None:  # rolling windows carry no request key; the harness caches their sum
+                self.cache_hook.add_partial("loglikelihood", request, answer)
+        return scores
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole documents, in disjoint windows of at most `max_len` predictions.
+
+        Windows are the harness's own (`get_rolling_token_windows` with the EOT
+        prefix and one token of context), so every token is predicted once,
+        with as much context as fits.
+        """
+        from lm_eval import utils as lm_utils
+
+        windows, owners = [], []
+        for index, request in enumerate(requests):
+            (text,) = request.args
+            for context, continuation in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, context, continuation))
+                owners.append(index)
+        totals = [0.0] * len(requests)
+        for owner, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows)):
+            totals[owner] += logprob
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled, when a task asks) continuations, cut at the first stop string.
+
+        As with the harness's `hf` model: contexts are cut from the left to
+        leave room for `max_gen_toks`, EOT always stops a row, and the text is
+        cut at the first occurrence of any `until` string.
+        """
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+        eot_text = self.tokenizer.decode([EOT_ID])
+        groups: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(index)
+        results: list[str | None] = [None] * len(requests)
+        for indices in groups.values():
+            kwargs = normalize_gen_kwargs(requests[indices[0]].args[1], self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eot_text)
+            max_new = int(kwargs.pop("max_gen_toks"))
+            if max_new >= self.max_length:
+                raise EvalError(f"a task asks for {max_new} generated tokens, but the model's context is only "
+                                f"{self.max_length} tokens")
+            budget = self.max_length - max_new
+            prompts = [self.tok_encode(requests[i].args[0])[-budget:] for i in indices]
+            outputs = self._generate(prompts, max_new, until, kwargs)
+            for i, tokens in zip(indices, outputs):
+                text = postprocess_generated_text(self.tok_decode(tokens), until, None)
+                results[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return results
+
+    # -- scoring -------------------------------------------------------------------
+
+    def _build_scorer(self) -> Callable:
+        model = GPTJ(self.model_config)
+        replicated = NamedSharding(self.partitioner.mesh, PartitionSpec())
+
+        def score(params, inputs, targets, scored):
+            logits = model.apply({"params": params}, inputs)  # right padding never reaches real positions
+            log_norm = jax.nn.logsumexp(logits, axis=-1)
+            # A masked sum instead of a gather keeps the vocabulary axis sharded (megatron splits it).
+            vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+            target_logit = jnp.sum(jnp.where(vocab_ids == targets[..., None], logits, 0.0), axis=-1)
+            logprob = jnp.sum(jnp.where(scored, target_logit - log_norm, 0.0), axis=-1)
+            greedy = jnp.all((jnp.argmax(logits, axis=-1) == targets) | ~scored, axis=-1)
+            return logprob, greedy
+
+        batch = self.partitioner.batch_sharding(2)
+        param_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.params)
+        return self.partitioner.jit(score, in_shardings=(param_shardings, batch, batch, batch),
+                                    out_shardings=(replicated, replicated))
+
+    def _global(self, array: np.ndarray) -> jax.Array:
+        """A global batch array from the same host-local numpy array on every host."""
+        sharding = self.partitioner.batch_sharding(array.ndim)
+        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+    def score_rows(self, rows: Sequence[_Row]) -> list[tuple[float, bool]]:
+        """(sum of log-probs of each row's scored targets, all of them greedy) for each row, in order.
+
+        Rows are bucketed by length, padded on the right, and run in batches of
+        `rows_per_batch` (the last batch of a bucket padded with empty rows).
+        """
+        by_bucket: dict[int, list[int]] = {}
+        for index, row in enumerate(rows):
+            by_bucket.setdefault(bucket_length(len(row.inputs), self.max_length, self.min_bucket), []).append(index)
+        out: list[tuple[float, bool] | None] = [None] * len(rows)
+        width = self.rows_per_batch
+        for length, members in sorted(by_bucket.items(), reverse=True):
+            for start in range(0, len(members), width):
+                chunk = members[start:start + width]
+                inputs = np.zeros((width, length), np.int32)
+                targets = np.zeros((width, length), np.int32)
+                scored = np.zeros((width, length), bool)
+                for slot, index in enumerate(chunk):
+                    row = rows[index]
+                    n = len(row.inputs)
+                    inputs[slot, :n] = row.inputs
+                    targets[slot, :n] = row.targets
+                    scored[slot, n - row.n_scored:n] = True
+                logprob, greedy = self._scorer(self.params, self._global(inputs), self._global(targets),
+                                               self._global(scored))
+                logprob, greedy = np.asarray(logprob), np.asarray(greedy)
+                for slot, index in enumerate(chunk):
+                    out[index] = (float(logprob[slot]), bool(greedy[slot]))
+        return out
+
+    # -- generation ----------------------------------------------------------------
+
+    def _generate(self, prompts: list[list[int]], max_new_tokens: int, stop: list[str],
+                  kwargs: dict[str, Any]) -> list[list[int]]:
+        """New tokens for each prompt (EOT and anything after it removed), greedy unless `do_sample`.
+
+        Prompts run longest first in batches of `rows_per_batch`, through
+        `gptj.sampling.Sampler` (KV cache, stop strings checked as it decodes).
+        """
+        from gptj.sampling import Sampler
+
+        if self._sampler is None:
+            self._sampler = Sampler(self.model_config, self.params, self.partitioner, tokenizer=self.tokenizer,
+                                    eos_id=EOT_ID)
+        sampled = bool(kwargs.get("do_sample", False))
+        options = dict(temperature=float(kwargs.get("temperature", 1.0)) if sampled else 0.0,
+                       top_k=int(kwargs.get("top_k", 0) or 0), top_p=float(kwargs.get("top_p", 1.0) or 1.0))
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        outputs: list[list[int]] = [[] for _ in prompts]
+        for start in range(0, len(order), self.rows_per_batch):
+            chunk = order[start:start + self.rows_per_batch]
+            # An empty context is conditioned on EOT, as for loglikelihood.
+            batch = [prompts[i] or [EOT_ID] for i in chunk]
+            generations = self._sampler.generate(batch, max_new_tokens=max_new_tokens, stop=stop,
+                                                 seed=[start + j for j in range(len(chunk))], **options)
+            for i, generation in zip(chunk, generations):
+                outputs[i] = list(generation.tokens)
+        return outputs
+
+
+# -- building a model, and the entry points ----------------------------------------------
+
+
+def get_tokenizer():
+    """The project's GPT-2 BPE (`gptj.vocab`, offline)."""
+    from gptj.vocab import get_tokenizer as _get
+
+    return _get()
+
+
+def load_lm(path: str, partitioner: Partitioner, *, batch_size: int = 8, dtype: str | None = None,
+            **kwargs) -> GPTJLM:
+    """A GPTJLM over the params of a gptj params directory or workdir, laid out by `partitioner`.
+
+    `dtype` overrides the compute dtype stored with the weights (e.g. bfloat16).
+    """
+    from gptj import params_io
+    from gptj.sampling import param_shardings
+
+    model_config = params_io.read_model_config(path)
+    if dtype:
+        model_config = model_config.replace(dtype=dtype)
+    params, _ = params_io.load_params(path, param_shardings(model_config, partitioner))
+    return GPTJLM(params, model_config, partitioner, get_tokenizer(), batch_size=batch_size, **kwargs)
+
+
+def run_harness(lm_or_params, config, *, model_config: GPTJConfig | None = None,
+                partitioner: Partitioner | None = None, workdir: str | None = None,
+                tag: str | None = None) -> dict[str, float]:
+    """Runs `config.eval.harness_tasks` and returns flat metrics `{"harness/<task>/<metric>": value}`.
+
+    For the trainer's periodic evaluation: pass the live params with their
+    `model_config` and `partitioner` (or a ready GPTJLM). Every host must call
+    it together. With `workdir`, process 0 also writes the results JSON under
+    `workdir/eval/` (named by `tag`, e.g. "step_1000"). Raises EvalError for an
+    unknown task or data that is not on the machine; `eval_tasks.load_tasks`
+    checks that up front.
+    """
+    from gptj import eval_tasks
+
+    eval_config = config.eval
+    if isinstance(lm_or_params, GPTJLM):
+        lm = lm_or_params
+    else:
+        if model_config is None or partitioner is None:
+            raise EvalError("run_harness(params, ...) needs model_config= and partitioner=")
+        lm = GPTJLM(lm_or_params, model_config, partitioner, get_tokenizer(), batch_size=int(eval_config.batch_size))
+    results = eval_tasks.run_tasks(
+        lm, list(eval_config.harness_tasks), include_path=str(eval_config.include_path or ""),
+        num_fewshot=int(eval_config.num_fewshot), limit=int(eval_config.limit),
+        bootstrap_iters=int(eval_config.get("bootstrap_iters", 100000)),
+        log_samples=bool(eval_config.get("log_samples", False)))
+    if workdir and jax.process_index() == 0:
+        eval_tasks.write_results(results, os.path.join(workdir, "eval"), tag)
+    return eval_tasks.flatten_metrics(results)
+
+
+def validation_metrics(config, params, model_config: GPTJConfig, partitioner: Partitioner) -> dict[str, dict]:
+    """Loss, perplexity and next-token accuracy on each of `config.data.val_tasks`.
+
+    Reads at most `config.train.val_batches` batches of `config.train.batch_size`
+    rows per set (gptj.data.build_eval_iterators). Collective: every host calls it.
+    """
+    names = [n for n in config.data.val_tasks if n]
+    if not names:
+        return {}
+    from gptj import data, losses, tasks
+
+    # Register only the validation sets: an eval run need not have the training data.
+    eval_only = config.copy_and_resolve_references()
+    with eval_only.unlocked():
+        eval_only.data.train_task = ""
+    tasks.register_tasks_for_config(eval_only)
+    sets = data.build_eval_iterators(eval_only, partitioner)
+
+    model = GPTJ(model_config)
+    replicated = NamedSharding(partitioner.mesh, PartitionSpec())
+    step = partitioner.jit(lambda p, batch: losses.next_token_loss(model.apply({"params": p}, batch["inputs"]), batch),
+                           in_shardings=(jax.tree_util.tree_map(lambda x: x.sharding, params), None),
+                           out_shardings=replicated)
+    results = {}
+    for name, make_iterator in sets.items():
+        totals: dict[str, float] = {}
+        for batch in make_iterator():
+            for key, value in step(params, batch).items():
+                totals[key] = totals.get(key, 0.0) + float(value)  # host sums in float64: exact enough
+        summary = losses.summarize({k: jnp.asarray(v, jnp.float32) for k, v in totals.items()})
+        results[name] = {k: float(v) for k, v in summary.items() if k != "z_loss"}
+        results[name]["tokens"] = int(totals.get("weight", 0))
+        logging.info("validation %s: loss %.4f perplexity %.3f (%d tokens)", name, results[name]["loss"],
+                     results[name]["perplexity"], results[name]["tokens"])
+    return results
+
+
+def _weights(config, workdir: str, partitioner: Partitioner):
+    """The params to evaluate: the workdir's own newest checkpoint, else `config.init_from`.
+
+    A workdir that trained (or fine-tuned from init_from) is evaluated as
+    trained; init_from is for evaluating other weights with a fresh workdir
+    that only receives the results.
+    """
+    from gptj import checkpoint, sampling
+
+    holds_weights = os.path.isdir(os.path.join(workdir, "params")) or checkpoint.latest_step(workdir) is not None
+    if holds_weights and config.get("init_from"):
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+            config.init_from = ""
+    elif not holds_weights and not config.get("init_from"):
+        raise EvalError(f"nothing to evaluate: {workdir} holds no checkpoint and config.init_from is empty "
+                        "(pass --config.init_from=hf:PATH, mtj:PATH or a params directory)")
+    params, model_config = sampling.load_weights(config, workdir, partitioner)
+    shardings = sampling.param_shardings(model_config, partitioner)
+    dtype = np.dtype(jnp.dtype(model_config.dtype))
+
+    def place(x, sharding):
+        if isinstance(x, jax.Array):
+            return x if x.sharding == sharding else jax.device_put(x, sharding)
+        x = np.asarray(x, dtype)  # converted weights arrive as numpy; keep them in the compute dtype
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree_util.tree_map(place, params, shardings), model_config
+
+
+def evaluate(config, workdir: str) -> dict[str, Any]:
+    """`python main.py --mode=eval`: validation loss/perplexity, then the harness tasks.
+
+    Harness tasks are resolved and their data found before any weights are
+    read, so a wrong name or missing data fails in seconds, with one
+    paragraph on stderr (SystemExit), not a traceback. Process 0 writes
+    `workdir/eval/results_<UTC time>.json` (harness results plus a
+    "validation" section) and prints the harness's table. Returns
+    `{"validation": {...}, "harness": {...}}`.
+    """
+    from gptj import eval_tasks
+    from gptj.partitioning import make_mesh
+
+    try:
+        names = list(config.eval.harness_tasks)
+        include_path = str(config.eval.include_path or "")
+        loaded = eval_tasks.load_tasks(names, include_path) if names else None
+        partitioner = Partitioner(make_mesh(int(config.mesh.data), int(config.mesh.model)), str(config.mesh.rules))
+        params, model_config = _weights(config, workdir, partitioner)
+        started = time.time()
+        validation = validation_metrics(config, params, model_config, partitioner)
+        harness: dict[str, Any] = {}
+        if loaded is not None:
+            lm = GPTJLM(params, model_config, partitioner, get_tokenizer(), batch_size=int(config.eval.batch_size))
+            harness = eval_tasks.run_tasks(
+                lm, names, include_path=include_path, loaded=loaded, num_fewshot=int(config.eval.num_fewshot),
+                limit=int(config.eval.limit), bootstrap_iters=int(config.eval.get("bootstrap_iters", 100000)),
+                log_samples=bool(config.eval.get("log_samples", False)))
+    except EvalError as e:
+        raise SystemExit(f"gptj eval: {e}") from None
+    if jax.process_index() == 0:
+        if harness:
+            from lm_eval.utils import make_table
+
+            print(make_table(harness), flush=True)
+        record = dict(harness, validation=validation, eval_seconds=round(time.time() - started, 3))
+        eval_tasks.write_results(record, os.path.join(workdir, "eval"))
+    return {"validation": validation, "harness": harness}

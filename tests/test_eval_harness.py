@@ -1,0 +1,208 @@
+"""gptj's lm-evaluation-harness model against the harness's own `hf` model, score for score.
+
+One tiny random-weight GPT-J (real GPT-2 vocabulary, d_model 32, 2 layers,
+context 32) is saved as a gptj params directory and exported with
+`gptj.convert.hf.write_hf` (plus a GPT-2 tokenizer) for `HFLM`. Four local
+tasks written here exercise every request type: a LAMBADA-style last word
+(loglikelihood, contexts longer than the context window), a multiple-choice
+task, a rolling-perplexity task (documents several windows long) and a
+generate_until task. The harness runs HFLM once (module fixture); gptj runs
+on one device and on a 2x4 megatron mesh, and every score and every
+per-example answer must agree.
+"""
+
+import json
+import math
+import os
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from gptj import params_io
+from gptj.convert.hf import write_hf
+from gptj.eval_harness import GPTJLM, bucket_length, load_lm
+from gptj.eval_tasks import run_tasks
+from gptj.model import GPTJConfig, abstract_params
+from gptj.partitioning import Partitioner, make_mesh
+
+TASKS = ["tiny_lastword", "tiny_choice", "tiny_rolling", "tiny_generate"]
+MODEL = GPTJConfig(vocab_size=50257, vocab_pad_multiple=64, num_layers=2, d_model=32, num_heads=4, rotary_dim=4,
+                   max_len=32)
+PPL_METRICS = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
+def _words(count, seed):
+    """Real English words (CPython's bundled documentation), in runs of `count` from a seeded offset."""
+    from pydoc_data.topics import topics
+
+    words = " ".join(topics[k] for k in sorted(topics)[:40]).split()
+    words = [w for w in words if w.isascii() and w.strip(".,:;()`'\"*-=") == w and w.isalpha()]
+    start = np.random.default_rng(seed).integers(0, len(words) - count)
+    return words[start:start + count]
+
+
+def _write_tasks(folder):
+    rng = np.random.default_rng(0)
+    data = {
+        # lengths 6..40 words: the longest contexts overflow the 32-token window (left truncation)
+        "lastword": [{"text": " ".join(_words(int(n), 10 + i))} for i, n in enumerate(rng.integers(6, 40, 12))],
+        "choice": [{"question": " ".join(_words(8, 100 + i)), "choices": [" ".join(_words(int(k), 200 + 4 * i + j))
+                                                                         for j, k in enumerate(rng.integers(1, 4, 4))],
+                    "label": int(rng.integers(0, 4))} for i in range(8)],
+        # 60..110 words: three to five rolling windows each
+        "rolling": [{"text": " ".join(_words(int(n), 300 + i))} for i, n in enumerate(rng.integers(60, 110, 4))],
+        "generate": [{"question": " ".join(_words(int(n), 400 + i)), "answer": _words(1, 500 + i)[0]}
+                     for i, n in enumerate(rng.integers(3, 30, 6))],
+    }
+    for name, rows in data.items():
+        with open(os.path.join(folder, f"{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    common = "dataset_path: json\ndataset_name: null\ndataset_kwargs:\n  data_files:\n    test: {folder}/{name}.jsonl\n" \
+             "test_split: test\n"
+    specs = {
+        "lastword": """\
+            output_type: loglikelihood
+            doc_to_text: "{{text.split(' ')[:-1]|join(' ')}}"
+            doc_to_target: "{{' '+text.split(' ')[-1]}}"
+            metric_list:
+              - metric: perplexity
+              - metric: acc
+            """,
+        "choice": """\
+            output_type: multiple_choice
+            doc_to_text: "Question: {{question}}\\nAnswer:"
+            doc_to_choice: "{{choices}}"
+            doc_to_target: "{{label}}"
+            metric_list:
+              - metric: acc
+              - metric: acc_norm
+            """,
+        "rolling": """\
+            output_type: loglikelihood_rolling
+            doc_to_text: ""
+            doc_to_target: "{{text}}"
+            metric_list:
+              - metric: word_perplexity
+              - metric: byte_perplexity
+              - metric: bits_per_byte
+            """,
+        "generate": """\
+            output_type: generate_until
+            doc_to_text: "Q: {{question}}\\nA:"
+            doc_to_target: "{{answer}}"
+            generation_kwargs:
+              until: ["\\n\\n", "."]
+              max_gen_toks: 10
+              do_sample: false
+            metric_list:
+              - metric: exact_match
+            """,
+    }
+    for name, spec in specs.items():
+        with open(os.path.join(folder, f"tiny_{name}.yaml"), "w") as f:
+            f.write(f"task: tiny_{name}\n" + common.format(folder=folder, name=name) + textwrap.dedent(spec))
+
+
+def _random_params(config, seed=0):
+    """Every weight random (LayerNorm scales around 1), padded vocabulary rows zero; numpy fp32."""
+    import flax.linen as nn
+
+    rng = np.random.default_rng(seed)
+    shapes = nn.meta.unbox(abstract_params(config))
+
+    def fill(path, leaf):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        value = 0.2 * rng.standard_normal(leaf.shape).astype(np.float32)
+        return value + 1.0 if name.endswith("scale") else value
+
+    params = jax.tree_util.tree_map_with_path(fill, shapes)
+    params["wte"][config.vocab_size:] = 0
+    params["lm_head_kernel"][:, config.vocab_size:] = 0
+    params["lm_head_bias"][config.vocab_size:] = 0
+    return params
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A gptj params directory, its HF export (with a GPT-2 tokenizer) and the four task YAMLs."""
+    from transformers import GPT2TokenizerFast
+    from gptj.vocab import default_vocab_dir
+
+    root = tmp_path_factory.mktemp("eval")
+    params = _random_params(MODEL)
+    params_io.save_params(str(root / "params"), params, MODEL)
+    write_hf(params, MODEL, str(root / "hf"))
+    vocab = default_vocab_dir()
+    GPT2TokenizerFast(vocab=os.path.join(vocab, "encoder.json"), merges=os.path.join(vocab, "vocab.bpe")) \
+        .save_pretrained(str(root / "hf"))
+    (root / "tasks").mkdir()
+    _write_tasks(str(root / "tasks"))
+    return root
+
+
+def _run(lm, workspace):
+    return run_tasks(lm, TASKS, include_path=str(workspace / "tasks"), bootstrap_iters=0, log_samples=True)
+
+
+@pytest.fixture(scope="module")
+def hf_results(workspace):
+    """The harness's own `hf` model (HFLM, CPU, fp32) on the exported weights; run once."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    torch.set_num_threads(2)
+    return _run(HFLM(pretrained=str(workspace / "hf"), device="cpu", batch_size=4, dtype="float32"), workspace)
+
+
+def _gptj_results(workspace, data, model):
+    partitioner = Partitioner(make_mesh(data, model, devices=jax.devices()[:data * model]), "megatron")
+    lm = load_lm(str(workspace / "params"), partitioner, batch_size=4)
+    return _run(lm, workspace), lm
+
+
+def _answers(results, task):
+    """Per-example model answers, by doc id: [(logprob, greedy), ...] or [text]."""
+    return {s["doc_id"]: [r for r in s["resps"]] for s in results["samples"][task]}
+
+
+def _assert_same(ours, theirs):
+    for task in TASKS:
+        for key, value in theirs["results"][task].items():
+            if key == "alias" or "_stderr" in key:
+                continue
+            metric = key.split(",")[0]
+            if metric in PPL_METRICS:
+                assert ours["results"][task][key] == pytest.approx(value, rel=1e-4), (task, key)
+            else:
+                assert ours["results"][task][key] == value, (task, key)
+        mine, hf = _answers(ours, task), _answers(theirs, task)
+        assert sorted(mine) == sorted(hf)
+        for doc, responses in hf.items():
+            for a, b in zip(mine[doc], responses):
+                a, b = a[0], b[0]
+                if isinstance(b, str):
+                    assert a == b, (task, doc)
+                elif isinstance(b, (list, tuple)):  # (logprob, is_greedy)
+                    assert a[0] == pytest.approx(b[0], rel=1e-4, abs=1e-4) and a[1] == b[1], (task, doc)
+                else:  # rolling: a summed logprob
+                    assert a == pytest.approx(b, rel=1e-4), (task, doc)
+
+
+def test_matches_hf_on_one_device(workspace, hf_results):
+    ours, lm = _gptj_results(workspace, 1, 1)
+    _assert_same(ours, hf_results)
+    # the tasks did exercise truncation, several windows and generation
+    assert any(len(s["arguments"][0][0]) > 200 for s in hf_results["samples"]["tiny_lastword"])
+    assert lm._sampler is not None
+
+
+def test_matches_hf_on_2x4_mesh(workspace, hf_results):
+    ours, _ = _gptj_results(workspace, 2, 4)
+    _assert_same(ours, hf_results)
+
+
+def test_bucket_lengths():
+    assert [bucket_length(n, 2048, 16) for n in (1, 16, 17, 300, 2048)] == [16, 16, 32, 512, 2048]
+    assert bucket_length(40, 48, 16) == 48

@@ -1,0 +1,99 @@
+"""Evaluation is offline: an unknown task, or a task whose data set is not on the machine, stops with one
+paragraph that says how to point the task at local files, never a traceback from `datasets`."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from gptj.eval_tasks import EvalError, flatten_metrics, load_tasks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _assert_one_paragraph(message):
+    assert "\n" not in message and "Traceback" not in message
+    assert "--include_path" in message and "dataset_path: json" in message and "data_files" in message
+
+
+def _write_yaml(folder, name, body):
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.yaml").write_text(f"task: {name}\n" + body)
+
+
+_TASK_BODY = textwrap.dedent("""\
+    test_split: test
+    output_type: loglikelihood
+    doc_to_text: "{{text}}"
+    doc_to_target: " x"
+    metric_list:
+      - metric: acc
+    """)
+
+
+def test_unknown_task_names_close_matches():
+    with pytest.raises(EvalError) as info:
+        load_tasks(["lambada_opnai"])
+    message = str(info.value)
+    _assert_one_paragraph(message)
+    assert "'lambada_opnai'" in message and "lambada_openai" in message  # the close match
+
+
+def test_hub_dataset_not_on_machine(tmp_path):
+    _write_yaml(tmp_path / "tasks", "hub_only", "dataset_path: gptj-tests/no-such-dataset\n" + _TASK_BODY)
+    with pytest.raises(EvalError) as info:
+        load_tasks(["hub_only"], str(tmp_path / "tasks"))
+    message = str(info.value)
+    _assert_one_paragraph(message)
+    assert "'hub_only'" in message and "gptj-tests/no-such-dataset" in message and "offline" in message
+
+
+def test_local_data_file_missing(tmp_path):
+    missing = tmp_path / "nowhere" / "test.jsonl"
+    _write_yaml(tmp_path / "tasks", "local_missing",
+                f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {missing}\n" + _TASK_BODY)
+    with pytest.raises(EvalError) as info:
+        load_tasks(["local_missing"], str(tmp_path / "tasks"))
+    _assert_one_paragraph(str(info.value))
+    assert "'local_missing'" in str(info.value)
+
+
+def test_local_yaml_replaces_builtin_task(tmp_path):
+    """The route the messages describe: a built-in task name, redefined under include_path over local JSON lines."""
+    data = tmp_path / "lambada.jsonl"
+    data.write_text('{"text": "a local example"}\n')
+    _write_yaml(tmp_path / "tasks", "lambada_openai",
+                f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n" + _TASK_BODY)
+    _, tasks = load_tasks(["lambada_openai"], str(tmp_path / "tasks"))
+    assert [t.task_name for t in tasks] == ["lambada_openai"]
+    assert [doc["text"] for doc in tasks[0].test_docs()] == ["a local example"]
+
+
+def test_include_path_must_be_a_folder(tmp_path):
+    with pytest.raises(EvalError, match="not a folder"):
+        load_tasks(["anything"], str(tmp_path / "missing"))
+
+
+def test_main_eval_unknown_task_prints_paragraph_not_traceback(tmp_path):
+    """`main.py --mode=eval` with a wrong task name: exit status 1, the paragraph on stderr, no traceback."""
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "main.py"), "--config", os.path.join(ROOT, "gptj/configs/tiny.py"),
+         "--workdir", str(tmp_path / "run"), "--mode=eval", "--tasks=no_such_task_anywhere"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("gptj eval:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    _assert_one_paragraph(lines[0])
+    assert "no_such_task_anywhere" in lines[0]
+
+
+def test_flatten_metrics_names():
+    results = {"results": {"lambada_openai": {"alias": "lambada_openai", "acc,none": 0.5, "acc_stderr,none": 0.1,
+                                              "perplexity,none": 4.0, "exact_match,strict-match": 1.0}},
+               "groups": {"g": {"acc,none": 0.25}}}
+    assert flatten_metrics(results) == {"harness/lambada_openai/acc": 0.5, "harness/lambada_openai/perplexity": 4.0,
+                                        "harness/lambada_openai/exact_match_strict-match": 1.0, "harness/g/acc": 0.25}
