@@ -145,9 +145,12 @@ def translate_errors(task_name: str):
         message = e.message or str(e)
         if ERROR_TAG in message:
             line = message.split(ERROR_TAG, 1)[1].splitlines()[0]
-            raise DataError(line.rstrip("]").rstrip()) from None
+            raise DataError(line.rstrip('"]').rstrip()) from None  # tf.debugging.Assert quotes and brackets it
         where = _describe_source_error(task_name)
         raise DataError(where or f"task {task_name!r}: {message.strip().splitlines()[0]}") from None
+    except UnicodeDecodeError:  # TensorFlow quoting undecodable record bytes in its own error message
+        where = _describe_source_error(task_name)
+        raise DataError(where or f"task {task_name!r}: unreadable data (not UTF-8 where text was expected)") from None
 
 
 def _describe_source_error(task_name: str) -> str | None:

@@ -12,8 +12,10 @@ Bad input, and what happens:
   is empty, `DataError`;
 - a record of the wrong length or with a token id outside [0, vocab_size): the
   pipeline fails with "FILE: record N ..." (record counted from 0);
-- a corrupt file (bad checksum, truncated, not an Example): the pipeline fails;
-  `describe_tfrecord_error` then scans the files to name the file and record.
+- a corrupt file (bad checksum, truncated inside a record, not an Example):
+  the pipeline fails; `describe_tfrecord_error` then scans the files to name
+  the file and record. (A file cut inside a record's 12-byte header reads as
+  ending there: that is TensorFlow's reader, which cannot tell it from EOF.)
 """
 
 from __future__ import annotations
@@ -57,15 +59,17 @@ def parse_record_fn(seq_len: int, vocab_size: int):
         tokens = tf.io.parse_single_example(serialized, {FEATURE: tf.io.VarLenFeature(tf.int64)})[FEATURE]
         tokens = tf.sparse.to_dense(tokens)
         n = tf.shape(tokens, out_type=tf.int64)[0]
-        where = tf.strings.format("{}: record {}", (filename, index))
+        low, high = tf.reduce_min(tokens), tf.reduce_max(tokens)
+
+        def message(*parts):  # strings and int tensors -> one string (tf.strings.format would quote)
+            return tf.strings.join([p if isinstance(p, str) or p.dtype == tf.string else tf.strings.as_string(p)
+                                    for p in (ERROR_TAG, filename, ": record ", index, *parts)])
+
         checks = [
-            tf.debugging.Assert(tf.equal(n, length), [tf.strings.format(
-                ERROR_TAG + "{} has {} tokens, expected seq_len + 1 = {}", (where, n, length))]),
+            tf.debugging.Assert(tf.equal(n, length), [message(" has ", n, f" tokens, expected seq_len + 1 = {length}")]),
             tf.debugging.Assert(
-                tf.logical_or(tf.equal(n, 0),
-                              tf.logical_and(tf.reduce_min(tokens) >= 0, tf.reduce_max(tokens) < vocab_size)),
-                [tf.strings.format(ERROR_TAG + "{} has token ids in [{}, {}], outside [0, {})",
-                                   (where, tf.reduce_min(tokens), tf.reduce_max(tokens), vocab_size))]),
+                tf.logical_or(tf.equal(n, 0), tf.logical_and(low >= 0, high < vocab_size)),
+                [message(" has token ids in [", low, ", ", high, f"], outside [0, {vocab_size})")]),
         ]
         with tf.control_dependencies(checks):
             tokens = tf.identity(tokens)
