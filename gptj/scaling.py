@@ -7,19 +7,29 @@ algorithms whose time is `latency + wire_bytes / bandwidth`):
   at `compute_efficiency` of the device's peak. Model FLOPs per token follow
   the PaLM convention: `6 * N_matmul + 12 * layers * d_model * seq_len`
   (the attention term counts the full T x T score matrix).
-* megatron (tensor parallel over `model`): GPT-J's parallel block sums the
-  attention and MLP outputs before reducing them, so each layer costs one
-  all-reduce of the activations `[micro_batch, seq, d_model]` forward and one
-  backward (the input's gradient), plus one more forward under full remat;
-  the vocab-sharded embedding and head add one each. Wire bytes per device:
-  `2 (m - 1) / m * S`. These sit on the critical path (the next layer needs
-  the result), so they never overlap with compute.
+* megatron (tensor parallel over `model`): activation all-reduces of
+  `[micro_batch, seq, d_model]`, `tp_allreduces_per_layer` per layer per
+  microbatch (forward + backward), plus two for the vocab-sharded embedding
+  (forward) and head (backward). Wire bytes per device: `2 (m - 1) / m * S`.
+  They sit on the critical path (the next op needs the result), so they never
+  overlap with compute. Remat adds none: the backward needs the block's
+  inputs, not its reduced output, so XLA drops that recomputation.
+  How many per layer depends on the implementation:
+  - the reference (mesh-transformer-jax) reduces the parallel block's
+    `attn + mlp` once forward and the input's summed gradient once backward:
+    2 (`REFERENCE_TP_ALLREDUCES`);
+  - this package's model, as XLA:CPU compiles it (counted in the HLO by
+    tests/test_scaling.py), reduces attention and MLP outputs separately
+    forward and the q, k, v and fc_in input gradients separately backward:
+    6 (`GPTJ_TP_ALLREDUCES`). XLA's all-reduce reassociation on GPU/TPU may
+    merge some of them; the count here is the unmerged worst case.
 * data parallelism: one gradient all-reduce over `data` per step, after the
   gradient accumulation loop (`megatron`, `dp`). With `overlap` it hides behind
   the backward pass of the last microbatch.
 * zero3 (params and optimizer state also split over `data`): every microbatch
-  all-gathers the weights over `data` twice (forward; recompute + backward) and
-  reduce-scatters their gradients once; wire bytes `(d - 1) / d * S` each.
+  all-gathers each layer's weights over `data` twice (forward; backward) and
+  reduce-scatters their gradients once (the HLO count agrees: two gathers per
+  weight per step); wire bytes `(d - 1) / d * S` each.
   With `overlap` these prefetch behind the microbatch's compute.
 * zero1: megatron's compute, plus a reduce-scatter of the gradients and an
   all-gather of the updated fp32 params over `data` per step.
@@ -46,16 +56,18 @@ The reference points (`REFERENCE_POINTS`, checked by `python -m gptj.scaling che
   the torus is close to free at this batch, and the few percent the pod loses
   in the data are host and input overheads the model leaves out.
 
-GPT-J-6B on a v3-256, megatron (8-way model) versus zero3 (`compare`):
-matmuls are ~94% of every step. megatron's per-layer activation all-reduces
-cost ~4% and sit on the critical path. zero3 on the same 32 x 8 layout with 16
-microbatches re-gathers the weights every microbatch: 149k tokens/s (-4%) if
-exposed, 159k (+2.5%) if overlapped. Its real gain is memory (state per core
-9.9 GiB -> 0.3 GiB of 16), which buys larger microbatches or a 256 x 1 mesh
-with no tensor parallelism: overlapped, ~165k tokens/s (+7%), because the
-per-layer all-reduces vanish. On v3's fast torus the choice is about memory
-and shapes more than bandwidth; on GPUs, where `data` crosses InfiniBand at
-1/9 of NVLink's bandwidth, the balance moves towards megatron inside a node.
+GPT-J-6B on a v3-256, megatron (8-way model) versus zero3 (`compare`, this
+package's model with its 6 all-reduces per layer): matmuls are ~90% of every
+step. megatron 32 x 8 as the reference ran it: ~149k tokens/s, its activation
+all-reduces ~8% of the step (~157k, 3%, if the block's reductions were fused
+as the reference's are). zero3 keeps those (model axis 8) and adds per
+microbatch two weight all-gathers and a gradient reduce-scatter over `data`:
+~144k exposed, ~153k overlapped. Its real gain is memory (state per core 9.9
+GiB -> 0.3 GiB of 16), which buys larger microbatches or a 256 x 1 mesh with no
+tensor parallelism: overlapped, ~165k tokens/s (+11%), because the per-layer
+all-reduces vanish. On v3's fast torus the choice is about memory and shapes
+more than bandwidth; on GPUs, where `data` crosses InfiniBand at 1/9 of
+NVLink's bandwidth, the balance moves towards megatron inside a node.
 
 Public API: `Hardware`, `HARDWARE`, `MODEL_SHAPES`, `Workload`, `estimate`,
 `estimate_from_config` (the hook for `--mode=plan`), `StepEstimate.report()`,
@@ -131,6 +143,10 @@ MODEL_SHAPES: dict[str, GPTJConfig] = {
     "gptj_1.3b": GPTJConfig(vocab_size=50257, vocab_pad_multiple=128, num_layers=24, d_model=2048, num_heads=16,
                             rotary_dim=32, max_len=2048, dtype="bfloat16", remat_policy="dots_no_batch"),
 }
+
+# Activation all-reduces per layer per microbatch under tensor parallelism (see the module docstring).
+REFERENCE_TP_ALLREDUCES = 2
+GPTJ_TP_ALLREDUCES = 6
 
 # Bytes of HBM traffic per fp32 parameter for one Adam(W) update: read param,
 # grad, m, v (16) and write param, m, v (12).
@@ -209,6 +225,9 @@ class Workload:
     `microbatches` accumulation steps; the mesh is `data` x `model` devices.
     `compute_bytes` is the compute dtype's size (activations and gathered
     weights travel in it); `grad_bytes` the size gradients are reduced in.
+    `tp_allreduces_per_layer`: activation all-reduces per layer and microbatch
+    under tensor parallelism (`GPTJ_TP_ALLREDUCES` for this package's model,
+    `REFERENCE_TP_ALLREDUCES` for mesh-transformer-jax's fused block).
     """
 
     model: GPTJConfig
@@ -221,6 +240,7 @@ class Workload:
     compute_bytes: int = 2
     grad_bytes: int = 2
     overlap: bool = False
+    tp_allreduces_per_layer: int = GPTJ_TP_ALLREDUCES
 
     def __post_init__(self):
         problems = []
@@ -322,8 +342,7 @@ def estimate(workload: Workload, hardware: str | Hardware = "tpu_v3") -> StepEst
     tensor_parallel = 0.0
     if m > 1:
         act_bytes = micro_tokens * cfg.d_model * w.compute_bytes
-        per_layer = 3 if cfg.remat_policy == "full" else 2
-        count = cfg.num_layers * per_layer + 2
+        count = cfg.num_layers * w.tp_allreduces_per_layer + 2
         tensor_parallel = w.microbatches * count * all_reduce_seconds(act_bytes, m, model_bw, lat)
 
     params = total_params(cfg)
@@ -455,16 +474,19 @@ class ReferencePoint:
 REFERENCE_POINTS: dict[str, ReferencePoint] = {
     "v3-256": ReferencePoint(
         "GPT-J-6B pre-training on a TPU v3-256", "reference blog (GPT-J-6B release post): ~151k tokens/s",
-        Workload(_6B, seq_len=2048, global_batch=512, data=32, model_parallel=8, microbatches=16), "tpu_v3", 151_000),
+        Workload(_6B, seq_len=2048, global_batch=512, data=32, model_parallel=8, microbatches=16,
+                 tp_allreduces_per_layer=REFERENCE_TP_ALLREDUCES), "tpu_v3", 151_000),
     "v3-8": ReferencePoint(
         "GPT-J-6B fine-tuning on a TPU v3-8", "reference README / howto_finetune: ~5,000 tokens/s",
-        Workload(_6B, seq_len=2048, global_batch=16, data=1, model_parallel=8, microbatches=16), "tpu_v3", 5_000),
+        Workload(_6B, seq_len=2048, global_batch=16, data=1, model_parallel=8, microbatches=16,
+                 tp_allreduces_per_layer=REFERENCE_TP_ALLREDUCES), "tpu_v3", 5_000),
 }
 
 # Not an acceptance point: the source of the TPU v3 compute efficiency (see the module docstring).
 CALIBRATION_POINT = ReferencePoint(
     "GPT-J-6B on a TPU v3-32", "reference benchmarks.md: 0.296473 steps/s of 4 x 8 x 2048 tokens",
-    Workload(_6B, seq_len=2048, global_batch=32, data=4, model_parallel=8, microbatches=8), "tpu_v3",
+    Workload(_6B, seq_len=2048, global_batch=32, data=4, model_parallel=8, microbatches=8,
+             tp_allreduces_per_layer=REFERENCE_TP_ALLREDUCES), "tpu_v3",
     0.296473 * 32 * 2048)
 
 
@@ -474,10 +496,17 @@ def check_reference_points() -> list[tuple[ReferencePoint, StepEstimate]]:
 
 
 def compare_6b_v3_256(overlap_options: Sequence[bool] = (False, True)) -> list[tuple[str, StepEstimate]]:
-    """GPT-J-6B on a v3-256 under megatron (32 x 8) and zero3 layouts, each with and without overlap."""
+    """GPT-J-6B on a v3-256 under megatron (32 x 8) and zero3 layouts, each with and without overlap.
+
+    All rows use this package's all-reduce count (`GPTJ_TP_ALLREDUCES`) except
+    "fused block", which uses the reference's (what fusing the block's
+    reductions in the model would give).
+    """
     base = REFERENCE_POINTS["v3-256"].workload
+    base = dataclasses.replace(base, tp_allreduces_per_layer=GPTJ_TP_ALLREDUCES)
     layouts = [
         ("megatron 32x8, 16 micro x 1 seq", base),
+        ("megatron 32x8, 16x1, fused block", dataclasses.replace(base, tp_allreduces_per_layer=REFERENCE_TP_ALLREDUCES)),
         ("megatron 32x8, 4 micro x 4 seq", dataclasses.replace(base, microbatches=4)),
         ("zero3 32x8, 16 micro x 1 seq", dataclasses.replace(base, rules="zero3")),
         ("zero3 32x8, 4 micro x 4 seq", dataclasses.replace(base, rules="zero3", microbatches=4)),
@@ -518,14 +547,15 @@ def _cmd_compare(_args) -> int:
         mem = (est.state_bytes_per_device + est.activation_bytes_per_device) / GIB
         print(f"{label:40s} {est.step_s:7.3f} {est.tokens_per_s:9,.0f} {100 * comm / est.step_s:7.1f} "
               f"{100 * est.mfu:6.1f} {mem:9.1f}")
-    print("\nWhy: matmuls are ~94% of every step on v3's fast torus. megatron's 86 activation all-reduces per "
-          "microbatch (one per layer each way, one more for remat, two for embedding and head) cost ~4% and sit on "
-          "the critical path, whatever the overlap. zero3 adds two weight all-gathers and a gradient "
-          "reduce-scatter per microbatch over `data`: ~6% at 16 microbatches if exposed, hidden if overlapped "
-          "(then zero3 matches megatron). Its gain is memory: state per core falls from ~9.9 GiB to ~0.3 GiB, which "
-          "allows larger microbatches (gathers amortised) or a 256x1 mesh with no tensor parallelism at all; "
-          "overlapped, that layout is the fastest (+7%), because the per-layer all-reduces disappear. The model "
-          "assumes the same matmul efficiency at every layout's shapes.")
+    print("\nWhy: matmuls are ~90% of every step on v3's fast torus. megatron's activation all-reduces (6 per layer "
+          "per microbatch as this package's model compiles, 2 in the reference's fused block, plus 2 for embedding "
+          "and head) sit on the critical path whatever the overlap: ~8% of the step here, ~3% fused. zero3 keeps "
+          "them (model axis 8) and adds two weight all-gathers and a gradient reduce-scatter per microbatch over "
+          "`data`: ~0.44 s (6%) per step at 16 microbatches if exposed, hidden if overlapped. Its gain is memory: state per core "
+          "falls from ~9.9 GiB to ~0.3 GiB, which allows larger microbatches (gathers amortised) or a 256x1 mesh "
+          "with no tensor parallelism; overlapped, that layout is the fastest (~+11% over megatron as compiled, "
+          "~+5% over the fused block), because the per-layer all-reduces disappear. Assumes the same matmul "
+          "efficiency at every layout's shapes (the 256x1 matmuls are larger, so if anything it is conservative).")
     return 0
 
 

@@ -40,7 +40,8 @@ def test_collective_formulas():
 
 
 def test_megatron_step_by_hand():
-    w = scaling.Workload(TINY, seq_len=4, global_batch=8, data=2, model_parallel=2, microbatches=2)
+    w = scaling.Workload(TINY, seq_len=4, global_batch=8, data=2, model_parallel=2, microbatches=2,
+                         tp_allreduces_per_layer=3)
     est = scaling.estimate(w, TOY_HW)
     # 8 sequences / (2 replicas * 2 microbatches) = 2 sequences = 8 tokens per microbatch per replica.
     compute = 2 * 8 * (4 * 4928) / 2 / (1e12 * 0.5)
@@ -113,8 +114,9 @@ def test_estimate_from_run_config_matches_the_reference_workload():
     from gptj.configs import gptj_6b
 
     est = scaling.estimate_from_config(gptj_6b.get_config(), num_devices=256)
-    ref = scaling.estimate(scaling.REFERENCE_POINTS["v3-256"].workload, "tpu_v3")
-    assert est.step_s == pytest.approx(ref.step_s)
+    ref = dataclasses.replace(scaling.REFERENCE_POINTS["v3-256"].workload,
+                              tp_allreduces_per_layer=scaling.GPTJ_TP_ALLREDUCES)
+    assert est.step_s == pytest.approx(scaling.estimate(ref, "tpu_v3").step_s)
 
 
 def test_cli(capsys):
@@ -133,3 +135,49 @@ def test_bad_workload_is_one_clear_error():
         scaling.Workload(TINY, seq_len=4, global_batch=10, data=4)
     with pytest.raises(ValueError, match="rules 'fsdp'"):
         scaling.Workload(TINY, seq_len=4, global_batch=8, data=1, rules="fsdp")
+
+
+def _collective_operands(rules: str, mesh: tuple[int, int], layers: int, batch: int, seq: int, op: str):
+    """Shapes of the operands of every `op` collective in the compiled gradient of a tiny unrolled model."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    from gptj.model import GPTJ
+    from gptj.partitioning import Partitioner, make_mesh
+
+    cfg = GPTJConfig(vocab_size=256, num_layers=layers, d_model=64, num_heads=4, rotary_dim=8, max_len=32,
+                     scan_layers=False, remat_policy="full")
+    partitioner = Partitioner(make_mesh(*mesh), rules)
+    model = GPTJ(cfg)
+    abstract, _, shardings = partitioner.abstract_state(
+        lambda rng: model.init(rng, jnp.zeros((batch, seq), jnp.int32)), jax.random.PRNGKey(0))
+
+    def loss(params, tokens):
+        logp = jax.nn.log_softmax(model.apply({"params": params}, tokens))
+        return -jnp.take_along_axis(logp, tokens[..., None], axis=-1).mean()
+
+    grad = partitioner.jit(jax.grad(loss), in_shardings=(shardings["params"], partitioner.batch_sharding(2)),
+                           out_shardings=shardings["params"])
+    hlo = grad.lower(abstract["params"], jax.ShapeDtypeStruct((batch, seq), jnp.int32)).compile().as_text()
+    shapes = []
+    for line in hlo.splitlines():
+        parts = re.split(rf" {op}(?:-start)?\(", line)
+        if len(parts) > 1:  # "%name = (f32[..], f32[..]) op(" : one entry per (tuple) operand
+            shapes += re.findall(r"\w+(\[[\d,]*\])", parts[0].split("=", 1)[1])
+    return shapes
+
+
+def test_tensor_parallel_all_reduce_count_matches_the_compiled_model():
+    # megatron on 2 x 4: each data shard holds [2, 8, 64] activations.
+    two, three = (_collective_operands("megatron", (2, 4), n, 4, 8, "all-reduce").count("[2,8,64]") for n in (2, 3))
+    assert three - two == scaling.GPTJ_TP_ALLREDUCES, "update scaling.GPTJ_TP_ALLREDUCES to the compiled count"
+    assert two - 2 * (three - two) == 2  # embedding forward, head backward
+
+
+def test_zero3_gathers_each_weight_for_forward_and_backward():
+    # zero3 on 4 x 2: weights gathered over data to their model shard: q/k/v [64, 2, 16], fc_in [64, 128].
+    two, three = (_collective_operands("zero3", (4, 2), n, 8, 8, "all-gather") for n in (2, 3))
+    assert three.count("[64,2,16]") - two.count("[64,2,16]") >= 2 * 3  # q, k, v: forward and backward
+    assert three.count("[64,128]") - two.count("[64,128]") >= 2
