@@ -169,6 +169,8 @@ def prepare_data(inputs: str | Sequence[str], output: str, seq_len: int, *, text
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
     if records_per_shard < 1:
         raise ValueError(f"records_per_shard must be positive, got {records_per_shard}")
     files = expand_patterns(inputs)

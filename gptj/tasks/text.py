@@ -46,22 +46,35 @@ def _documents_from_files(files: Sequence[str], text_field: str) -> Callable[[],
     return generate
 
 
-class PackedTextSource(seqio.FunctionDataSource):
-    """Documents from `make_docs(split)` (a list of strings or a tf.data.Dataset of strings),
-    shuffled with the seed when asked, tokenized and packed into `seq_len + 1` records."""
+class PackedTextSource(seqio.DataSource):
+    """Documents from `make_docs(split)` (a tf.data.Dataset of strings), shuffled with the seed when
+    asked, tokenized and packed into `seq_len + 1` records; hosts split the packed records."""
 
     def __init__(self, make_docs: Callable[[str], tf.data.Dataset], vocabulary, seq_len: int,
                  splits: Sequence[str] = ("train",)):
+        super().__init__(splits=tuple(splits), caching_permitted=False)
+        self._make_docs = make_docs
         self.vocabulary = vocabulary
         self.seq_len = seq_len
 
-        def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
-            docs = make_docs(split)
-            if shuffle_files:
-                docs = docs.shuffle(DOC_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=False)
-            return pack_documents(docs, vocabulary, seq_len)
+    @property
+    def supports_arbitrary_sharding(self) -> bool:
+        return True
 
-        super().__init__(dataset_fn=dataset_fn, splits=tuple(splits), caching_permitted=False)
+    def list_shards(self, split: str) -> Sequence[str]:
+        return [split]
+
+    def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None, shard_info=None,
+                    *, sequence_length=None, use_cached: bool = False, num_epochs: int | None = 1) -> tf.data.Dataset:
+        """One pass over the split's records (this host's share under `shard_info`)."""
+        del sequence_length, use_cached, num_epochs  # records are packed at seq_len; seqio repeats
+        docs = self._make_docs(split)
+        if shuffle:
+            docs = docs.shuffle(DOC_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=False)
+        records = pack_documents(docs, self.vocabulary, self.seq_len)
+        if shard_info and shard_info.num_shards > 1:
+            records = records.shard(shard_info.num_shards, shard_info.index)
+        return records
 
 
 def text_files_source(pattern: str | Sequence[str], vocabulary, seq_len: int, text_field: str = "text"):
