@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -561,35 +562,51 @@ def get_tokenizer():
 
 
 def load_weights(config, workdir: str | None, partitioner: Partitioner) -> tuple[Any, GPTJConfig]:
-    """Inference params and model config from `config.init_from` (hf:/mtj:/path) or else the workdir.
+    """Inference params and their model config: the workdir's own weights, else `config.init_from`.
 
-    The weights decide the model's shape; `config.model` decides its numerics
+    A workdir that holds a checkpoint (or is a params directory) wins, so a run
+    fine-tuned from `init_from` samples as trained; otherwise `init_from`
+    (`hf:PATH`, `mtj:PATH` or a gptj workdir / params directory) is read. The
+    weights decide the model's shape; `config.model` decides its numerics
     (dtype, param_dtype, scan_layers), so `--config.model.dtype=bfloat16` runs
-    fp32 weights in bf16.
+    fp32 weights in bf16. hf:/mtj: weights come back as numpy (the Sampler
+    places them); gptj weights are restored straight onto the mesh.
     """
     from gptj import params_io
+    from gptj.config_validation import ConfigError, parse_init_from
 
-    source = str(config.get("init_from", "") or "") or workdir
-    if not source:
-        raise ValueError("no weights: pass --workdir or --config.init_from")
+    own = bool(workdir) and (os.path.isdir(os.path.join(workdir, params_io.PARAMS_SUBDIR))
+                             or _has_checkpoint(workdir))
+    init_from = str(config.get("init_from", "") or "")
+    if own or not init_from:
+        if not workdir:
+            raise ConfigError("no weights: pass --workdir (a trained workdir or params directory) or "
+                              "--config.init_from")
+        kind, path = "gptj", workdir
+    else:
+        kind, path = parse_init_from(init_from)
     numerics = {k: config.model[k] for k in ("dtype", "param_dtype", "scan_layers") if k in config.model}
     numerics["remat_policy"] = "none"
-    if source.startswith("hf:"):
+    pad = int(config.model.vocab_pad_multiple)
+    if kind == "hf":
         from gptj.convert.hf import read_hf
 
-        params, model_config = read_hf(source[3:], vocab_pad_multiple=int(config.model.vocab_pad_multiple))
+        params, model_config = read_hf(path, vocab_pad_multiple=pad)
         return params, model_config.replace(**numerics)
-    if source.startswith("mtj:"):
-        from gptj import checkpoint
+    if kind == "mtj":
+        from gptj.convert.mtj import read_mtj
 
-        resolve = getattr(checkpoint, "resolve_init_from", None)
-        if resolve is None:
-            raise ValueError("mtj: weights need gptj.checkpoint.resolve_init_from, which this build lacks")
-        params, model_config = resolve(source, config)
+        params, model_config = read_mtj(path, vocab_pad_multiple=pad)
         return params, model_config.replace(**numerics)
-    model_config = params_io.read_model_config(source).replace(**numerics)
-    params, _ = params_io.load_params(source, param_shardings(model_config, partitioner), dtype=model_config.dtype)
+    model_config = params_io.read_model_config(path).replace(**numerics)
+    params, _ = params_io.load_params(path, param_shardings(model_config, partitioner), dtype=model_config.dtype)
     return params, model_config
+
+
+def _has_checkpoint(workdir: str) -> bool:
+    from gptj import checkpoint
+
+    return checkpoint.latest_step(workdir) is not None
 
 
 def build_sampler(config, workdir: str | None) -> Sampler:
@@ -599,7 +616,7 @@ def build_sampler(config, workdir: str | None) -> Sampler:
     partitioner = Partitioner(_mesh(int(config.mesh.data), int(config.mesh.model)), str(config.mesh.rules))
     params, model_config = load_weights(config, workdir, partitioner)
     return Sampler(model_config, params, partitioner, tokenizer=get_tokenizer(),
-                   chunk_steps=int(config.sample.get("chunk_steps", 16)))
+                   chunk_steps=int(config.sample.chunk_steps))
 
 
 def sample_main(config, workdir: str | None, prompt: str | None = None, prompt_file: str | None = None,
@@ -609,13 +626,20 @@ def sample_main(config, workdir: str | None, prompt: str | None = None, prompt_f
     Prints each completion; with `output`, also writes JSON lines
     {"prompt", "completion", "token_ids"}. Returns the records.
     """
+    from gptj.config_validation import ConfigError
+
     if (prompt is None) == (prompt_file is None):
-        raise ValueError("give exactly one of --prompt or --prompt_file")
+        raise ConfigError("give exactly one of --prompt or --prompt_file")
     if prompt_file is not None:
-        with open(prompt_file) as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        try:
+            with open(prompt_file) as f:
+                prompts = [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            raise ConfigError(f"--prompt_file: {e}") from None
         if not prompts:
-            raise ValueError(f"{prompt_file} holds no prompts")
+            raise ConfigError(f"--prompt_file {prompt_file} holds no prompts")
+    elif not prompt:
+        raise ConfigError("--prompt is empty")
     else:
         prompts = [prompt]
     sample = config.sample
@@ -624,9 +648,13 @@ def sample_main(config, workdir: str | None, prompt: str | None = None, prompt_f
     batch_size = max(1, int(sample.batch_size))
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        outs = sampler.complete(chunk, max_new_tokens=int(sample.max_new_tokens),
-                                temperature=float(sample.temperature), top_k=int(sample.top_k),
-                                top_p=float(sample.top_p), seed=[int(sample.seed) + start + i for i in range(len(chunk))])
+        try:
+            outs = sampler.complete(chunk, max_new_tokens=int(sample.max_new_tokens),
+                                    temperature=float(sample.temperature), top_k=int(sample.top_k),
+                                    top_p=float(sample.top_p),
+                                    seed=[int(sample.seed) + start + i for i in range(len(chunk))])
+        except ValueError as e:  # a prompt too long for the context, a setting out of range
+            raise ConfigError(f"sample: {e}") from None
         for text, out in zip(chunk, outs):
             records.append({"prompt": text, "completion": out.text, "token_ids": out.tokens})
             if jax.process_index() == 0:

@@ -78,10 +78,15 @@ def get_config() -> ml_collections.ConfigDict:
         during_training=False,   # run harness_tasks at every train.eval_every step too
     ))
 
+    # --mode=sample. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
+    # chunk_steps: decode steps per compiled call when the host must look in between
+    # (stop strings, streaming); otherwise a generation is one call.
     config.sample = ml_collections.ConfigDict(dict(
-        max_new_tokens=64, temperature=0.8, top_p=0.9, top_k=0, seed=0, batch_size=8,
+        max_new_tokens=64, temperature=0.8, top_p=0.9, top_k=0, seed=0, batch_size=8, chunk_steps=16,
     ))
 
+    # --mode=serve. Requests arriving within max_wait_ms share a batch of up to
+    # max_batch_size rows; more than max_queue waiting rows are answered 429.
     config.serve = ml_collections.ConfigDict(dict(
         host="127.0.0.1", port=5000, max_batch_size=8, max_wait_ms=20, max_queue=256,
         max_new_tokens_limit=1024, model_name="gptj",
