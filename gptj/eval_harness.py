@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 from lm_eval.api.model import TemplateLM
@@ -87,7 +88,7 @@ class GPTJLM(TemplateLM):
         self.rows_per_batch = -(-batch_size // dp) * dp
         self._max_gen_toks = max_gen_toks
         self.min_bucket = min(min_bucket, model_config.max_len)
-        self._scorer = self._build_scorer()
+        self._build_scorer()
         self._sampler = None
 
     # -- the harness's interface ---------------------------------------------------
@@ -191,24 +192,47 @@ class GPTJLM(TemplateLM):
 
     # -- scoring -------------------------------------------------------------------
 
-    def _build_scorer(self) -> Callable:
-        model = GPTJ(self.model_config)
-        replicated = NamedSharding(self.partitioner.mesh, PartitionSpec())
+    def _build_scorer(self):
+        """Two compiled programs: the trunk per padded length, the head per (length, scored width).
 
-        def score(params, inputs, targets, scored):
-            logits = model.apply({"params": params}, inputs)  # right padding never reaches real positions
+        The trunk returns the final hidden states (`ln_f`'s output, captured;
+        the model's own head is then dead code and XLA drops it). The head
+        runs only at the few positions a request scores (a LAMBADA word is 1-3
+        of a few hundred tokens), which skips most of the vocabulary matmul.
+        Splitting keeps the expensive compiles to one per length bucket.
+        """
+        cfg = self.model_config
+        model = GPTJ(cfg)
+        compute = jnp.dtype(cfg.dtype)
+        replicated = NamedSharding(self.partitioner.mesh, PartitionSpec())
+        shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.params)
+
+        def trunk(params, inputs):
+            only_ln_f = lambda module, method: module.name == "ln_f" and method == "__call__"
+            _, state = model.apply({"params": params}, inputs, capture_intermediates=only_ln_f,
+                                   mutable=["intermediates"])  # right padding never reaches real positions
+            return state["intermediates"]["ln_f"]["__call__"][0]
+
+        def head(kernel, bias, hidden, index, targets, scored):
+            # The model's head, at the gathered positions: [B, C, D] @ [D, V] in fp32, padded vocabulary masked.
+            picked = jnp.take_along_axis(hidden, index[..., None], axis=1)
+            logits = jnp.einsum("bcd,dv->bcv", picked, kernel.astype(compute), preferred_element_type=jnp.float32)
+            logits = logits + bias.astype(jnp.float32)
+            vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+            logits = jnp.where(vocab_ids < cfg.vocab_size, logits, -jnp.inf)
+            logits = nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
             log_norm = jax.nn.logsumexp(logits, axis=-1)
             # A masked sum instead of a gather keeps the vocabulary axis sharded (megatron splits it).
-            vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
             target_logit = jnp.sum(jnp.where(vocab_ids == targets[..., None], logits, 0.0), axis=-1)
             logprob = jnp.sum(jnp.where(scored, target_logit - log_norm, 0.0), axis=-1)
             greedy = jnp.all((jnp.argmax(logits, axis=-1) == targets) | ~scored, axis=-1)
             return logprob, greedy
 
-        batch = self.partitioner.batch_sharding(2)
-        param_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.params)
-        return self.partitioner.jit(score, in_shardings=(param_shardings, batch, batch, batch),
-                                    out_shardings=(replicated, replicated))
+        b2, b3 = self.partitioner.batch_sharding(2), self.partitioner.batch_sharding(3)
+        self._trunk = self.partitioner.jit(trunk, in_shardings=(shardings, b2), out_shardings=b3)
+        self._head = self.partitioner.jit(
+            head, in_shardings=(shardings["lm_head_kernel"], shardings["lm_head_bias"], b3, b2, b2, b2),
+            out_shardings=(replicated, replicated))
 
     def _global(self, array: np.ndarray) -> jax.Array:
         """A global batch array from the same host-local numpy array on every host."""
@@ -218,31 +242,39 @@ class GPTJLM(TemplateLM):
     def score_rows(self, rows: Sequence[_Row]) -> list[tuple[float, bool]]:
         """(sum of log-probs of each row's scored targets, all of them greedy) for each row, in order.
 
-        Rows are bucketed by length, padded on the right, and run in batches of
-        `rows_per_batch` (the last batch of a bucket padded with empty rows).
+        Rows are bucketed by length (and by how many positions they score),
+        padded on the right, and run in batches of `rows_per_batch`, the last
+        batch of a bucket padded with empty rows.
         """
-        by_bucket: dict[int, list[int]] = {}
+        groups: dict[tuple[int, int], list[int]] = {}
         for index, row in enumerate(rows):
-            by_bucket.setdefault(bucket_length(len(row.inputs), self.max_length, self.min_bucket), []).append(index)
+            length = bucket_length(len(row.inputs), self.max_length, self.min_bucket)
+            groups.setdefault((length, bucket_length(row.n_scored, length, 1)), []).append(index)
         out: list[tuple[float, bool] | None] = [None] * len(rows)
         width = self.rows_per_batch
-        for length, members in sorted(by_bucket.items(), reverse=True):
+        for (length, scored_width), members in sorted(groups.items(), reverse=True):
+            members.sort(key=lambda i: -len(rows[i].inputs))
             for start in range(0, len(members), width):
                 chunk = members[start:start + width]
                 inputs = np.zeros((width, length), np.int32)
-                targets = np.zeros((width, length), np.int32)
-                scored = np.zeros((width, length), bool)
-                for slot, index in enumerate(chunk):
-                    row = rows[index]
-                    n = len(row.inputs)
+                index = np.zeros((width, scored_width), np.int32)
+                targets = np.zeros((width, scored_width), np.int32)
+                scored = np.zeros((width, scored_width), bool)
+                for slot, i in enumerate(chunk):
+                    row = rows[i]
+                    n, k = len(row.inputs), row.n_scored
                     inputs[slot, :n] = row.inputs
-                    targets[slot, :n] = row.targets
-                    scored[slot, n - row.n_scored:n] = True
-                logprob, greedy = self._scorer(self.params, self._global(inputs), self._global(targets),
-                                               self._global(scored))
+                    # The last `scored_width` positions of the row, its scored ones at the end.
+                    first = n - scored_width
+                    index[slot] = np.maximum(np.arange(first, n), 0)
+                    targets[slot, scored_width - k:] = row.targets[n - k:]
+                    scored[slot, scored_width - k:] = True
+                hidden = self._trunk(self.params, self._global(inputs))
+                logprob, greedy = self._head(self.params["lm_head_kernel"], self.params["lm_head_bias"], hidden,
+                                             self._global(index), self._global(targets), self._global(scored))
                 logprob, greedy = np.asarray(logprob), np.asarray(greedy)
-                for slot, index in enumerate(chunk):
-                    out[index] = (float(logprob[slot]), bool(greedy[slot]))
+                for slot, i in enumerate(chunk):
+                    out[i] = (float(logprob[slot]), bool(greedy[slot]))
         return out
 
     # -- generation ----------------------------------------------------------------

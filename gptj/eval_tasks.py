@@ -161,7 +161,8 @@ def flatten_metrics(results: dict[str, Any], prefix: str = "harness") -> dict[st
     for section in ("results", "groups"):
         for task, metrics in (results.get(section) or {}).items():
             for key, value in metrics.items():
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or "_stderr" in key:
+                # Scores are "metric,filter"; bookkeeping such as sample_len has no filter.
+                if "," not in key or "_stderr" in key or not isinstance(value, (int, float)) or isinstance(value, bool):
                     continue
                 metric, _, filt = key.partition(",")
                 name = metric if filt in ("", "none") else f"{metric}_{filt}"

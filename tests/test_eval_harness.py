@@ -147,19 +147,31 @@ def _run(lm, workspace):
 
 
 @pytest.fixture(scope="module")
-def hf_results(workspace):
-    """The harness's own `hf` model (HFLM, CPU, fp32) on the exported weights; run once."""
+def hflm(workspace):
+    """The harness's own `hf` model (HFLM, CPU, fp32) on the exported weights."""
     import torch
     from lm_eval.models.huggingface import HFLM
 
     torch.set_num_threads(2)
-    return _run(HFLM(pretrained=str(workspace / "hf"), device="cpu", batch_size=4, dtype="float32"), workspace)
+    return HFLM(pretrained=str(workspace / "hf"), device="cpu", batch_size=4, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def hf_results(workspace, hflm):
+    """HFLM's results on the four tasks; run once."""
+    return _run(hflm, workspace)
 
 
 def _gptj_results(workspace, data, model):
     partitioner = Partitioner(make_mesh(data, model, devices=jax.devices()[:data * model]), "megatron")
     lm = load_lm(str(workspace / "params"), partitioner, batch_size=4)
     return _run(lm, workspace), lm
+
+
+@pytest.fixture(scope="module")
+def one_device(workspace):
+    """gptj's results on one device, and its LM."""
+    return _gptj_results(workspace, 1, 1)
 
 
 def _answers(results, task):
@@ -190,10 +202,10 @@ def _assert_same(ours, theirs):
                     assert a == pytest.approx(b, rel=1e-4), (task, doc)
 
 
-def test_matches_hf_on_one_device(workspace, hf_results):
-    ours, lm = _gptj_results(workspace, 1, 1)
+def test_matches_hf_on_one_device(one_device, hf_results):
+    ours, lm = one_device
     _assert_same(ours, hf_results)
-    # the tasks did exercise truncation, several windows and generation
+    # the tasks did exercise left truncation and generation
     assert any(len(s["arguments"][0][0]) > 200 for s in hf_results["samples"]["tiny_lastword"])
     assert lm._sampler is not None
 
@@ -201,6 +213,83 @@ def test_matches_hf_on_one_device(workspace, hf_results):
 def test_matches_hf_on_2x4_mesh(workspace, hf_results):
     ours, _ = _gptj_results(workspace, 2, 4)
     _assert_same(ours, hf_results)
+
+
+def test_greedy_flags_match_hf(one_device, hflm):
+    """Continuations that are (or are one token off) the model's own greedy output: both models say so."""
+    _, lm = one_device
+    contexts = [lm.tok_encode(text) for text in ("The value of", "A target occurring in a", "Exceptions are")]
+    greedy = [g.tokens for g in lm._sampler.generate(contexts, max_new_tokens=4)]
+    assert all(len(g) == 4 for g in greedy)
+    requests = [(("", ""), c, g) for c, g in zip(contexts, greedy)]
+    requests += [(("", ""), c, g[:3] + [(g[3] + 1) % 50257]) for c, g in zip(contexts, greedy)]
+    ours = lm._loglikelihood_tokens(requests)
+    theirs = hflm._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert [flag for _, flag in ours] == [flag for _, flag in theirs] == [True] * 3 + [False] * 3
+    np.testing.assert_allclose([lp for lp, _ in ours], [lp for lp, _ in theirs], rtol=1e-4)
+
+
+def test_run_harness_returns_flat_metrics(one_device, workspace, hf_results, tmp_path):
+    """The trainer's entry point: live LM in, `harness/<task>/<metric>` out, results JSON in workdir/eval."""
+    from gptj.configs import base
+    from gptj.eval_harness import run_harness
+
+    _, lm = one_device
+    config = base.get_config()
+    config.eval.update(dict(harness_tasks=["tiny_choice"], include_path=str(workspace / "tasks"), bootstrap_iters=0))
+    metrics = run_harness(lm, config, workdir=str(tmp_path), tag="step_7")
+    assert metrics == {"harness/tiny_choice/acc": hf_results["results"]["tiny_choice"]["acc,none"],
+                       "harness/tiny_choice/acc_norm": hf_results["results"]["tiny_choice"]["acc_norm,none"]}
+    assert os.path.isfile(tmp_path / "eval" / "results_step_7.json")
+
+
+def test_evaluate_end_to_end(workspace, hf_results, tmp_path):
+    """`--mode=eval` on a 2x4 mesh: validation loss equals HF's cross-entropy on the same batches, the
+    harness scores equal HFLM's, and the results JSON lands in workdir/eval/."""
+    import torch
+    from transformers import GPTJForCausalLM
+
+    from gptj import data, tasks
+    from gptj.configs import base
+    from gptj.eval_harness import evaluate
+
+    config = base.get_config()
+    config.init_from = str(workspace / "params")
+    config.mesh.update(dict(data=2, model=4, rules="megatron"))
+    config.data.update(dict(train_task="", val_tasks=["gptj_demo_validation"], seq_len=32))
+    config.train.update(dict(batch_size=8, val_batches=2))
+    config.eval.update(dict(harness_tasks=["tiny_choice", "tiny_rolling"], include_path=str(workspace / "tasks"),
+                            bootstrap_iters=0, batch_size=4))
+    out = evaluate(config, str(tmp_path))
+
+    for task in ("tiny_choice", "tiny_rolling"):
+        for key, value in hf_results["results"][task].items():
+            if key.split(",")[0] in ("acc", "acc_norm"):
+                assert out["harness"]["results"][task][key] == value
+            elif key.split(",")[0] in PPL_METRICS:
+                assert out["harness"]["results"][task][key] == pytest.approx(value, rel=1e-4)
+
+    # independent reference: HF GPT-J's mean cross-entropy over the same validation batches
+    tasks.register_tasks_for_config(config)
+    model = GPTJForCausalLM.from_pretrained(str(workspace / "hf")).eval()
+    nll = count = 0.0
+    for batch in data.build_eval_iterators(config)["gptj_demo_validation"]():
+        with torch.no_grad():
+            logits = model(torch.tensor(np.array(batch["inputs"]), dtype=torch.long)).logits.float()
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), torch.tensor(np.array(batch["targets"]),
+                                                   dtype=torch.long), reduction="none").numpy()
+        nll += float((losses * batch["loss_mask"]).sum())
+        count += float(batch["loss_mask"].sum())
+    validation = out["validation"]["gptj_demo_validation"]
+    assert validation["tokens"] == count == 2 * 8 * 32
+    assert validation["loss"] == pytest.approx(nll / count, rel=1e-4)
+    assert validation["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+    (written,) = [f for f in os.listdir(tmp_path / "eval") if f.startswith("results_")]
+    with open(tmp_path / "eval" / written) as f:
+        record = json.load(f)
+    assert record["validation"]["gptj_demo_validation"]["loss"] == validation["loss"]
+    assert record["results"]["tiny_choice"]["acc,none"] == hf_results["results"]["tiny_choice"]["acc,none"]
 
 
 def test_bucket_lengths():

@@ -92,7 +92,7 @@ def test_main_eval_unknown_task_prints_paragraph_not_traceback(tmp_path):
 
 
 def test_flatten_metrics_names():
-    results = {"results": {"lambada_openai": {"alias": "lambada_openai", "acc,none": 0.5, "acc_stderr,none": 0.1,
+    results = {"results": {"lambada_openai": {"alias": "lambada_openai", "sample_len": 8, "acc,none": 0.5, "acc_stderr,none": 0.1,
                                               "perplexity,none": 4.0, "exact_match,strict-match": 1.0}},
                "groups": {"g": {"acc,none": 0.25}}}
     assert flatten_metrics(results) == {"harness/lambada_openai/acc": 0.5, "harness/lambada_openai/perplexity": 4.0,
