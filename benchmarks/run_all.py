@@ -140,6 +140,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         ax.set_xlabel(label)
         if line is not None:
             ax.axvline(line, color="black", linewidth=1)
+        else:
+            ax.axvline(1.0, color="gray", linewidth=1, linestyle=":")  # 100% of the limit
         for i, v in enumerate(values):
             ax.text(v, i, f" {v:.2f}x" if key == "ratio" else f" {100 * v:.0f}%", va="center", fontsize=8)
     axes[0, 0].set_title(title, fontsize=10)
