@@ -1,0 +1,87 @@
+"""--mode=plan: the train step compiled on abstract inputs; per-device bytes against the arithmetic."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gptj import plan as plan_lib
+from gptj.configs import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIB = 2**30
+GPTJ_6B_PARAMS = 6_050_882_784
+
+
+def _tiny(rules, data, model):
+    config = tiny.get_config()
+    config.model.update(dict(d_model=64, num_layers=2, num_heads=4, rotary_dim=8, vocab_size=1000,
+                             vocab_pad_multiple=8, max_len=32))
+    config.data.seq_len = 32
+    config.mesh.update(dict(rules=rules, data=data, model=model))
+    return config
+
+
+@pytest.fixture(scope="module")
+def tiny_plans():
+    return {rules: plan_lib.make_plan(_tiny(rules, 2, 4)) for rules in ("megatron", "zero1", "zero3")}
+
+
+def test_rule_sets_split_what_they_promise(tiny_plans):
+    megatron, zero1, zero3 = tiny_plans["megatron"], tiny_plans["zero1"], tiny_plans["zero3"]
+    n = megatron.num_params
+    assert zero1.num_params == zero3.num_params == n
+    # megatron: weights and Adam moments over the 4-way model axis; zero1 also splits the
+    # moments over data (2); zero3 splits both over data x model (8).
+    for plan, params_ways, opt_ways in ((megatron, 4, 4), (zero1, 4, 8), (zero3, 8, 8)):
+        assert plan.params_expected == n * 4 // params_ways
+        assert plan.opt_state_expected == n * 8 // opt_ways
+        # Only LayerNorm and [embed] bias vectors stay replicated: a few percent at this size.
+        assert plan.params_expected <= plan.params <= 1.05 * plan.params_expected
+        assert plan.opt_state_expected <= plan.opt_state <= 1.05 * plan.opt_state_expected
+        assert plan.temporaries > 0 and plan.peak >= plan.params + plan.opt_state
+
+
+def test_fit_verdict(tiny_plans):
+    config = _tiny("zero3", 2, 4)
+    roomy = plan_lib.make_plan(config, device_memory_gib=1.0)
+    assert roomy.fits is True and roomy.device_memory == GIB
+    cramped = dataclasses.replace(roomy, device_memory=roomy.peak // 2)
+    assert cramped.fits is False
+    text = plan_lib.format_plan(cramped, config)
+    assert "does NOT fit" in text and "rule set zero3" in text and "data=2 x model=4" in text
+    assert tiny_plans["zero3"].fits is None  # CPU devices report no memory limit
+    with pytest.raises(ValueError, match="positive"):
+        plan_lib.make_plan(config, device_memory_gib=0)
+
+
+def test_gptj_6b_plan_on_8_fake_cpu_devices_allocates_nothing(tmp_path):
+    """The real command on GPT-J-6B in the reference's v3-8 fine-tuning layout (1 x 8 megatron, 16 x 1 sequences).
+
+    Nothing is allocated: the planning process stays far below the 22.5 GiB of fp32 weights.
+    """
+    command = [sys.executable, "main.py", "--config=gptj/configs/gptj_6b.py", "--mode=plan", "--device_memory_gib=16",
+               "--config.train.batch_size=16", "--config.train.microbatches=16", "--config.mesh.rules=megatron"]
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    with open(tmp_path / "stderr", "w") as stderr:
+        child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        out = child.stdout.read()
+        _, status, usage = os.wait4(child.pid, 0)  # wait4: this child's own peak memory
+    assert os.waitstatus_to_exitcode(status) == 0, (tmp_path / "stderr").read_text()[-3000:]
+    assert usage.ru_maxrss * 1024 < 3 * GIB, usage.ru_maxrss  # KiB on Linux
+
+    assert f"plan: {GPTJ_6B_PARAMS:,} parameters; mesh data=1 x model=8" in out
+    rows = {line[:36].strip(): line[36:].split() for line in out.splitlines() if line.startswith("  ") and "GiB" in line}
+    # 4 bytes per weight and 8 per Adam moment pair, split 8 ways; LayerNorms and [embed]
+    # biases stay replicated (+0.05%).
+    compiled, arithmetic = float(rows["params"][0]), float(rows["params"][2])
+    assert arithmetic == pytest.approx(GPTJ_6B_PARAMS * 4 / 8 / GIB, abs=1e-3)
+    assert compiled == pytest.approx(arithmetic, rel=1e-3)
+    compiled, arithmetic = float(rows["optimizer state (Adam mu, nu)"][0]), float(rows["optimizer state (Adam mu, nu)"][2])
+    assert arithmetic == pytest.approx(GPTJ_6B_PARAMS * 8 / 8 / GIB, abs=1e-3)
+    assert compiled == pytest.approx(arithmetic, rel=1e-3)
+    assert float(rows["temporaries (grads, activations)"][0]) > 1.0
+    assert "fit:" in out and "16.00 GiB per device" in out
