@@ -27,7 +27,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,11 +62,28 @@ def bucket_length(length: int, max_len: int, min_bucket: int = 16) -> int:
     return min(bucket, max_len)
 
 
+def place_params(params, model_config: GPTJConfig, partitioner: Partitioner):
+    """Params laid out on the mesh: jax arrays stay where they are, host (numpy) arrays are placed by the
+    rule set, in the compute dtype. Works on several hosts when every host holds the same numpy tree."""
+    from gptj.sampling import param_shardings
+
+    dtype = np.dtype(jnp.dtype(model_config.dtype))
+
+    def place(x, sharding):
+        if isinstance(x, jax.Array):
+            return x
+        x = np.asarray(x, dtype)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree_util.tree_map(place, params, param_shardings(model_config, partitioner))
+
+
 class GPTJLM(TemplateLM):
     """An lm-evaluation-harness model over gptj params laid out on a mesh.
 
     Args:
-      params: the model's params (any sharding; they stay where they are).
+      params: the model's params: jax arrays (any sharding; they stay where they are) or numpy arrays
+        (placed by the partitioner's rule set).
       model_config: their `GPTJConfig` (sets the context length `max_len`).
       partitioner: the mesh and rule set the params live on.
       tokenizer: GPT-2 BPE with `encode(str) -> list[int]` and `decode(list[int]) -> str`.
@@ -80,7 +97,7 @@ class GPTJLM(TemplateLM):
         super().__init__()
         if batch_size <= 0:
             raise EvalError(f"eval batch_size must be positive, got {batch_size}")
-        self.params = params
+        self.params = place_params(params, model_config, partitioner)
         self.model_config = model_config
         self.partitioner = partitioner
         self.tokenizer = tokenizer
@@ -130,7 +147,7 @@ class GPTJLM(TemplateLM):
                                 f"context ({self.max_length} tokens); it cannot be scored")
             whole = (list(context_ids) + list(continuation_ids))[-(self.max_length + 1):]
             rows.append(_Row(whole[:-1], whole[1:], len(continuation_ids)))
-        scores = self.score_rows(rows)
+        scores = self.score_rows(rows, progress=not disable_tqdm)
         for (request, _, _), answer in zip(requests, scores):
             if request is not None:  # rolling windows carry no request key; the harness caches their sum
                 self.cache_hook.add_partial("loglikelihood", request, answer)
@@ -239,13 +256,16 @@ class GPTJLM(TemplateLM):
         sharding = self.partitioner.batch_sharding(array.ndim)
         return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
-    def score_rows(self, rows: Sequence[_Row]) -> list[tuple[float, bool]]:
+    def score_rows(self, rows: Sequence[_Row], progress: bool = False) -> list[tuple[float, bool]]:
         """(sum of log-probs of each row's scored targets, all of them greedy) for each row, in order.
 
         Rows are bucketed by length (and by how many positions they score),
         padded on the right, and run in batches of `rows_per_batch`, the last
-        batch of a bucket padded with empty rows.
+        batch of a bucket padded with empty rows. `progress` shows a bar on process 0.
         """
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(rows), desc="Scoring requests", disable=not progress or jax.process_index() != 0)
         groups: dict[tuple[int, int], list[int]] = {}
         for index, row in enumerate(rows):
             length = bucket_length(len(row.inputs), self.max_length, self.min_bucket)
@@ -275,6 +295,8 @@ class GPTJLM(TemplateLM):
                 logprob, greedy = np.asarray(logprob), np.asarray(greedy)
                 for slot, i in enumerate(chunk):
                     out[i] = (float(logprob[slot]), bool(greedy[slot]))
+                bar.update(len(chunk))
+        bar.close()
         return out
 
     # -- generation ----------------------------------------------------------------
@@ -402,33 +424,16 @@ def validation_metrics(config, params, model_config: GPTJConfig, partitioner: Pa
 
 
 def _weights(config, workdir: str, partitioner: Partitioner):
-    """The params to evaluate: the workdir's own newest checkpoint, else `config.init_from`.
-
-    A workdir that trained (or fine-tuned from init_from) is evaluated as
-    trained; init_from is for evaluating other weights with a fresh workdir
-    that only receives the results.
-    """
+    """The params to evaluate, on the mesh: the workdir's own (newest checkpoint or params), else
+    `config.init_from` (`gptj.sampling.load_weights`, so eval and sample read the same weights)."""
     from gptj import checkpoint, sampling
 
-    holds_weights = os.path.isdir(os.path.join(workdir, "params")) or checkpoint.latest_step(workdir) is not None
-    if holds_weights and config.get("init_from"):
-        config = config.copy_and_resolve_references()
-        with config.unlocked():
-            config.init_from = ""
-    elif not holds_weights and not config.get("init_from"):
+    own = os.path.isdir(os.path.join(workdir, "params")) or checkpoint.latest_step(workdir) is not None
+    if not own and not config.get("init_from"):
         raise EvalError(f"nothing to evaluate: {workdir} holds no checkpoint and config.init_from is empty "
                         "(pass --config.init_from=hf:PATH, mtj:PATH or a params directory)")
     params, model_config = sampling.load_weights(config, workdir, partitioner)
-    shardings = sampling.param_shardings(model_config, partitioner)
-    dtype = np.dtype(jnp.dtype(model_config.dtype))
-
-    def place(x, sharding):
-        if isinstance(x, jax.Array):
-            return x if x.sharding == sharding else jax.device_put(x, sharding)
-        x = np.asarray(x, dtype)  # converted weights arrive as numpy; keep them in the compute dtype
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-    return jax.tree_util.tree_map(place, params, shardings), model_config
+    return place_params(params, model_config, partitioner), model_config
 
 
 def evaluate(config, workdir: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import pytest
 
 from gptj import params_io
 from gptj.convert.hf import write_hf
-from gptj.eval_harness import GPTJLM, bucket_length, load_lm
+from gptj.eval_harness import bucket_length, load_lm
 from gptj.eval_tasks import run_tasks
 from gptj.model import GPTJConfig, abstract_params
 from gptj.partitioning import Partitioner, make_mesh
@@ -124,13 +124,10 @@ def _random_params(config, seed=0):
     return params
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A gptj params directory, its HF export (with a GPT-2 tokenizer) and the four task YAMLs."""
+def _build_workspace(root):
     from transformers import GPT2TokenizerFast
     from gptj.vocab import default_vocab_dir
 
-    root = tmp_path_factory.mktemp("eval")
     params = _random_params(MODEL)
     params_io.save_params(str(root / "params"), params, MODEL)
     write_hf(params, MODEL, str(root / "hf"))
@@ -139,15 +136,13 @@ def workspace(tmp_path_factory):
         .save_pretrained(str(root / "hf"))
     (root / "tasks").mkdir()
     _write_tasks(str(root / "tasks"))
-    return root
 
 
 def _run(lm, workspace):
     return run_tasks(lm, TASKS, include_path=str(workspace / "tasks"), bootstrap_iters=0, log_samples=True)
 
 
-@pytest.fixture(scope="module")
-def hflm(workspace):
+def _hflm(workspace):
     """The harness's own `hf` model (HFLM, CPU, fp32) on the exported weights."""
     import torch
     from lm_eval.models.huggingface import HFLM
@@ -156,10 +151,43 @@ def hflm(workspace):
     return HFLM(pretrained=str(workspace / "hf"), device="cpu", batch_size=4, dtype="float32")
 
 
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory, worker_id):
+    """(workspace, HFLM's results on the four tasks), built once per test run even under pytest-xdist.
+
+    The workspace holds a gptj params directory, its HF export (with a GPT-2
+    tokenizer) and the task YAMLs. xdist workers share them through a folder
+    of the run's base temp directory, the first one building under a file lock.
+    """
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base if worker_id == "master" else base.parent) / "gptj_eval_workspace"
+    with FileLock(str(root) + ".lock"):
+        if not (root / "hf_results.json").exists():
+            root.mkdir(exist_ok=True)
+            _build_workspace(root)
+            results = _run(_hflm(root), root)
+            keep = {"results": results["results"],
+                    "samples": {task: [{k: row[k] for k in ("doc_id", "arguments", "resps")} for row in rows]
+                                for task, rows in results["samples"].items()}}
+            (root / "hf_results.json").write_text(json.dumps(keep, default=str))
+    return root, json.loads((root / "hf_results.json").read_text())
+
+
 @pytest.fixture(scope="module")
-def hf_results(workspace, hflm):
-    """HFLM's results on the four tasks; run once."""
-    return _run(hflm, workspace)
+def workspace(shared):
+    return shared[0]
+
+
+@pytest.fixture(scope="module")
+def hf_results(shared):
+    return shared[1]
+
+
+@pytest.fixture(scope="module")
+def hflm(workspace):
+    return _hflm(workspace)
 
 
 def _gptj_results(workspace, data, model):
