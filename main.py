@@ -118,7 +118,6 @@ def main(argv):
     try:
         _run(FLAGS.config, FLAGS.mode)
     except _user_errors() as e:
-        logging.error("%s: %s", type(e).__name__, e)
         sys.exit(f"error: {e}")
 
 

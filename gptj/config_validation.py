@@ -122,7 +122,7 @@ def validate(config, mode: str = "train", *, check_tasks: bool = True) -> None:
     from gptj.model import GPTJConfig
     from gptj.partitioning import Partitioner, PartitioningError, make_mesh
 
-    problems = [f"unknown config key {name!r}" for name in _unknown_keys(config, base.get_config())]
+    problems = [f"unknown config key {name!r}" for name in _unknown_keys(config.to_dict(), base.get_config().to_dict())]
     if problems:  # the checks below would trip over the same misspelt names
         raise ConfigError("; ".join(problems) + " (see gptj/configs/base.py for the known keys)")
     try:

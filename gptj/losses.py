@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 
-def next_token_loss(logits: jax.Array, batch: Mapping[str, jax.Array], z_loss: float = 0.0) -> dict[str, jax.Array]:
+def next_token_loss(logits: jax.Array, batch: Mapping[str, jax.Array], z_loss: float = 0.0,
+                    accuracy: bool = True) -> dict[str, jax.Array]:
     """Cross-entropy of `batch['targets']` under `logits`, summed over tokens where `loss_mask` is set.
 
     logits: [B, T, V] (any dtype; computed in fp32). batch: `targets` int32
@@ -23,8 +24,9 @@ def next_token_loss(logits: jax.Array, batch: Mapping[str, jax.Array], z_loss: f
     loss that keeps the softmax normaliser near 1).
 
     Returns sums: `loss_sum` (what is minimised: cross-entropy plus z-loss),
-    `nll_sum` (cross-entropy only), `z_loss_sum`, `correct` (argmax hits) and
-    `weight` (counted tokens).
+    `nll_sum` (cross-entropy only), `z_loss_sum`, `weight` (counted tokens)
+    and, with `accuracy`, `correct` (argmax hits; an extra pass over the
+    logits that the train step can skip).
     """
     logits = logits.astype(jnp.float32)
     targets = batch["targets"]
@@ -36,24 +38,23 @@ def next_token_loss(logits: jax.Array, batch: Mapping[str, jax.Array], z_loss: f
     target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), axis=-1)
     nll = log_z - target_logit
     z_term = z_loss * jnp.square(log_z)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return {
+    sums = {
         "loss_sum": jnp.sum((nll + z_term) * mask),
         "nll_sum": jnp.sum(nll * mask),
         "z_loss_sum": jnp.sum(z_term * mask),
-        "correct": jnp.sum(correct * mask),
         "weight": jnp.sum(mask),
     }
+    if accuracy:
+        sums["correct"] = jnp.sum((jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * mask)
+    return sums
 
 
 def summarize(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Means from the sums of `next_token_loss`: loss, nll, z_loss, accuracy and perplexity."""
+    """Means from the sums of `next_token_loss`: loss, nll, z_loss, perplexity (and accuracy if counted)."""
     weight = jnp.maximum(sums["weight"], 1.0)
     nll = sums["nll_sum"] / weight
-    return {
-        "loss": sums["loss_sum"] / weight,
-        "nll": nll,
-        "z_loss": sums["z_loss_sum"] / weight,
-        "accuracy": sums["correct"] / weight,
-        "perplexity": jnp.exp(nll),
-    }
+    out = {"loss": sums["loss_sum"] / weight, "nll": nll, "z_loss": sums["z_loss_sum"] / weight,
+           "perplexity": jnp.exp(nll)}
+    if "correct" in sums:
+        out["accuracy"] = sums["correct"] / weight
+    return out

@@ -117,9 +117,10 @@ def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Traine
     optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer.to_dict())
     z_loss = float(config.train.z_loss)
     return Trainer(
-        GPTJ(model), lambda logits, batch: losses.next_token_loss(logits, batch, z_loss), optimizer, partitioner,
-        train_batch_spec(config), microbatches=int(config.train.microbatches), summarize=losses.summarize,
-        lr_schedule=schedule, on_nonfinite=config.train.on_nonfinite)
+        GPTJ(model), lambda logits, batch: losses.next_token_loss(logits, batch, z_loss, accuracy=False),
+        optimizer, partitioner, train_batch_spec(config), microbatches=int(config.train.microbatches),
+        summarize=losses.summarize, lr_schedule=schedule, on_nonfinite=config.train.on_nonfinite,
+        eval_loss_fn=lambda logits, batch: losses.next_token_loss(logits, batch, z_loss))
 
 
 def build_partitioner(config) -> Partitioner:

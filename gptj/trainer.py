@@ -154,13 +154,14 @@ class Trainer:
       lr_schedule: step -> learning rate, reported as the `lr` metric.
       on_nonfinite: 'stop' (raise NonFiniteLossError) or 'skip' (drop the update, keep going).
       input_key: the batch entry the module is called on.
+      eval_loss_fn: the loss for `evaluate` (default: loss_fn), e.g. one that also counts accuracy.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, optimizer: optax.GradientTransformation,
                  partitioner: Partitioner, batch_spec: Mapping[str, jax.ShapeDtypeStruct], *,
                  microbatches: int = 1, summarize: Callable[[dict], dict] | None = None,
                  lr_schedule: Callable[[jax.Array], jax.Array] | None = None, on_nonfinite: str = "stop",
-                 input_key: str = "inputs"):
+                 input_key: str = "inputs", eval_loss_fn: LossFn | None = None):
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
         batch_size = next(iter(batch_spec.values())).shape[0]
@@ -168,6 +169,7 @@ class Trainer:
             raise ValueError(f"batch size {batch_size} is not divisible by microbatches={microbatches}")
         self.model = model
         self.loss_fn = loss_fn
+        self.eval_loss_fn = eval_loss_fn or loss_fn
         self.optimizer = optimizer
         self.partitioner = partitioner
         self.batch_spec = dict(batch_spec)
@@ -322,7 +324,7 @@ class Trainer:
         return self._compiled_train(state, batch)
 
     def _eval_step(self, params, batch):
-        return self.loss_fn(self.model.apply({"params": params}, batch[self.input_key]), batch)
+        return self.eval_loss_fn(self.model.apply({"params": params}, batch[self.input_key]), batch)
 
     def evaluate(self, params, batches: Iterable[Mapping[str, jax.Array]], max_batches: int = 0) -> dict[str, float]:
         """Summarised metrics over `batches` (at most `max_batches` of them when > 0)."""

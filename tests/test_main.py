@@ -1,0 +1,116 @@
+"""main.py and config validation: bad configs fail with one clear line before anything is built or compiled.
+
+Subprocesses only where the command line itself is under test.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gptj import train_lm
+from gptj.config_validation import ConfigError, validate
+from trainer_utils import SyntheticIterator, synthetic_eval_sets, tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.optimizer.update(dict(lr=-0.1)), "optimizer.lr must be positive, got -0.1"),
+    (lambda c: c.train.update(dict(batch_size=12, microbatches=2)),
+     "train.batch_size=12 must be divisible by the data-parallel size (4, from mesh.data and rule set 'zero3') "
+     "times train.microbatches=2 = 8"),
+    (lambda c: c.train.update(dict(on_nonfinite="ignore")), "train.on_nonfinite must be 'stop' or 'skip'"),
+    (lambda c: c.model.update(dict(num_heads=5)), "model: invalid GPT-J config: d_model 32 is not divisible"),
+    (lambda c: c.mesh.update(dict(data=3, model=2)), "mesh: data=3 x model=2 does not divide the 8"),
+    (lambda c: c.update(dict(init_from="hf:/no/such/dir")), "init_from='hf:/no/such/dir': /no/such/dir does not exist"),
+])
+def test_bad_values_are_named(change, message):
+    config = tiny_config()
+    config.mesh.update(dict(data=4, model=2, rules="zero3"))
+    change(config)
+    with pytest.raises(ConfigError) as error:
+        validate(config, "train", check_tasks=False)
+    assert message in str(error.value)
+
+
+def test_unknown_key_unknown_mode_and_unknown_task():
+    config = tiny_config()
+    with config.train.unlocked():
+        config.train.learning_rate = 0.1
+    with pytest.raises(ConfigError, match="unknown config key 'train.learning_rate'"):
+        validate(config, "train", check_tasks=False)
+    with pytest.raises(ConfigError, match="unknown mode 'fly'"):
+        validate(tiny_config(), "fly")
+    config = tiny_config()
+    config.data.train_task = "no_such_task"
+    with pytest.raises(ConfigError, match="unknown data task 'no_such_task'"):
+        validate(config, "train")
+
+
+def test_training_refuses_a_bad_config_before_building_anything(tmp_path):
+    config = tiny_config()
+    config.optimizer.lr = -1.0
+    with pytest.raises(ConfigError, match="optimizer.lr"):
+        train_lm.train_and_evaluate(config, str(tmp_path / "run"), train_iter_fn=SyntheticIterator,
+                                    eval_iters_fn=synthetic_eval_sets)
+    assert not (tmp_path / "run").exists()  # no config.json, no checkpoints: nothing was built
+
+
+def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
+    base = [sys.executable, os.path.join(ROOT, "main.py"), "--config=gptj/configs/tiny.py",
+            f"--workdir={tmp_path / 'run'}"]
+    cases = {
+        "unknown key": (base + ["--config.train.learning_rate=0.1"], "unknown config key 'train.learning_rate'"),
+        "negative lr": (base + ["--config.optimizer.lr=-1"], "optimizer.lr must be positive"),
+        "unknown mode": (base + ["--mode=fly"], "unknown --mode='fly'"),
+    }
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    running = {name: subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True) for name, (cmd, _) in cases.items()}
+    for name, process in running.items():
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 1, (name, stderr[-2000:])
+        assert "Traceback" not in stderr, (name, stderr[-2000:])
+        assert f"error: " in stderr and cases[name][1] in stderr, (name, stderr[-2000:])
+    assert not (tmp_path / "run").exists()
+
+
+def test_main_trains_on_the_demo_corpus_and_exits_0_on_sigterm(tmp_path):
+    """The README command (shrunk): real data, a fresh process, SIGTERM -> finish the step, save, exit 0."""
+    import json
+    import signal
+    import threading
+
+    from gptj.checkpoint import latest_step
+    from trainer_utils import read_scalars
+
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config=gptj/configs/tiny.py", f"--workdir={workdir}",
+           "--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.num_heads=2",
+           "--config.model.rotary_dim=8", "--config.data.seq_len=16", "--config.train.batch_size=8",
+           "--config.train.total_steps=100000", "--config.train.log_every=1", "--config.train.eval_every=0",
+           "--config.train.ckpt_every=0"]
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(400, process.kill)
+    watchdog.start()
+    seen = []
+    try:
+        for line in process.stderr:
+            seen.append(line)
+            if "step 3/100000" in line:
+                process.send_signal(signal.SIGTERM)
+                break
+        rest = process.communicate()[1]
+    finally:
+        watchdog.cancel()
+    log = "".join(seen) + rest
+    assert process.returncode == 0, log[-3000:]
+    assert "train: preempted" in log
+    step = latest_step(str(workdir))
+    assert step is not None and step >= 3
+    with open(workdir / "config.json") as f:
+        assert json.load(f)["model"]["d_model"] == 32
+    assert read_scalars(str(workdir / "tensorboard"), "train/loss")

@@ -1,0 +1,127 @@
+"""Trainer: gradient accumulation, mesh independence, memory report, non-finite handling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from gptj import losses
+from gptj.data import train_batch_spec
+from gptj.checkpoint import Checkpointer
+from gptj.model import GPTJ, GPTJConfig
+from gptj.partitioning import Partitioner, make_mesh
+from gptj.train_hooks import CheckpointHook
+from gptj.trainer import NonFiniteLossError, Trainer
+from trainer_utils import SyntheticIterator, cached_trainer, synthetic_batch, tiny_config, to_numpy
+
+
+def _one_step(microbatches, lr=0.5):
+    """(params before, params after one SGD update, the gradient, metrics) for batch 0 on a 2x4 mesh.
+
+    The optimizer is SGD that also keeps the gradient as its state, so the
+    gradient itself can be compared, not only its effect on the params.
+    """
+    def update(grads, state, params=None):
+        return jax.tree_util.tree_map(lambda g: -lr * g, grads), grads
+
+    sgd_recording = optax.GradientTransformation(lambda p: jax.tree_util.tree_map(jnp.zeros_like, p), update)
+    config = tiny_config()
+    model = GPTJ(GPTJConfig.from_dict(config.model.to_dict()))
+    partitioner = Partitioner(make_mesh(2, 4, devices=jax.devices()[:8]), "megatron")
+    trainer = Trainer(model, losses.next_token_loss, sgd_recording, partitioner, train_batch_spec(config),
+                      microbatches=microbatches, summarize=losses.summarize)
+    state = trainer.init_state(0)
+    before = to_numpy(state["params"])
+    state, metrics = trainer.train_step(state, synthetic_batch(0))
+    return before, to_numpy(state["params"]), to_numpy(state["opt_state"]), jax.device_get(metrics)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    # One batch of 8 rows versus 4 microbatches of 2 (on a 2x4 mesh, so each microbatch is split over data).
+    before, params_one, grads_one, m_one = _one_step(1)
+    _, params_four, grads_four, m_four = _one_step(4)
+    assert m_one["loss"] == pytest.approx(m_four["loss"], rel=1e-6)
+    assert m_one["grad_norm"] == pytest.approx(m_four["grad_norm"], rel=1e-6)
+    for (path, g1), g4 in zip(jax.tree_util.tree_leaves_with_path(grads_one), jax.tree_util.tree_leaves(grads_four)):
+        assert np.abs(g1).max() > 0, path
+        assert np.linalg.norm(g1 - g4) <= 1e-6 * np.linalg.norm(g1), path
+    for b, x, y in zip(*(jax.tree_util.tree_leaves(t) for t in (before, params_one, params_four))):
+        assert not np.array_equal(b, x)  # the update moved every parameter tensor
+        assert np.linalg.norm(y - x) <= 1e-6 * np.linalg.norm(x)
+
+
+def _five_losses(trainer):
+    state = trainer.init_state(0)
+    init = to_numpy(state["params"])
+    out = []
+    for i in range(5):
+        state, metrics = trainer.train_step(state, synthetic_batch(i))
+        out.append(float(metrics["loss"]))
+    return init, out, state
+
+
+def test_mesh_independence_single_megatron_zero3():
+    results = {name: _five_losses(cached_trainer(name)) for name in ("single", "megatron", "zero3")}
+    init, reference, _ = results["single"]
+    assert reference[-1] < reference[0]  # it learns
+    for name in ("megatron", "zero3"):
+        other_init, losses_, state = results[name]
+        for a, b in zip(jax.tree_util.tree_leaves(init), jax.tree_util.tree_leaves(other_init)):
+            np.testing.assert_array_equal(a, b)  # the init does not depend on the layout
+        np.testing.assert_allclose(losses_, reference, rtol=0, atol=1e-5)
+    # The layouts really differ: zero3 splits the weights' embed axis over data as well.
+    zero3_state = results["zero3"][2]
+    assert zero3_state["params"]["blocks"]["mlp"]["fc_in_kernel"].sharding.spec == P(None, "data", "model")
+    assert zero3_state["opt_state"][1].mu["wte"].sharding.spec == P("model", "data")
+    megatron_state = results["megatron"][2]
+    assert megatron_state["params"]["blocks"]["mlp"]["fc_in_kernel"].sharding.spec == P(None, None, "model")
+
+
+def test_memory_report_follows_the_layout():
+    single, megatron, zero3 = (cached_trainer(n).compile() for n in ("single", "megatron", "zero3"))
+    total = single.params
+    assert single.opt_state == pytest.approx(2 * total, rel=0.01)  # Adam's mu and nu
+    # Everything but the replicated LayerNorm/bias vectors splits 4 ways under megatron, 8 under zero3.
+    assert total / 4 <= megatron.params < total / 3
+    assert total / 8 <= zero3.params < megatron.params
+    assert single.temporaries is not None and single.temporaries > 0
+    assert "per-device memory" in str(single)
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_nonfinite_loss_stops_or_skips_and_never_saves_a_bad_state(tmp_path, mode):
+    trainer = cached_trainer("single")
+    trainer.on_nonfinite = mode
+    try:
+        checkpointer = Checkpointer(str(tmp_path), keep_last=10)
+        data = SyntheticIterator(tiny_config(), poison_at=3)
+        hooks = [CheckpointHook(checkpointer, 1, data, {})]
+        if mode == "stop":
+            with pytest.raises(NonFiniteLossError, match="step 3"):
+                trainer.fit(trainer.init_state(0), data, 5, hooks)
+            checkpointer.wait()
+            assert checkpointer.all_steps() == [1, 2]
+        else:
+            state, status = trainer.fit(trainer.init_state(0), data, 5, hooks)
+            assert status == "completed"
+            assert checkpointer.all_steps() == [1, 2, 3, 4, 5]
+            assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(to_numpy(state["params"])))
+            # The poisoned step changed nothing but the step counter.
+            at = {s: to_numpy(checkpointer.restore(trainer.abstract_state, s)[0]) for s in (2, 3)}
+            assert int(at[3]["step"]) == 3
+            for a, b in zip(jax.tree_util.tree_leaves(at[2]["params"]), jax.tree_util.tree_leaves(at[3]["params"])):
+                np.testing.assert_array_equal(a, b)
+        checkpointer.close()
+    finally:
+        trainer.on_nonfinite = "stop"
+
+
+def test_batch_not_divisible_by_microbatches_is_refused():
+    config = tiny_config()
+    model = GPTJ(GPTJConfig.from_dict(config.model.to_dict()))
+    partitioner = Partitioner(make_mesh(1, 1, devices=jax.devices()[:1]), "megatron")
+    spec = {"inputs": jax.ShapeDtypeStruct((8, 4), jnp.int32)}
+    with pytest.raises(ValueError, match="not divisible by microbatches=3"):
+        Trainer(model, losses.next_token_loss, optax.sgd(1.0), partitioner, spec, microbatches=3)
