@@ -36,7 +36,7 @@ REPO=${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
 PYTHON=${PYTHON:-python}
 NODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
-COORDINATOR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+COORDINATOR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # not head: it would SIGPIPE scontrol under pipefail
 COORDINATOR_PORT=${COORDINATOR_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((GPUS_PER_NODE - 1)))
 export JAX_LOCAL_DEVICE_IDS
