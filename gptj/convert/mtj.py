@@ -294,11 +294,15 @@ def _merge(parts: list[np.ndarray], merge: str, dtype) -> np.ndarray:
 
 
 def _to_gptj(merged: dict[str, np.ndarray], config: GPTJConfig, dtype) -> dict[str, Any]:
-    """gptj's params tree from the un-sharded reference leaves (keyed by _Leaf.path)."""
+    """gptj's params tree from the un-sharded reference leaves (keyed by _Leaf.path), consuming them.
+
+    Each leaf is dropped from `merged` as it is used, so converting GPT-J-6B holds one
+    copy of the weights plus one stacked group at a time, not two copies.
+    """
     d, h, k, pv = config.d_model, config.num_heads, config.head_dim, config.padded_vocab_size
 
     def leaf(module, name):
-        return merged[f"{_PREFIX}{module}/{name}"]
+        return merged.pop(f"{_PREFIX}{module}/{name}")
 
     def pad(x, axis):
         widths = [(0, 0)] * x.ndim
@@ -307,12 +311,12 @@ def _to_gptj(merged: dict[str, np.ndarray], config: GPTJConfig, dtype) -> dict[s
 
     def layers(name, param, reshape=None):
         out = [leaf(f"layer_{i}/~/{name}", param) for i in range(config.num_layers)]
-        return np.stack([x.reshape(reshape) if reshape else x for x in out]).astype(dtype)
+        return np.stack([x.reshape(reshape) if reshape else x for x in out]).astype(dtype, copy=False)
 
     # Every token's embedding is its row plus the sum of the shard biases; padded rows stay zero.
     wte = leaf("embedding_shard/~/linear", "w") + leaf("embedding_shard/~/linear", "b")[None, :]
     return {
-        "wte": pad(wte, 0).astype(dtype),
+        "wte": pad(wte, 0).astype(dtype, copy=False),
         "blocks": {
             "ln": {"scale": layers("replicated_layer_norm", "scale"), "bias": layers("replicated_layer_norm", "offset")},
             "attn": {
@@ -326,10 +330,10 @@ def _to_gptj(merged: dict[str, np.ndarray], config: GPTJConfig, dtype) -> dict[s
                 "fc_out_kernel": layers("linear_5", "w"), "fc_out_bias": layers("linear_5", "b"),
             },
         },
-        "ln_f": {"scale": leaf("projection_shard/~/replicated_layer_norm", "scale").astype(dtype),
-                 "bias": leaf("projection_shard/~/replicated_layer_norm", "offset").astype(dtype)},
-        "lm_head_kernel": pad(leaf("projection_shard/~/linear", "w"), 1).astype(dtype),
-        "lm_head_bias": pad(leaf("projection_shard/~/linear", "b"), 0).astype(dtype),
+        "ln_f": {"scale": leaf("projection_shard/~/replicated_layer_norm", "scale").astype(dtype, copy=False),
+                 "bias": leaf("projection_shard/~/replicated_layer_norm", "offset").astype(dtype, copy=False)},
+        "lm_head_kernel": pad(leaf("projection_shard/~/linear", "w"), 1).astype(dtype, copy=False),
+        "lm_head_bias": pad(leaf("projection_shard/~/linear", "b"), 0).astype(dtype, copy=False),
     }
 
 
