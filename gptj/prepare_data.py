@@ -28,11 +28,14 @@ written). Empty documents and empty files: skipped, counted in the summary
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import multiprocessing
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -92,6 +95,17 @@ def _chunks(files: Sequence[str], text_field: str, stats: dict) -> Iterator[list
         yield chunk
 
 
+def _ordered_results(pool: ProcessPoolExecutor, chunks: Iterator[list[str]], window: int):
+    """`_encode_chunk` of each chunk in order, with at most `window` chunks in flight (bounded memory)."""
+    pending: collections.deque = collections.deque()
+    for chunk in chunks:
+        pending.append(pool.submit(_encode_chunk, chunk))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def tokenize_files(files: Sequence[str], *, text_field: str = "text", vocab: str | None = None,
                    num_workers: int | None = None, progress: bool = True) -> tuple[list[np.ndarray], dict]:
     """Tokenizes every non-empty document (EOT appended) in input order with `num_workers` processes.
@@ -111,8 +125,9 @@ def tokenize_files(files: Sequence[str], *, text_field: str = "text", vocab: str
         pool = None
     else:
         # spawn: the parent may hold TensorFlow/JAX threads that a fork would copy in a bad state.
-        pool = multiprocessing.get_context("spawn").Pool(num_workers, initializer=_init_worker, initargs=(vocab,))
-        results = pool.imap(_encode_chunk, chunks)
+        pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(vocab,))
+        results = _ordered_results(pool, chunks, window=2 * num_workers)
     try:
         tokens = 0
         for flat, lengths in results:
@@ -120,9 +135,12 @@ def tokenize_files(files: Sequence[str], *, text_field: str = "text", vocab: str
             tokens += len(flat)
             bar.update(len(lengths))
             bar.set_postfix(tokens=tokens, refresh=False)
+    except BrokenProcessPool:
+        raise RuntimeError("a tokenizer worker process died (out of memory?); rerun with --num_workers=1 "
+                           "to tokenize in-process") from None
     finally:
         if pool is not None:
-            pool.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
     return docs, stats
 

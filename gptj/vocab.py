@@ -113,7 +113,7 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the ids, EOT included as `<|endoftext|>` (decoding does not stop at it)."""
-        ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids).astype(np.int64).ravel()
+        ids = np.asarray(ids if hasattr(ids, "__len__") else list(ids)).astype(np.int64).ravel()
         bad = ids[(ids < 0) | (ids >= self.vocab_size)]
         if bad.size:
             raise VocabularyError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.vocab_size})")
