@@ -102,7 +102,6 @@ def test_two_processes_train_like_one(runs):
 
 def _restore(workdir, config_path, step):
     """The train state of `workdir` at `step`, restored onto this single process's 8 devices."""
-    from ml_collections import config_flags  # noqa: F401  (the config file imports ml_collections)
     import importlib.util
 
     from gptj import checkpoint, train_lm

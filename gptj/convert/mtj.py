@@ -20,7 +20,8 @@ What the reference writes (kingoflolz/mesh-transformer-jax: `mesh_transformer/ch
   bfloat16, so the bytes are reinterpreted, never converted.
 * Params are haiku modules `causal_transformer_shard/~/<module>/~/<layer>` with leaves
   `w`/`b` (Linear, kernels [in, out]) and `scale`/`offset` (LayerNorm). Flattening sorts
-  module names as strings, so layers come in the order layer_0, layer_1, layer_10, ...
+  module names as strings (haiku's param mappings of the time, frozendict and FlatMapping,
+  flatten in sorted key order too), so layers come as layer_0, layer_1, layer_10, ...
 
 How each leaf is split over the S shards (per-shard shape -> gptj):
 
