@@ -40,6 +40,7 @@ from lm_eval.api.model import TemplateLM
 from gptj.eval_tasks import EvalError
 from gptj.model import GPTJ, GPTJConfig
 from gptj.partitioning import Partitioner
+from gptj.trainer import Hook
 
 EOT_ID = 50256  # GPT-2's <|endoftext|>: the prefix of empty contexts and rolling windows
 DEFAULT_MAX_GEN_TOKS = 256  # the harness's `hf` model default
@@ -299,6 +300,12 @@ class GPTJLM(TemplateLM):
         bar.close()
         return out
 
+    def set_params(self, params) -> None:
+        """Points the LM at new params of the same shapes and shardings (training moved on); the compiled
+        scoring programs are kept, the sampler is rebuilt when next needed."""
+        self.params = place_params(params, self.model_config, self.partitioner)
+        self._sampler = None
+
     # -- generation ----------------------------------------------------------------
 
     def _generate(self, prompts: list[list[int]], max_new_tokens: int, stop: list[str],
@@ -384,6 +391,57 @@ def run_harness(lm_or_params, config, *, model_config: GPTJConfig | None = None,
     if workdir and jax.process_index() == 0:
         eval_tasks.write_results(results, os.path.join(workdir, "eval"), tag)
     return eval_tasks.flatten_metrics(results)
+
+
+class HarnessHook(Hook):
+    """The harness during training: `config.eval.harness_tasks` every `every` steps and when training ends.
+
+    Scores go to the metric writer as `harness/<task>/<metric>` at the step
+    they measure; process 0 also writes `workdir/eval/results_step_<N>.json`.
+    The tasks and their data are checked when the hook is built, so a wrong
+    name or missing data stops the run before its first step (EvalError).
+    The LM (and its compiled programs) is built once and re-pointed at the
+    current params each time.
+    """
+
+    def __init__(self, config, model_config: GPTJConfig, partitioner: Partitioner, writer, workdir: str,
+                 every: int, throughput=None):
+        from gptj import eval_tasks
+
+        self.config = config
+        self.model_config = model_config
+        self.partitioner = partitioner
+        self.writer = writer
+        self.workdir = workdir
+        self.every = int(every)
+        self.throughput = throughput
+        eval_tasks.load_tasks(list(config.eval.harness_tasks), str(config.eval.include_path or ""))
+        self._lm: GPTJLM | None = None
+        self.last_step: int | None = None
+
+    def on_step(self, step, state, metrics):
+        if self.every and step % self.every == 0:
+            self._run(step, state)
+
+    def on_end(self, step, state, status):
+        if status == "completed" and self.last_step != step:
+            self._run(step, state)
+
+    def _run(self, step: int, state) -> None:
+        import contextlib
+
+        params = state["params"]
+        jax.block_until_ready(params)  # train steps in flight count as training time
+        with self.throughput.paused() if self.throughput else contextlib.nullcontext():
+            if self._lm is None:
+                self._lm = GPTJLM(params, self.model_config, self.partitioner, get_tokenizer(),
+                                  batch_size=int(self.config.eval.batch_size))
+            else:
+                self._lm.set_params(params)
+            scalars = run_harness(self._lm, self.config, workdir=self.workdir, tag=f"step_{step}")
+        self.writer.write_scalars(step, scalars)
+        logging.info("harness at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in sorted(scalars.items())))
+        self.last_step = step
 
 
 def validation_metrics(config, params, model_config: GPTJConfig, partitioner: Partitioner) -> dict[str, dict]:

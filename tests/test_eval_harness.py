@@ -271,6 +271,38 @@ def test_run_harness_returns_flat_metrics(one_device, workspace, hf_results, tmp
     assert os.path.isfile(tmp_path / "eval" / "results_step_7.json")
 
 
+def test_harness_hook_during_training(one_device, workspace, hf_results, tmp_path):
+    """The trainer's hook: at every `every` steps and at the end, harness scores go to the metric writer."""
+    from gptj.configs import base
+    from gptj.eval_harness import HarnessHook
+    from gptj.eval_tasks import EvalError
+
+    class Writer:
+        def __init__(self):
+            self.scalars = []
+
+        def write_scalars(self, step, scalars):
+            self.scalars.append((step, dict(scalars)))
+
+    _, lm = one_device
+    config = base.get_config()
+    config.eval.update(dict(harness_tasks=["tiny_choice"], include_path=str(workspace / "tasks"), bootstrap_iters=0,
+                            batch_size=4))
+    writer = Writer()
+    hook = HarnessHook(config, lm.model_config, lm.partitioner, writer, str(tmp_path), every=10)
+    state = {"params": lm.params}
+    for step in (5, 10, 12):
+        hook.on_step(step, state, {})
+    hook.on_end(12, state, "completed")
+    acc = hf_results["results"]["tiny_choice"]["acc,none"]
+    assert [(step, s["harness/tiny_choice/acc"]) for step, s in writer.scalars] == [(10, acc), (12, acc)]
+    assert sorted(os.listdir(tmp_path / "eval")) == ["results_step_10.json", "results_step_12.json"]
+
+    config.eval.harness_tasks = ["tiny_choise"]
+    with pytest.raises(EvalError, match="tiny_choice"):  # a typo fails when the hook is built, naming the match
+        HarnessHook(config, lm.model_config, lm.partitioner, writer, str(tmp_path), every=10)
+
+
 def test_evaluate_end_to_end(workspace, hf_results, tmp_path):
     """`--mode=eval` on a 2x4 mesh: validation loss equals HF's cross-entropy on the same batches, the
     harness scores equal HFLM's, and the results JSON lands in workdir/eval/."""
