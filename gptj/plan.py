@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from gptj.model import count_params
-from gptj.partitioning import per_device_bytes
+from gptj.partitioning import PartitioningError, per_device_bytes
 
 GIB = 2**30
 # Adam keeps two fp32 moments per parameter (mu and nu).
@@ -78,7 +78,13 @@ def make_plan(config, device_memory_gib: float | None = None) -> Plan:
     from gptj import train_lm
 
     device_memory = _device_memory(device_memory_gib)
-    partitioner = train_lm.build_partitioner(config)
+    try:
+        partitioner = train_lm.build_partitioner(config)
+    except PartitioningError as e:
+        if jax.devices()[0].platform != "cpu":
+            raise
+        raise PartitioningError(f"{e} (to plan for more devices on a CPU machine, fake them: "
+                                "XLA_FLAGS=--xla_force_host_platform_device_count=N)") from e
     step = train_lm.build_train_step_for_plan(config, partitioner)
     compiled = step.train_step.lower(step.abstract_state, step.abstract_batch).compile()
     shardings = step.trainer.state_shardings

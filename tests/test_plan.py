@@ -85,3 +85,10 @@ def test_gptj_6b_plan_on_8_fake_cpu_devices_allocates_nothing(tmp_path):
     assert compiled == pytest.approx(arithmetic, rel=1e-3)
     assert float(rows["temporaries (grads, activations)"][0]) > 1.0
     assert "fit:" in out and "16.00 GiB per device" in out
+
+
+def test_mesh_larger_than_the_machine_says_how_to_fake_devices():
+    from gptj.partitioning import PartitioningError
+
+    with pytest.raises(PartitioningError, match="xla_force_host_platform_device_count"):
+        plan_lib.make_plan(_tiny("megatron", 2, 8))
