@@ -455,6 +455,10 @@ def validation_metrics(config, params, model_config: GPTJConfig, partitioner: Pa
         return {}
     from gptj import data, losses, tasks
 
+    if int(config.data.seq_len) > model_config.max_len:
+        raise EvalError(f"validation sequences of data.seq_len={config.data.seq_len} tokens exceed the model's "
+                        f"context of {model_config.max_len}; pass --config.data.seq_len={model_config.max_len} "
+                        "(or less)")
     # Register only the validation sets: an eval run need not have the training data.
     eval_only = config.copy_and_resolve_references()
     with eval_only.unlocked():

@@ -97,3 +97,15 @@ def test_flatten_metrics_names():
                "groups": {"g": {"acc,none": 0.25}}}
     assert flatten_metrics(results) == {"harness/lambada_openai/acc": 0.5, "harness/lambada_openai/perplexity": 4.0,
                                         "harness/lambada_openai/exact_match_strict-match": 1.0, "harness/g/acc": 0.25}
+
+
+def test_validation_longer_than_context_is_refused():
+    from gptj.configs import base
+    from gptj.eval_harness import validation_metrics
+    from gptj.model import GPTJConfig
+
+    config = base.get_config()
+    config.data.update(dict(val_tasks=["gptj_demo_validation"], seq_len=64))
+    with pytest.raises(EvalError, match="data.seq_len=64 .* context of 32; pass --config.data.seq_len=32"):
+        validation_metrics(config, None, GPTJConfig(max_len=32, vocab_size=64, num_layers=1, d_model=16,
+                                                    num_heads=2, rotary_dim=4), None)
