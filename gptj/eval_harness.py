@@ -9,11 +9,22 @@ model, so that scores can be compared with it one for one.
 How requests run:
 - every request becomes one row of at most `max_len` input tokens, cut from the
   left as the `hf` model cuts it (`(context + continuation)[-(max_len + 1):][:-1]`);
-- rows are grouped into length buckets (powers of two from `min_bucket`, capped at
+- rows are sorted into length buckets (powers of two from `min_bucket`, capped at
   `max_len`) and padded on the right to their bucket, in batches of a fixed size
-  that the mesh's data axis divides; one program is compiled per bucket;
-- the compiled scorer returns per-row sums (log-probability, all-greedy), not
-  logits, fully replicated, so every host reads the same few bytes.
+  that the mesh's data axis divides (batch over `data`, as the rule set says);
+- the transformer runs once per batch (one compiled program per length bucket),
+  and the vocabulary head only at the positions the requests score (a second,
+  small program), which skips most of the head's work for short continuations;
+- what comes back is per-row sums (log-probability, all-greedy), not logits,
+  fully replicated, so every host reads the same few bytes.
+
+Generation goes through `gptj.sampling.Sampler` (KV cache, stop strings), with
+the `hf` model's context truncation and stop-string cut.
+
+Entry points: `load_lm` (an LM over a params directory or workdir),
+`evaluate` (`python main.py --mode=eval`: validation loss/perplexity, then the
+harness tasks; results JSON in `workdir/eval/`), `run_harness` and
+`HarnessHook` (the same tasks from the trainer every N steps).
 
 Several hosts: every host must hold the same requests (the harness builds them
 deterministically on each host) and calls the model together; inputs are built
