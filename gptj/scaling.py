@@ -28,9 +28,9 @@ algorithms whose time is `latency + wire_bytes / bandwidth`):
   the backward pass of the last microbatch.
 * zero3 (params and optimizer state also split over `data`): every microbatch
   all-gathers each layer's weights over `data` twice (forward; backward) and
-  reduce-scatters their gradients once (the HLO count agrees: two gathers per
-  weight per step); wire bytes `(d - 1) / d * S` each.
-  With `overlap` these prefetch behind the microbatch's compute.
+  reduce-scatters their gradients once (XLA:CPU's HLO agrees, and under full
+  remat gathers the MLP weights a third time); wire bytes `(d - 1) / d * S`
+  each. With `overlap` these prefetch behind the microbatch's compute.
 * zero1: megatron's compute, plus a reduce-scatter of the gradients and an
   all-gather of the updated fp32 params over `data` per step.
 * memory-bound extras: Adam's update (about 28 bytes of HBM traffic per fp32
@@ -46,15 +46,15 @@ The reference points (`REFERENCE_POINTS`, checked by `python -m gptj.scaling che
   19,430 tokens/s; it printed "MXU flops 1.045e15", also about 53% of peak).
 * TPU v3 links: Google's published "all-reduce bandwidth per pod" of 340 TB/s
   over 1024 chips, i.e. 166 GB/s per core (a JAX device on v3 is one core).
-* With those, the model predicts GPT-J-6B pre-training on a v3-256 (32 x 8,
-  batch 512 x 2048, 16 microbatches, full remat, bf16) at ~155k tokens/s
-  against the published ~151k (+2.5%), and fine-tuning on a v3-8 (1 x 8, 16
-  microbatches of 1 sequence) at ~4.85k tokens/s against ~5,000 (-3%). The
-  per-replica rates are nearly equal in both the data (4.7k vs 5.0k tokens/s)
-  and the model (which puts the v3-256's gradient all-reduce at ~0.3% of a
-  step): the 8-way tensor-parallel slice does the work, data parallelism over
-  the torus is close to free at this batch, and the few percent the pod loses
-  in the data are host and input overheads the model leaves out.
+* With those and the reference's 2 all-reduces per layer, the model predicts
+  GPT-J-6B pre-training on a v3-256 (32 x 8, batch 512 x 2048, 16
+  microbatches, full remat, bf16) at ~157k tokens/s against the published
+  ~151k (+4%), and fine-tuning on a v3-8 (1 x 8, 16 microbatches of 1
+  sequence) at ~4.9k tokens/s against ~5,000 (-2%). Per replica the two rates
+  are nearly equal in the data (4.7k vs 5.0k tokens/s) and in the model (the
+  v3-256's gradient all-reduce is ~0.3% of a step): the 8-way slice does the
+  work, data parallelism over the torus is nearly free at this batch, and the
+  few percent the pod loses in the data are host and input overheads.
 
 GPT-J-6B on a v3-256, megatron (8-way model) versus zero3 (`compare`, this
 package's model with its 6 all-reduces per layer): matmuls are ~90% of every
