@@ -303,8 +303,16 @@ class Sampler:
         batch, prompt_len = tokens.shape
         cache = jax.lax.with_sharding_constraint(init_cache(self.config, batch, prompt_len + gen_len),
                                                  self._state_sh.cache)
-        logits, variables = self._decoder.apply({"params": params, "cache": cache}, tokens, positions, mask,
-                                                mutable=["cache"])
+        # All but the last prompt token only fill the cache: their logits are never
+        # used, so XLA drops the [B, P, vocab] head (most of a short prefill's work and
+        # memory). The last token (real in every row, as rows are left-padded) then
+        # gives the first next-token distribution.
+        if prompt_len > 1:
+            _, variables = self._decoder.apply({"params": params, "cache": cache}, tokens[:, :-1],
+                                               positions[:, :-1], mask[:, :-1], mutable=["cache"])
+            cache = variables["cache"]
+        logits, variables = self._decoder.apply({"params": params, "cache": cache}, tokens[:, -1:], positions[:, -1:],
+                                                mask[:, -1:], mutable=["cache"])
         keys = jax.vmap(lambda s: jax.random.PRNGKey(s))(seeds)
         f32 = lambda *shape: jnp.zeros(shape, jnp.float32)
         i32 = lambda *shape: jnp.zeros(shape, jnp.int32)
