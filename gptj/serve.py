@@ -12,6 +12,7 @@ Endpoints:
   GET  /tokenizer_info, POST /tokenize, POST /detokenize: vLLM's tokenizer endpoints, so lm-eval's
                         `tokenizer_backend=remote` (auto-detected) needs no tokenizer files of its own.
 
+The request's `model` field is accepted and ignored (one model per server).
 Every error is a JSON body {"error": {"message", "type", ...}} with a 4xx status for anything the
 client got wrong (429 when the queue is full) and 500 for a server fault; no request can stop the
 server. Requests are batched by `gptj.serve_batching.BatchingEngine`.

@@ -168,8 +168,14 @@ class BatchingEngine:
         callback = None
         if streaming:
             def callback(row: int, generation: Generation) -> None:
-                if jobs[row].on_update is not None:
-                    jobs[row].on_update(generation)
+                job = jobs[row]
+                if job.on_update is None:
+                    return
+                try:
+                    job.on_update(generation)
+                except Exception as error:  # noqa: BLE001 - a listener that went away must not fail the batch
+                    logging.info("stopped streaming a row whose listener failed (%s)", error)
+                    job.on_update = None
         self.counters["decode_batches"] += 1
         return self.sampler.generate(
             [job.prompt for job in jobs], max_new_tokens=[job.max_new_tokens for job in jobs],

@@ -8,7 +8,8 @@ from scipy import stats
 
 from gptj.model import GPTJ, init_cache
 from gptj.partitioning import Partitioner, make_mesh
-from gptj.sampling import Sampler, bucket, sample_tokens
+from gptj.sampling import Sampler
+from gptj.sampling_ops import bucket, sample_tokens
 from tests.sampling_utils import random_hf_gptj, random_params
 
 torch = pytest.importorskip("torch")
@@ -157,6 +158,31 @@ def test_shapes_are_bucketed_so_requests_share_programs(hf_pair):
         sampler.generate([list(range(1, length + 1))], max_new_tokens=new)
     assert len(traces) == 1
     assert bucket(3, 16) == 16 and bucket(17, 16) == 32 and bucket(100, 16, cap=96) == 100 and bucket(40, 16, 48) == 48
+
+
+def test_bf16_models_keep_a_bf16_cache_and_the_loop_donates_it(hf_pair):
+    _, _, params, config = hf_pair
+    seen = []
+
+    class Watching(Sampler):
+        def _build_programs(self):
+            super()._build_programs()
+            decode = self._decode
+
+            def spy(params, state, steps):
+                out = decode(params, state, steps)
+                seen.append((state, out))
+                return out
+
+            self._decode = spy
+
+    sampler = Watching(config.replace(dtype="bfloat16"), params, eos_id=None)
+    assert sampler.params["blocks"]["attn"]["q_proj"].dtype == jnp.bfloat16  # no fp32 copy kept for inference
+    [out] = sampler.generate([PROMPTS[0]], max_new_tokens=8)
+    assert len(out.tokens) == 8
+    state_in, state_out = seen[0]
+    assert state_out.cache["blocks"]["attn"]["cached_key"].dtype == jnp.bfloat16
+    assert state_in.cache["blocks"]["attn"]["cached_key"].is_deleted()  # donated to the decode loop
 
 
 # -- the samplers against analytic distributions --------------------------------------

@@ -173,6 +173,16 @@ def test_malformed_requests_get_4xx_json_and_the_server_keeps_answering(server):
     assert health(server)["status"] == "ok"
 
 
+def test_a_client_that_leaves_mid_stream_does_not_disturb_the_server(server):
+    body = {"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server + "/v1/completions", json=body, timeout=60) as reply:
+        assert reply.status_code == 200
+        next(reply.iter_lines())  # one event, then hang up
+    reply = httpx.post(server + "/v1/completions", json={"prompt": "Still here", "max_tokens": 3, "temperature": 0},
+                       timeout=60)
+    assert reply.status_code == 200 and reply.json()["choices"][0]["text"]
+
+
 class BlockingSampler:
     """A stand-in Sampler whose generate waits for a release, and fails on the prompt [13]."""
 
