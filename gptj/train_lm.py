@@ -18,6 +18,7 @@ every host:
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 from typing import Any, Callable, Iterable, NamedTuple
@@ -162,7 +163,7 @@ def _put_numpy(params, shardings):
     return jax.tree_util.tree_map(one, params, shardings)
 
 
-def _state_from_init(trainer: Trainer, model: GPTJConfig, source: InitSource, fresh_optimizer: bool):
+def state_from_init_source(trainer: Trainer, model: GPTJConfig, source: InitSource, fresh_optimizer: bool):
     """The train state `init_from` gives: params (+ optimizer and step from a gptj workdir unless fresh_optimizer)."""
     params_shardings = trainer.state_shardings["params"]
     if source.kind == "gptj":
@@ -229,7 +230,7 @@ def train_and_evaluate(config, workdir: str, *, explicit_model_fields: Iterable[
         state, data_state = checkpointer.restore(trainer.abstract_state)
         logging.info("resuming %s from step %d", workdir, int(state["step"]))
     elif source is not None:
-        state = _state_from_init(trainer, model, source, bool(config.train.fresh_optimizer))
+        state = state_from_init_source(trainer, model, source, bool(config.train.fresh_optimizer))
     else:
         state = trainer.init_state(int(config.train.seed))
     n_params = count_params(trainer.abstract_state["params"])
@@ -259,5 +260,9 @@ def train_and_evaluate(config, workdir: str, *, explicit_model_fields: Iterable[
     finally:
         writer.close()
         checkpointer.close()
+        # An input pipeline left to the interpreter's exit (a generator holding tf.data
+        # iterators in a reference cycle) stalls the exit for up to a minute; free it now.
+        del train_iter, eval_sets, hooks
+        gc.collect()
     logging.info("training %s at step %s", status, checkpointer.latest_step())
     return status

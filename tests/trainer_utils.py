@@ -114,7 +114,7 @@ def cached_trainer(mesh: str = "single", microbatches: int = 1, warmup_steps: in
 
 def to_numpy(tree):
     """A host copy of a (sharded) tree."""
-    return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)
+    return jax.tree_util.tree_map(lambda x: np.array(jax.device_get(x)), tree)
 
 
 def read_scalars(logdir: str, tag: str) -> dict[int, float]:

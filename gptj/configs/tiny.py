@@ -11,9 +11,11 @@ def get_config():
         init_std=0.02,
     ))
     config.mesh.update(dict(data=-1, model=1, rules="megatron"))
-    config.optimizer.update(dict(lr=3e-3, end_lr=3e-4, warmup_steps=30, anneal_steps=300, weight_decay=0.1))
+    # Sized for a busy 2-core CPU: the 50k-row embedding and head dominate the cost, so few tokens per
+    # step (8 x 64) and a high learning rate; validation loss falls from ~10.8 to about half in minutes.
+    config.optimizer.update(dict(lr=3e-3, end_lr=3e-4, warmup_steps=16, anneal_steps=160, weight_decay=0.1))
     config.train.update(dict(
-        batch_size=8, total_steps=300, log_every=10, ckpt_every=100, keep_last=2, eval_every=100, val_batches=8,
+        batch_size=8, total_steps=160, log_every=10, ckpt_every=80, keep_last=2, eval_every=40, val_batches=4,
     ))
-    config.data.update(dict(train_task="gptj_demo_train", val_tasks=["gptj_demo_validation"], seq_len=128))
+    config.data.update(dict(train_task="gptj_demo_train", val_tasks=["gptj_demo_validation"], seq_len=64))
     return config

@@ -1,0 +1,96 @@
+"""init_from: HF weights and gptj workdirs, the model shape taken from the weights, fresh or continued optimizer."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from gptj import train_lm
+from gptj.checkpoint import Checkpointer, latest_step
+from gptj.config_validation import ConfigError
+from gptj.convert.hf import write_hf
+from gptj.model import GPTJConfig
+from trainer_utils import SyntheticIterator, cached_trainer, read_scalars, synthetic_eval_sets, tiny_config, to_numpy
+
+TINY = GPTJConfig.from_dict(tiny_config().model.to_dict())
+
+
+def _leaves_equal(a, b):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_init_from_hf_takes_shape_and_values_from_the_weights(tmp_path):
+    weights = to_numpy(cached_trainer("single").init_state(11)["params"])
+    write_hf(weights, TINY, str(tmp_path / "hf"))
+    config = tiny_config()
+    config.init_from = f"hf:{tmp_path / 'hf'}"
+    config.model.update(dict(d_model=64, num_layers=3))  # the config file's shape loses to the weights'
+
+    source = train_lm.load_init_source(config, read_weights=True)
+    model = train_lm.resolve_model_config(config, init_source=source)
+    assert (model.d_model, model.num_layers, model.vocab_size) == (32, 2, 128)
+    trainer = cached_trainer("single")
+    state = train_lm.state_from_init_source(trainer, model, source, fresh_optimizer=True)
+    assert int(state["step"]) == 0
+    _leaves_equal(to_numpy(state["params"]), weights)
+    assert all(not np.asarray(x).any() for x in jax.tree_util.tree_leaves(to_numpy(state["opt_state"][1].mu)))
+
+    # A shape given on the command line that contradicts the weights is an error, not silently dropped.
+    with pytest.raises(ConfigError, match="model.d_model=64 but the weights have 32"):
+        train_lm.resolve_model_config(config, explicit_model_fields=["d_model"], init_source=source)
+    # Runtime choices (compute dtype, remat) stay the run's.
+    config.model.update(dict(dtype="bfloat16", remat_policy="full"))
+    model = train_lm.resolve_model_config(config, explicit_model_fields=["dtype"], init_source=source)
+    assert (model.dtype, model.remat_policy, model.d_model) == ("bfloat16", "full", 32)
+
+
+def test_init_from_a_workdir_continues_or_starts_a_fresh_optimizer(tmp_path):
+    trainer = cached_trainer("single")
+    source = tmp_path / "source"
+    state = trainer.init_state(2)
+    data = SyntheticIterator(tiny_config())
+    for _ in range(3):
+        state, _ = trainer.train_step(state, next(data))
+    saver = Checkpointer(str(source))
+    saver.save(state)
+    saver.close()
+    with open(source / "config.json", "w") as f:
+        json.dump(tiny_config().to_dict(), f)
+    saved = to_numpy(state)
+
+    config = tiny_config(total_steps=5)
+    config.init_from = str(source)
+    fresh = train_lm.state_from_init_source(trainer, TINY, train_lm.load_init_source(config, read_weights=True),
+                                            fresh_optimizer=True)
+    assert int(fresh["step"]) == 0
+    _leaves_equal(to_numpy(fresh["params"]), saved["params"])
+
+    # Without a fresh optimizer the whole train state carries on: steps 4 and 5 are trained.
+    target = tmp_path / "finetune"
+    status = train_lm.train_and_evaluate(config, str(target), train_iter_fn=SyntheticIterator,
+                                         eval_iters_fn=synthetic_eval_sets)
+    assert status == "completed" and latest_step(str(target)) == 5
+    assert sorted(read_scalars(str(target / "tensorboard"), "train/loss")) == [4, 5]
+    with open(target / "config.json") as f:
+        recorded = json.load(f)
+    assert recorded["init_from"] == str(source) and recorded["model"]["d_model"] == 32
+
+
+def test_init_from_a_mesh_transformer_jax_checkpoint(tmp_path):
+    from gptj.partitioning import Partitioner, make_mesh
+    from mtj_utils import TINY as MTJ_TINY, random_shards, write_checkpoint
+
+    write_checkpoint(str(tmp_path / "mtj"), random_shards(MTJ_TINY, seed=3), MTJ_TINY, step=7, with_opt=True,
+                     bf16=False)
+    config = tiny_config()
+    config.init_from = f"mtj:{tmp_path / 'mtj'}"
+    source = train_lm.load_init_source(config, read_weights=True)
+    model = train_lm.resolve_model_config(config, init_source=source)
+    assert (model.d_model, model.num_heads, model.rotary_dim, model.vocab_size) == (64, 8, 4, 128)
+    trainer = train_lm.build_trainer(train_lm.resolved_config(config, model), model,
+                                     Partitioner(make_mesh(1, 1, devices=jax.devices()[:1]), "megatron"))
+    state = train_lm.state_from_init_source(trainer, model, source, fresh_optimizer=False)
+    assert int(state["step"]) == 0  # a reference checkpoint's optimizer state is not carried over
+    _leaves_equal(to_numpy(state["params"]), source.params)
