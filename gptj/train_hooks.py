@@ -47,7 +47,7 @@ class MetricsHook(Hook):
         finite = np.array([bool(m["finite"]) for m in window])
         scalars = {}
         for key in window[0]:
-            if key in ("finite", "tokens"):
+            if key == "finite":
                 continue
             values = np.array([float(m[key]) for m in window])
             if key == "lr":

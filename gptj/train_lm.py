@@ -40,7 +40,9 @@ from gptj.trainer import Trainer
 
 # Model fields a run may choose whatever the weights were trained with (numerics
 # and memory policy); every other field is the weights' shape and comes from them.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
+# Resuming keeps the checkpoint's master-weight dtype (its optimizer state was saved in it).
+RESUME_FIELDS = tuple(f for f in RUNTIME_FIELDS if f != "param_dtype")
 
 
 class InitSource(NamedTuple):
@@ -95,7 +97,7 @@ def resolve_model_config(config, workdir: str | None = None, explicit_model_fiel
     run = _run_model(config)
     if workdir and ckpt_lib.latest_step(workdir) is not None:
         return _merge_model(run, read_model_config(workdir), f"workdir {workdir}", explicit_model_fields,
-                            keep=("remat_policy", "dtype", "scan_layers"))
+                            keep=RESUME_FIELDS)
     if init_source is not None:
         # HF weights are padded on read, so the run chooses the padding there.
         keep = RUNTIME_FIELDS + (("vocab_pad_multiple",) if init_source.kind == "hf" else ())
@@ -217,6 +219,8 @@ def train_and_evaluate(config, workdir: str, *, explicit_model_fields: Iterable[
     if config.init_from and not resuming:
         source = load_init_source(config, read_weights=True)
     model = resolve_model_config(config, workdir, explicit_model_fields, source)
+    if config.data.seq_len > model.max_len:
+        raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds the model's max_len={model.max_len}")
     config = resolved_config(config, model)
     config_dict = config.to_dict()
     _write_run_config(workdir, config_dict)

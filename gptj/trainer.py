@@ -283,7 +283,7 @@ class Trainer:
 
         new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
                      "opt_state": keep(opt_state, state["opt_state"])}
-        metrics = dict(self.summarize(sums), grad_norm=grad_norm, finite=finite, tokens=sums["weight"])
+        metrics = dict(self.summarize(sums), grad_norm=grad_norm, finite=finite)
         if self.lr_schedule is not None:
             metrics["lr"] = self.lr_schedule(state["step"])
         return new_state, metrics

@@ -73,7 +73,7 @@ def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 1, (name, stderr[-2000:])
         assert "Traceback" not in stderr, (name, stderr[-2000:])
-        assert f"error: " in stderr and cases[name][1] in stderr, (name, stderr[-2000:])
+        assert "error: " in stderr and cases[name][1] in stderr, (name, stderr[-2000:])
     assert not (tmp_path / "run").exists()
 
 
