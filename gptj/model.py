@@ -19,7 +19,9 @@ move freely between the two):
     lm_head_kernel, lm_head_bias         [embed, vocab], [vocab]
 
 Decoding (`decode=True`) keeps a KV cache in the `cache` collection: per layer
-`cached_key`/`cached_value` [batch, cache_len, heads, head_dim], `key_mask`
+`cached_key`/`cached_value` [batch, heads, cache_len, head_dim] (heads before
+slots: the layout the attention contractions read without transposing the
+whole cache every step), `key_mask`
 [batch, cache_len] (which slots hold real tokens) and `index` (the next slot).
 A call writes its T tokens at `index`, so the same code serves a prompt prefill
 (T = prompt length) and one decode step (T = 1).
@@ -216,7 +218,7 @@ class Attention(nn.Module):
         scale = 1.0 / np.sqrt(cfg.head_dim)
         if self.decode:
             k, v, key_mask, query_slots = self._update_cache(k, v, token_mask)
-            key_slots = jnp.arange(k.shape[1])
+            key_slots = jnp.arange(k.shape[2])
             allowed = (key_slots[None, None, :] <= query_slots[None, :, None]) & key_mask[:, None, :]
         elif token_mask is None and cfg.attention_impl == "dot_product":
             allowed = None
@@ -228,10 +230,11 @@ class Attention(nn.Module):
         if allowed is None:
             out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
         else:
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+            k_spec = "bhkd" if self.decode else "bkhd"  # the cache's keys/values are [B, H, S, D]
+            scores = jnp.einsum(f"bqhd,{k_spec}->bhqk", q, k, preferred_element_type=jnp.float32) * scale
             scores = jnp.where(allowed[:, None], scores, _NEG_INF)
             probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+            out = jnp.einsum(f"bhqk,{k_spec}->bqhd", probs, v)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", "head_dim"))
 
         out_kernel = self.param(
@@ -243,20 +246,21 @@ class Attention(nn.Module):
         return jnp.einsum("bthk,hkd->btd", out, out_kernel.astype(dtype))
 
     def _update_cache(self, k, v, token_mask):
-        """Writes k, v [B, T, H, D] at the cache index; returns the whole cache and query slots."""
+        """Writes k, v [B, T, H, D] at the cache index; returns the whole cache ([B, H, S, D]) and query slots."""
         batch, length = k.shape[:2]
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         initialized = self.has_variable("cache", "cached_key")
         cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-        key_mask = self.variable("cache", "key_mask", jnp.zeros, (batch, k.shape[1]), bool)
+        key_mask = self.variable("cache", "key_mask", jnp.zeros, (batch, k.shape[2]), bool)
         index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
         if not initialized:
             # Cache creation (model.init with decode=True): shapes come from the
             # input, which the caller sizes to the full cache length.
             return k, v, token_mask, jnp.arange(length)
         start = index.value
-        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), (0, start, 0, 0))
-        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v.astype(cached_value.value.dtype), (0, start, 0, 0))
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), (0, 0, start, 0))
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v.astype(cached_value.value.dtype), (0, 0, start, 0))
         key_mask.value = jax.lax.dynamic_update_slice(key_mask.value, token_mask, (0, start))
         index.value = start + length
         return cached_key.value, cached_value.value, key_mask.value, start + jnp.arange(length)
@@ -373,8 +377,8 @@ def init_cache(config: GPTJConfig, batch_size: int, cache_len: int):
 
 
 CACHE_LOGICAL_AXES = {
-    "cached_key": ("layers", "act_batch", "act_kv_length", "act_heads", "head_dim"),
-    "cached_value": ("layers", "act_batch", "act_kv_length", "act_heads", "head_dim"),
+    "cached_key": ("layers", "act_batch", "act_heads", "act_kv_length", "head_dim"),
+    "cached_value": ("layers", "act_batch", "act_heads", "act_kv_length", "head_dim"),
     "key_mask": ("layers", "act_batch", "act_kv_length"),
     "index": ("layers",),
 }

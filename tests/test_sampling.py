@@ -256,7 +256,7 @@ def test_megatron_2x4_decoding_equals_single_device():
     single = Sampler(config, params, eos_id=None)
     sharded = Sampler(config, params, Partitioner(make_mesh(2, 4), "megatron"), eos_id=None)
     cache_key = sharded._state_sh.cache["blocks"]["attn"]["cached_key"]
-    assert tuple(cache_key.spec) == (None, "data", None, "model", None)  # batch over data, heads over model
+    assert tuple(cache_key.spec) == (None, "data", "model", None, None)  # batch over data, heads over model
     assert sharded.params["blocks"]["attn"]["q_proj"].sharding.spec[2] == "model"
     kwargs = dict(max_new_tokens=16, temperature=[0.0, 0.0, 1.0, 0.8], top_p=[1.0, 1.0, 1.0, 0.9], seed=[0, 1, 2, 3])
     want = single.generate(PROMPTS, **kwargs)
