@@ -125,3 +125,31 @@ def test_batch_not_divisible_by_microbatches_is_refused():
     spec = {"inputs": jax.ShapeDtypeStruct((8, 4), jnp.int32)}
     with pytest.raises(ValueError, match="not divisible by microbatches=3"):
         Trainer(model, losses.next_token_loss, optax.sgd(1.0), partitioner, spec, microbatches=3)
+
+
+def test_flops_mfu_and_progress_line():
+    from gptj import metrics
+    from gptj.model import abstract_params, count_params
+
+    # GPT-J-6B has 6,050,882,784 unique parameters (the reference's 6,053,381,344 counts per-shard
+    # replicas), of which 50400 x 4096 are the input embedding, a gather rather than a matmul.
+    n = count_params(abstract_params(GPTJConfig())) - 50400 * 4096
+    per_token = metrics.flops_per_token(n, 28, 16, 256, 2048)
+    assert per_token == 6 * (6_050_882_784 - 50400 * 4096) + 12 * 28 * 16 * 256 * 2048
+    assert per_token == pytest.approx(37.885e9, rel=1e-4)
+    assert metrics.mfu(1000.0, per_token, 8, 123e12) == pytest.approx(1000 * per_token / (8 * 123e12))
+    assert metrics.mfu(1000.0, per_token, 8, 0.0) == 0.0  # no peak configured: not reported
+    line = metrics.progress_line(120, 300, {"train/loss": 3.21, "train/tokens_per_sec": 12345.0,
+                                            "train/mfu": 0.312}, 0.81)
+    assert line == "step 120/300 (40%) | loss 3.2100 | 12,345 tok/s | 0.810 s/step | MFU 31.2% | ETA 2m26s"
+
+
+def test_profile_hook_writes_a_trace(tmp_path):
+    from gptj.train_hooks import ProfileHook, parse_profile_steps
+
+    trainer = cached_trainer("single")
+    trainer.fit(trainer.init_state(0), SyntheticIterator(tiny_config()), 3,
+                [ProfileHook(str(tmp_path), parse_profile_steps("2:3"))])
+    assert list(tmp_path.rglob("*.xplane.pb"))
+    with pytest.raises(ValueError, match="FIRST:LAST"):
+        parse_profile_steps("20-25")
