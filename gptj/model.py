@@ -18,13 +18,16 @@ move freely between the two):
     ln_f/{scale,bias}                    [embed]
     lm_head_kernel, lm_head_bias         [embed, vocab], [vocab]
 
-Decoding (`decode=True`) keeps a KV cache in the `cache` collection: per layer
-`cached_key`/`cached_value` [batch, heads, cache_len, head_dim] (heads before
-slots: the layout the attention contractions read without transposing the
-whole cache every step), `key_mask`
+Decoding (`decode=True`) keeps a KV cache in the `cache` collection, at the
+model's top level: `cached_key`/`cached_value` [layers, batch, heads,
+cache_len, head_dim] (heads before slots: the layout the attention
+contractions read without transposing the whole cache every step), `key_mask`
 [batch, cache_len] (which slots hold real tokens) and `index` (the next slot).
 A call writes its T tokens at `index`, so the same code serves a prompt prefill
-(T = prompt length) and one decode step (T = 1).
+(T = prompt length) and one decode step (T = 1). The layer scan only reads the
+cache; the layers' new keys/values are written after it with one
+dynamic_update_slice, in place when the caller donates the cache, so a step
+costs T slots of writes rather than a rewrite of the whole cache.
 """
 
 from __future__ import annotations
@@ -192,13 +195,21 @@ def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array, rotary_dim: int) 
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with GPT-J's partial RoPE and an optional KV cache."""
+    """Causal multi-head self-attention with GPT-J's partial RoPE and an optional KV cache.
+
+    Without `cache` it attends causally within `x`. With `cache` (decoding) it
+    is given this layer's cached keys and values [B, H, S, D] and the cache's
+    shared (key_mask [B, S], index) read-only, attends to the cached slots
+    before `index` plus the T new tokens, and returns the new tokens' keys and
+    values [B, H, T, D] for the caller to write into the cache: the cache is
+    written once for all layers, after the layer scan, instead of being
+    carried (and so rewritten whole) through it.
+    """
 
     config: GPTJConfig
-    decode: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, token_mask):
+    def __call__(self, x, positions, token_mask, cache=None):
         cfg = self.config
         dtype, pdt = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
         qkv_shape = (cfg.d_model, cfg.num_heads, cfg.head_dim)
@@ -216,25 +227,21 @@ class Attention(nn.Module):
 
         length = x.shape[1]
         scale = 1.0 / np.sqrt(cfg.head_dim)
-        if self.decode:
-            k, v, key_mask, query_slots = self._update_cache(k, v, token_mask)
-            key_slots = jnp.arange(k.shape[2])
-            allowed = (key_slots[None, None, :] <= query_slots[None, :, None]) & key_mask[:, None, :]
+        new_kv = None
+        if cache is not None:
+            out = _cached_attention(q, k, v, token_mask, *cache, scale=scale, dtype=dtype)
+            kv_axes = ("act_batch", "act_heads", "act_length", "head_dim")
+            new_kv = tuple(nn.with_logical_constraint(t.transpose(0, 2, 1, 3), kv_axes) for t in (k, v))
         elif token_mask is None and cfg.attention_impl == "dot_product":
-            allowed = None
+            out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
         else:
             allowed = jnp.tril(jnp.ones((length, length), dtype=bool))[None]
             if token_mask is not None:
                 allowed = allowed & token_mask[:, None, :]
-
-        if allowed is None:
-            out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
-        else:
-            k_spec = "bhkd" if self.decode else "bkhd"  # the cache's keys/values are [B, H, S, D]
-            scores = jnp.einsum(f"bqhd,{k_spec}->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
             scores = jnp.where(allowed[:, None], scores, _NEG_INF)
             probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-            out = jnp.einsum(f"bhqk,{k_spec}->bqhd", probs, v)
+            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", "head_dim"))
 
         out_kernel = self.param(
@@ -243,27 +250,30 @@ class Attention(nn.Module):
             (cfg.num_heads, cfg.head_dim, cfg.d_model),
             pdt,
         )
-        return jnp.einsum("bthk,hkd->btd", out, out_kernel.astype(dtype))
+        return jnp.einsum("bthk,hkd->btd", out, out_kernel.astype(dtype)), new_kv
 
-    def _update_cache(self, k, v, token_mask):
-        """Writes k, v [B, T, H, D] at the cache index; returns the whole cache ([B, H, S, D]) and query slots."""
-        batch, length = k.shape[:2]
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        initialized = self.has_variable("cache", "cached_key")
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-        key_mask = self.variable("cache", "key_mask", jnp.zeros, (batch, k.shape[2]), bool)
-        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-        if not initialized:
-            # Cache creation (model.init with decode=True): shapes come from the
-            # input, which the caller sizes to the full cache length.
-            return k, v, token_mask, jnp.arange(length)
-        start = index.value
-        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), (0, 0, start, 0))
-        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v.astype(cached_value.value.dtype), (0, 0, start, 0))
-        key_mask.value = jax.lax.dynamic_update_slice(key_mask.value, token_mask, (0, start))
-        index.value = start + length
-        return cached_key.value, cached_value.value, key_mask.value, start + jnp.arange(length)
+
+def _cached_attention(q, k, v, token_mask, cached_key, cached_value, key_mask, index, *, scale, dtype):
+    """Attention of T new queries over a read-only cache plus the T new keys, with one softmax over both.
+
+    q, k, v: [B, T, H, D] (the new tokens); token_mask: [B, T]; cached_key,
+    cached_value: [B, H, S, D]; key_mask: [B, S]; index: () the first slot the
+    new tokens will occupy. Cached slots at or after `index` are stale (or
+    empty) and masked; the new tokens see each other causally. Returns [B, T, H, D].
+    """
+    length, slots = q.shape[1], cached_key.shape[2]
+    cached_ok = (jnp.arange(slots)[None, :] < index) & key_mask  # [B, S]
+    new_ok = jnp.tril(jnp.ones((length, length), dtype=bool))[None] & token_mask[:, None, :]  # [B, T, T]
+    cached_scores = jnp.einsum("bqhd,bhkd->bhqk", q, cached_key.astype(dtype), preferred_element_type=jnp.float32)
+    new_scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.concatenate([jnp.where(cached_ok[:, None, None, :], cached_scores * scale, _NEG_INF),
+                              jnp.where(new_ok[:, None], new_scores * scale, _NEG_INF)], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    # fp32 accumulation of the two halves, so a bf16 model rounds once, as a single product would.
+    out = jnp.einsum("bhqk,bhkd->bqhd", probs[..., :slots], cached_value.astype(dtype),
+                     preferred_element_type=jnp.float32)
+    out = out + jnp.einsum("bhqk,bkhd->bqhd", probs[..., slots:], v, preferred_element_type=jnp.float32)
+    return out.astype(dtype)
 
 
 class MLP(nn.Module):
@@ -286,17 +296,22 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """GPT-J's parallel block: x + attn(ln(x)) + mlp(ln(x)), one LayerNorm."""
+    """GPT-J's parallel block: x + attn(ln(x)) + mlp(ln(x)), one LayerNorm.
+
+    Returns (output, new_kv): new_kv is the attention's new keys and values
+    when decoding (`layer_cache` given), else None.
+    """
 
     config: GPTJConfig
-    decode: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, token_mask):
+    def __call__(self, x, positions, token_mask, layer_cache=None, cache_state=None):
         h = LayerNorm(self.config, name="ln")(x)
-        out = x + Attention(self.config, self.decode, name="attn")(h, positions, token_mask) + MLP(self.config, name="mlp")(h)
+        cache = None if layer_cache is None else (*layer_cache, *cache_state)
+        attn, new_kv = Attention(self.config, name="attn")(h, positions, token_mask, cache)
+        out = x + attn + MLP(self.config, name="mlp")(h)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_embed"))
-        return out, None
+        return out, new_kv
 
 
 class GPTJ(nn.Module):
@@ -333,16 +348,25 @@ class GPTJ(nn.Module):
             block = nn.remat(Block, policy=policy, prevent_cse=False)
         # One stacked parameter layout for both settings: scan_layers=False
         # unrolls the same scan at trace time (longer compile, no loop overhead).
+        # When decoding, each layer's cache slice is a scanned input (read, never
+        # carried) and the layers' new keys/values come back as scan outputs.
         blocks = nn.scan(
             block,
-            variable_axes={"params": 0, "cache": 0},
+            variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=cfg.num_layers,
             unroll=1 if cfg.scan_layers else cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = blocks(cfg, self.decode, name="blocks")(x, positions, token_mask)
+        if self.decode:
+            cache = self._cache_variables(tokens.shape)
+            layer_cache = (cache["cached_key"].value, cache["cached_value"].value)
+            cache_state = (cache["key_mask"].value, cache["index"].value)
+            x, new_kv = blocks(cfg, name="blocks")(x, positions, token_mask, layer_cache, cache_state)
+            self._write_cache(cache, new_kv, token_mask)
+        else:
+            x, _ = blocks(cfg, name="blocks")(x, positions, token_mask, None, None)
 
         x = LayerNorm(cfg, name="ln_f")(x)
         head = self.param("lm_head_kernel", nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "vocab")), (cfg.d_model, cfg.padded_vocab_size), pdt)
@@ -353,6 +377,33 @@ class GPTJ(nn.Module):
             real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
             logits = jnp.where(real, logits, _NEG_INF)
         return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+
+    def _cache_variables(self, shape) -> dict[str, Any]:
+        """The `cache` collection's variables; created (zero, with `shape[1]` slots) when the model is initialised."""
+        cfg = self.config
+        batch, cache_len = shape
+        kv_shape = (cfg.num_layers, batch, cfg.num_heads, cache_len, cfg.head_dim)
+        dtype = resolve_dtype(cfg.dtype)
+        return {
+            "cached_key": self.variable("cache", "cached_key", jnp.zeros, kv_shape, dtype),
+            "cached_value": self.variable("cache", "cached_value", jnp.zeros, kv_shape, dtype),
+            "key_mask": self.variable("cache", "key_mask", jnp.zeros, (batch, cache_len), bool),
+            "index": self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32)),
+        }
+
+    @staticmethod
+    def _write_cache(cache, new_kv, token_mask) -> None:
+        """Writes the layers' new keys/values [layers, B, H, T, D] at the cache index, then advances it.
+
+        One dynamic_update_slice per tensor for all layers: in place when the
+        caller donates the cache, so a decode step writes T slots, not the cache.
+        """
+        start = cache["index"].value
+        for name, new in zip(("cached_key", "cached_value"), new_kv):
+            old = cache[name].value
+            cache[name].value = jax.lax.dynamic_update_slice(old, new.astype(old.dtype), (0, 0, 0, start, 0))
+        cache["key_mask"].value = jax.lax.dynamic_update_slice(cache["key_mask"].value, token_mask, (0, start))
+        cache["index"].value = start + token_mask.shape[1]
 
 
 def count_params(tree) -> int:
@@ -379,8 +430,8 @@ def init_cache(config: GPTJConfig, batch_size: int, cache_len: int):
 CACHE_LOGICAL_AXES = {
     "cached_key": ("layers", "act_batch", "act_heads", "act_kv_length", "head_dim"),
     "cached_value": ("layers", "act_batch", "act_heads", "act_kv_length", "head_dim"),
-    "key_mask": ("layers", "act_batch", "act_kv_length"),
-    "index": ("layers",),
+    "key_mask": ("act_batch", "act_kv_length"),
+    "index": (),
 }
 
 

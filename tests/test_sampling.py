@@ -181,8 +181,8 @@ def test_bf16_models_keep_a_bf16_cache_and_the_loop_donates_it(hf_pair):
     [out] = sampler.generate([PROMPTS[0]], max_new_tokens=8)
     assert len(out.tokens) == 8
     state_in, state_out = seen[0]
-    assert state_out.cache["blocks"]["attn"]["cached_key"].dtype == jnp.bfloat16
-    assert state_in.cache["blocks"]["attn"]["cached_key"].is_deleted()  # donated to the decode loop
+    assert state_out.cache["cached_key"].dtype == jnp.bfloat16
+    assert state_in.cache["cached_key"].is_deleted()  # donated to the decode loop
 
 
 # -- the samplers against analytic distributions --------------------------------------
@@ -255,7 +255,7 @@ def test_megatron_2x4_decoding_equals_single_device():
     params = random_params(config, seed=2)
     single = Sampler(config, params, eos_id=None)
     sharded = Sampler(config, params, Partitioner(make_mesh(2, 4), "megatron"), eos_id=None)
-    cache_key = sharded._state_sh.cache["blocks"]["attn"]["cached_key"]
+    cache_key = sharded._state_sh.cache["cached_key"]
     assert tuple(cache_key.spec) == (None, "data", "model", None, None)  # batch over data, heads over model
     assert sharded.params["blocks"]["attn"]["q_proj"].sharding.spec[2] == "model"
     kwargs = dict(max_new_tokens=16, temperature=[0.0, 0.0, 1.0, 0.8], top_p=[1.0, 1.0, 1.0, 0.9], seed=[0, 1, 2, 3])
