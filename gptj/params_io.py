@@ -72,7 +72,9 @@ def abstract_params_like(config: GPTJConfig, shardings=None, dtype=None):
 
     abstract = nn.meta.unbox(abstract_params(config))
     if shardings is None:
-        shardings = jax.tree_util.tree_map(lambda _: None, abstract)
+        # Orbax would otherwise try to recreate the saving run's device layout.
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: local, abstract)
     return jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s), abstract, shardings)
 
@@ -99,8 +101,8 @@ def load_params(path: str, shardings=None, dtype=None) -> tuple[Any, GPTJConfig]
     """Reads params from a params directory or workdir, laid out by `shardings` if given.
 
     `shardings` is a tree of NamedShardings matching the params (from
-    `Partitioner.abstract_state`); without it the params land on the default
-    device. `dtype` casts on read (e.g. bfloat16 for inference).
+    `Partitioner.abstract_state`); without it the params land on this
+    process's first device, whatever mesh they were saved from. `dtype` casts on read (e.g. bfloat16 for inference).
     """
     config = read_model_config(path)
     params_path = resolve_params_path(path)

@@ -69,3 +69,12 @@ def test_params_restore_onto_other_meshes(written, data, model, rules):
 
     # Same forward outputs; only the order of the sharded sums may differ.
     np.testing.assert_allclose(np.asarray(forward(params, TOKENS)), logits, rtol=0, atol=2e-5)
+
+
+def test_params_load_without_shardings_onto_one_device(written):
+    """Tools that just want the weights (export, inspection) need not know the saving mesh."""
+    host_params, _, path = written
+    params, _ = load_params(path)
+    for leaf in jax.tree_util.tree_leaves(params):
+        assert len(leaf.sharding.device_set) == 1
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(params), host_params)
