@@ -103,13 +103,15 @@ def _parse_flags(argv):
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that describe bad input: reported as one line and exit status 1, not a traceback."""
     from gptj.config_validation import ConfigError
+    from gptj.eval_tasks import EvalError
     from gptj.params_io import WeightsError
     from gptj.partitioning import PartitioningError
     from gptj.runtime import DistributedInitError
     from gptj.tasks.files import DataError
     from gptj.trainer import NonFiniteLossError
 
-    return ConfigError, WeightsError, PartitioningError, DistributedInitError, DataError, NonFiniteLossError
+    return (ConfigError, EvalError, WeightsError, PartitioningError, DistributedInitError, DataError,
+            NonFiniteLossError)
 
 
 def main(argv):

@@ -513,8 +513,8 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
     """`python main.py --mode=eval`: validation loss/perplexity, then the harness tasks.
 
     Harness tasks are resolved and their data found before any weights are
-    read, so a wrong name or missing data fails in seconds, with one
-    paragraph on stderr (SystemExit), not a traceback. Process 0 writes
+    read, so a wrong name or missing data fails in seconds with an EvalError
+    whose message is one paragraph (main.py prints it, not a traceback). Process 0 writes
     `workdir/eval/results_<UTC time>.json` (harness results plus a
     "validation" section) and prints the harness's table. Returns
     `{"validation": {...}, "harness": {...}}`.
@@ -522,23 +522,20 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
     from gptj import eval_tasks
     from gptj.partitioning import make_mesh
 
-    try:
-        names = list(config.eval.harness_tasks)
-        include_path = str(config.eval.include_path or "")
-        loaded = eval_tasks.load_tasks(names, include_path) if names else None
-        partitioner = Partitioner(make_mesh(int(config.mesh.data), int(config.mesh.model)), str(config.mesh.rules))
-        params, model_config = _weights(config, workdir, partitioner)
-        started = time.time()
-        validation = validation_metrics(config, params, model_config, partitioner)
-        harness: dict[str, Any] = {}
-        if loaded is not None:
-            lm = GPTJLM(params, model_config, partitioner, get_tokenizer(), batch_size=int(config.eval.batch_size))
-            harness = eval_tasks.run_tasks(
-                lm, names, include_path=include_path, loaded=loaded, num_fewshot=int(config.eval.num_fewshot),
-                limit=int(config.eval.limit), bootstrap_iters=int(config.eval.get("bootstrap_iters", 100000)),
-                log_samples=bool(config.eval.get("log_samples", False)))
-    except EvalError as e:
-        raise SystemExit(f"gptj eval: {e}") from None
+    names = list(config.eval.harness_tasks)
+    include_path = str(config.eval.include_path or "")
+    loaded = eval_tasks.load_tasks(names, include_path) if names else None
+    partitioner = Partitioner(make_mesh(int(config.mesh.data), int(config.mesh.model)), str(config.mesh.rules))
+    params, model_config = _weights(config, workdir, partitioner)
+    started = time.time()
+    validation = validation_metrics(config, params, model_config, partitioner)
+    harness: dict[str, Any] = {}
+    if loaded is not None:
+        lm = GPTJLM(params, model_config, partitioner, get_tokenizer(), batch_size=int(config.eval.batch_size))
+        harness = eval_tasks.run_tasks(
+            lm, names, include_path=include_path, loaded=loaded, num_fewshot=int(config.eval.num_fewshot),
+            limit=int(config.eval.limit), bootstrap_iters=int(config.eval.get("bootstrap_iters", 100000)),
+            log_samples=bool(config.eval.get("log_samples", False)))
     if jax.process_index() == 0:
         if harness:
             from lm_eval.utils import make_table

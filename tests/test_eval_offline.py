@@ -85,7 +85,7 @@ def test_main_eval_unknown_task_prints_paragraph_not_traceback(tmp_path):
         capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("gptj eval:")]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, proc.stderr[-2000:]
     _assert_one_paragraph(lines[0])
     assert "no_such_task_anywhere" in lines[0]
