@@ -236,6 +236,12 @@ class TrainIterator:
         self._epoch, self._position, self._batches = epoch, position, self._batches + 1
         return to_model_features(text)
 
+    def close(self) -> None:
+        """Releases the input pipeline now (a live tf.data iterator otherwise stalls interpreter exit)."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
     def __iter__(self):
         return self
 

@@ -18,7 +18,6 @@ every host:
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import os
 from typing import Any, Callable, Iterable, NamedTuple
@@ -268,9 +267,7 @@ def train_and_evaluate(config, workdir: str, *, explicit_model_fields: Iterable[
     finally:
         writer.close()
         checkpointer.close()
-        # An input pipeline left to the interpreter's exit (a generator holding tf.data
-        # iterators in a reference cycle) stalls the exit for up to a minute; free it now.
-        del train_iter, eval_sets, hooks
-        gc.collect()
+        if hasattr(train_iter, "close"):
+            train_iter.close()
     logging.info("training %s at step %s", status, checkpointer.latest_step())
     return status
