@@ -1,12 +1,14 @@
 """Generation: greedy parity with HF `generate`, KV-cache exactness, sampler statistics, sharded decoding."""
 
+import re
+
 import numpy as np
 import pytest
 import jax
 import jax.numpy as jnp
 from scipy import stats
 
-from gptj.model import GPTJ, init_cache
+from gptj.model import GPTJ, GPTJConfig, init_cache
 from gptj.partitioning import Partitioner, make_mesh
 from gptj.sampling import Sampler
 from gptj.sampling_ops import bucket, sample_tokens
@@ -57,7 +59,11 @@ def test_greedy_matches_hf_generate_ragged_batch(hf_pair, hf_references):
 
 
 def test_decode_steps_equal_full_forward(hf_pair):
-    """Prefill, then one token at a time through the cache: every step's logits equal a full forward."""
+    """Prefill, a 3-token chunk, then one token at a time through the cache: all logits equal a full forward.
+
+    The chunk checks a multi-token call at a non-zero index (cached slots plus
+    new tokens causal among themselves).
+    """
     _, _, params, config = hf_pair
     rng = np.random.default_rng(1)
     total, prompt_len = 20, 7
@@ -73,11 +79,61 @@ def test_decode_steps_equal_full_forward(hf_pair):
                                       positions[:, :prompt_len], mask[:, :prompt_len], mutable=["cache"])
     v = config.vocab_size
     worst = float(np.abs(logits - full[:, :prompt_len])[:, :, :v][mask[:, :prompt_len]].max())
-    for t in range(prompt_len, total):
-        logits, variables = decoder.apply({"params": params, "cache": variables["cache"]}, tokens[:, t:t + 1],
-                                          positions[:, t:t + 1], mask[:, t:t + 1], mutable=["cache"])
-        worst = max(worst, float(np.abs(logits[:, 0, :v] - full[:, t, :v]).max()))
+    starts = [prompt_len] + list(range(prompt_len + 3, total + 1))
+    for t, end in zip(starts, starts[1:]):
+        logits, variables = decoder.apply({"params": params, "cache": variables["cache"]}, tokens[:, t:end],
+                                          positions[:, t:end], mask[:, t:end], mutable=["cache"])
+        worst = max(worst, float(np.abs(logits[..., :v] - full[:, t:end, :v]).max()))
+    assert int(variables["cache"]["index"]) == total
     assert worst <= 1e-4
+
+
+def _cache_sized_instructions(hlo: str, shape: str) -> tuple[list[str], int]:
+    """Ops outside fused computations that produce an f32[shape] array: (the others, the in-place writes).
+
+    A write is a dynamic-update-slice, or a fusion whose fused computation's
+    root is one (XLA performs those in place on their operand).
+    """
+    fused = set(re.findall(r"calls=(%[\w.-]+)", hlo))
+    roots, computation, found = {}, None, []
+    for line in hlo.splitlines():
+        header = re.match(r"(?:ENTRY )?(%[\w.-]+) \(", line)
+        op = re.search(r"\} ([\w-]+)\(", line)
+        if header:
+            computation = header.group(1)
+        elif line.lstrip().startswith("ROOT"):
+            roots[computation] = op.group(1) if op else ""
+        if computation not in fused and re.search(r"= f32\[" + shape + r"\]\{", line):
+            calls = re.search(r"calls=(%[\w.-]+)", line)
+            found.append((op.group(1), calls.group(1) if calls else None))
+    writes = [(op, calls) for op, calls in found
+              if op == "dynamic-update-slice" or (op == "fusion" and roots.get(calls) == "dynamic-update-slice")]
+    return [op for op, calls in found if (op, calls) not in writes], len(writes)
+
+
+def test_decode_loop_writes_the_cache_in_place_and_never_copies_it():
+    """The compiled decode loop touches the whole [layers, B, H, S, D] cache only through two in-place writes.
+
+    Carrying the cache through the layer scan made XLA re-stack (broadcast,
+    copy, update) the whole cache every step; now the scan only reads it and
+    one dynamic_update_slice per key/value writes the step's slots into the
+    donated buffer.
+    """
+    config = GPTJConfig(vocab_size=100, vocab_pad_multiple=8, num_layers=3, d_model=32, num_heads=4, rotary_dim=4,
+                        max_len=64)
+    sampler = Sampler(config, random_params(config, seed=0), eos_id=None)
+    batch, prompt_len, gen_len = 2, 16, 16
+    spec = jax.ShapeDtypeStruct
+    args = (spec((batch, prompt_len), jnp.int32), spec((batch, prompt_len), jnp.int32),
+            spec((batch, prompt_len), bool), spec((batch,), jnp.int32), spec((batch,), jnp.uint32),
+            spec((batch,), jnp.float32), spec((batch,), jnp.int32), spec((batch,), jnp.float32),
+            spec((batch,), jnp.int32), spec((), jnp.int32))
+    state = jax.eval_shape(lambda *a: sampler._prefill_fn(sampler.params, *a, gen_len, 0), *args)
+    assert state.cache["cached_key"].shape == (3, batch, 4, prompt_len + gen_len, 8)
+    hlo = sampler._decode.lower(sampler.params, state, spec((), jnp.int32)).compile().as_text()
+    others, writes = _cache_sized_instructions(hlo, f"3,{batch},4,{prompt_len + gen_len},8")
+    assert set(others) <= {"parameter", "get-tuple-element", "bitcast"}, others
+    assert writes == 2  # key and value, once each per step for all layers
 
 
 def test_sampled_logprobs_equal_scoring_forward(hf_pair):
@@ -248,8 +304,6 @@ def test_temperature_zero_is_greedy_and_nucleus_never_leaks():
 
 
 def test_megatron_2x4_decoding_equals_single_device():
-    from gptj.model import GPTJConfig
-
     config = GPTJConfig(vocab_size=100, vocab_pad_multiple=8, num_layers=2, d_model=32, num_heads=4, rotary_dim=4,
                         max_len=64)
     params = random_params(config, seed=2)
