@@ -12,8 +12,8 @@ GPTJ_BENCH_PEAK_FLOPS) and jnp's matmul against torch's. A script that is
 missing, fails, times out or lacks `--json` is left out of the table with a
 note saying which. Outputs in --out-dir (default benchmarks/results):
 results.json (machine, command, date, per-script status, all rows),
-benchmarks.png (speed-up over the peer, and fraction of the hardware limit)
-and logs/<script>.log.
+results.md (the table in Markdown, for the README), benchmarks.png (speed-up
+over the peer, and fraction of the hardware limit) and logs/<script>.log.
 """
 
 from __future__ import annotations
@@ -123,6 +123,23 @@ def run_script(name: str, bench_dir: str, out_dir: str, quick: bool, timeout: fl
     return record
 
 
+def markdown(rows: list[dict], command: str, date: str, peak: float, records: list[dict]) -> str:
+    """The table as Markdown (for the README), with the command, date, machine and anything left out."""
+    def num(v):
+        return "-" if v is None else (f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}")
+
+    lines = [f"`{command}` on {date}, {os.cpu_count()} CPU cores, fp32 matmul peak {peak / 1e9:.0f} GFLOP/s", "",
+             "| metric | gptj | peer | ratio | limit | of limit |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        gptj = f"{num(r['gptj'])} {r['unit']}" + (f" ±{100 * r['spread'] / 2:.0f}%" if r.get("spread") else "")
+        peer = "-" if r.get("peer") is None else f"{num(r['peer'])} ({r.get('peer_name') or 'peer'})"
+        ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}x"
+        frac = "-" if r.get("fraction_of_limit") is None else f"{100 * r['fraction_of_limit']:.1f}%"
+        lines.append(f"| {r['metric']} | {gptj} | {peer} | {ratio} | {num(r.get('limit'))} | {frac} |")
+    lines += [f"\nLeft out: {rec['name']} ({rec['status']}: {rec['note']})" for rec in records if rec["status"] != "ok"]
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict], path: str, title: str) -> None:
     """Two horizontal bar panels: speed-up over the peer (line at 1x) and fraction of the hardware limit."""
     import matplotlib
@@ -230,6 +247,8 @@ def main(argv=None) -> int:
                    "scripts": [{k: v for k, v in rec.items() if k != "rows"} for rec in records],
                    "results": rows}, f, indent=1)
     plot(rows, png_path, f"gptj vs peers on {os.cpu_count()} CPU cores ({date})")
+    with open(os.path.join(args.out_dir, "results.md"), "w") as f:
+        f.write(markdown(rows, command, date, peak, records))
     print(f"\nwrote {os.path.relpath(json_path)} and {os.path.relpath(png_path)} "
           f"in {time.perf_counter() - started:.0f} s")
     broken = [rec["name"] for rec in records if rec["status"] in ("failed", "timeout", "bad-output", "no-output")]

@@ -88,6 +88,9 @@ def test_run_all_merges_scripts_and_notes_the_rest(tmp_path):
     assert train["fraction_of_limit"] == pytest.approx(30.0 / 100.0)  # the child saw run_all's peak
     assert any(m.startswith("fp32 matmul") for m in metrics)
     assert (out / "benchmarks.png").stat().st_size > 1000
+    table = (out / "results.md").read_text()
+    assert "| train tokens/s | 30 tokens/s | 20 (HF) | 1.50x | 100 | 30.0% |" in table
+    assert "Left out: decode_vs_hf (no-contract" in table
     assert "boom" in next(s["note"] for s in report["scripts"] if s["name"] == "eval_vs_hf")
 
 
