@@ -145,6 +145,15 @@ def _put(x: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+
+def _top_logprobs(log_probs, num_top: int):
+    """(ids, log-probs) of the `num_top` likeliest tokens per position; empty arrays when 0."""
+    if not num_top:
+        empty = log_probs.shape[:-1] + (0,)
+        return jnp.zeros(empty, jnp.int32), jnp.zeros(empty, jnp.float32)
+    top_lps, top_ids = jax.lax.top_k(log_probs, num_top)
+    return top_ids.astype(jnp.int32), top_lps
+
 class Sampler:
     """Batched generation and scoring for one GPT-J model on a (possibly sharded) mesh.
 
@@ -224,12 +233,7 @@ class Sampler:
         token = sample_tokens(logits, keys, state.temperature, state.top_k, state.top_p)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         token_lp = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
-        if num_top:
-            top_lps, top_ids = jax.lax.top_k(log_probs, num_top)
-        else:
-            top_lps = jnp.zeros(token.shape + (0,), jnp.float32)
-            top_ids = jnp.zeros(token.shape + (0,), jnp.int32)
-        return token, token_lp, top_ids.astype(jnp.int32), top_lps
+        return (token, token_lp) + _top_logprobs(log_probs, num_top)
 
     def _record(self, state: DecodeState, step, token, token_lp, top_ids, top_lps) -> DecodeState:
         """Writes step `step`'s tokens for rows still running and advances `done`/`lengths`."""
@@ -294,12 +298,7 @@ class Sampler:
         targets = tokens[:, 1:]
         target_lp = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
         greedy = jnp.argmax(log_probs, axis=-1) == targets
-        if num_top:
-            top_lps, top_ids = jax.lax.top_k(log_probs, num_top)
-        else:
-            top_lps = jnp.zeros(targets.shape + (0,), jnp.float32)
-            top_ids = jnp.zeros(targets.shape + (0,), jnp.int32)
-        return target_lp, greedy, top_ids.astype(jnp.int32), top_lps
+        return (target_lp, greedy) + _top_logprobs(log_probs, num_top)
 
     # -- public API -------------------------------------------------------------------
 
