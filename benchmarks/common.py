@@ -181,6 +181,11 @@ def load_results(path: str) -> list[dict[str, Any]]:
     return [validate_row(r, f"{path}[{i}]") for i, r in enumerate(rows)]
 
 
+def format_pct(value: float) -> str:
+    """A percentage with one decimal below 1% (so a small spread does not print as 0%)."""
+    return f"{value:.1f}%" if value < 1 else f"{value:.0f}%"
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -198,7 +203,7 @@ def format_table(rows: Iterable[dict[str, Any]]) -> str:
     header = ("metric", "unit", "gptj", "peer", "ratio", "limit", "of limit")
     lines = []
     for r in rows:
-        gptj = _fmt(r["gptj"]) + (f" ±{100 * r['spread'] / 2:.0f}%" if r.get("spread") else "")
+        gptj = _fmt(r["gptj"]) + (f" ±{format_pct(50 * r['spread'])}" if r.get("spread") else "")
         peer = _fmt(r.get("peer"))
         if r.get("peer") is not None and r.get("peer_name"):
             peer = f"{peer} ({r['peer_name']})"

@@ -266,7 +266,8 @@ def main(argv=None) -> int:
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--train-steps", type=int, default=8, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--remat", default="", help="remat policy (default: the shape's, dots_no_batch)")
-    parser.add_argument("--attention", default="dot_product", help="the model's attention_impl (dot_product, einsum, ...)")
+    parser.add_argument("--attention", default="dot_product",
+                        help="the model's attention_impl (dot_product, einsum, ...)")
     parser.add_argument("--decode-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 64])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)

@@ -31,8 +31,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import (PEAK_ENV, ResultsError, format_table, load_results, matmul_peak_flops,  # noqa: E402
-                               result, time_runs)
+from benchmarks.common import (PEAK_ENV, ResultsError, format_pct, format_table, load_results,  # noqa: E402
+                               matmul_peak_flops, result, time_runs)
 
 # (script, seconds allowed with --quick); a full run gets 4x. The quick budgets
 # add up to 13 minutes, leaving room for the peak measurement inside 15.
@@ -131,7 +131,7 @@ def markdown(rows: list[dict], command: str, date: str, peak: float, records: li
     lines = [f"`{command}` on {date}, {os.cpu_count()} CPU cores, fp32 matmul peak {peak / 1e9:.0f} GFLOP/s", "",
              "| metric | gptj | peer | ratio | limit | of limit |", "|---|---|---|---|---|---|"]
     for r in rows:
-        gptj = f"{num(r['gptj'])} {r['unit']}" + (f" ±{100 * r['spread'] / 2:.0f}%" if r.get("spread") else "")
+        gptj = f"{num(r['gptj'])} {r['unit']}" + (f" ±{format_pct(50 * r['spread'])}" if r.get("spread") else "")
         peer = "-" if r.get("peer") is None else f"{num(r['peer'])} ({r.get('peer_name') or 'peer'})"
         ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}x"
         frac = "-" if r.get("fraction_of_limit") is None else f"{100 * r['fraction_of_limit']:.1f}%"

@@ -355,7 +355,8 @@ def estimate(workload: Workload, hardware: str | Hardware = "tpu_v3") -> StepEst
         if w.overlap:
             hidden = min(data_parallel, backward_window)
     elif w.rules == "zero1":
-        data_parallel = gather_seconds(shard * w.grad_bytes, d, data_bw, lat) + gather_seconds(shard * 4, d, data_bw, lat)
+        data_parallel = (gather_seconds(shard * w.grad_bytes, d, data_bw, lat)
+                         + gather_seconds(shard * 4, d, data_bw, lat))
     else:  # zero3: two weight gathers and one gradient reduce-scatter per microbatch, one per layer each
         per_micro = (2 * gather_seconds(shard * w.compute_bytes, d, data_bw, 0.0)
                      + gather_seconds(shard * w.grad_bytes, d, data_bw, 0.0)
@@ -378,7 +379,8 @@ def estimate(workload: Workload, hardware: str | Hardware = "tpu_v3") -> StepEst
         state += params / grad_owners * w.grad_bytes
     activations = activation_bytes(cfg, micro_seqs, w.seq_len, m, w.compute_bytes)
     if w.rules == "zero3" and d > 1:  # two layers' gathered weights (one in use, one prefetched)
-        activations += 2 * (total_params(cfg) - 2 * cfg.d_model * cfg.padded_vocab_size) / cfg.num_layers / m * w.compute_bytes
+        layer_params = (total_params(cfg) - 2 * cfg.d_model * cfg.padded_vocab_size) / cfg.num_layers
+        activations += 2 * layer_params / m * w.compute_bytes
     return StepEstimate(w, hw, compute, tensor_parallel, data_parallel, param_gather, hidden, memory_bound, state,
                         activations)
 
@@ -506,7 +508,8 @@ def compare_6b_v3_256(overlap_options: Sequence[bool] = (False, True)) -> list[t
     base = dataclasses.replace(base, tp_allreduces_per_layer=GPTJ_TP_ALLREDUCES)
     layouts = [
         ("megatron 32x8, 16 micro x 1 seq", base),
-        ("megatron 32x8, 16x1, fused block", dataclasses.replace(base, tp_allreduces_per_layer=REFERENCE_TP_ALLREDUCES)),
+        ("megatron 32x8, 16x1, fused block",
+         dataclasses.replace(base, tp_allreduces_per_layer=REFERENCE_TP_ALLREDUCES)),
         ("megatron 32x8, 4 micro x 4 seq", dataclasses.replace(base, microbatches=4)),
         ("zero3 32x8, 16 micro x 1 seq", dataclasses.replace(base, rules="zero3")),
         ("zero3 32x8, 4 micro x 4 seq", dataclasses.replace(base, rules="zero3", microbatches=4)),
@@ -551,8 +554,9 @@ def _cmd_compare(_args) -> int:
           "per microbatch as this package's model compiles, 2 in the reference's fused block, plus 2 for embedding "
           "and head) sit on the critical path whatever the overlap: ~8% of the step here, ~3% fused. zero3 keeps "
           "them (model axis 8) and adds two weight all-gathers and a gradient reduce-scatter per microbatch over "
-          "`data`: ~0.44 s (6%) per step at 16 microbatches if exposed, hidden if overlapped. Its gain is memory: state per core "
-          "falls from ~9.9 GiB to ~0.3 GiB, which allows larger microbatches (gathers amortised) or a 256x1 mesh "
+          "`data`: ~0.44 s (6%) per step at 16 microbatches if exposed, hidden if overlapped. Its gain is memory: "
+          "state per core falls from ~9.9 GiB to ~0.3 GiB, which allows larger microbatches (gathers amortised) or "
+          "a 256x1 mesh "
           "with no tensor parallelism; overlapped, that layout is the fastest (~+11% over megatron as compiled, "
           "~+5% over the fused block), because the per-layer all-reduces disappear. Assumes the same matmul "
           "efficiency at every layout's shapes (the 256x1 matmuls are larger, so if anything it is conservative).")
