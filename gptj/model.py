@@ -53,6 +53,8 @@ REMAT_POLICIES = {
     "save_all": jax.checkpoint_policies.everything_saveable,
 }
 
+ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn")
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -91,9 +93,10 @@ class GPTJConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     # "einsum": explicit fp32-score attention (any mask, decoding). "dot_product":
-    # jax.nn.dot_product_attention for unpadded causal training/scoring, which
-    # JAX lowers to cuDNN flash attention on NVIDIA GPUs; padded or cached
-    # calls fall back to einsum.
+    # jax.nn.dot_product_attention with the implementation JAX picks (XLA unless
+    # told otherwise). "cudnn": the same with cuDNN's fused flash attention (NVIDIA
+    # GPUs, bf16/fp16 compute). Both apply to unpadded causal training and scoring;
+    # padded or cached calls use einsum.
     attention_impl: str = "einsum"
 
     def __post_init__(self):
@@ -109,8 +112,8 @@ class GPTJConfig:
             problems.append(f"rotary_dim {self.rotary_dim} must be even (RoPE rotates pairs)")
         if self.d_ff < 0:
             problems.append(f"d_ff must be >= 0 (0 means 4 * d_model), got {self.d_ff}")
-        if self.attention_impl not in ("einsum", "dot_product"):
-            problems.append(f"attention_impl {self.attention_impl!r} is not 'einsum' or 'dot_product'")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            problems.append(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
         if self.remat_policy not in REMAT_POLICIES:
             problems.append(f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
         for name in ("dtype", "param_dtype"):
@@ -232,8 +235,9 @@ class Attention(nn.Module):
             out = _cached_attention(q, k, v, token_mask, *cache, scale=scale, dtype=dtype)
             kv_axes = ("act_batch", "act_heads", "act_length", "head_dim")
             new_kv = tuple(nn.with_logical_constraint(t.transpose(0, 2, 1, 3), kv_axes) for t in (k, v))
-        elif token_mask is None and cfg.attention_impl == "dot_product":
-            out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
+        elif token_mask is None and cfg.attention_impl != "einsum":
+            implementation = "cudnn" if cfg.attention_impl == "cudnn" else None
+            out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=implementation)
         else:
             allowed = jnp.tril(jnp.ones((length, length), dtype=bool))[None]
             if token_mask is not None:
