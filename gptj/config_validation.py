@@ -109,12 +109,25 @@ def _check_init_from(spec: str, problems: list[str]) -> None:
                         "use hf:PATH for HuggingFace or mtj:PATH for mesh-transformer-jax checkpoints")
 
 
+def _check_harness_tasks(config, problems: list[str]) -> None:
+    """Harness tasks asked for during training must exist and have local data before step 1."""
+    if not list(config.eval.harness_tasks):
+        problems.append("eval.during_training is set but eval.harness_tasks is empty")
+        return
+    from gptj import eval_tasks  # imports lm-eval: only for runs that evaluate while training
+    try:
+        eval_tasks.load_tasks(list(config.eval.harness_tasks), str(config.eval.include_path or ""))
+    except eval_tasks.EvalError as e:
+        problems.append(f"eval: {e}")
+
+
 def validate(config, mode: str = "train", *, check_tasks: bool = True) -> None:
     """Raises ConfigError listing every problem of `config` for `mode`; returns None if it can run.
 
     Touches no accelerator memory and compiles nothing (it asks jax only for
     the device count). In train mode, `check_tasks` registers the config's
-    seqio tasks to prove they exist (runs on in-memory data turn it off).
+    seqio tasks to prove they exist (runs on in-memory data turn it off) and,
+    with `eval.during_training`, finds the harness tasks and their local data.
     """
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -147,5 +160,7 @@ def validate(config, mode: str = "train", *, check_tasks: bool = True) -> None:
             tasks.register_tasks_for_config(config)
         except ValueError as e:
             problems.append(f"data: {e}")
+    if check_tasks and mode == "train" and not problems and config.eval.during_training:
+        _check_harness_tasks(config, problems)
     if problems:
         raise ConfigError("; ".join(problems))

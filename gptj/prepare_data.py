@@ -17,7 +17,8 @@ tail shorter than a record is dropped and counted), and write:
 The validation split takes whole documents (after shuffling), so no document
 is in both splits. Train with `--config.data.train_task=gptj_tfrecords
 --config.data.tfrecord_pattern=OUTPUT/train.index` (and
-`val_tasks='gptj_tfrecords_validation'`, `val_tfrecord_pattern=OUTPUT/validation.index`).
+`--config.data.val_tasks="('gptj_tfrecords_validation',)"
+--config.data.val_tfrecord_pattern=OUTPUT/validation.index`).
 
 Bad input: a missing input file or a glob matching nothing, a row that is not
 JSON, a row without the text field: error naming the file and row (nothing is

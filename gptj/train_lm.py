@@ -255,7 +255,7 @@ def train_and_evaluate(config, workdir: str, *, explicit_model_fields: Iterable[
     hooks = [train_hooks.MetricsHook(writer, train.log_every, train.total_steps, throughput),
              train_hooks.EvalHook(trainer, eval_sets, train.eval_every, train.val_batches, writer, throughput),
              train_hooks.CheckpointHook(checkpointer, train.ckpt_every, train_iter, config_dict, throughput)]
-    if config.eval.during_training and list(config.eval.harness_tasks):
+    if config.eval.during_training:
         from gptj import eval_harness  # lm-eval is only needed when asked for
         hooks.append(eval_harness.HarnessHook(config, model, partitioner, writer, workdir, every=train.eval_every,
                                               throughput=throughput))

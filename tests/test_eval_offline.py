@@ -109,3 +109,17 @@ def test_validation_longer_than_context_is_refused():
     with pytest.raises(EvalError, match="data.seq_len=64 .* context of 32; pass --config.data.seq_len=32"):
         validation_metrics(config, None, GPTJConfig(max_len=32, vocab_size=64, num_layers=1, d_model=16,
                                                     num_heads=2, rotary_dim=4), None)
+
+
+def test_harness_tasks_during_training_are_checked_before_anything_is_built(tmp_path):
+    """A wrong task name with eval.during_training stops `--mode=train` at validation, not at step N."""
+    from gptj.config_validation import ConfigError, validate
+    from gptj.configs import tiny
+
+    config = tiny.get_config()
+    config.eval.during_training = True
+    with pytest.raises(ConfigError, match="eval.harness_tasks is empty"):
+        validate(config, "train")
+    config.eval.harness_tasks = ["no_such_task_anywhere"]
+    with pytest.raises(ConfigError, match="eval: .*no_such_task_anywhere"):
+        validate(config, "train")

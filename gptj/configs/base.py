@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     # seqio task names (gptj.tasks registers them by explicit function calls; see gptj/tasks/__init__.py).
     config.data = ml_collections.ConfigDict(dict(
         train_task="",
-        val_tasks=[],            # named validation sets
+        val_tasks=(),            # named validation sets (a tuple: overridable as --config.data.val_tasks="('a',)")
         seq_len=2048,            # tokens per example (records hold seq_len + 1)
         shuffle_buffer=10000,
         num_epochs=-1,           # -1: repeat forever
@@ -68,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
     # lm-evaluation-harness (gptj.eval_harness), offline: tasks whose data is not on
     # the machine need local files (a folder of task YAMLs passed as include_path).
     config.eval = ml_collections.ConfigDict(dict(
-        harness_tasks=[],
+        harness_tasks=(),
         num_fewshot=0,
         limit=0,                 # 0: all examples
         batch_size=8,            # rows per compiled call (rounded up to the data-parallel size)

@@ -24,5 +24,5 @@ def get_config():
         ckpt_every=500, keep_every=10000, eval_every=500, val_batches=100,
     ))
     config.data.update(dict(train_task="gptj_tfrecords", seq_len=2048))
-    config.eval.harness_tasks = ["lambada_openai", "piqa", "hellaswag", "winogrande"]
+    config.eval.harness_tasks = ("lambada_openai", "piqa", "hellaswag", "winogrande")
     return config

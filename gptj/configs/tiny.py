@@ -17,5 +17,5 @@ def get_config():
     config.train.update(dict(
         batch_size=8, total_steps=320, log_every=20, ckpt_every=160, keep_last=2, eval_every=80, val_batches=4,
     ))
-    config.data.update(dict(train_task="gptj_demo_train", val_tasks=["gptj_demo_validation"], seq_len=64))
+    config.data.update(dict(train_task="gptj_demo_train", val_tasks=("gptj_demo_validation",), seq_len=64))
     return config
