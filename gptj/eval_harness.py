@@ -520,12 +520,11 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
     `{"validation": {...}, "harness": {...}}`.
     """
     from gptj import eval_tasks
-    from gptj.partitioning import make_mesh
 
     names = list(config.eval.harness_tasks)
     include_path = str(config.eval.include_path or "")
     loaded = eval_tasks.load_tasks(names, include_path) if names else None
-    partitioner = Partitioner(make_mesh(int(config.mesh.data), int(config.mesh.model)), str(config.mesh.rules))
+    partitioner = Partitioner.from_config(config.mesh)
     params, model_config = _weights(config, workdir, partitioner)
     started = time.time()
     validation = validation_metrics(config, params, model_config, partitioner)

@@ -181,6 +181,11 @@ class Partitioner:
         self.mesh = mesh
         self.rule_set = get_rule_set(rule_set)
 
+    @classmethod
+    def from_config(cls, mesh_config) -> "Partitioner":
+        """The mesh and rule set a run config's `mesh` section names (data, model, rules), over every device."""
+        return cls(make_mesh(int(mesh_config.data), int(mesh_config.model)), str(mesh_config.rules))
+
     @property
     def rules(self) -> Rules:
         return self.rule_set.rules

@@ -540,15 +540,10 @@ def load_weights(config, workdir: str | None, partitioner: Partitioner) -> tuple
     numerics = {k: config.model[k] for k in ("dtype", "param_dtype", "scan_layers") if k in config.model}
     numerics["remat_policy"] = "none"
     pad = int(config.model.vocab_pad_multiple)
-    if kind == "hf":
-        from gptj.convert.hf import read_hf
+    if kind != "gptj":
+        from gptj.convert import read_weights
 
-        params, model_config = read_hf(path, vocab_pad_multiple=pad)
-        return params, model_config.replace(**numerics)
-    if kind == "mtj":
-        from gptj.convert.mtj import read_mtj
-
-        params, model_config = read_mtj(path, vocab_pad_multiple=pad)
+        params, model_config = read_weights(kind, path, pad)
         return params, model_config.replace(**numerics)
     model_config = params_io.read_model_config(path).replace(**numerics)
     params, _ = params_io.load_params(path, param_shardings(model_config, partitioner), dtype=model_config.dtype)
@@ -563,9 +558,7 @@ def _has_checkpoint(workdir: str) -> bool:
 
 def build_sampler(config, workdir: str | None) -> Sampler:
     """A Sampler for a run config: mesh from `config.mesh`, weights as `load_weights` finds them."""
-    from gptj.partitioning import make_mesh as _mesh
-
-    partitioner = Partitioner(_mesh(int(config.mesh.data), int(config.mesh.model)), str(config.mesh.rules))
+    partitioner = Partitioner.from_config(config.mesh)
     params, model_config = load_weights(config, workdir, partitioner)
     return Sampler(model_config, params, partitioner, tokenizer=get_tokenizer(),
                    chunk_steps=int(config.sample.chunk_steps))

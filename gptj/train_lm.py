@@ -34,7 +34,7 @@ from gptj import train_hooks
 from gptj.config_validation import ConfigError, parse_init_from, validate
 from gptj.model import GPTJ, GPTJConfig, count_params, resolve_dtype
 from gptj.params_io import CONFIG_FILE, read_model_config
-from gptj.partitioning import Partitioner, make_mesh
+from gptj.partitioning import Partitioner
 from gptj.trainer import Trainer
 
 # Model fields a run may choose whatever the weights were trained with (numerics
@@ -76,16 +76,13 @@ def load_init_source(config, *, read_weights: bool) -> InitSource:
     """Resolves `config.init_from` to its model config (and, for hf/mtj with `read_weights`, its numpy params)."""
     kind, path = parse_init_from(config.init_from)
     pad = int(config.model.vocab_pad_multiple)
-    if kind == "hf":
+    if kind == "hf" and not read_weights:
         from gptj.convert import hf
-        if read_weights:
-            params, model = hf.read_hf(path, vocab_pad_multiple=pad)
-            return InitSource(kind, path, model, params)
         with open(os.path.join(path, CONFIG_FILE)) as f:
             return InitSource(kind, path, hf.model_config_from_hf(json.load(f), pad))
-    if kind == "mtj":
-        from gptj.convert import mtj  # its reader yields the model config only together with the weights
-        params, model = mtj.read_mtj(path, vocab_pad_multiple=pad)
+    if kind != "gptj":  # the mtj reader yields the model config only together with the weights
+        from gptj import convert
+        params, model = convert.read_weights(kind, path, pad)
         return InitSource(kind, path, model, params)
     return InitSource(kind, path, read_model_config(path))
 
@@ -127,7 +124,7 @@ def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Traine
 
 def build_partitioner(config) -> Partitioner:
     """The mesh and rule set the config names, over every device of every host."""
-    return Partitioner(make_mesh(config.mesh.data, config.mesh.model), config.mesh.rules)
+    return Partitioner.from_config(config.mesh)
 
 
 class PlanStep(NamedTuple):
