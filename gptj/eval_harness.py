@@ -499,10 +499,9 @@ def validation_metrics(config, params, model_config: GPTJConfig, partitioner: Pa
 def _weights(config, workdir: str, partitioner: Partitioner):
     """The params to evaluate, on the mesh: the workdir's own (newest checkpoint or params), else
     `config.init_from` (`gptj.sampling.load_weights`, so eval and sample read the same weights)."""
-    from gptj import checkpoint, sampling
+    from gptj import sampling
 
-    own = os.path.isdir(os.path.join(workdir, "params")) or checkpoint.latest_step(workdir) is not None
-    if not own and not config.get("init_from"):
+    if not sampling.has_own_weights(workdir) and not config.get("init_from"):
         raise EvalError(f"nothing to evaluate: {workdir} holds no checkpoint and config.init_from is empty "
                         "(pass --config.init_from=hf:PATH, mtj:PATH or a params directory)")
     params, model_config = sampling.load_weights(config, workdir, partitioner)

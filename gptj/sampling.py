@@ -527,8 +527,7 @@ def load_weights(config, workdir: str | None, partitioner: Partitioner) -> tuple
     from gptj import params_io
     from gptj.config_validation import ConfigError, parse_init_from
 
-    own = bool(workdir) and (os.path.isdir(os.path.join(workdir, params_io.PARAMS_SUBDIR))
-                             or _has_checkpoint(workdir))
+    own = has_own_weights(workdir)
     init_from = str(config.get("init_from", "") or "")
     if own or not init_from:
         if not workdir:
@@ -550,10 +549,14 @@ def load_weights(config, workdir: str | None, partitioner: Partitioner) -> tuple
     return params, model_config
 
 
-def _has_checkpoint(workdir: str) -> bool:
-    from gptj import checkpoint
+def has_own_weights(workdir: str | None) -> bool:
+    """Whether `workdir` is a params directory or a workdir holding a complete checkpoint."""
+    from gptj import checkpoint, params_io
 
-    return checkpoint.latest_step(workdir) is not None
+    if not workdir:
+        return False
+    return (os.path.isdir(os.path.join(workdir, params_io.PARAMS_SUBDIR))
+            or checkpoint.latest_step(workdir) is not None)
 
 
 def build_sampler(config, workdir: str | None) -> Sampler:
