@@ -7,7 +7,7 @@ Any config field can be overridden: --config.train.total_steps=200.
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 MODES = ("train", "eval", "sample", "serve", "plan")
@@ -102,6 +102,7 @@ def _parse_flags(argv):
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that describe bad input: reported as one line and exit status 1, not a traceback."""
+    from gptj.checkpoint import CheckpointError
     from gptj.config_validation import ConfigError
     from gptj.eval_tasks import EvalError
     from gptj.params_io import WeightsError
@@ -110,8 +111,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from gptj.tasks.files import DataError
     from gptj.trainer import NonFiniteLossError
 
-    return (ConfigError, EvalError, WeightsError, PartitioningError, DistributedInitError, DataError,
-            NonFiniteLossError)
+    return (CheckpointError, ConfigError, EvalError, WeightsError, PartitioningError, DistributedInitError,
+            DataError, NonFiniteLossError)
 
 
 def main(argv):
@@ -137,17 +138,16 @@ def _run(config, mode):
     config_validation.validate(config, mode)
 
     if mode == "train":
-        from gptj import trainer
+        from gptj import train_lm
         explicit = [k.split(".", 1)[1] for k in config_flags.get_override_values(FLAGS["config"])
                     if k.startswith("model.")]
-        status = trainer.train_and_evaluate(config, FLAGS.workdir, explicit_model_fields=explicit)
-        logging.info("train: %s", status)
+        train_lm.train_and_evaluate(config, FLAGS.workdir, explicit_model_fields=explicit)
     elif mode == "eval":
-        from gptj import eval_harness
+        from gptj import evaluate
         _override(config.eval, num_fewshot=FLAGS.num_fewshot, limit=FLAGS.limit, include_path=FLAGS.include_path)
         if FLAGS.tasks is not None:
             _override(config.eval, harness_tasks=list(FLAGS.tasks))
-        eval_harness.evaluate(config, FLAGS.workdir)
+        evaluate.evaluate(config, FLAGS.workdir)
     elif mode == "sample":
         from gptj import sampling
         _override(config.sample, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,

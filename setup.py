@@ -1,7 +1,8 @@
 from setuptools import find_packages, setup
 
+# The import name is `gptj`; the distribution is `gptj-flax` because PyPI's `gptj` is an unrelated project.
 setup(
-    name="gptj",
+    name="gptj-flax",
     version="0.1.0",
     description="GPT-J-style transformers in JAX/Flax: train, fine-tune, evaluate and serve with model parallelism",
     packages=find_packages(include=["gptj", "gptj.*"]),

@@ -146,12 +146,11 @@ def main(argv=None) -> None:
             times[name].append(time.perf_counter() - start)
     gptj_t, hf_t = Timing(tuple(times["gptj"])), Timing(tuple(times["hf"]))
 
-    from gptj.metrics import flops_per_token, mfu
-    from gptj.model import count_params
+    from gptj.metrics import mfu
+    from gptj.model import train_flops_per_token
 
     tokens = args.batch * seq_len
-    n = count_params(params) - config.padded_vocab_size * config.d_model
-    per_token = flops_per_token(n, config.num_layers, config.num_heads, config.head_dim, seq_len)
+    per_token = train_flops_per_token(config, seq_len)
     gptj_tps, hf_tps = tokens / gptj_t.median, tokens / hf_t.median
     note = (f"goal >= 1.0x; fp32, AdamW + clip on both, {threads} threads each; first-step loss gptj "
             f"{first_gptj:.5f} vs HF {first_hf:.5f}; gptj compile {compile_s:.1f} s (excluded); gptj MFU "

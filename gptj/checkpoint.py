@@ -4,7 +4,7 @@ Layout of a workdir:
 
     workdir/config.json                      the resolved run config ("model" is the model section)
     workdir/checkpoints/<step>/params/       Orbax tree of the parameters (a params tree on its own:
-                                             `gptj.params_io.load_params(workdir)` reads just this)
+                                             `latest_params_path` finds it for inference tools)
     workdir/checkpoints/<step>/train_state/  {"step", "opt_state"}
     workdir/checkpoints/<step>/data/         data-iterator state (JSON)
     workdir/checkpoints/<step>/config/       the run config at save time (JSON)
@@ -26,12 +26,17 @@ from typing import Any, Mapping
 import jax
 import orbax.checkpoint as ocp
 
-from gptj.params_io import CHECKPOINTS_SUBDIR, PARAMS_SUBDIR, WeightsError
-
+CONFIG_FILE = "config.json"
+CHECKPOINTS_SUBDIR = "checkpoints"
+PARAMS_ITEM = "params"
 TRAIN_STATE_ITEM = "train_state"
 DATA_ITEM = "data"
 CONFIG_ITEM = "config"
-ITEMS = (PARAMS_SUBDIR, TRAIN_STATE_ITEM, DATA_ITEM, CONFIG_ITEM)
+ITEMS = (PARAMS_ITEM, TRAIN_STATE_ITEM, DATA_ITEM, CONFIG_ITEM)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be restored: none complete, or one that does not fit the target state."""
 
 
 def checkpoints_dir(workdir: str) -> str:
@@ -70,7 +75,7 @@ class Checkpointer:
         if step in self._manager.all_steps():
             return False
         args = ocp.args.Composite(**{
-            PARAMS_SUBDIR: ocp.args.StandardSave(state["params"]),
+            PARAMS_ITEM: ocp.args.StandardSave(state["params"]),
             TRAIN_STATE_ITEM: ocp.args.StandardSave({"step": state["step"], "opt_state": state["opt_state"]}),
             DATA_ITEM: ocp.args.JsonSave(dict(data_state or {})),
             CONFIG_ITEM: ocp.args.JsonSave(dict(config or {})),
@@ -86,8 +91,8 @@ class Checkpointer:
         """
         step = self.latest_step() if step is None else step
         if step is None:
-            raise WeightsError(f"{self.directory}: no complete checkpoint to restore")
-        items = {PARAMS_SUBDIR: ocp.args.StandardRestore(abstract_state["params"])}
+            raise CheckpointError(f"{self.directory}: no complete checkpoint to restore")
+        items = {PARAMS_ITEM: ocp.args.StandardRestore(abstract_state["params"])}
         if not params_only:
             items[TRAIN_STATE_ITEM] = ocp.args.StandardRestore(
                 {"step": abstract_state["step"], "opt_state": abstract_state["opt_state"]})
@@ -95,12 +100,12 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-            raise WeightsError(f"{self.directory}/{step}: cannot restore onto this model/optimizer "
+            raise CheckpointError(f"{self.directory}/{step}: cannot restore onto this model/optimizer "
                                f"({type(e).__name__}: {e})") from e
         if params_only:
-            return {"step": None, "params": restored[PARAMS_SUBDIR], "opt_state": None}, {}
+            return {"step": None, "params": restored[PARAMS_ITEM], "opt_state": None}, {}
         train_state = restored[TRAIN_STATE_ITEM]
-        state = {"step": train_state["step"], "params": restored[PARAMS_SUBDIR], "opt_state": train_state["opt_state"]}
+        state = {"step": train_state["step"], "params": restored[PARAMS_ITEM], "opt_state": train_state["opt_state"]}
         return state, dict(restored[DATA_ITEM] or {})
 
     def wait(self) -> None:
@@ -126,11 +131,11 @@ def latest_params_path(workdir: str) -> str:
     """Path of the Orbax params tree of the newest COMPLETE checkpoint of a training workdir.
 
     The tree restores with `ocp.StandardCheckpointer().restore(path, target)`
-    onto any sharding (`gptj.params_io.load_params` does this). A checkpoint
+    onto any sharding. A checkpoint
     still being written, or left half-written by a killed process, is never
-    returned. Raises WeightsError when the workdir has no complete checkpoint.
+    returned. Raises CheckpointError when the workdir has no complete checkpoint.
     """
     step = latest_step(workdir)
     if step is None:
-        raise WeightsError(f"{workdir}: no complete checkpoint in {checkpoints_dir(workdir)}")
-    return os.path.join(checkpoints_dir(workdir), str(step), PARAMS_SUBDIR)
+        raise CheckpointError(f"{workdir}: no complete checkpoint in {checkpoints_dir(workdir)}")
+    return os.path.join(checkpoints_dir(workdir), str(step), PARAMS_ITEM)

@@ -22,9 +22,8 @@ Generation goes through `gptj.sampling.Sampler` (KV cache, stop strings), with
 the `hf` model's context truncation and stop-string cut.
 
 Entry points: `load_lm` (an LM over a params directory or workdir),
-`evaluate` (`python main.py --mode=eval`: validation loss/perplexity, then the
-harness tasks; results JSON in `workdir/eval/`), `run_harness` and
-`HarnessHook` (the same tasks from the trainer every N steps).
+`run_harness` and `HarnessHook` (the tasks from the trainer every N steps).
+`python main.py --mode=eval` is `gptj.evaluate`.
 
 Several hosts: every host must hold the same requests (the harness builds them
 deterministically on each host) and calls the model together; inputs are built
@@ -43,15 +42,16 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 from lm_eval.api.model import TemplateLM
 
 from gptj.eval_tasks import EvalError
-from gptj.model import GPTJ, GPTJConfig
-from gptj.partitioning import Partitioner
+from gptj.model import GPTJ, GPTJConfig, output_logits
+from gptj.partitioning import Partitioner, place
+from gptj.sampling_ops import bucket
 from gptj.trainer import Hook
+from gptj.weights import open_weights, param_shardings
 
 EOT_ID = 50256  # GPT-2's <|endoftext|>: the prefix of empty contexts and rolling windows
 DEFAULT_MAX_GEN_TOKS = 256  # the harness's `hf` model default
@@ -64,30 +64,6 @@ class _Row:
     inputs: list[int]
     targets: list[int]
     n_scored: int
-
-
-def bucket_length(length: int, max_len: int, min_bucket: int = 16) -> int:
-    """The padded length of a row of `length` tokens: the next power of two >= min_bucket, at most max_len."""
-    bucket = min_bucket
-    while bucket < length:
-        bucket *= 2
-    return min(bucket, max_len)
-
-
-def place_params(params, model_config: GPTJConfig, partitioner: Partitioner):
-    """Params laid out on the mesh: jax arrays stay where they are, host (numpy) arrays are placed by the
-    rule set, in the compute dtype. Works on several hosts when every host holds the same numpy tree."""
-    from gptj.sampling import param_shardings
-
-    dtype = np.dtype(jnp.dtype(model_config.dtype))
-
-    def place(x, sharding):
-        if isinstance(x, jax.Array):
-            return x
-        x = np.asarray(x, dtype)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-    return jax.tree_util.tree_map(place, params, param_shardings(model_config, partitioner))
 
 
 class GPTJLM(TemplateLM):
@@ -109,7 +85,7 @@ class GPTJLM(TemplateLM):
         super().__init__()
         if batch_size <= 0:
             raise EvalError(f"eval batch_size must be positive, got {batch_size}")
-        self.params = place_params(params, model_config, partitioner)
+        self.params = _place_params(params, model_config, partitioner)
         self.model_config = model_config
         self.partitioner = partitioner
         self.tokenizer = tokenizer
@@ -232,24 +208,18 @@ class GPTJLM(TemplateLM):
         """
         cfg = self.model_config
         model = GPTJ(cfg)
-        compute = jnp.dtype(cfg.dtype)
         replicated = NamedSharding(self.partitioner.mesh, PartitionSpec())
         shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.params)
 
         def trunk(params, inputs):
-            only_ln_f = lambda module, method: module.name == "ln_f" and method == "__call__"
-            _, state = model.apply({"params": params}, inputs, capture_intermediates=only_ln_f,
-                                   mutable=["intermediates"])  # right padding never reaches real positions
-            return state["intermediates"]["ln_f"]["__call__"][0]
+            # Right padding never reaches real positions (attention is causal).
+            return model.apply({"params": params}, inputs, return_hidden=True)
 
         def head(kernel, bias, hidden, index, targets, scored):
-            # The model's head, at the gathered positions: [B, C, D] @ [D, V] in fp32, padded vocabulary masked.
+            # The model's own head, at the gathered positions only: [B, C, D] -> [B, C, V].
             picked = jnp.take_along_axis(hidden, index[..., None], axis=1)
-            logits = jnp.einsum("bcd,dv->bcv", picked, kernel.astype(compute), preferred_element_type=jnp.float32)
-            logits = logits + bias.astype(jnp.float32)
+            logits = output_logits(picked, kernel, bias, cfg)
             vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
-            logits = jnp.where(vocab_ids < cfg.vocab_size, logits, -jnp.inf)
-            logits = nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
             log_norm = jax.nn.logsumexp(logits, axis=-1)
             # A masked sum instead of a gather keeps the vocabulary axis sharded (megatron splits it).
             target_logit = jnp.sum(jnp.where(vocab_ids == targets[..., None], logits, 0.0), axis=-1)
@@ -265,8 +235,7 @@ class GPTJLM(TemplateLM):
 
     def _global(self, array: np.ndarray) -> jax.Array:
         """A global batch array from the same host-local numpy array on every host."""
-        sharding = self.partitioner.batch_sharding(array.ndim)
-        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+        return place(array, self.partitioner.batch_sharding(array.ndim))
 
     def score_rows(self, rows: Sequence[_Row], progress: bool = False) -> list[tuple[float, bool]]:
         """(sum of log-probs of each row's scored targets, all of them greedy) for each row, in order.
@@ -280,8 +249,8 @@ class GPTJLM(TemplateLM):
         bar = tqdm(total=len(rows), desc="Scoring requests", disable=not progress or jax.process_index() != 0)
         groups: dict[tuple[int, int], list[int]] = {}
         for index, row in enumerate(rows):
-            length = bucket_length(len(row.inputs), self.max_length, self.min_bucket)
-            groups.setdefault((length, bucket_length(row.n_scored, length, 1)), []).append(index)
+            length = bucket(len(row.inputs), self.min_bucket, self.max_length)
+            groups.setdefault((length, bucket(row.n_scored, 1, length)), []).append(index)
         out: list[tuple[float, bool] | None] = [None] * len(rows)
         width = self.rows_per_batch
         for (length, scored_width), members in sorted(groups.items(), reverse=True):
@@ -314,7 +283,7 @@ class GPTJLM(TemplateLM):
     def set_params(self, params) -> None:
         """Points the LM at new params of the same shapes and shardings (training moved on); the compiled
         scoring programs are kept, the sampler is rebuilt when next needed."""
-        self.params = place_params(params, self.model_config, self.partitioner)
+        self.params = _place_params(params, self.model_config, self.partitioner)
         self._sampler = None
 
     # -- generation ----------------------------------------------------------------
@@ -363,14 +332,17 @@ def load_lm(path: str, partitioner: Partitioner, *, batch_size: int = 8, dtype: 
 
     `dtype` overrides the compute dtype stored with the weights (e.g. bfloat16).
     """
-    from gptj import params_io
-    from gptj.sampling import param_shardings
-
-    model_config = params_io.read_model_config(path)
-    if dtype:
-        model_config = model_config.replace(dtype=dtype)
-    params, _ = params_io.load_params(path, param_shardings(model_config, partitioner))
+    weights = open_weights(path)
+    model_config = weights.config.replace(dtype=dtype) if dtype else weights.config
+    params = weights.place(param_shardings(model_config, partitioner))
     return GPTJLM(params, model_config, partitioner, get_tokenizer(), batch_size=batch_size, **kwargs)
+
+
+def _place_params(params, model_config: GPTJConfig, partitioner: Partitioner):
+    """Params on the mesh in the compute dtype; jax arrays already laid out (live training params) stay put."""
+    if all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(params)):
+        return params
+    return place(params, param_shardings(model_config, partitioner), jnp.dtype(model_config.dtype))
 
 
 def run_harness(lm_or_params, config, *, model_config: GPTJConfig | None = None,
@@ -453,92 +425,3 @@ class HarnessHook(Hook):
         self.writer.write_scalars(step, scalars)
         logging.info("harness at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in sorted(scalars.items())))
         self.last_step = step
-
-
-def validation_metrics(config, params, model_config: GPTJConfig, partitioner: Partitioner) -> dict[str, dict]:
-    """Loss, perplexity and next-token accuracy on each of `config.data.val_tasks`.
-
-    Reads at most `config.train.val_batches` batches of `config.train.batch_size`
-    rows per set (gptj.data.build_eval_iterators). Collective: every host calls it.
-    """
-    names = [n for n in config.data.val_tasks if n]
-    if not names:
-        return {}
-    from gptj import data, losses, tasks
-
-    if int(config.data.seq_len) > model_config.max_len:
-        raise EvalError(f"validation sequences of data.seq_len={config.data.seq_len} tokens exceed the model's "
-                        f"context of {model_config.max_len}; pass --config.data.seq_len={model_config.max_len} "
-                        "(or less)")
-    # Register only the validation sets: an eval run need not have the training data.
-    eval_only = config.copy_and_resolve_references()
-    with eval_only.unlocked():
-        eval_only.data.train_task = ""
-    tasks.register_tasks_for_config(eval_only)
-    sets = data.build_eval_iterators(eval_only, partitioner)
-
-    model = GPTJ(model_config)
-    replicated = NamedSharding(partitioner.mesh, PartitionSpec())
-    step = partitioner.jit(lambda p, batch: losses.next_token_loss(model.apply({"params": p}, batch["inputs"]), batch),
-                           in_shardings=(jax.tree_util.tree_map(lambda x: x.sharding, params), None),
-                           out_shardings=replicated)
-    results = {}
-    for name, make_iterator in sets.items():
-        totals: dict[str, float] = {}
-        for batch in make_iterator():
-            for key, value in step(params, batch).items():
-                totals[key] = totals.get(key, 0.0) + float(value)  # host sums in float64: exact enough
-        summary = losses.summarize({k: jnp.asarray(v, jnp.float32) for k, v in totals.items()})
-        results[name] = {k: float(v) for k, v in summary.items() if k != "z_loss"}
-        results[name]["tokens"] = int(totals.get("weight", 0))
-        logging.info("validation %s: loss %.4f perplexity %.3f (%d tokens)", name, results[name]["loss"],
-                     results[name]["perplexity"], results[name]["tokens"])
-    return results
-
-
-def _weights(config, workdir: str, partitioner: Partitioner):
-    """The params to evaluate, on the mesh: the workdir's own (newest checkpoint or params), else
-    `config.init_from` (`gptj.sampling.load_weights`, so eval and sample read the same weights)."""
-    from gptj import sampling
-
-    if not sampling.has_own_weights(workdir) and not config.get("init_from"):
-        raise EvalError(f"nothing to evaluate: {workdir} holds no checkpoint and config.init_from is empty "
-                        "(pass --config.init_from=hf:PATH, mtj:PATH or a params directory)")
-    params, model_config = sampling.load_weights(config, workdir, partitioner)
-    return place_params(params, model_config, partitioner), model_config
-
-
-def evaluate(config, workdir: str) -> dict[str, Any]:
-    """`python main.py --mode=eval`: validation loss/perplexity, then the harness tasks.
-
-    Harness tasks are resolved and their data found before any weights are
-    read, so a wrong name or missing data fails in seconds with an EvalError
-    whose message is one paragraph (main.py prints it, not a traceback). Process 0 writes
-    `workdir/eval/results_<UTC time>.json` (harness results plus a
-    "validation" section) and prints the harness's table. Returns
-    `{"validation": {...}, "harness": {...}}`.
-    """
-    from gptj import eval_tasks
-
-    names = list(config.eval.harness_tasks)
-    include_path = str(config.eval.include_path or "")
-    loaded = eval_tasks.load_tasks(names, include_path) if names else None
-    partitioner = Partitioner.from_config(config.mesh)
-    params, model_config = _weights(config, workdir, partitioner)
-    started = time.time()
-    validation = validation_metrics(config, params, model_config, partitioner)
-    harness: dict[str, Any] = {}
-    if loaded is not None:
-        lm = GPTJLM(params, model_config, partitioner, get_tokenizer(), batch_size=int(config.eval.batch_size))
-        harness = eval_tasks.run_tasks(
-            lm, names, include_path=include_path, loaded=loaded, num_fewshot=int(config.eval.num_fewshot),
-            limit=int(config.eval.limit), bootstrap_iters=int(config.eval.get("bootstrap_iters", 100000)),
-            log_samples=bool(config.eval.get("log_samples", False)))
-    if jax.process_index() == 0:
-        if harness:
-            from lm_eval.utils import make_table
-
-            print(make_table(harness), flush=True)
-        record = dict(harness, validation=validation, eval_seconds=round(time.time() - started, 3))
-        eval_tasks.write_results(record, os.path.join(workdir, "eval"))
-    return {"validation": validation, "harness": harness}

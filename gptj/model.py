@@ -325,14 +325,17 @@ class GPTJ(nn.Module):
     0..T-1; left-padded batches pass per-row positions) and `token_mask`
     [B, T] bool (False for padding; padded keys are never attended to;
     None means no padding).
-    Returns logits [B, T, padded_vocab_size] in fp32.
+    Returns logits [B, T, padded_vocab_size] in fp32, or with `return_hidden`
+    the final LayerNorm's output [B, T, d_model] (compute dtype), for callers
+    that apply the head themselves (`output_logits`) to fewer positions, or
+    that put a head of their own on the trunk.
     """
 
     config: GPTJConfig
     decode: bool = False
 
     @nn.compact
-    def __call__(self, tokens, positions=None, token_mask=None):
+    def __call__(self, tokens, positions=None, token_mask=None, return_hidden: bool = False):
         cfg = self.config
         dtype, pdt = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
         if positions is None:
@@ -373,14 +376,11 @@ class GPTJ(nn.Module):
             x, _ = blocks(cfg, name="blocks")(x, positions, token_mask, None, None)
 
         x = LayerNorm(cfg, name="ln_f")(x)
+        if return_hidden:  # before the head's params: a trunk initialised this way has no LM head
+            return x
         head = self.param("lm_head_kernel", nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "vocab")), (cfg.d_model, cfg.padded_vocab_size), pdt)
         head_bias = self.param("lm_head_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)), (cfg.padded_vocab_size,), pdt)
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
-        logits = logits + head_bias.astype(jnp.float32)
-        if cfg.padded_vocab_size != cfg.vocab_size:
-            real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
-            logits = jnp.where(real, logits, _NEG_INF)
-        return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+        return output_logits(x, head, head_bias, cfg)
 
     def _cache_variables(self, shape) -> dict[str, Any]:
         """The `cache` collection's variables; created (zero, with `shape[1]` slots) when the model is initialised."""
@@ -408,6 +408,43 @@ class GPTJ(nn.Module):
             cache[name].value = jax.lax.dynamic_update_slice(old, new.astype(old.dtype), (0, 0, 0, start, 0))
         cache["key_mask"].value = jax.lax.dynamic_update_slice(cache["key_mask"].value, token_mask, (0, start))
         cache["index"].value = start + token_mask.shape[1]
+
+
+def output_logits(hidden: jax.Array, kernel: jax.Array, bias: jax.Array, config: GPTJConfig) -> jax.Array:
+    """GPT-J's output head: hidden [..., d_model] -> fp32 logits [..., padded_vocab_size].
+
+    The matmul runs in the compute dtype with fp32 accumulation; padded
+    vocabulary entries get a large negative logit, so they never win a softmax.
+    The model's own forward pass and every caller that applies the head to
+    selected positions only (scoring) use this one function.
+    """
+    logits = jnp.einsum("...d,dv->...v", hidden, kernel.astype(resolve_dtype(config.dtype)),
+                        preferred_element_type=jnp.float32)
+    logits = logits + bias.astype(jnp.float32)
+    if config.padded_vocab_size != config.vocab_size:
+        real = jnp.arange(config.padded_vocab_size) < config.vocab_size
+        logits = jnp.where(real, logits, _NEG_INF)
+    logical = ("act_batch",) + ("act_length",) * (logits.ndim - 2) + ("act_vocab",)
+    return nn.with_logical_constraint(logits, logical)
+
+
+def matmul_params(config: GPTJConfig) -> int:
+    """Parameters that take part in a matmul per token: q, k, v, out, fc_in, fc_out per layer, and the head.
+
+    The embedding is a lookup (no FLOPs); biases and LayerNorms are negligible.
+    """
+    per_layer = 4 * config.d_model * config.d_model + 2 * config.d_model * config.mlp_dim
+    return config.num_layers * per_layer + config.d_model * config.padded_vocab_size
+
+
+def train_flops_per_token(config: GPTJConfig, seq_len: int) -> float:
+    """Model FLOPs to train on one token at sequence length `seq_len` (PaLM's 6N + 12 L H Q T).
+
+    The one formula behind MFU in training logs, benchmarks and the scaling model.
+    """
+    from gptj.metrics import flops_per_token
+
+    return flops_per_token(matmul_params(config), config.num_layers, config.num_heads, config.head_dim, seq_len)
 
 
 def count_params(tree) -> int:

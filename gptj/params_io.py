@@ -13,16 +13,19 @@ import json
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gptj.model import GPTJConfig, resolve_dtype
+from gptj import checkpoint
+from gptj.checkpoint import CHECKPOINTS_SUBDIR, CONFIG_FILE
+from gptj.model import GPTJConfig, abstract_params, resolve_dtype
 
-CONFIG_FILE = "config.json"
-PARAMS_SUBDIR = "params"
-CHECKPOINTS_SUBDIR = "checkpoints"
+# A params directory's tree has the same name as a checkpoint's params item, so
+# the two are read the same way.
+PARAMS_SUBDIR = checkpoint.PARAMS_ITEM
 
 
 class WeightsError(ValueError):
@@ -67,9 +70,6 @@ def save_params(path: str, params: Any, config: GPTJConfig) -> None:
 
 def abstract_params_like(config: GPTJConfig, shardings=None, dtype=None):
     """ShapeDtypeStructs of the model's params (optionally with shardings and a storage dtype)."""
-    from gptj.model import abstract_params
-    import flax.linen as nn
-
     abstract = nn.meta.unbox(abstract_params(config))
     if shardings is None:
         # Orbax would otherwise try to recreate the saving run's device layout.
@@ -79,13 +79,6 @@ def abstract_params_like(config: GPTJConfig, shardings=None, dtype=None):
         lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s), abstract, shardings)
 
 
-def _latest_params_path(workdir: str) -> str:
-    """The params of the newest complete checkpoint of a workdir."""
-    from gptj import checkpoint
-
-    return checkpoint.latest_params_path(workdir)
-
-
 def resolve_params_path(path: str) -> str:
     """The Orbax params tree inside a params directory, or inside a workdir's latest checkpoint."""
     if not os.path.isdir(path):
@@ -93,7 +86,10 @@ def resolve_params_path(path: str) -> str:
     if os.path.isdir(os.path.join(path, PARAMS_SUBDIR)):
         return os.path.join(os.path.abspath(path), PARAMS_SUBDIR)
     if os.path.isdir(os.path.join(path, CHECKPOINTS_SUBDIR)):
-        return _latest_params_path(path)
+        try:
+            return checkpoint.latest_params_path(path)
+        except checkpoint.CheckpointError as e:
+            raise WeightsError(str(e)) from None
     raise WeightsError(f"{path}: neither a params directory (config.json + params/) nor a workdir (checkpoints/)")
 
 

@@ -309,6 +309,24 @@ class Partitioner:
         return _Partitioned()
 
 
+def place(tree, shardings, dtype=None):
+    """Lays a tree of arrays out on the mesh: each leaf onto the matching sharding, cast to `dtype` if given.
+
+    Host (numpy) leaves must be held in full by every process; each process
+    copies only the slices its own devices own, so this works on several hosts.
+    Leaves that are already jax arrays are moved device to device (never through
+    the host). `tree` and `shardings` may also be a single array and sharding.
+    """
+    def one(x, sharding):
+        if isinstance(x, jax.Array):
+            x = x if dtype is None else x.astype(dtype)
+            return x if x.sharding == sharding else jax.device_put(x, sharding)
+        x = np.asarray(x) if dtype is None else np.asarray(x, dtype=dtype)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree_util.tree_map(one, tree, shardings)
+
+
 def per_device_bytes(abstract, shardings) -> int:
     """Bytes one device holds for a tree of arrays laid out by `shardings`."""
     total = 0

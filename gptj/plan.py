@@ -24,7 +24,8 @@ import jax
 import numpy as np
 
 from gptj.model import count_params
-from gptj.partitioning import PartitioningError, per_device_bytes
+from gptj import train_lm
+from gptj.partitioning import Partitioner, PartitioningError
 
 GIB = 2**30
 # Adam keeps two fp32 moments per parameter (mu and nu).
@@ -75,38 +76,23 @@ def _device_memory(device_memory_gib: float | None) -> int | None:
 
 def make_plan(config, device_memory_gib: float | None = None) -> Plan:
     """Compiles `config`'s train step on abstract inputs and measures what one device holds."""
-    from gptj import train_lm
-
     device_memory = _device_memory(device_memory_gib)
     try:
-        partitioner = train_lm.build_partitioner(config)
+        partitioner = Partitioner.from_config(config.mesh)
     except PartitioningError as e:
         if jax.devices()[0].platform != "cpu":
             raise
         raise PartitioningError(f"{e} (to plan for more devices on a CPU machine, fake them: "
                                 "XLA_FLAGS=--xla_force_host_platform_device_count=N)") from e
-    step = train_lm.build_train_step_for_plan(config, partitioner)
-    compiled = step.train_step.lower(step.abstract_state, step.abstract_batch).compile()
-    shardings = step.trainer.state_shardings
-    abstract = step.abstract_state
-    params = per_device_bytes(abstract["params"], shardings["params"])
-    opt_state = per_device_bytes(abstract["opt_state"], shardings["opt_state"])
-    try:
-        analysis = compiled.memory_analysis()
-    except (NotImplementedError, RuntimeError):  # not every backend reports it
-        analysis = None
-    temporaries = peak = None
-    if analysis is not None:
-        temporaries = int(analysis.temp_size_in_bytes)
-        peak = int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-                   - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
-
+    trainer = train_lm.build_trainer_for_plan(config, partitioner)
+    report = trainer.compile()
+    abstract = trainer.abstract_state
     n = count_params(abstract["params"])
     weight_bytes = np.dtype(jax.tree_util.tree_leaves(abstract["params"])[0].dtype).itemsize
     rule_set = partitioner.rule_set
     return Plan(
-        num_params=n, mesh=dict(partitioner.mesh.shape), rule_set=rule_set.name, params=params,
-        opt_state=opt_state, temporaries=temporaries, peak=peak,
+        num_params=n, mesh=dict(partitioner.mesh.shape), rule_set=rule_set.name, params=report.params,
+        opt_state=report.opt_state, temporaries=report.temporaries, peak=report.peak,
         params_expected=n * weight_bytes // _split_ways(partitioner, rule_set.rules),
         opt_state_expected=n * ADAM_MOMENT_BYTES // _split_ways(partitioner, rule_set.optimizer_rules),
         device_memory=device_memory)

@@ -39,8 +39,9 @@ import flax.linen as nn
 from flax import struct
 from jax.sharding import PartitionSpec
 
-from gptj.model import GPTJ, GPTJConfig, abstract_params, cache_logical_axes, init_cache
-from gptj.partitioning import Partitioner, make_mesh
+from gptj.model import GPTJ, GPTJConfig, cache_logical_axes, init_cache
+from gptj.partitioning import Partitioner, make_mesh, place
+from gptj.weights import load_for_inference, param_shardings
 from gptj.sampling_ops import bucket, sample_tokens
 
 # Smallest prompt / generation buckets: shorter requests share one program.
@@ -115,12 +116,6 @@ class DecodeState:
     eos_id: jax.Array        # () -1 for none
 
 
-def param_shardings(config: GPTJConfig, partitioner: Partitioner):
-    """NamedShardings of the model's params under the partitioner's rule set."""
-    boxed = abstract_params(config)
-    return partitioner.shardings_for(nn.get_partition_spec(boxed), nn.meta.unbox(boxed), optimizer_subtree=None)
-
-
 def _per_row(value, n: int, name: str, kind=float) -> list:
     """A scalar broadcast to n rows, or a per-row sequence checked for length."""
     if isinstance(value, (list, tuple, np.ndarray)):
@@ -139,13 +134,6 @@ def _to_host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _put(x: np.ndarray, sharding) -> jax.Array:
-    """Places a host array that every process holds in full onto `sharding` (works multi-host)."""
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
-
 def _top_logprobs(log_probs, num_top: int):
     """(ids, log-probs) of the `num_top` likeliest tokens per position; empty arrays when 0."""
     if not num_top:
@@ -153,6 +141,7 @@ def _top_logprobs(log_probs, num_top: int):
         return jnp.zeros(empty, jnp.int32), jnp.zeros(empty, jnp.float32)
     top_lps, top_ids = jax.lax.top_k(log_probs, num_top)
     return top_ids.astype(jnp.int32), top_lps
+
 
 class Sampler:
     """Batched generation and scoring for one GPT-J model on a (possibly sharded) mesh.
@@ -186,14 +175,7 @@ class Sampler:
         self.stats = {"generate_calls": 0, "decode_calls": 0, "score_calls": 0}
 
         self.param_shardings = param_shardings(model_config, self.partitioner)
-        dtype = jnp.dtype(model_config.param_dtype)
-
-        def place(x, sharding):
-            if isinstance(x, jax.Array):  # already on devices: cast and move there, never via the host
-                return jax.device_put(x.astype(dtype), sharding)
-            return _put(np.asarray(x, dtype=dtype), sharding)
-
-        self.params = jax.tree_util.tree_map(place, nn.meta.unbox(params), self.param_shardings)
+        self.params = place(nn.meta.unbox(params), self.param_shardings, jnp.dtype(model_config.param_dtype))
         self._model = GPTJ(model_config)
         self._decoder = GPTJ(model_config, decode=True)
         self._build_programs()
@@ -386,9 +368,9 @@ class Sampler:
         b1, b2 = self._batch_sharding(1), self._batch_sharding(2)
         num_top = MAX_TOP_LOGPROBS if top_logprobs else 0
         args = (
-            _put(tokens, b2), _put(positions, b2), _put(mask, b2), _put(lengths, b1),
-            _put(pad([s & 0xFFFFFFFF for s in seeds], 0, np.uint32), b1), _put(pad(temps, 0.0, np.float32), b1),
-            _put(pad(ks, 0, np.int32), b1), _put(pad(ps, 1.0, np.float32), b1), _put(pad(max_new, 0, np.int32), b1),
+            place(tokens, b2), place(positions, b2), place(mask, b2), place(lengths, b1),
+            place(pad([s & 0xFFFFFFFF for s in seeds], 0, np.uint32), b1), place(pad(temps, 0.0, np.float32), b1),
+            place(pad(ks, 0, np.int32), b1), place(pad(ps, 1.0, np.float32), b1), place(pad(max_new, 0, np.int32), b1),
             jnp.asarray(-1 if eos is None else eos, jnp.int32))
         self.stats["generate_calls"] += 1
         state = self._prefill(self.params, *args, gen_len, num_top)
@@ -403,7 +385,7 @@ class Sampler:
                 finished = [r.finished for r in results]
                 if all(finished):
                     break
-                state = state.replace(done=_put(np.array(finished + [True] * (batch - n)), b1))
+                state = state.replace(done=place(np.array(finished + [True] * (batch - n)), b1))
             elif bool(_to_host(state.done).all()):
                 break
             self.stats["decode_calls"] += 1
@@ -472,7 +454,7 @@ class Sampler:
         b2 = self._batch_sharding(2)
         num_top = MAX_TOP_LOGPROBS if top_logprobs else 0
         self.stats["score_calls"] += 1
-        outs = self._score(self.params, _put(tokens, b2), _put(mask, b2), num_top)
+        outs = self._score(self.params, place(tokens, b2), place(mask, b2), num_top)
         target_lp, greedy, top_ids, top_lps = (_to_host(x) for x in outs)
         scores = []
         for i, seq in enumerate(sequences):
@@ -513,56 +495,10 @@ def get_tokenizer():
     return vocab.get_tokenizer()
 
 
-def load_weights(config, workdir: str | None, partitioner: Partitioner) -> tuple[Any, GPTJConfig]:
-    """Inference params and their model config: the workdir's own weights, else `config.init_from`.
-
-    A workdir that holds a checkpoint (or is a params directory) wins, so a run
-    fine-tuned from `init_from` samples as trained; otherwise `init_from`
-    (`hf:PATH`, `mtj:PATH` or a gptj workdir / params directory) is read. The
-    weights decide the model's shape; `config.model` decides its numerics
-    (dtype, param_dtype, scan_layers), so `--config.model.dtype=bfloat16` runs
-    fp32 weights in bf16. hf:/mtj: weights come back as numpy (the Sampler
-    places them); gptj weights are restored straight onto the mesh.
-    """
-    from gptj import params_io
-    from gptj.config_validation import ConfigError, parse_init_from
-
-    own = has_own_weights(workdir)
-    init_from = str(config.get("init_from", "") or "")
-    if own or not init_from:
-        if not workdir:
-            raise ConfigError("no weights: pass --workdir (a trained workdir or params directory) or "
-                              "--config.init_from")
-        kind, path = "gptj", workdir
-    else:
-        kind, path = parse_init_from(init_from)
-    numerics = {k: config.model[k] for k in ("dtype", "param_dtype", "scan_layers") if k in config.model}
-    numerics["remat_policy"] = "none"
-    pad = int(config.model.vocab_pad_multiple)
-    if kind != "gptj":
-        from gptj.convert import read_weights
-
-        params, model_config = read_weights(kind, path, pad)
-        return params, model_config.replace(**numerics)
-    model_config = params_io.read_model_config(path).replace(**numerics)
-    params, _ = params_io.load_params(path, param_shardings(model_config, partitioner), dtype=model_config.dtype)
-    return params, model_config
-
-
-def has_own_weights(workdir: str | None) -> bool:
-    """Whether `workdir` is a params directory or a workdir holding a complete checkpoint."""
-    from gptj import checkpoint, params_io
-
-    if not workdir:
-        return False
-    return (os.path.isdir(os.path.join(workdir, params_io.PARAMS_SUBDIR))
-            or checkpoint.latest_step(workdir) is not None)
-
-
 def build_sampler(config, workdir: str | None) -> Sampler:
-    """A Sampler for a run config: mesh from `config.mesh`, weights as `load_weights` finds them."""
+    """A Sampler for a run config: mesh from `config.mesh`, weights as `gptj.weights.load_for_inference` finds them."""
     partitioner = Partitioner.from_config(config.mesh)
-    params, model_config = load_weights(config, workdir, partitioner)
+    params, model_config = load_for_inference(config, workdir, partitioner)
     return Sampler(model_config, params, partitioner, tokenizer=get_tokenizer(),
                    chunk_steps=int(config.sample.chunk_steps))
 

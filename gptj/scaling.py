@@ -81,7 +81,8 @@ import dataclasses
 import sys
 from typing import Any, Sequence
 
-from gptj.model import GPTJConfig
+from gptj import model as gptj_model
+from gptj.model import GPTJConfig, matmul_params
 
 GB = 1e9
 GIB = 2.0**30
@@ -163,15 +164,6 @@ def _hardware(hw: str | Hardware) -> Hardware:
 
 # -- FLOPs and bytes -------------------------------------------------------------------
 
-def matmul_params(cfg: GPTJConfig) -> int:
-    """Parameters that take part in a matmul per token: q, k, v, out, fc_in, fc_out per layer, and the head.
-
-    The embedding is a lookup (no FLOPs); biases and LayerNorms are negligible.
-    """
-    per_layer = 4 * cfg.d_model * cfg.d_model + 2 * cfg.d_model * cfg.mlp_dim
-    return cfg.num_layers * per_layer + cfg.d_model * cfg.padded_vocab_size
-
-
 def total_params(cfg: GPTJConfig) -> int:
     """All parameters (embedding, blocks with biases and LayerNorms, final LayerNorm, head with bias)."""
     d, f, v = cfg.d_model, cfg.mlp_dim, cfg.padded_vocab_size
@@ -180,8 +172,9 @@ def total_params(cfg: GPTJConfig) -> int:
 
 
 def forward_flops_per_token(cfg: GPTJConfig, seq_len: int) -> float:
-    """Forward FLOPs per token: 2 per matmul parameter plus the attention scores and mix (4 * T * d per layer)."""
-    return 2.0 * matmul_params(cfg) + 4.0 * cfg.num_layers * seq_len * cfg.d_model
+    """Forward FLOPs per token: 2 per matmul parameter plus the attention scores and mix (4 * T * d per layer),
+    a third of the training FLOPs (`gptj.model.train_flops_per_token`)."""
+    return gptj_model.train_flops_per_token(cfg, seq_len) / 3.0
 
 
 def _recompute_flops_per_token(cfg: GPTJConfig, seq_len: int, remat_policy: str) -> float:

@@ -19,9 +19,8 @@ the shape of a batch, and it
 The state is a dict `{"step": int32[], "params": ..., "opt_state": ...}`:
 fp32 master weights and optimizer state whatever the module computes in.
 
-The GPT-J binding (config -> model, loss, optimizer, data, checkpoints) is in
-`gptj.train_lm`; `train_and_evaluate` and `build_train_step_for_plan` below
-are its entry points, kept here because main.py and --mode=plan call them.
+`gptj.driver.train_in_workdir` runs a Trainer in a workdir (resume, hooks,
+preemption); `gptj.train_lm` binds GPT-J to both.
 """
 
 from __future__ import annotations
@@ -62,7 +61,15 @@ class MemoryReport:
     temporaries: int | None
     arguments: int | None
     outputs: int | None
+    aliased: int | None  # output bytes written in place of donated arguments
     code: int | None
+
+    @property
+    def peak(self) -> int | None:
+        """What one device holds at the step's high point: arguments, outputs not written in place, temporaries."""
+        if None in (self.arguments, self.outputs, self.aliased, self.temporaries):
+            return None
+        return self.arguments + self.outputs - self.aliased + self.temporaries
 
     def __str__(self) -> str:
         def gib(n):
@@ -71,8 +78,8 @@ class MemoryReport:
             return f"{n / 2**30:.3f} GiB" if n >= 2**30 else f"{n / 2**20:.3f} MiB"
 
         return (f"per-device memory of the train step: params {gib(self.params)}, optimizer state "
-                f"{gib(self.opt_state)}, temporaries {gib(self.temporaries)} (arguments {gib(self.arguments)}, "
-                f"outputs {gib(self.outputs)}, code {gib(self.code)})")
+                f"{gib(self.opt_state)}, temporaries {gib(self.temporaries)}, peak {gib(self.peak)} (arguments "
+                f"{gib(self.arguments)}, outputs {gib(self.outputs)}, code {gib(self.code)})")
 
 
 class Hook:
@@ -141,8 +148,16 @@ def _tree_add(a, b):
 class Trainer:
     """Trains a Flax module's parameters; see the module docstring.
 
+    The model contract: the module is called with the batch entries
+    `model_inputs` names, in that order, as positional arguments:
+    `model.apply({'params': p}, *[batch[k] for k in model_inputs])`. A model
+    that draws randomness (dropout) names its RNG streams in `rng_streams`;
+    it is then also given `deterministic=False` and `rngs={stream: key}` when
+    training (keys derived from `seed`, the step and the microbatch, so a
+    resumed run draws the same masks) and `deterministic=True` when evaluating.
+
     Args:
-      model: a Flax module called as `model.apply({'params': p}, batch[input_key])`.
+      model: a Flax module (see the contract above).
       loss_fn: `(outputs, batch) -> dict of sums` with `loss_sum` and `weight`;
         the gradient is d(sum of loss_sum)/dp divided by the sum of weights.
       optimizer: an optax transformation (initialised on flax-boxed params, so
@@ -153,7 +168,9 @@ class Trainer:
       summarize: sums -> metrics dict (default: loss = loss_sum / weight).
       lr_schedule: step -> learning rate, reported as the `lr` metric.
       on_nonfinite: 'stop' (raise NonFiniteLossError) or 'skip' (drop the update, keep going).
-      input_key: the batch entry the module is called on.
+      model_inputs: the batch entries the module is called on, in order.
+      rng_streams: the module's RNG stream names (e.g. ('dropout',)); empty for a deterministic model.
+      seed: the root of the training RNG streams.
       eval_loss_fn: the loss for `evaluate` (default: loss_fn), e.g. one that also counts accuracy.
     """
 
@@ -161,7 +178,8 @@ class Trainer:
                  partitioner: Partitioner, batch_spec: Mapping[str, jax.ShapeDtypeStruct], *,
                  microbatches: int = 1, summarize: Callable[[dict], dict] | None = None,
                  lr_schedule: Callable[[jax.Array], jax.Array] | None = None, on_nonfinite: str = "stop",
-                 input_key: str = "inputs", eval_loss_fn: LossFn | None = None):
+                 model_inputs: Sequence[str] = ("inputs",), rng_streams: Sequence[str] = (), seed: int = 0,
+                 eval_loss_fn: LossFn | None = None):
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
         batch_size = next(iter(batch_spec.values())).shape[0]
@@ -177,7 +195,12 @@ class Trainer:
         self.summarize = summarize or (lambda s: {"loss": s["loss_sum"] / jnp.maximum(s["weight"], 1.0)})
         self.lr_schedule = lr_schedule
         self.on_nonfinite = on_nonfinite
-        self.input_key = input_key
+        missing = [k for k in model_inputs if k not in batch_spec]
+        if missing:
+            raise ValueError(f"model_inputs {missing} are not in the batch (it has {sorted(batch_spec)})")
+        self.model_inputs = tuple(model_inputs)
+        self.rng_streams = tuple(rng_streams)
+        self.seed = int(seed)
         self.batch_shardings = {k: partitioner.batch_sharding(v.ndim) for k, v in self.batch_spec.items()}
         self._compiled_train = None
         self._jitted_eval = None
@@ -186,9 +209,10 @@ class Trainer:
 
     def _boxed_init(self, rng):
         """The train state with flax-boxed leaves (logical axes), as eval_shape and the jitted init see it."""
-        spec = self.batch_spec[self.input_key]
-        dummy = jnp.zeros((1,) + tuple(spec.shape[1:]), spec.dtype)
-        params = self.model.init(rng, dummy)["params"]
+        dummies = [jnp.zeros((1,) + tuple(self.batch_spec[k].shape[1:]), self.batch_spec[k].dtype)
+                   for k in self.model_inputs]
+        rngs = {"params": rng} | {name: rng for name in self.rng_streams}
+        params = self.model.init(rngs, *dummies)["params"]
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.optimizer.init(params)}
 
     @functools.cached_property
@@ -243,32 +267,45 @@ class Trainer:
         spec = self.partitioner.mesh_spec(("act_batch",) + (None,) * (x.ndim - 2))
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.partitioner.mesh, PartitionSpec(None, *spec)))
 
-    def _grads_and_sums(self, params, batch):
-        def objective(p, mb):
-            sums = self.loss_fn(self.model.apply({"params": p}, mb[self.input_key]), mb)
+    def _apply(self, params, batch, rng=None):
+        """The module's outputs on a batch: training mode (with RNG streams) when `rng` is given."""
+        inputs = [batch[k] for k in self.model_inputs]
+        if not self.rng_streams:
+            return self.model.apply({"params": params}, *inputs)
+        if rng is None:
+            return self.model.apply({"params": params}, *inputs, deterministic=True)
+        rngs = {name: jax.random.fold_in(rng, i) for i, name in enumerate(self.rng_streams)}
+        return self.model.apply({"params": params}, *inputs, rngs=rngs, deterministic=False)
+
+    def _grads_and_sums(self, params, batch, step):
+        step_rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), step)
+
+        def objective(p, mb, index):
+            sums = self.loss_fn(self._apply(p, mb, jax.random.fold_in(step_rng, index)), mb)
             return sums["loss_sum"], sums
 
         grad_fn = jax.grad(objective, has_aux=True)
         if self.microbatches == 1:
-            return grad_fn(params, batch)
+            return grad_fn(params, batch, 0)
         microbatches = jax.tree_util.tree_map(self._split_microbatches, batch)
         param_shardings = self.state_shardings["params"]
 
-        def body(carry, mb):
-            grads, sums = grad_fn(params, mb)
+        def body(carry, indexed):
+            index, mb = indexed
+            grads, sums = grad_fn(params, mb, index)
             grads = jax.lax.with_sharding_constraint(_tree_add(carry[0], grads), param_shardings)
             return (grads, _tree_add(carry[1], sums)), None
 
         first = jax.tree_util.tree_map(lambda x: x[0], microbatches)
-        sums_shape = jax.eval_shape(lambda: grad_fn(params, first)[1])
+        sums_shape = jax.eval_shape(lambda: grad_fn(params, first, 0)[1])
         zeros = (jax.tree_util.tree_map(jnp.zeros_like, params),
                  jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
-        (grads, sums), _ = jax.lax.scan(body, zeros, microbatches)
+        (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(self.microbatches), microbatches))
         return grads, sums
 
     def _train_step(self, state, batch):
         params = state["params"]
-        grads, sums = self._grads_and_sums(params, batch)
+        grads, sums = self._grads_and_sums(params, batch, state["step"])
         weight = jnp.maximum(sums["weight"], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / weight.astype(g.dtype), grads)
         grad_norm = optax.global_norm(grads)
@@ -314,7 +351,8 @@ class Trainer:
             params=per_device_bytes(abstract["params"], shardings["params"]),
             opt_state=per_device_bytes(abstract["opt_state"], shardings["opt_state"]),
             temporaries=field("temp_size_in_bytes"), arguments=field("argument_size_in_bytes"),
-            outputs=field("output_size_in_bytes"), code=field("generated_code_size_in_bytes"))
+            outputs=field("output_size_in_bytes"), aliased=field("alias_size_in_bytes"),
+            code=field("generated_code_size_in_bytes"))
         logging.info("%s", report)
         return report
 
@@ -326,23 +364,30 @@ class Trainer:
         return self._compiled_train(state, batch)
 
     def _eval_step(self, params, batch):
-        return self.eval_loss_fn(self.model.apply({"params": params}, batch[self.input_key]), batch)
+        return self.eval_loss_fn(self._apply(params, batch), batch)
 
     def evaluate(self, params, batches: Iterable[Mapping[str, jax.Array]], max_batches: int = 0) -> dict[str, float]:
-        """Summarised metrics over `batches` (at most `max_batches` of them when > 0)."""
+        """Summarised metrics over `batches` (at most `max_batches` of them when > 0).
+
+        Also returns `batches` (how many were read) and `weight` (the summed
+        loss weight, e.g. the number of target tokens that counted).
+        """
         if self._jitted_eval is None:
             self._jitted_eval = self.partitioner.jit(
                 self._eval_step, in_shardings=(self.state_shardings["params"], self.batch_shardings))
-        totals, seen = None, 0
+        totals: dict[str, float] = {}
+        seen = 0
         for batch in batches:
             if max_batches and seen >= max_batches:
                 break
-            sums = self._jitted_eval(params, jax.device_put(batch, self.batch_shardings))
-            totals = sums if totals is None else _tree_add(totals, sums)
+            sums = jax.device_get(self._jitted_eval(params, jax.device_put(batch, self.batch_shardings)))
+            for key, value in sums.items():  # summed on the host in float64: no drift over many batches
+                totals[key] = totals.get(key, 0.0) + float(value)
             seen += 1
-        if totals is None:
+        if not totals:
             return {}
-        return {k: float(v) for k, v in self.summarize(jax.device_get(totals)).items()} | {"batches": seen}
+        summary = self.summarize({k: np.float32(v) for k, v in totals.items()})
+        return {k: float(v) for k, v in summary.items()} | {"batches": seen, "weight": totals["weight"]}
 
     # -- loop --------------------------------------------------------------------------
 
@@ -389,15 +434,3 @@ class Trainer:
             for hook in hooks:
                 hook.on_end(step, state, status)
         return state, status
-
-
-def train_and_evaluate(config, workdir: str, **kwargs) -> str:
-    """Trains GPT-J as `config` says, in `workdir`; see gptj.train_lm.train_and_evaluate."""
-    from gptj import train_lm
-    return train_lm.train_and_evaluate(config, workdir, **kwargs)
-
-
-def build_train_step_for_plan(config, partitioner: Partitioner | None = None):
-    """The jitted train step and abstract inputs for `config`, allocating nothing; see gptj.train_lm."""
-    from gptj import train_lm
-    return train_lm.build_train_step_for_plan(config, partitioner)

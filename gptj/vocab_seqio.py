@@ -1,7 +1,7 @@
 """`GPT2Vocabulary`: the GPT-2 byte-level BPE as a `seqio.Vocabulary` (imports seqio and TensorFlow).
 
-Import it as `gptj.vocab.GPT2Vocabulary`; this module exists so that
-`gptj.vocab` itself stays free of TensorFlow.
+It lives apart from `gptj.vocab` so that the tokenizer itself stays free of
+TensorFlow (sampling, serving and evaluation machines may lack it).
 """
 
 from __future__ import annotations

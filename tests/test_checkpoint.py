@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from gptj import checkpoint, params_io, train_lm
-from gptj.checkpoint import Checkpointer, latest_params_path, latest_step
-from gptj.params_io import WeightsError
+from gptj.checkpoint import CheckpointError, Checkpointer, latest_params_path, latest_step
 from trainer_utils import (SyntheticIterator, cached_trainer, read_scalars, synthetic_batch, synthetic_eval_sets,
                            tiny_config, to_numpy)
 
@@ -46,7 +45,7 @@ def test_checkpoint_from_2x4_restores_on_one_device_and_4x2_zero3_and_keeps_trai
 
 def test_latest_params_path_and_load_params_read_a_workdir(tmp_path):
     trainer = cached_trainer("single")
-    with pytest.raises(WeightsError, match="no complete checkpoint"):
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
         latest_params_path(str(tmp_path))
     state = trainer.init_state(3)
     saver = Checkpointer(str(tmp_path))

@@ -22,7 +22,7 @@ import pytest
 
 from gptj import params_io
 from gptj.convert.hf import write_hf
-from gptj.eval_harness import bucket_length, load_lm
+from gptj.eval_harness import load_lm
 from gptj.eval_tasks import run_tasks
 from gptj.model import GPTJConfig, abstract_params
 from gptj.partitioning import Partitioner, make_mesh
@@ -311,7 +311,7 @@ def test_evaluate_end_to_end(workspace, hf_results, tmp_path):
 
     from gptj import data, tasks
     from gptj.configs import base
-    from gptj.eval_harness import evaluate
+    from gptj.evaluate import evaluate
 
     config = base.get_config()
     config.init_from = str(workspace / "params")
@@ -352,6 +352,3 @@ def test_evaluate_end_to_end(workspace, hf_results, tmp_path):
     assert record["results"]["tiny_choice"]["acc,none"] == hf_results["results"]["tiny_choice"]["acc,none"]
 
 
-def test_bucket_lengths():
-    assert [bucket_length(n, 2048, 16) for n in (1, 16, 17, 300, 2048)] == [16, 16, 32, 512, 2048]
-    assert bucket_length(40, 48, 16) == 48

@@ -101,7 +101,7 @@ def test_flatten_metrics_names():
 
 def test_validation_longer_than_context_is_refused():
     from gptj.configs import base
-    from gptj.eval_harness import validation_metrics
+    from gptj.evaluate import validation_metrics
     from gptj.model import GPTJConfig
 
     config = base.get_config()

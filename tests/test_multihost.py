@@ -106,12 +106,13 @@ def _restore(workdir, config_path, step):
 
     from gptj import checkpoint, train_lm
     from gptj.params_io import read_model_config
+    from gptj.partitioning import Partitioner
 
     spec = importlib.util.spec_from_file_location("pod_config", config_path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    trainer = train_lm.build_trainer(config, read_model_config(workdir), train_lm.build_partitioner(config))
+    trainer = train_lm.build_trainer(config, read_model_config(workdir), Partitioner.from_config(config.mesh))
     state, data_state = checkpoint.Checkpointer(workdir, read_only=True).restore(trainer.abstract_state, step=step)
     return jax.device_get(state), data_state
 

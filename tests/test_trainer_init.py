@@ -28,21 +28,21 @@ def test_init_from_hf_takes_shape_and_values_from_the_weights(tmp_path):
     config.init_from = f"hf:{tmp_path / 'hf'}"
     config.model.update(dict(d_model=64, num_layers=3))  # the config file's shape loses to the weights'
 
-    source = train_lm.load_init_source(config, read_weights=True)
-    model = train_lm.resolve_model_config(config, init_source=source)
+    source = train_lm.open_init_weights(config)
+    model = train_lm.resolve_model_config(config, init_weights=source)
     assert (model.d_model, model.num_layers, model.vocab_size) == (32, 2, 128)
     trainer = cached_trainer("single")
-    state = train_lm.state_from_init_source(trainer, model, source, fresh_optimizer=True)
+    state = train_lm.initial_state(trainer, model, source, fresh_optimizer=True)
     assert int(state["step"]) == 0
     _leaves_equal(to_numpy(state["params"]), weights)
     assert all(not np.asarray(x).any() for x in jax.tree_util.tree_leaves(to_numpy(state["opt_state"][1].mu)))
 
     # A shape given on the command line that contradicts the weights is an error, not silently dropped.
     with pytest.raises(ConfigError, match="model.d_model=64 but the weights have 32"):
-        train_lm.resolve_model_config(config, explicit_model_fields=["d_model"], init_source=source)
+        train_lm.resolve_model_config(config, explicit_model_fields=["d_model"], init_weights=source)
     # Runtime choices (compute dtype, remat) stay the run's.
     config.model.update(dict(dtype="bfloat16", remat_policy="full"))
-    model = train_lm.resolve_model_config(config, explicit_model_fields=["dtype"], init_source=source)
+    model = train_lm.resolve_model_config(config, explicit_model_fields=["dtype"], init_weights=source)
     assert (model.dtype, model.remat_policy, model.d_model) == ("bfloat16", "full", 32)
 
 
@@ -62,7 +62,7 @@ def test_init_from_a_workdir_continues_or_starts_a_fresh_optimizer(tmp_path):
 
     config = tiny_config(total_steps=5)
     config.init_from = str(source)
-    fresh = train_lm.state_from_init_source(trainer, TINY, train_lm.load_init_source(config, read_weights=True),
+    fresh = train_lm.initial_state(trainer, TINY, train_lm.open_init_weights(config),
                                             fresh_optimizer=True)
     assert int(fresh["step"]) == 0
     _leaves_equal(to_numpy(fresh["params"]), saved["params"])
@@ -86,11 +86,11 @@ def test_init_from_a_mesh_transformer_jax_checkpoint(tmp_path):
                      bf16=False)
     config = tiny_config()
     config.init_from = f"mtj:{tmp_path / 'mtj'}"
-    source = train_lm.load_init_source(config, read_weights=True)
-    model = train_lm.resolve_model_config(config, init_source=source)
+    source = train_lm.open_init_weights(config)
+    model = train_lm.resolve_model_config(config, init_weights=source)
     assert (model.d_model, model.num_heads, model.rotary_dim, model.vocab_size) == (64, 8, 4, 128)
     trainer = train_lm.build_trainer(train_lm.resolved_config(config, model), model,
                                      Partitioner(make_mesh(1, 1, devices=jax.devices()[:1]), "megatron"))
-    state = train_lm.state_from_init_source(trainer, model, source, fresh_optimizer=False)
+    state = train_lm.initial_state(trainer, model, source, fresh_optimizer=False)
     assert int(state["step"]) == 0  # a reference checkpoint's optimizer state is not carried over
-    _leaves_equal(to_numpy(state["params"]), source.params)
+    _leaves_equal(to_numpy(state["params"]), source.numpy())

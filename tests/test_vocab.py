@@ -69,7 +69,7 @@ def test_decode_roundtrip():
 def test_tf_path_equals_python_path():
     import tensorflow as tf
 
-    from gptj.vocab import GPT2Vocabulary
+    from gptj.vocab_seqio import GPT2Vocabulary
 
     vocab = GPT2Vocabulary()
     assert vocab.vocab_size == GPT2_VOCAB_SIZE and vocab.eos_id == EOT_ID

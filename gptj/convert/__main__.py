@@ -18,19 +18,20 @@ import sys
 
 def _to_hf(args) -> str:
     from gptj.convert import hf
-    from gptj.params_io import load_params, to_numpy
+    from gptj.weights import open_weights
 
-    params, config = load_params(args.workdir)
-    hf.write_hf(to_numpy(params), config, args.out, dtype=args.dtype)
+    weights = open_weights(args.workdir)
+    hf.write_hf(weights.numpy(), weights.config, args.out, dtype=args.dtype)
     return f"wrote HF GPTJForCausalLM ({args.dtype}) to {args.out}"
 
 
 def _from_hf(args) -> str:
-    from gptj.convert import hf
     from gptj.params_io import save_params
+    from gptj.weights import open_weights
 
-    params, config = hf.read_hf(args.hf_dir, vocab_pad_multiple=args.vocab_pad_multiple)
-    save_params(args.out, params, config)
+    weights = open_weights(f"hf:{args.hf_dir}", args.vocab_pad_multiple)
+    config = weights.config
+    save_params(args.out, weights.numpy(), config)
     return f"wrote params directory {args.out} ({config.num_layers} layers, d_model {config.d_model})"
 
 

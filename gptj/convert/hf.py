@@ -201,9 +201,14 @@ def params_to_hf_state(params: dict[str, Any], config: GPTJConfig) -> Iterator[t
     yield "lm_head.bias", np.asarray(params["lm_head_bias"])[:v]
 
 
+def read_hf_model_config(hf_dir: str, vocab_pad_multiple: int = 1) -> GPTJConfig:
+    """The GPTJConfig of an HF GPT-J directory (its config.json), without reading the weights."""
+    return model_config_from_hf(_read_hf_config(hf_dir), vocab_pad_multiple)
+
+
 def read_hf(hf_dir: str, vocab_pad_multiple: int = 1) -> tuple[dict[str, Any], GPTJConfig]:
     """Reads an HF GPT-J `save_pretrained` directory (safetensors or .bin, sharded or not)."""
-    config = model_config_from_hf(_read_hf_config(hf_dir), vocab_pad_multiple)
+    config = read_hf_model_config(hf_dir, vocab_pad_multiple)
     state: dict[str, np.ndarray] = {}
     for path in _weight_files(hf_dir):
         state.update(_iter_tensors(path))

@@ -359,6 +359,31 @@ def _check_optimizer_state(store: _ShardedLeaves, layout: list[_Leaf], summary: 
     return 2 * n + 2
 
 
+def _checkpoint_config(step_dir: str, config: str | Mapping[str, Any] | None,
+                       vocab_pad_multiple: int) -> tuple[GPTJConfig, int, str]:
+    """(GPTJConfig, cores_per_replica, where the config came from) for a checkpoint; see `read_mtj`."""
+    if config is None:
+        values, source = _find_config(step_dir)
+        if values is None:
+            values, source = GPTJ_6B_MTJ_CONFIG, "GPT-J-6B's configs/6B_roto_256.json (no config JSON found beside it)"
+    elif isinstance(config, str):
+        try:
+            with open(config) as f:
+                values, source = json.load(f), config
+        except (OSError, ValueError) as e:
+            raise WeightsError(f"{config}: unreadable mesh-transformer-jax config ({e})") from e
+    else:
+        values, source = dict(config), "the given config"
+    gptj_config, shards = model_config_from_mtj(values, vocab_pad_multiple)
+    return gptj_config, shards, source
+
+
+def read_mtj_model_config(path: str, config: str | Mapping[str, Any] | None = None,
+                          vocab_pad_multiple: int = 1) -> GPTJConfig:
+    """The GPTJConfig of a checkpoint (found as `read_mtj` finds it), without reading its weights."""
+    return _checkpoint_config(find_step_dir(path), config, vocab_pad_multiple)[0]
+
+
 def read_mtj(path: str, config: str | Mapping[str, Any] | None = None, vocab_pad_multiple: int = 1,
              dtype: Any = np.float32) -> tuple[dict[str, Any], GPTJConfig]:
     """Reads a mesh-transformer-jax checkpoint into gptj params (numpy) and its GPTJConfig.
@@ -373,19 +398,7 @@ def read_mtj(path: str, config: str | Mapping[str, Any] | None = None, vocab_pad
     whose count or shapes do not fit the config (another architecture).
     """
     step_dir = find_step_dir(path)
-    if config is None:
-        values, source = _find_config(step_dir)
-        if values is None:
-            values, source = GPTJ_6B_MTJ_CONFIG, "GPT-J-6B's configs/6B_roto_256.json (no config JSON found beside it)"
-    elif isinstance(config, str):
-        try:
-            with open(config) as f:
-                values, source = json.load(f), config
-        except (OSError, ValueError) as e:
-            raise WeightsError(f"{config}: unreadable mesh-transformer-jax config ({e})") from e
-    else:
-        values, source = dict(config), "the given config"
-    gptj_config, shards = model_config_from_mtj(values, vocab_pad_multiple)
+    gptj_config, shards, source = _checkpoint_config(step_dir, config, vocab_pad_multiple)
     summary = (f"layers={gptj_config.num_layers} d_model={gptj_config.d_model} n_heads={gptj_config.num_heads} "
                f"n_vocab={gptj_config.vocab_size} cores_per_replica={shards} from {source}")
 
