@@ -8,8 +8,11 @@ laid out by the rule set's batch sharding:
 
     {"inputs": int32 [B, L], "targets": int32 [B, L], "loss_mask": float32 [B, L]}
 
-from records of L + 1 tokens (inputs = r[:-1], targets = r[1:]; records are
-fully packed, so the loss mask is all ones except in eval padding rows).
+from records of L + 1 tokens (inputs = r[:-1], targets = r[1:]). A task may
+give each record a per-token "loss_mask" feature (1 = learn to predict this
+token, as the SFT task marks completions); the model's mask is then its
+[1:], since target i is token i + 1. Without one (packed text) the mask is all
+ones. Eval padding rows are 0 either way.
 
 Epochs and resuming: epoch e is the task read once, shuffled with a seed
 derived from (config.train.seed, e), cut into full local batches (the tail
@@ -35,6 +38,7 @@ from gptj.tasks.files import ERROR_TAG, DataError
 
 STATE_VERSION = 1
 FEATURE = "text"
+MASK_FEATURE = "loss_mask"
 
 
 # -- helpers --------------------------------------------------------------------------
@@ -61,10 +65,18 @@ def train_batch_spec(config) -> dict[str, jax.ShapeDtypeStruct]:
             "loss_mask": jax.ShapeDtypeStruct(shape, np.float32)}
 
 
-def to_model_features(text: np.ndarray, valid_rows: int | None = None) -> dict[str, np.ndarray]:
-    """Records [b, L + 1] -> inputs / targets / loss_mask [b, L]; rows from `valid_rows` on are padding."""
+def to_model_features(text: np.ndarray, valid_rows: int | None = None,
+                      token_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Records [b, L + 1] -> inputs / targets / loss_mask [b, L]; rows from `valid_rows` on are padding.
+
+    `token_mask` [b, L + 1]: the task's per-token mask (None: every token
+    counts); target i is token i + 1, so the loss mask is its [:, 1:].
+    """
     text = np.asarray(text, dtype=np.int32)
-    mask = np.ones(text[:, 1:].shape, np.float32)
+    if token_mask is None:
+        mask = np.ones(text[:, 1:].shape, np.float32)
+    else:
+        mask = np.asarray(token_mask, np.float32)[:, 1:].copy()
     if valid_rows is not None:
         mask[valid_rows:] = 0.0
     return {"inputs": text[:, :-1], "targets": text[:, 1:], "loss_mask": mask}
@@ -115,8 +127,12 @@ def task_split(task, purpose: str) -> str:
 
 
 def host_dataset(task_name: str, split: str, *, shard_info=None, shuffle: bool = False, seed: int = 0,
-                 shuffle_buffer: int | None = None):
-    """One epoch of this host's share of a task: a tf.data.Dataset of {"text": int32 [L + 1]}."""
+                 shuffle_buffer: int | None = None, with_mask: bool = False):
+    """One epoch of this host's share of a task: a tf.data.Dataset of its "text" records, int32 [L + 1].
+
+    With `with_mask`, elements are (text, mask) pairs, mask int32 [L + 1]: the
+    task's "loss_mask" feature, or all ones for a task without one.
+    """
     import seqio
     import tensorflow as tf
 
@@ -131,7 +147,15 @@ def host_dataset(task_name: str, split: str, *, shard_info=None, shuffle: bool =
         raise DataError(f"task {task_name!r} has no {FEATURE!r} feature (has {sorted(ds.element_spec)})")
     options = tf.data.Options()
     options.deterministic = True  # the same order on every run is what makes resuming exact
-    return ds.map(lambda ex: ex[FEATURE]).with_options(options)
+    if not with_mask:
+        return ds.map(lambda ex: ex[FEATURE]).with_options(options)
+    has_mask = MASK_FEATURE in ds.element_spec
+
+    def pair(ex):
+        text = ex[FEATURE]
+        return text, tf.cast(ex[MASK_FEATURE], tf.int32) if has_mask else tf.ones_like(text)
+
+    return ds.map(pair).with_options(options)
 
 
 @contextlib.contextmanager
@@ -198,7 +222,7 @@ class TrainIterator:
 
     def _epoch_batches(self, epoch: int, skip: int):
         ds = host_dataset(self.task_name, self.split, shard_info=self.shard_info, shuffle=True,
-                          seed=epoch_seed(self.seed, epoch), shuffle_buffer=self.shuffle_buffer)
+                          seed=epoch_seed(self.seed, epoch), shuffle_buffer=self.shuffle_buffer, with_mask=True)
         return ds.batch(self.local_batch, drop_remainder=True).skip(skip).prefetch(2).as_numpy_iterator()
 
     def _generate(self):
@@ -232,9 +256,9 @@ class TrainIterator:
         if self._stop_at is not None and self._batches >= self._stop_at:
             raise StopIteration
         with translate_errors(self.task_name):
-            epoch, position, text = next(self._stream)
+            epoch, position, (text, mask) = next(self._stream)
         self._epoch, self._position, self._batches = epoch, position, self._batches + 1
-        return to_model_features(text)
+        return to_model_features(text, token_mask=mask)
 
     def close(self) -> None:
         """Releases the input pipeline now (a live tf.data iterator otherwise stalls interpreter exit)."""
@@ -319,7 +343,7 @@ class EvalSet:
         self._num_batches: int | None = None
 
     def _dataset(self):
-        ds = host_dataset(self.task_name, self.split, shard_info=self.shard_info)
+        ds = host_dataset(self.task_name, self.split, shard_info=self.shard_info, with_mask=True)
         return ds.take(self.max_batches * self.local_batch) if self.max_batches > 0 else ds
 
     @property
@@ -342,12 +366,15 @@ class EvalSet:
         with translate_errors(self.task_name):
             batches = self._dataset().batch(self.local_batch).as_numpy_iterator()
             for _ in range(num_batches):
-                text = next(batches, None)
+                text, mask = next(batches, (None, None))
                 rows = 0 if text is None else len(text)
                 if rows < self.local_batch:  # pad to a full batch; padding rows carry no loss
                     pad = np.zeros((self.local_batch - rows, self.seq_len + 1), np.int32)
-                    text = pad if text is None else np.concatenate([text, pad])
-                local = to_model_features(text, valid_rows=rows)
+                    if text is None:
+                        text, mask = pad, pad
+                    else:
+                        text, mask = np.concatenate([text, pad]), np.concatenate([mask, pad])
+                local = to_model_features(text, valid_rows=rows, token_mask=mask)
                 yield local if self.partitioner is None else make_global(local, self.partitioner, self.global_batch)
 
 

