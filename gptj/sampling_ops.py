@@ -1,8 +1,10 @@
-"""The pure pieces of sampling: shape buckets, and drawing tokens from logits.
+"""The pure pieces of sampling: shape buckets, the tokenizer-vocabulary mask, and drawing tokens from logits.
 
 `sample_tokens` applies per-row temperature, top-k and top-p (nucleus)
 filtering, in HF's order, and is greedy where the temperature is 0; the
 statistics tests check it against an independently computed distribution.
+`pick_tokens` is the one step every generation path runs on a row's logits:
+mask the ids the tokenizer cannot decode, draw, and report log-probabilities.
 """
 
 from __future__ import annotations
@@ -17,6 +19,27 @@ def bucket(n: int, minimum: int = 1, cap: int | None = None) -> int:
     if cap is not None:
         size = min(size, max(cap, n))
     return size
+
+
+def mask_vocab(logits: jax.Array, limit: int) -> jax.Array:
+    """Logits with every id >= `limit` set to -inf: never drawn, no probability mass, never in a top list.
+
+    Models pad their vocabulary past the tokenizer's for TPU-friendly shapes
+    (GPT-J-6B: 50400 ids for GPT-2's 50257); the padded ids were never trained
+    to mean anything and cannot be decoded to text.
+    """
+    if limit >= logits.shape[-1]:
+        return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < limit, logits, -jnp.inf)
+
+
+def top_logprobs(log_probs: jax.Array, num_top: int) -> tuple[jax.Array, jax.Array]:
+    """(ids, log-probs) of the `num_top` likeliest tokens per position; empty arrays when 0."""
+    if not num_top:
+        empty = log_probs.shape[:-1] + (0,)
+        return jnp.zeros(empty, jnp.int32), jnp.zeros(empty, jnp.float32)
+    lps, ids = jax.lax.top_k(log_probs, num_top)
+    return ids.astype(jnp.int32), lps
 
 
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -60,3 +83,27 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
         return jnp.where(temperature > 0, drawn, greedy)
 
     return jax.lax.cond(jnp.any(temperature > 0), draw, lambda: greedy)
+
+
+def row_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
+    """Per-row PRNG keys [B, 2]: row i's token number `steps[i]` draws from fold_in(PRNGKey(seeds[i]), steps[i]).
+
+    A row's randomness depends only on its own seed and position in its
+    output, so a request samples the same tokens whatever shares its batch.
+    """
+    return jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.PRNGKey(seed), step))(seeds, steps)
+
+
+def pick_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+                vocab_limit: int, num_top: int):
+    """The next token of each row and its log-probabilities, over the first `vocab_limit` ids only.
+
+    logits [B, V] (fp32). Returns (token [B], its log-prob [B], top ids
+    [B, num_top], top log-probs [B, num_top]); log-probabilities are of the
+    unfiltered temperature-1 distribution over the tokenizer's vocabulary.
+    """
+    logits = mask_vocab(logits, vocab_limit)
+    token = sample_tokens(logits, keys, temperature, top_k, top_p)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    token_lp = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+    return (token, token_lp) + top_logprobs(log_probs, num_top)

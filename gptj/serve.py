@@ -8,14 +8,16 @@ Endpoints:
                         logprobs (<= 5), echo. echo + logprobs + max_tokens 0 returns the prompt tokens'
                         log-probabilities (how lm-evaluation-harness's `local-completions` scores).
   POST /complete        mesh-transformer-jax's API: {"context", "top_p", "temp"} -> {"completion"}.
-  GET  /v1/models, GET /health (status and counters), GET /metrics (Prometheus text).
+  GET  /v1/models, GET /health (engine state and counters), GET /metrics (Prometheus text).
   GET  /tokenizer_info, POST /tokenize, POST /detokenize: vLLM's tokenizer endpoints, so lm-eval's
                         `tokenizer_backend=remote` (auto-detected) needs no tokenizer files of its own.
+  GET  /openapi.json    the schema of all of the above, errors included.
 
-The request's `model` field is accepted and ignored (one model per server).
-Every error is a JSON body {"error": {"message", "type", ...}} with a 4xx status for anything the
-client got wrong (429 when the queue is full) and 500 for a server fault; no request can stop the
-server. Requests are batched by `gptj.serve_batching.BatchingEngine`.
+Requests run on one `gptj.engine.Engine` (continuous batching over `config.serve.max_batch_size`
+slots). The request's `model` field is accepted and ignored (one model per server). Every error is
+a JSON body {"error": {"message", "type", "param", "code"}}: 400 for anything the client got wrong,
+429 when more rows wait than `max_queue`, 500 only for a server fault; no request can stop the
+server. A streaming client that disconnects frees its slots at the engine's next step.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gptj.sampling import MAX_TOP_LOGPROBS, Generation, Score
-from gptj.serve_batching import GENERATE, SCORE, BatchingEngine, Job, QueueFull
+from gptj.engine import GENERATE, SCORE, Engine, Job, QueueFull
+from gptj.runner import MAX_TOP_LOGPROBS, Generation, Score
+from gptj.sampling import encode_text
 
 # The reference's /complete always generated this many tokens.
 REFERENCE_COMPLETE_TOKENS = 512
@@ -85,6 +88,99 @@ class DetokenizeRequest(BaseModel):
     tokens: list[StrictInt]
 
 
+# -- response bodies (declared so the OpenAPI schema says what each endpoint returns) ---------
+
+
+class LogprobsBlock(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: LogprobsBlock | None
+    finish_reason: str | None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    """A completion, or (with stream) each server-sent event's body."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: Any = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class CompleteResponse(BaseModel):
+    completion: str
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: str
+    data: list[ModelCard]
+
+
+class HealthResponse(BaseModel):
+    """Engine state: slots in use, rows waiting, and the engine's counters."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: str
+    model: str
+    slots: int
+    running_slots: int
+    waiting_rows: int
+    tokens_generated: int
+
+
+class TokenizerInfo(BaseModel):
+    tokenizer_class: str
+    eos_token: str
+    bos_token: str
+    pad_token: str | None
+    model_max_length: int
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 class RequestError(Exception):
     """A client error: answered with `status` and an OpenAI-style JSON error."""
 
@@ -98,20 +194,26 @@ def error_body(message: str, kind: str, param: str | None = None, code: Any = No
 
 
 class CompletionService:
-    """Validation, tokenization and OpenAI-shaped responses on top of a BatchingEngine."""
+    """Validation, tokenization and OpenAI-shaped responses on top of an Engine."""
 
-    def __init__(self, engine: BatchingEngine, tokenizer, *, model_name: str = "gptj", max_new_tokens_limit: int = 1024):
+    def __init__(self, engine: Engine, tokenizer, *, model_name: str = "gptj", max_new_tokens_limit: int = 1024):
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_new_tokens_limit = int(max_new_tokens_limit)
-        config = engine.sampler.config
-        self.max_len, self.vocab_size = config.max_len, config.vocab_size
+        self.max_len = engine.cache_len
+        self.vocab_size = engine.runner.vocab_limit  # ids a client may send: those the tokenizer can decode
         self.started = time.time()
 
     # -- request checking ---------------------------------------------------------------
 
-    def prompts_of(self, prompt) -> list[list[int]]:
+    def encode(self, text: str, param: str) -> list[int]:
+        try:
+            return encode_text(self.tokenizer, text)
+        except ValueError as e:
+            raise RequestError(f"{param}: {e}", param=param) from None
+
+    def prompts_of(self, prompt, copies: int = 1) -> list[list[int]]:
         """Token ids of each prompt in an OpenAI `prompt` field (string, strings, ids, lists of ids)."""
         if isinstance(prompt, str):
             prompts = [prompt]
@@ -119,9 +221,12 @@ class CompletionService:
             raise RequestError("prompt must not be empty", param="prompt")
         else:
             prompts = prompt if not isinstance(prompt[0], int) else [prompt]
+        if len(prompts) * copies > self.engine.max_queue:
+            raise RequestError(f"{len(prompts)} prompts x n={copies} completions in one request; this server takes "
+                               f"at most {self.engine.max_queue}", param="n")
         out = []
         for item in prompts:
-            ids = self.tokenizer.encode(item) if isinstance(item, str) else list(item)
+            ids = self.encode(item, "prompt") if isinstance(item, str) else list(item)
             if not ids:
                 raise RequestError("prompt must not be empty", param="prompt")
             if min(ids) < 0 or max(ids) >= self.vocab_size:
@@ -154,21 +259,16 @@ class CompletionService:
     # -- running jobs -------------------------------------------------------------------
 
     def submit(self, jobs: list[Job]) -> None:
-        if len(jobs) > self.engine.max_queue:
-            raise RequestError(f"{len(jobs)} completions in one request; this server takes at most "
-                               f"{self.engine.max_queue}", param="n")
         try:
             self.engine.submit(jobs)
         except QueueFull as e:
             raise RequestError(f"server busy: {e}; retry later", status=429, kind="rate_limit_error") from None
 
-    @staticmethod
-    async def wait(jobs: list[Job]) -> list[Any]:
+    async def wait(self, jobs: list[Job]) -> list[Any]:
         try:
             return list(await asyncio.gather(*(asyncio.wrap_future(job.future) for job in jobs)))
         except asyncio.CancelledError:
-            for job in jobs:
-                job.future.cancel()
+            self.engine.cancel(jobs)
             raise
 
     async def complete_reference(self, request: CompleteRequest) -> dict:
@@ -187,16 +287,16 @@ class CompletionService:
 
     def plan(self, request: CompletionRequest):
         """Checks an OpenAI request and turns it into jobs: (prompts, generate jobs, score jobs, settings)."""
-        prompts = self.prompts_of(request.prompt)
-        max_tokens = 16 if request.max_tokens is None else request.max_tokens
         n = 1 if request.n is None else request.n
+        if n < 1:
+            raise RequestError(f"n must be >= 1, got {n}", param="n")
+        prompts = self.prompts_of(request.prompt, n)
+        max_tokens = 16 if request.max_tokens is None else request.max_tokens
         temperature = 1.0 if request.temperature is None else float(request.temperature)
         top_p = 1.0 if request.top_p is None else float(request.top_p)
         top_k = request.top_k or 0
         self.check_sampling(temperature, top_p, top_k)
         self.check_lengths(prompts, max_tokens)
-        if n < 1:
-            raise RequestError(f"n must be >= 1, got {n}", param="n")
         logprobs = request.logprobs
         if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
             raise RequestError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}", param="logprobs")
@@ -206,6 +306,8 @@ class CompletionService:
         stop = [s for s in stop if s]
         seed = request.seed if request.seed is not None else random.getrandbits(31)
         top = logprobs or 0
+        # top_k past the vocabulary keeps every token, the same as 0.
+        top_k = min(top_k, self.vocab_size)
         generate = [Job(GENERATE, prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                         seed=seed + i, stop=stop, top_logprobs=top)
                     for prompt in prompts for i in range(n)] if max_tokens > 0 else []
@@ -282,21 +384,22 @@ class CompletionService:
     async def stream(self, request: CompletionRequest):
         """Server-sent events for a streamed completion; validation errors are raised before the first event."""
         prompts, generate, score, opts = self.plan(request)
-        n, logprobs = opts["n"], opts["logprobs"]
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
         for index, job in enumerate(generate):
             job.on_update = lambda gen, index=index: loop.call_soon_threadsafe(updates.put_nowait, (index, gen))
         self.submit(score + generate)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        return self._events(request, f"cmpl-{uuid.uuid4().hex}", prompts, generate, score, opts, updates)
+
+    async def _events(self, request, request_id, prompts, generate, score, opts, updates):
+        n, logprobs = opts["n"], opts["logprobs"]
         # Never emit text a later stop string might cover, nor a half-decoded character.
         holdback = max((len(s) for s in opts["stop"]), default=1) - 1
-        return self._events(request, request_id, prompts, generate, score, n, logprobs, updates, holdback)
 
-    async def _events(self, request, request_id, prompts, generate, score, n, logprobs, updates, holdback):
         def event(body) -> str:
             return f"data: {json.dumps(body)}\n\n"
 
+        finished = [False] * len(generate)
         try:
             scores = await self.wait(score) if score else []
             if request.echo:
@@ -305,30 +408,26 @@ class CompletionService:
                         choice = self.choice(p * n + i, prompt, None, scores[p] if scores else None, True, logprobs)
                         choice["finish_reason"] = None
                         yield event(self.envelope(request_id, [choice]))
-            sent_text = [0] * len(generate)
-            sent_tokens = [0] * len(generate)
-            finished = [False] * len(generate)
+            sent_text, sent_tokens = [0] * len(generate), [0] * len(generate)
             pending = {asyncio.ensure_future(asyncio.wrap_future(job.future)): k for k, job in enumerate(generate)}
             while not all(finished):
                 getter = asyncio.ensure_future(updates.get())
                 done, _ = await asyncio.wait(set(pending) | {getter}, return_when=asyncio.FIRST_COMPLETED)
-                items = []
-                if getter in done:
-                    items.append(getter.result())
-                else:
+                items = [getter.result()] if getter in done else []
+                if getter not in done:
                     getter.cancel()
                 for fut in done - {getter}:
                     items.append((pending.pop(fut), fut.result()))  # a failed row raises here
                 for index, gen in items:
                     if finished[index]:
                         continue
-                    final = gen.finished and generate[index].future.done()
+                    final = gen.finished
                     text = gen.text if final else gen.text.rstrip("\ufffd")
                     if not final and holdback:
                         text = text[:max(0, len(text) - holdback)]
                     delta = text[sent_text[index]:]
-                    new_tokens = len(gen.tokens) if final else len(gen.tokens) - 1
-                    new_tokens = max(new_tokens, sent_tokens[index])
+                    # The last token's text may still change (a partial character): send its log-prob later.
+                    new_tokens = max(len(gen.tokens) if final else len(gen.tokens) - 1, sent_tokens[index])
                     if not delta and not final:
                         continue
                     choice = {"text": delta, "index": index, "logprobs": None,
@@ -347,11 +446,44 @@ class CompletionService:
                 yield event(self.envelope(request_id, choices))
         except Exception as e:  # noqa: BLE001 - a failure mid-stream is reported in-band
             yield event(error_body(f"generation failed: {e}", "server_error"))
+        finally:
+            # The client went away (the stream was cancelled) or generation failed: free the slots now.
+            if not all(finished):
+                self.engine.cancel(score + generate)
         yield "data: [DONE]\n\n"
 
 
-def create_app(service: CompletionService):
-    """The FastAPI application; the engine's worker runs for the app's lifetime."""
+def _openapi_errors(app) -> None:
+    """Makes /openapi.json declare what the server answers: 400 (not FastAPI's 422) for invalid bodies,
+    429 and 500 as ErrorResponse, and server-sent events for a streamed completion."""
+    from fastapi.openapi.utils import get_openapi
+
+    def schema():
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            error = {"description": "error", "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+            for path in spec["paths"].values():
+                for operation in path.values():
+                    responses = operation["responses"]
+                    responses.pop("422", None)
+                    if "requestBody" in operation:
+                        responses["400"] = dict(error, description="invalid request")
+                    responses["500"] = dict(error, description="server fault")
+            spec["components"]["schemas"].pop("HTTPValidationError", None)
+            spec["components"]["schemas"].pop("ValidationError", None)
+            completions = spec["paths"]["/v1/completions"]["post"]["responses"]
+            completions["429"] = dict(error, description="more rows waiting than the server queues")
+            completions["200"]["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+            spec["paths"]["/complete"]["post"]["responses"]["429"] = dict(error, description="server busy")
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = schema
+
+
+def create_app(service: CompletionService, *, warmup: bool = False):
+    """The FastAPI application; the engine's worker runs for the app's lifetime (after `warmup`, if set)."""
     import contextlib
 
     from fastapi import FastAPI, Request
@@ -361,6 +493,8 @@ def create_app(service: CompletionService):
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
+        if warmup:
+            await asyncio.to_thread(service.engine.warmup)
         service.engine.start()
         try:
             yield
@@ -368,6 +502,8 @@ def create_app(service: CompletionService):
             service.engine.stop()
 
     app = FastAPI(title="gptj", lifespan=lifespan)
+    app.state.engine = service.engine  # for tests and embedding applications: step log, counters
+    _openapi_errors(app)
 
     @app.exception_handler(RequestError)
     async def _request_error(_request: Request, exc: RequestError):
@@ -393,46 +529,42 @@ def create_app(service: CompletionService):
     async def _server_error(_request: Request, exc: Exception):
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), status_code=500)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=CompletionResponse)
     async def completions(request: CompletionRequest):
         if request.stream:
             return StreamingResponse(await service.stream(request), media_type="text/event-stream")
         return await service.completions(request)
 
-    @app.post("/complete")
+    @app.post("/complete", response_model=CompleteResponse)
     async def complete(request: CompleteRequest):
         return await service.complete_reference(request)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList)
     async def models():
         return {"object": "list", "data": [{"id": service.model_name, "object": "model",
                                             "created": int(service.started), "owned_by": "gptj",
                                             "max_model_len": service.max_len}]}
 
-    @app.get("/health")
+    @app.get("/health", response_model=HealthResponse)
     async def health():
-        return {"status": "ok", "model": service.model_name, "queued_rows": service.engine.queued,
-                **service.engine.counters, "sampler": dict(service.engine.sampler.stats)}
+        return {"status": "ok", "model": service.model_name, **service.engine.health()}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        lines = []
-        for name, value in {**service.engine.counters, "queued_rows": service.engine.queued}.items():
-            lines.append(f"gptj_{name} {value}")
-        return PlainTextResponse("\n".join(lines) + "\n")
+        return PlainTextResponse(service.engine.prometheus())
 
-    @app.get("/tokenizer_info")
+    @app.get("/tokenizer_info", response_model=TokenizerInfo)
     async def tokenizer_info():
         eos = "<|endoftext|>"
         return {"tokenizer_class": "GPT2TokenizerFast", "eos_token": eos, "bos_token": eos, "pad_token": None,
                 "model_max_length": service.max_len}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", response_model=TokenizeResponse)
     async def tokenize(request: TokenizeRequest):
-        tokens = service.tokenizer.encode(request.prompt)
+        tokens = service.encode(request.prompt, "prompt")
         return {"tokens": tokens, "count": len(tokens), "max_model_len": service.max_len}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", response_model=DetokenizeResponse)
     async def detokenize(request: DetokenizeRequest):
         if any(t < 0 or t >= service.vocab_size for t in request.tokens):
             raise RequestError(f"token ids must lie in [0, {service.vocab_size})", param="tokens")
@@ -442,12 +574,13 @@ def create_app(service: CompletionService):
 
 
 def build_app(sampler, tokenizer, serve_config) -> Any:
-    """An app for `sampler` with the batching limits and names of a `config.serve` section."""
-    engine = BatchingEngine(sampler, max_batch_size=int(serve_config.max_batch_size),
-                            max_wait_ms=float(serve_config.max_wait_ms), max_queue=int(serve_config.max_queue))
+    """An app serving `sampler`'s model with the engine settings and names of a `config.serve` section."""
+    engine = Engine(sampler.runner, slots=int(serve_config.max_batch_size), max_queue=int(serve_config.max_queue),
+                    prefill_chunk=int(serve_config.prefill_chunk), decode_steps=int(serve_config.decode_steps),
+                    tokenizer=tokenizer, eos_id=sampler.eos_id)
     service = CompletionService(engine, tokenizer, model_name=str(serve_config.model_name),
                                 max_new_tokens_limit=int(serve_config.max_new_tokens_limit))
-    return create_app(service)
+    return create_app(service, warmup=bool(serve_config.warmup))
 
 
 def serve(config, workdir: str | None) -> None:

@@ -14,8 +14,8 @@ from tests.sampling_utils import gpt2_vocab_config, random_params
 
 def serve_config(**changes):
     """A `config.serve`-like section with test-sized limits."""
-    values = dict(host="127.0.0.1", port=0, max_batch_size=8, max_wait_ms=50, max_queue=64,
-                  max_new_tokens_limit=64, model_name="gptj-test")
+    values = dict(host="127.0.0.1", port=0, max_batch_size=8, max_queue=64, prefill_chunk=32, decode_steps=4,
+                  warmup=False, max_new_tokens_limit=64, model_name="gptj-test")
     values.update(changes)
     return types.SimpleNamespace(**values)
 

@@ -10,6 +10,7 @@ from scipy import stats
 
 from gptj.model import GPTJ, GPTJConfig, init_cache
 from gptj.partitioning import Partitioner, make_mesh
+from gptj.runner import ROW_FIELDS, ModelRunner
 from gptj.sampling import Sampler
 from gptj.sampling_ops import bucket, sample_tokens
 from tests.sampling_utils import random_hf_gptj, random_params
@@ -91,8 +92,8 @@ def test_decode_steps_equal_full_forward(hf_pair):
 def _cache_sized_instructions(hlo: str, shape: str) -> tuple[list[str], int]:
     """Ops outside fused computations that produce an f32[shape] array: (the others, the in-place writes).
 
-    A write is a dynamic-update-slice, or a fusion whose fused computation's
-    root is one (XLA performs those in place on their operand).
+    A write is a dynamic-update-slice or a scatter, or a fusion whose fused
+    computation's root is one (XLA performs those in place on their operand).
     """
     fused = set(re.findall(r"calls=(%[\w.-]+)", hlo))
     roots, computation, found = {}, None, []
@@ -106,34 +107,33 @@ def _cache_sized_instructions(hlo: str, shape: str) -> tuple[list[str], int]:
         if computation not in fused and re.search(r"= f32\[" + shape + r"\]\{", line):
             calls = re.search(r"calls=(%[\w.-]+)", line)
             found.append((op.group(1), calls.group(1) if calls else None))
+    in_place = ("dynamic-update-slice", "scatter")
     writes = [(op, calls) for op, calls in found
-              if op == "dynamic-update-slice" or (op == "fusion" and roots.get(calls) == "dynamic-update-slice")]
+              if op in in_place or (op == "fusion" and roots.get(calls) in in_place)]
     return [op for op, calls in found if (op, calls) not in writes], len(writes)
 
 
 def test_decode_loop_writes_the_cache_in_place_and_never_copies_it():
-    """The compiled decode loop touches the whole [layers, B, H, S, D] cache only through two in-place writes.
+    """The compiled decode loop touches the whole [layers, slots, H, S, D] cache only through in-place writes.
 
-    Carrying the cache through the layer scan made XLA re-stack (broadcast,
-    copy, update) the whole cache every step; now the scan only reads it and
-    one dynamic_update_slice per key/value writes the step's slots into the
-    donated buffer.
+    Per step the model writes every slot's new key and value into the scratch
+    column (one dynamic_update_slice each) and the step moves each slot's to
+    its own column (one scatter each): four writes of one column, never a
+    copy or re-stack of the cache, which stays in the donated buffer.
     """
     config = GPTJConfig(vocab_size=100, vocab_pad_multiple=8, num_layers=3, d_model=32, num_heads=4, rotary_dim=4,
                         max_len=64)
-    sampler = Sampler(config, random_params(config, seed=0), eos_id=None)
-    batch, prompt_len, gen_len = 2, 16, 16
+    runner = ModelRunner(config, random_params(config, seed=0))
+    slots, cache_len = 2, 32
+    cache = runner.new_cache(slots, cache_len)
+    assert cache["cached_key"].shape == (3, slots, 4, cache_len + 1, 8)
     spec = jax.ShapeDtypeStruct
-    args = (spec((batch, prompt_len), jnp.int32), spec((batch, prompt_len), jnp.int32),
-            spec((batch, prompt_len), bool), spec((batch,), jnp.int32), spec((batch,), jnp.uint32),
-            spec((batch,), jnp.float32), spec((batch,), jnp.int32), spec((batch,), jnp.float32),
-            spec((batch,), jnp.int32), spec((), jnp.int32))
-    state = jax.eval_shape(lambda *a: sampler._prefill_fn(sampler.params, *a, gen_len, 0), *args)
-    assert state.cache["cached_key"].shape == (3, batch, 4, prompt_len + gen_len, 8)
-    hlo = sampler._decode.lower(sampler.params, state, spec((), jnp.int32)).compile().as_text()
-    others, writes = _cache_sized_instructions(hlo, f"3,{batch},4,{prompt_len + gen_len},8")
+    with runner.partitioner.activate():
+        lowered = runner._decode.lower(runner.params, cache, spec((slots, ROW_FIELDS), jnp.int32),
+                                       spec((slots, 2), jnp.float32), spec((), jnp.int32), spec((), bool), 4, 0)
+    others, writes = _cache_sized_instructions(lowered.compile().as_text(), f"3,{slots},4,{cache_len + 1},8")
     assert set(others) <= {"parameter", "get-tuple-element", "bitcast"}, others
-    assert writes == 2  # key and value, once each per step for all layers
+    assert writes == 4
 
 
 def test_sampled_logprobs_equal_scoring_forward(hf_pair):
@@ -200,45 +200,29 @@ def test_streaming_callback_sees_growing_prefixes(hf_pair):
 
 
 def test_shapes_are_bucketed_so_requests_share_programs(hf_pair):
-    """Prompts of 3..16 tokens and 1..16 new tokens reuse one compiled prefill."""
+    """Prompts of 3..12 tokens with 4..7 new tokens reuse one prefill and one decode program."""
     _, _, params, config = hf_pair
-    traces = []
-
-    class Counting(Sampler):
-        def _prefill_fn(self, *args):
-            traces.append(args[1].shape)
-            return super()._prefill_fn(*args)
-
-    sampler = Counting(config, params, eos_id=None)
-    for length, new in ((3, 5), (9, 16), (16, 1)):
+    sampler = Sampler(config, params, eos_id=None)
+    for length, new in ((3, 5), (9, 7), (12, 4)):
         sampler.generate([list(range(1, length + 1))], max_new_tokens=new)
-    assert len(traces) == 1
+    assert sampler.stats["programs"] == 2 and sampler.stats["prefill_calls"] == 3
+    sampler.generate([list(range(1, 21))], max_new_tokens=4)  # 24 tokens: the next cache bucket
+    assert sampler.stats["programs"] == 4
     assert bucket(3, 16) == 16 and bucket(17, 16) == 32 and bucket(100, 16, cap=96) == 100 and bucket(40, 16, 48) == 48
 
 
 def test_bf16_models_keep_a_bf16_cache_and_the_loop_donates_it(hf_pair):
     _, _, params, config = hf_pair
-    seen = []
-
-    class Watching(Sampler):
-        def _build_programs(self):
-            super()._build_programs()
-            decode = self._decode
-
-            def spy(params, state, steps):
-                out = decode(params, state, steps)
-                seen.append((state, out))
-                return out
-
-            self._decode = spy
-
-    sampler = Watching(config.replace(dtype="bfloat16"), params, eos_id=None)
+    sampler = Sampler(config.replace(dtype="bfloat16"), params, eos_id=None)
     assert sampler.params["blocks"]["attn"]["q_proj"].dtype == jnp.bfloat16  # no fp32 copy kept for inference
     [out] = sampler.generate([PROMPTS[0]], max_new_tokens=8)
     assert len(out.tokens) == 8
-    state_in, state_out = seen[0]
-    assert state_out.cache["cached_key"].dtype == jnp.bfloat16
-    assert state_in.cache["cached_key"].is_deleted()  # donated to the decode loop
+    runner = sampler.runner
+    cache = runner.new_cache(1, 32)
+    rows = np.zeros((1, ROW_FIELDS), np.int32)
+    new_cache, _ = runner.decode(cache, rows, np.ones((1, 2), np.float32), 1, False, 4, 0)
+    assert new_cache["cached_key"].dtype == jnp.bfloat16
+    assert cache["cached_key"].is_deleted()  # donated to the decode loop
 
 
 # -- the samplers against analytic distributions --------------------------------------
@@ -309,8 +293,8 @@ def test_megatron_2x4_decoding_equals_single_device():
     params = random_params(config, seed=2)
     single = Sampler(config, params, eos_id=None)
     sharded = Sampler(config, params, Partitioner(make_mesh(2, 4), "megatron"), eos_id=None)
-    cache_key = sharded._state_sh.cache["cached_key"]
-    assert tuple(cache_key.spec) == (None, "data", "model", None, None)  # batch over data, heads over model
+    cache_key = sharded.runner.new_cache(4, 32)["cached_key"]
+    assert tuple(cache_key.sharding.spec) == (None, "data", "model", None, None)  # slots over data, heads over model
     assert sharded.params["blocks"]["attn"]["q_proj"].sharding.spec[2] == "model"
     kwargs = dict(max_new_tokens=16, temperature=[0.0, 0.0, 1.0, 0.8], top_p=[1.0, 1.0, 1.0, 0.9], seed=[0, 1, 2, 3])
     want = single.generate(PROMPTS, **kwargs)

@@ -88,10 +88,13 @@ def get_config() -> ml_collections.ConfigDict:
         max_new_tokens=64, temperature=0.8, top_p=0.9, top_k=0, seed=0, batch_size=8, chunk_steps=16,
     ))
 
-    # --mode=serve. Requests arriving within max_wait_ms share a batch of up to
-    # max_batch_size rows; more than max_queue waiting rows are answered 429.
+    # --mode=serve: continuous batching (gptj/engine.py). max_batch_size slots decode together; a waiting
+    # request takes the first slot that frees. Prompts are prefilled prefill_chunk tokens per call, so a
+    # long prompt delays running rows by one chunk at a time; a decode call runs up to decode_steps
+    # steps when nothing waits. More than max_queue waiting rows are answered 429. warmup compiles
+    # every prefill and decode shape before the server accepts requests.
     config.serve = ml_collections.ConfigDict(dict(
-        host="127.0.0.1", port=5000, max_batch_size=8, max_wait_ms=20, max_queue=256,
-        max_new_tokens_limit=1024, model_name="gptj",
+        host="127.0.0.1", port=5000, max_batch_size=8, max_queue=256, prefill_chunk=512, decode_steps=4,
+        warmup=True, max_new_tokens_limit=1024, model_name="gptj",
     ))
     return config
