@@ -223,14 +223,19 @@ class Engine:
             self._lock.notify_all()
 
     def cancel(self, jobs: Sequence[Job]) -> None:
-        """Stops `jobs` (their client went away): waiting ones are dropped, running ones free their slot
-        before the next decode call."""
+        """Stops `jobs` (their client went away): waiting ones leave the queue at once, running ones free
+        their slot before the next decode call."""
         with self._lock:
             for job in jobs:
-                if not job.future.done() and not job.cancelled:
-                    job.cancelled = True
-                    job.cancelled_at_call = self.counters["decode_calls"]
-                    job.future.cancel()
+                if job.future.done() or job.cancelled:
+                    continue
+                job.cancelled = True
+                job.cancelled_at_call = self.counters["decode_calls"]
+                if job.future.cancel():  # still waiting: never started
+                    queue = self._scoring if job.kind == SCORE else self._waiting
+                    if job in queue:
+                        queue.remove(job)
+                    self.counters["cancelled_rows"] += 1
             self._lock.notify_all()
 
     # -- state for /health and /metrics -------------------------------------------------
@@ -363,12 +368,6 @@ class Engine:
                               **fields})
 
     def _sweep_cancelled(self) -> None:
-        with self._lock:
-            dropped = [j for j in itertools.chain(self._waiting, self._scoring) if j.cancelled]
-            if dropped:
-                self._waiting = collections.deque(j for j in self._waiting if not j.cancelled)
-                self._scoring = collections.deque(j for j in self._scoring if not j.cancelled)
-        self.counters["cancelled_rows"] += len(dropped)
         for row in self._rows:
             if row is not None and row.job.cancelled:
                 self.counters["cancelled_rows"] += 1
@@ -383,7 +382,6 @@ class Engine:
                     return
                 job = self._waiting.popleft()
             if not job.future.set_running_or_notify_cancel():
-                self.counters["cancelled_rows"] += 1
                 continue
             now = time.monotonic()
             self.histograms["queue_wait_seconds"].observe(now - job.submitted_at)

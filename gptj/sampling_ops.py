@@ -65,12 +65,40 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
     return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
 
+# Columns per block of the two-level inverse-CDF draw: a cumulative sum over a whole 50k vocabulary is
+# slow on a CPU (XLA's cumsum is a windowed reduction), over ~200 block sums and one 256-wide block it is not.
+_DRAW_BLOCK = 256
+
+
+def draw_from(probs: jax.Array, keys: jax.Array) -> jax.Array:
+    """One index per row [B] from probabilities probs [B, V] (rows need not sum to 1), one uniform per row.
+
+    Inverse CDF in two levels: the block whose cumulative mass first exceeds
+    u x total, then the entry inside it. A zero-probability entry is never
+    returned, whatever the rounding (the draw is clipped to the last entry,
+    or block, with mass).
+    """
+    batch, vocab = probs.shape
+    width = min(_DRAW_BLOCK, vocab)
+    blocks = jnp.pad(probs, ((0, 0), (0, -vocab % width))).reshape(batch, -1, width)
+    block_cdf = jnp.cumsum(blocks.sum(-1), axis=-1)  # [B, R]
+    target = jax.vmap(jax.random.uniform)(keys) * block_cdf[:, -1]
+    block = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), jnp.argmax(block_cdf, axis=-1))
+    before = jnp.take_along_axis(block_cdf, jnp.maximum(block - 1, 0)[:, None], axis=-1)[:, 0]
+    before = jnp.where(block > 0, before, 0.0)
+    inner_cdf = jnp.cumsum(jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0], axis=-1)  # [B, width]
+    rest = jnp.maximum(target - before, 0.0)
+    inner = jnp.minimum(jnp.sum(inner_cdf <= rest[:, None], axis=-1), jnp.argmax(inner_cdf, axis=-1))
+    return (block * width + inner).astype(jnp.int32)
+
+
 def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
                   top_p: jax.Array) -> jax.Array:
     """One token per row: argmax where temperature is 0, else a draw from the filtered distribution.
 
-    keys: one raw PRNG key per row [B, 2]. The sort behind top-k / top-p is
-    skipped when no row asks for either, and all sampling when every row is greedy.
+    keys: one raw PRNG key per row [B, 2] (each row's draw uses one uniform
+    from it). The sort behind top-k / top-p is skipped when no row asks for
+    either, and all sampling when every row is greedy.
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
@@ -79,8 +107,7 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
         needs_filter = jnp.any((top_k > 0) | (top_p < 1.0))
         filtered = jax.lax.cond(needs_filter, lambda: filter_logits(logits, safe_t, top_k, top_p),
                                 lambda: logits / safe_t[:, None])
-        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-        return jnp.where(temperature > 0, drawn, greedy)
+        return jnp.where(temperature > 0, draw_from(jax.nn.softmax(filtered, axis=-1), keys), greedy)
 
     return jax.lax.cond(jnp.any(temperature > 0), draw, lambda: greedy)
 

@@ -29,7 +29,7 @@ import time
 import uuid
 from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from gptj.engine import GENERATE, SCORE, Engine, Job, QueueFull
 from gptj.runner import MAX_TOP_LOGPROBS, Generation, Score
@@ -39,28 +39,39 @@ from gptj.sampling import encode_text
 REFERENCE_COMPLETE_TOKENS = 512
 MAX_STOP_STRINGS = 4
 
-StrictInt = Annotated[int, Field(strict=True)]
-StrictFloat = Annotated[float, Field(strict=True)]
+def _whole(value):
+    """JSON has one kind of number: 6.0 is the integer 6 (as JSON Schema says); 6.5 stays a float and is refused."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+StrictInt = Annotated[int, BeforeValidator(_whole), Field(strict=True)]
 StrictStr = Annotated[str, Field(strict=True)]
+Text = Annotated[str, Field(strict=True, min_length=1)]
 StrictBool = Annotated[bool, Field(strict=True)]
+Temperature = Annotated[float, Field(strict=True, ge=0.0, le=100.0)]
+TopP = Annotated[float, Field(strict=True, gt=0.0, le=1.0)]
 
 
 class CompletionRequest(BaseModel):
-    """The OpenAI completions request body (fields gptj does not use are ignored)."""
+    """The OpenAI completions request body (fields gptj does not use are ignored).
+
+    Limits that depend on the server (max_tokens, n, token ids) are added per
+    server by `bounded_requests`, so /openapi.json states that server's limits.
+    """
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
+    prompt: Union[Text, list[Text], list[StrictInt], list[list[StrictInt]]]
     model: str | None = None
-    max_tokens: StrictInt | None = 16
-    temperature: StrictFloat | None = 1.0
-    top_p: StrictFloat | None = 1.0
-    top_k: StrictInt | None = 0
-    n: StrictInt | None = 1
-    stop: Union[StrictStr, list[StrictStr], None] = None
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = 16
+    temperature: Temperature | None = 1.0
+    top_p: TopP | None = 1.0
+    top_k: Annotated[StrictInt, Field(ge=0)] | None = 0
+    n: Annotated[StrictInt, Field(ge=1)] | None = 1
+    stop: Union[StrictStr, Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)], None] = None
     seed: StrictInt | None = None
     stream: StrictBool | None = False
-    logprobs: StrictInt | None = None
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     echo: StrictBool | None = False
 
 
@@ -69,23 +80,46 @@ class CompleteRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    context: StrictStr
-    top_p: StrictFloat = 0.9
-    temp: StrictFloat = 1.0
-    max_tokens: StrictInt | None = None
+    context: Text
+    top_p: TopP = 0.9
+    temp: Temperature = 1.0
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
 
 
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     prompt: StrictStr
-    add_special_tokens: StrictBool | None = False
+    add_special_tokens: StrictBool | None = False  # accepted for vLLM's clients; GPT-2 BPE adds none
 
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     tokens: list[StrictInt]
+
+
+def bounded_requests(max_new_tokens: int, max_rows: int, vocab_size: int) -> dict[str, type[BaseModel]]:
+    """The request bodies with one server's limits: tokens per completion, rows per request, token ids.
+
+    A prompt's length against the context is still checked per request (it
+    depends on the tokenizer and on max_tokens).
+    """
+    from pydantic import create_model
+
+    token = Annotated[StrictInt, Field(ge=0, lt=vocab_size)]
+    rows = lambda item: Annotated[list[item], Field(min_length=1, max_length=max_rows)]  # noqa: E731
+    max_tokens = Annotated[StrictInt, Field(ge=0, le=max_new_tokens)] | None
+    return {
+        "completion": create_model(
+            "CompletionRequest", __base__=CompletionRequest,
+            prompt=(Union[Text, rows(Text), Annotated[list[token], Field(min_length=1)],
+                          rows(Annotated[list[token], Field(min_length=1)])], ...),
+            max_tokens=(max_tokens, min(16, max_new_tokens)),
+            n=(Annotated[StrictInt, Field(ge=1, le=max_rows)] | None, 1)),
+        "complete": create_model("CompleteRequest", __base__=CompleteRequest, max_tokens=(max_tokens, None)),
+        "detokenize": create_model("DetokenizeRequest", __base__=DetokenizeRequest, tokens=(list[token], ...)),
+    }
 
 
 # -- response bodies (declared so the OpenAPI schema says what each endpoint returns) ---------
@@ -200,7 +234,7 @@ class CompletionService:
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.max_new_tokens_limit = int(max_new_tokens_limit)
+        self.max_new_tokens_limit = min(int(max_new_tokens_limit), engine.cache_len)
         self.max_len = engine.cache_len
         self.vocab_size = engine.runner.vocab_limit  # ids a client may send: those the tokenizer can decode
         self.started = time.time()
@@ -215,46 +249,22 @@ class CompletionService:
 
     def prompts_of(self, prompt, copies: int = 1) -> list[list[int]]:
         """Token ids of each prompt in an OpenAI `prompt` field (string, strings, ids, lists of ids)."""
-        if isinstance(prompt, str):
-            prompts = [prompt]
-        elif not prompt:
-            raise RequestError("prompt must not be empty", param="prompt")
-        else:
-            prompts = prompt if not isinstance(prompt[0], int) else [prompt]
+        prompts = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
         if len(prompts) * copies > self.engine.max_queue:
             raise RequestError(f"{len(prompts)} prompts x n={copies} completions in one request; this server takes "
                                f"at most {self.engine.max_queue}", param="n")
-        out = []
-        for item in prompts:
-            ids = self.encode(item, "prompt") if isinstance(item, str) else list(item)
-            if not ids:
-                raise RequestError("prompt must not be empty", param="prompt")
-            if min(ids) < 0 or max(ids) >= self.vocab_size:
-                raise RequestError(f"prompt token ids must lie in [0, {self.vocab_size})", param="prompt")
-            out.append(ids)
+        out = [self.encode(item, "prompt") if isinstance(item, str) else list(item) for item in prompts]
+        if not all(out):
+            raise RequestError("prompt must not be empty", param="prompt")
         return out
 
     def check_lengths(self, prompts: list[list[int]], max_tokens: int) -> None:
-        if max_tokens < 0:
-            raise RequestError(f"max_tokens must be >= 0, got {max_tokens}", param="max_tokens")
-        if max_tokens > self.max_new_tokens_limit:
-            raise RequestError(f"max_tokens {max_tokens} exceeds this server's limit of {self.max_new_tokens_limit}",
-                               param="max_tokens")
         longest = max(len(p) for p in prompts)
         if longest + max_tokens > self.max_len:
             raise RequestError(
                 f"This model's maximum context length is {self.max_len} tokens, however you requested "
                 f"{longest + max_tokens} tokens ({longest} in your prompt; {max_tokens} for the completion).",
                 param="prompt")
-
-    @staticmethod
-    def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
-        if not 0.0 <= temperature <= 100.0:
-            raise RequestError(f"temperature must be in [0, 100], got {temperature}", param="temperature")
-        if not 0.0 < top_p <= 1.0:
-            raise RequestError(f"top_p must be in (0, 1], got {top_p}", param="top_p")
-        if top_k < 0:
-            raise RequestError(f"top_k must be >= 0 (0 disables it), got {top_k}", param="top_k")
 
     # -- running jobs -------------------------------------------------------------------
 
@@ -273,7 +283,6 @@ class CompletionService:
 
     async def complete_reference(self, request: CompleteRequest) -> dict:
         """The reference's /complete: one sampled completion of `context`."""
-        self.check_sampling(request.temp, request.top_p, 0)
         [prompt] = self.prompts_of(request.context)
         max_tokens = request.max_tokens
         if max_tokens is None:
@@ -286,33 +295,25 @@ class CompletionService:
         return {"completion": generation.text}
 
     def plan(self, request: CompletionRequest):
-        """Checks an OpenAI request and turns it into jobs: (prompts, generate jobs, score jobs, settings)."""
-        n = 1 if request.n is None else request.n
-        if n < 1:
-            raise RequestError(f"n must be >= 1, got {n}", param="n")
+        """Turns a (schema-valid) OpenAI request into jobs: (prompts, generate jobs, score jobs, settings)."""
+        n = request.n or 1
         prompts = self.prompts_of(request.prompt, n)
-        max_tokens = 16 if request.max_tokens is None else request.max_tokens
+        max_tokens = request.max_tokens if request.max_tokens is not None else min(16, self.max_new_tokens_limit)
+        self.check_lengths(prompts, max_tokens)
         temperature = 1.0 if request.temperature is None else float(request.temperature)
         top_p = 1.0 if request.top_p is None else float(request.top_p)
-        top_k = request.top_k or 0
-        self.check_sampling(temperature, top_p, top_k)
-        self.check_lengths(prompts, max_tokens)
-        logprobs = request.logprobs
-        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
-            raise RequestError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}", param="logprobs")
+        # top_k past the vocabulary keeps every token, the same as 0.
+        top_k = min(request.top_k or 0, self.vocab_size)
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-        if len(stop) > MAX_STOP_STRINGS:
-            raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}", param="stop")
         stop = [s for s in stop if s]
         seed = request.seed if request.seed is not None else random.getrandbits(31)
-        top = logprobs or 0
-        # top_k past the vocabulary keeps every token, the same as 0.
-        top_k = min(top_k, self.vocab_size)
+        top = request.logprobs or 0
         generate = [Job(GENERATE, prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                         seed=seed + i, stop=stop, top_logprobs=top)
                     for prompt in prompts for i in range(n)] if max_tokens > 0 else []
-        score = [Job(SCORE, prompt, top_logprobs=top) for prompt in prompts] if request.echo and logprobs is not None else []
-        return prompts, generate, score, dict(n=n, max_tokens=max_tokens, logprobs=logprobs, stop=stop)
+        score = ([Job(SCORE, prompt, top_logprobs=top) for prompt in prompts]
+                 if request.echo and request.logprobs is not None else [])
+        return prompts, generate, score, dict(n=n, max_tokens=max_tokens, logprobs=request.logprobs, stop=stop)
 
     # -- responses ----------------------------------------------------------------------
 
@@ -453,6 +454,31 @@ class CompletionService:
         yield "data: [DONE]\n\n"
 
 
+# Errors that only say "this alternative of a union has another type": noise when another alternative
+# of the same field explains what is wrong with the value.
+_TYPE_MISMATCHES = {"string_type", "list_type", "int_type", "float_type", "bool_type", "dict_type", "none_required",
+                    "int_from_float", "model_type"}
+
+
+def describe_validation_errors(errors: list[dict], limit: int = 5) -> str:
+    """pydantic's errors as one line: `field.path: message`, one per field, the union branch that
+    explains the problem rather than those of another type ("prompt: Input should be less than 50257")."""
+    by_field: dict[tuple, list[dict]] = {}
+    for err in errors:
+        if err.get("type") == "json_invalid":
+            return f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})"
+        loc = tuple(err.get("loc", ()))
+        by_field.setdefault(loc[1:2], []).append(err)
+    problems = []
+    for group in by_field.values():
+        telling = [e for e in group if e.get("type") not in _TYPE_MISMATCHES] or group
+        err = telling[0]
+        # Keep field names and list indices; drop pydantic's union branch tags ("list[constrained-str]").
+        where = ".".join(str(p) for p in err.get("loc", ())[1:] if isinstance(p, int) or str(p).isidentifier())
+        problems.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
+    return "; ".join(problems[:limit])
+
+
 def _openapi_errors(app) -> None:
     """Makes /openapi.json declare what the server answers: 400 (not FastAPI's 422) for invalid bodies,
     429 and 500 as ErrorResponse, and server-sent events for a streamed completion."""
@@ -474,7 +500,11 @@ def _openapi_errors(app) -> None:
             spec["components"]["schemas"].pop("ValidationError", None)
             completions = spec["paths"]["/v1/completions"]["post"]["responses"]
             completions["429"] = dict(error, description="more rows waiting than the server queues")
-            completions["200"]["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+            completions["200"]["content"]["text/event-stream"] = {"schema": {
+                "type": "object", "required": ["data"],
+                "description": "with stream: each event's data is a CompletionResponse (one choice's new text), "
+                               "an ErrorResponse if generation fails mid-stream, or [DONE]",
+                "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}
             spec["paths"]["/complete"]["post"]["responses"]["429"] = dict(error, description="server busy")
             app.openapi_schema = spec
         return app.openapi_schema
@@ -511,15 +541,8 @@ def create_app(service: CompletionService, *, warmup: bool = False):
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError):
-        problems = []
-        for err in exc.errors():
-            if err.get("type") == "json_invalid":
-                problems.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})")
-                continue
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            problems.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
-        return JSONResponse(error_body("invalid request: " + "; ".join(problems[:5]), "invalid_request_error"),
-                            status_code=400)
+        return JSONResponse(error_body("invalid request: " + describe_validation_errors(exc.errors()),
+                                       "invalid_request_error"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException):
@@ -529,15 +552,25 @@ def create_app(service: CompletionService, *, warmup: bool = False):
     async def _server_error(_request: Request, exc: Exception):
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), status_code=500)
 
-    @app.post("/v1/completions", response_model=CompletionResponse)
-    async def completions(request: CompletionRequest):
+    requests = bounded_requests(service.max_new_tokens_limit, service.engine.max_queue, service.vocab_size)
+
+    async def completions(request):
         if request.stream:
             return StreamingResponse(await service.stream(request), media_type="text/event-stream")
         return await service.completions(request)
 
-    @app.post("/complete", response_model=CompleteResponse)
-    async def complete(request: CompleteRequest):
+    async def complete(request):
         return await service.complete_reference(request)
+
+    async def detokenize(request):
+        return {"prompt": service.tokenizer.decode(request.tokens)}
+
+    # The bodies are this server's models (bounded_requests), which FastAPI reads from the annotation.
+    for path, endpoint, body, response in (("/v1/completions", completions, "completion", CompletionResponse),
+                                           ("/complete", complete, "complete", CompleteResponse),
+                                           ("/detokenize", detokenize, "detokenize", DetokenizeResponse)):
+        endpoint.__annotations__ = {"request": requests[body]}
+        app.post(path, response_model=response)(endpoint)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models():
@@ -563,12 +596,6 @@ def create_app(service: CompletionService, *, warmup: bool = False):
     async def tokenize(request: TokenizeRequest):
         tokens = service.encode(request.prompt, "prompt")
         return {"tokens": tokens, "count": len(tokens), "max_model_len": service.max_len}
-
-    @app.post("/detokenize", response_model=DetokenizeResponse)
-    async def detokenize(request: DetokenizeRequest):
-        if any(t < 0 or t >= service.vocab_size for t in request.tokens):
-            raise RequestError(f"token ids must lie in [0, {service.vocab_size})", param="tokens")
-        return {"prompt": service.tokenizer.decode(request.tokens)}
 
     return app
 

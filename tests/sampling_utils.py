@@ -8,13 +8,16 @@ import numpy as np
 
 from gptj.model import GPTJConfig
 
+GPT2_VOCAB_SIZE = 50257
+
 
 def random_hf_gptj(out_dir: str, *, vocab_size: int = 96, d_model: int = 32, layers: int = 2, heads: int = 4,
-                   rotary_dim: int = 4, max_len: int = 96, std: float = 0.1, seed: int = 0):
+                   rotary_dim: int = 4, max_len: int = 96, std: float = 0.1, seed: int = 0, pad_bias: float = 0.0):
     """Saves a randomly initialised HF GPTJForCausalLM (fp32) to `out_dir` and returns the torch model.
 
     A larger init std than GPT-J's 0.02 spreads the logits, so greedy choices
-    are not decided by float rounding.
+    are not decided by float rounding. `pad_bias` is added to the output bias
+    of ids past GPT-2's 50257 (see `random_params`).
     """
     import torch
     import transformers
@@ -30,12 +33,17 @@ def random_hf_gptj(out_dir: str, *, vocab_size: int = 96, d_model: int = 32, lay
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0.0, std)
+        model.lm_head.bias[GPT2_VOCAB_SIZE:] += pad_bias
     model.save_pretrained(out_dir)
     return model
 
 
-def random_params(config: GPTJConfig, seed: int = 0, std: float = 0.1):
-    """Random numpy params for `config` (biases and LayerNorm included), without jit."""
+def random_params(config: GPTJConfig, seed: int = 0, std: float = 0.1, pad_bias: float = 0.0):
+    """Random numpy params for `config` (biases and LayerNorm included), without jit.
+
+    `pad_bias` is added to the output bias of every id past GPT-2's 50257, so
+    that a sampler which did not mask those padding ids would pick them.
+    """
     import jax
     import flax.linen as nn
 
@@ -48,7 +56,9 @@ def random_params(config: GPTJConfig, seed: int = 0, std: float = 0.1):
         centre = 1.0 if getattr(path[-1], "key", "") == "scale" else 0.0  # LayerNorm gains around 1
         return (centre + rng.normal(0.0, std, leaf.shape)).astype(np.float32)
 
-    return jax.tree_util.tree_map_with_path(one, abstract)
+    params = jax.tree_util.tree_map_with_path(one, abstract)
+    params["lm_head_bias"][GPT2_VOCAB_SIZE:] += pad_bias
+    return params
 
 
 def gpt2_vocab_config(**changes) -> GPTJConfig:
@@ -59,9 +69,9 @@ def gpt2_vocab_config(**changes) -> GPTJConfig:
     return GPTJConfig(**values)
 
 
-def write_params_dir(path: str, config: GPTJConfig, seed: int = 0) -> str:
-    """A gptj params directory with random weights; returns its path."""
+def write_params_dir(path: str, config: GPTJConfig, seed: int = 0, pad_bias: float = 0.0) -> str:
+    """A gptj params directory with random weights (see `random_params`); returns its path."""
     from gptj.params_io import save_params
 
-    save_params(path, random_params(config, seed), config)
+    save_params(path, random_params(config, seed, pad_bias=pad_bias), config)
     return os.path.abspath(path)
