@@ -164,6 +164,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_id = eos_id
         self._cache = runner.new_cache(self.slots, self.cache_len)
+        self._row_counts = sorted({runner.row_bucket(n) for n in range(1, self.slots + 1)})
+        self._pick_rows = self._row_counts[-1]  # prefill logits are padded to one shape for the pick program
         self._rows: list[_Row | None] = [None] * self.slots
         self._waiting: collections.deque[Job] = collections.deque()
         self._scoring: collections.deque[Job] = collections.deque()
@@ -322,27 +324,34 @@ class Engine:
                 self._reset(error)
 
     def warmup(self) -> int:
-        """Compiles every prefill shape this engine can pick and its decode program, with and without top
-        log-probabilities, touching no slot. Returns how many programs were compiled."""
+        """Compiles every program this engine can run (each prefill shape, the pick, the decode loop, with and
+        without top log-probabilities), touching no slot. Returns how many programs were compiled."""
         before = self.runner.stats["programs"]
-        row_counts = sorted({self.runner.row_bucket(n) for n in range(1, self.slots + 1)})
-        # The chunk lengths _prefill_group can pick: powers of two below the chunk, the chunk, and
-        # what is left of a row's columns when that is less than a chunk.
-        lengths = sorted({min(bucket(n, MIN_LENGTH_BUCKET), self.prefill_chunk) for n in range(1, self.prefill_chunk + 1)}
-                         | {room for room in range(self.cache_len, 0, -self.prefill_chunk) if room < self.prefill_chunk})
         idle_rows = np.zeros((self.slots, ROW_FIELDS), np.int32)
         idle_f = np.ones((self.slots, 2), np.float32)
+        for length in self._chunk_lengths():
+            for k in sorted({self._row_counts[0], self._most_rows(length)}):
+                self._cache, logits = self.runner.prefill(
+                    self._cache, np.full(k, self.slots, np.int32), np.zeros((k, length), np.int32),
+                    np.zeros(k, np.int32), 0, self._pick_rows)
         for num_top in (0, MAX_TOP_LOGPROBS):
             self._cache, _ = self.runner.decode(self._cache, idle_rows, idle_f, 0, False, self.decode_steps, num_top)
-            for length in lengths:
-                for k in row_counts:
-                    if k > row_counts[0] and k * length > self.prefill_budget:
-                        break
-                    self._cache, _ = self.runner.prefill(
-                        self._cache, np.full(k, self.slots, np.int32), np.zeros((k, length), np.int32),
-                        np.zeros(k, np.int32), 0, np.zeros((k, ROW_FIELDS), np.int32), np.ones((k, 2), np.float32),
-                        num_top)
+            self.runner.pick(logits, np.zeros((self._pick_rows, ROW_FIELDS), np.int32),
+                             np.ones((self._pick_rows, 2), np.float32), num_top)
         return self.runner.stats["programs"] - before
+
+    def _chunk_lengths(self) -> list[int]:
+        """The padded chunk lengths _prefill_group can pick: powers of two below the chunk, the chunk, and
+        what is left of a row's columns when that is less than a chunk."""
+        powers = {min(bucket(n, MIN_LENGTH_BUCKET), self.prefill_chunk) for n in range(1, self.prefill_chunk + 1)}
+        rests = {room for room in range(self.cache_len, 0, -self.prefill_chunk) if room < self.prefill_chunk}
+        return sorted(powers | rests)
+
+    def _most_rows(self, length: int) -> int:
+        """Rows of a prefill call of chunks of `length` tokens holding more than one prompt: as many as fit
+        the budget. Two row counts per length (one prompt, or this) keep the compiled shapes few."""
+        fits = [k for k in self._row_counts if k * length <= self.prefill_budget]
+        return max(fits, default=self._row_counts[0])
 
     def step(self) -> bool:
         """One scheduler step (see the module docstring); returns whether it ran anything."""
@@ -355,6 +364,7 @@ class Engine:
         if group is not None:
             self._prefill(*group)
             ran = True
+        self._sweep_cancelled()  # a client may have left during the prefill: not one more decode step for it
         decoding = [r for r in self._rows if r is not None and not r.prefilling]
         if decoding:
             self._decode(decoding)
@@ -426,26 +436,25 @@ class Engine:
         return True
 
     def _prefill_group(self):
-        """(start, rows, padded rows, chunk length) of the next prefill call, or None."""
+        """(start, rows, padded rows, chunk length) of the next prefill call, or None.
+
+        The oldest prompt still prefilling goes first, with the next oldest at the same cursor while
+        their padded chunks fit one call of `prefill_budget` tokens.
+        """
         pending = sorted((r for r in self._rows if r is not None and r.prefilling), key=lambda r: r.order)
         if not pending:
             return None
         start = pending[0].cursor
         cap = min(self.cache_len - start, self.prefill_chunk)
-
-        def shape(rows):
-            longest = max(min(len(r.job.prompt) - start, cap) for r in rows)
-            return self.runner.row_bucket(len(rows)), bucket(longest, MIN_LENGTH_BUCKET, cap)
-
+        length_of = lambda rows: bucket(max(min(len(r.job.prompt) - start, cap) for r in rows),  # noqa: E731
+                                        MIN_LENGTH_BUCKET, cap)
         group = [pending[0]]
         for row in pending[1:]:
-            if row.cursor != start:
-                continue
-            k, length = shape(group + [row])
-            if k * length > self.prefill_budget or k > self.runner.row_bucket(self.slots):
-                break
-            group.append(row)
-        return (start, group) + shape(group)
+            if row.cursor == start and len(group) < self._most_rows(length_of(group + [row])):
+                group.append(row)
+        length = length_of(group)
+        k = self._row_counts[0] if len(group) <= self._row_counts[0] else self._most_rows(length)
+        return start, group, k, length
 
     def _settings(self, row: _Row, out: np.ndarray, out_f: np.ndarray) -> None:
         """Writes a row's sampling settings and decode position into one row of the programs' arrays."""
@@ -463,25 +472,29 @@ class Engine:
         slot_ids = np.full(k, self.slots, np.int32)  # padding rows point past the cache: never written
         tokens = np.zeros((k, length), np.int32)
         lengths = np.zeros(k, np.int32)
-        rows, rows_f = np.zeros((k, ROW_FIELDS), np.int32), np.ones((k, 2), np.float32)
         for i, row in enumerate(group):
             chunk = row.job.prompt[start:start + length]
             tokens[i, :len(chunk)] = chunk
             lengths[i], slot_ids[i] = len(chunk), row.slot
-            self._settings(row, rows[i], rows_f[i])
-        num_top = MAX_TOP_LOGPROBS if any(r.job.top_logprobs for r in group) else 0
         self.counters["prefill_calls"] += 1
         self._log("prefill", slots=[r.slot for r in group], start=start, tokens=int(lengths.sum()),
                   shape=(k, length))
-        self._cache, (token, token_lp, top_ids, top_lps) = self.runner.prefill(
-            self._cache, slot_ids, tokens, lengths, start, rows, rows_f, num_top)
-        now = time.monotonic()
+        self._cache, logits = self.runner.prefill(self._cache, slot_ids, tokens, lengths, start, self._pick_rows)
         for i, row in enumerate(group):
             row.cursor += int(lengths[i])
-            if not row.prefilling:
-                row.first_token_at = now
-                self.histograms["time_to_first_token_seconds"].observe(now - row.job.submitted_at)
-                self._accept(row, token[i:i + 1], token_lp[i:i + 1], top_ids[i:i + 1], top_lps[i:i + 1])
+        ready = [(i, row) for i, row in enumerate(group) if not row.prefilling]
+        if not ready:  # a middle chunk of a long prompt: nothing to sample yet
+            return
+        rows, rows_f = np.zeros((self._pick_rows, ROW_FIELDS), np.int32), np.ones((self._pick_rows, 2), np.float32)
+        for i, row in ready:
+            self._settings(row, rows[i], rows_f[i])
+        num_top = MAX_TOP_LOGPROBS if any(row.job.top_logprobs for _, row in ready) else 0
+        token, token_lp, top_ids, top_lps = self.runner.pick(logits, rows, rows_f, num_top)
+        now = time.monotonic()
+        for i, row in ready:
+            row.first_token_at = now
+            self.histograms["time_to_first_token_seconds"].observe(now - row.job.submitted_at)
+            self._accept(row, token[i:i + 1], token_lp[i:i + 1], top_ids[i:i + 1], top_lps[i:i + 1])
 
     def _decode(self, decoding: list[_Row]) -> None:
         rows, rows_f = np.zeros((self.slots, ROW_FIELDS), np.int32), np.ones((self.slots, 2), np.float32)

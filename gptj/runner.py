@@ -169,9 +169,10 @@ class ModelRunner:
         p, cache = self.partitioner, self._cache_shardings()
         r1, r2, r3 = (self.rows_sharding(n) for n in (1, 2, 3))
         self._cache_sh = cache
-        picked = (r1, r1, r2, r2)
-        self._prefill = p.jit(self._prefill_fn, in_shardings=(self.param_shardings, cache, r1, r2, r1, None, r2, r2),
-                              out_shardings=(cache,) + picked, static_argnums=(8,), donate_argnums=(1,))
+        self._prefill = p.jit(self._prefill_fn, in_shardings=(self.param_shardings, cache, r1, r2, r1, None),
+                              out_shardings=(cache, r2), static_argnums=(6,), donate_argnums=(1,))
+        self._pick = p.jit(self._pick_fn, in_shardings=(r2, r2, r2), out_shardings=(r1, r1, r2, r2),
+                           static_argnums=(3,))
         self._decode = p.jit(self._decode_fn, in_shardings=(self.param_shardings, cache, r2, r2, None, None),
                              out_shardings=(cache, r2, r2, r3, r3, r1), static_argnums=(6, 7), donate_argnums=(1,))
         self._score = p.jit(self._score_fn, in_shardings=(self.param_shardings, r2, r2),
@@ -201,18 +202,22 @@ class ModelRunner:
 
     # -- traced bodies ------------------------------------------------------------------
 
-    def _pick(self, logits, rows, rows_f, num_top: int):
+    def _pick_fn(self, logits, rows, rows_f, num_top: int):
+        """Each row's next token and log-probabilities from its logits [rows, V] and settings."""
         seeds = jax.lax.bitcast_convert_type(rows[:, SEED], jnp.uint32)
         keys = row_keys(seeds, rows[:, STEP])
         return pick_tokens(logits, keys, rows_f[:, TEMPERATURE], rows[:, TOP_K], rows_f[:, TOP_P], self.vocab_limit,
                            num_top)
 
-    def _prefill_fn(self, params, cache, slot_ids, tokens, lengths, start, rows, rows_f, num_top: int):
+    def _prefill_fn(self, params, cache, slot_ids, tokens, lengths, start, logit_rows: int):
         """Writes tokens [k, T] (the first `lengths[i]` real) at columns start.. of slots `slot_ids`.
 
         Slot ids past the cache's rows are padding: read as the last row, never
-        written back. Returns the cache and, per row, the token its chunk's last
-        real position predicts (meaningful for rows whose prompt this chunk ends).
+        written back. Returns the cache and the logits [logit_rows, V] at each
+        row's last real position (zero rows below k): the next-token
+        distribution of the rows whose prompt this chunk ends. Sampling is a
+        separate program (`_pick_fn`), so the many prefill shapes compile
+        without it.
         """
         k, length = tokens.shape
         gather = lambda x: jnp.take(x, slot_ids, axis=1, mode="clip")
@@ -234,7 +239,7 @@ class ModelRunner:
                  "cached_value": scatter(cache["cached_value"], written["cached_value"]),
                  "key_mask": cache["key_mask"].at[slot_ids].set(written["key_mask"], mode="drop"),
                  "index": cache["index"]}
-        return (cache,) + self._pick(logits, rows, rows_f, num_top)
+        return cache, jnp.pad(logits, ((0, logit_rows - k), (0, 0)))
 
     def _decode_fn(self, params, cache, rows, rows_f, num_steps, stop_early, max_steps: int, num_top: int):
         """Up to `num_steps` (<= max_steps) tokens for every slot with tokens remaining.
@@ -272,7 +277,7 @@ class ModelRunner:
                                                                      mode="drop")
             cache = {"cached_key": move(written["cached_key"]), "cached_value": move(written["cached_value"]),
                      "key_mask": cache["key_mask"].at[arange, target].set(True, mode="drop"), "index": cache["index"]}
-            token, token_lp, top_ids, top_lps = self._pick(logits[:, 0], rows, rows_f, num_top)
+            token, token_lp, top_ids, top_lps = self._pick_fn(logits[:, 0], rows, rows_f, num_top)
             put = lambda buf, value: jax.lax.dynamic_update_index_in_dim(buf, value, step, axis=1)
             outputs = (put(outputs[0], jnp.where(live, token, 0)), put(outputs[1], jnp.where(live, token_lp, 0.0)),
                        put(outputs[2], top_ids), put(outputs[3], top_lps))
@@ -299,16 +304,21 @@ class ModelRunner:
     # -- host entry points --------------------------------------------------------------
 
     def prefill(self, cache, slot_ids: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, start: int,
-                rows: np.ndarray, rows_f: np.ndarray, num_top: int):
-        """Runs one prefill chunk (arrays as `_prefill_fn` takes them, on the host); returns the new cache
-        and (token, log-prob, top ids, top log-probs) per row as numpy arrays."""
-        self._note_shape(("prefill", cache["key_mask"].shape, tokens.shape, num_top))
+                logit_rows: int):
+        """Runs one prefill chunk (host arrays as `_prefill_fn` takes them); returns the new cache and the
+        last positions' logits [logit_rows, V], left on the device for `pick`."""
+        self._note_shape(("prefill", cache["key_mask"].shape, tokens.shape, logit_rows))
         r1, r2 = self.rows_sharding(1), self.rows_sharding(2)
         self.stats["prefill_calls"] += 1
-        cache, *picked = self._prefill(self.params, cache, place(slot_ids, r1), place(tokens, r2),
-                                       place(lengths, r1), jnp.asarray(start, jnp.int32), place(rows, r2),
-                                       place(rows_f, r2), num_top)
-        return cache, [to_host(x) for x in picked]
+        return self._prefill(self.params, cache, place(slot_ids, r1), place(tokens, r2), place(lengths, r1),
+                             jnp.asarray(start, jnp.int32), logit_rows)
+
+    def pick(self, logits, rows: np.ndarray, rows_f: np.ndarray, num_top: int) -> list[np.ndarray]:
+        """Draws each row's next token from its logits (on the device) and settings; returns numpy
+        (token, log-prob, top ids, top log-probs)."""
+        self._note_shape(("pick", logits.shape, num_top))
+        r2 = self.rows_sharding(2)
+        return [to_host(x) for x in self._pick(logits, place(rows, r2), place(rows_f, r2), num_top)]
 
     def decode(self, cache, rows: np.ndarray, rows_f: np.ndarray, num_steps: int, stop_early: bool,
                max_steps: int, num_top: int):

@@ -12,8 +12,8 @@ from gptj.model import GPTJ, GPTJConfig, init_cache
 from gptj.partitioning import Partitioner, make_mesh
 from gptj.runner import ROW_FIELDS, ModelRunner
 from gptj.sampling import Sampler
-from gptj.sampling_ops import bucket, sample_tokens
-from tests.sampling_utils import random_hf_gptj, random_params
+from gptj.sampling_ops import bucket, draw_from, sample_tokens
+from tests.sampling_utils import gpt2_vocab_config, random_hf_gptj, random_params
 
 torch = pytest.importorskip("torch")
 
@@ -57,6 +57,16 @@ def test_greedy_matches_hf_generate_ragged_batch(hf_pair, hf_references):
     """One left-padded batch of different prompt lengths; each row equals HF on that prompt alone."""
     outs = hf_pair[1].generate(PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0.0)
     assert [o.tokens for o in outs] == hf_references
+
+
+def test_chunked_prefill_matches_hf_generate(hf_pair):
+    """Prompts prefilled 16 tokens per call (a 70-token prompt takes five chunks) decode as HF does."""
+    hf_model, _, params, config = hf_pair
+    sampler = Sampler(config, params, eos_id=None, prefill_chunk=16)
+    prompts = PROMPTS + [[(7 * i) % 96 for i in range(70)]]
+    outs = sampler.generate(prompts, max_new_tokens=20, temperature=0.0)
+    assert [o.tokens for o in outs] == [hf_greedy(hf_model, p, 20) for p in prompts]
+    assert sampler.stats["prefill_calls"] >= 5
 
 
 def test_decode_steps_equal_full_forward(hf_pair):
@@ -200,14 +210,14 @@ def test_streaming_callback_sees_growing_prefixes(hf_pair):
 
 
 def test_shapes_are_bucketed_so_requests_share_programs(hf_pair):
-    """Prompts of 3..12 tokens with 4..7 new tokens reuse one prefill and one decode program."""
+    """Prompts of 3..12 tokens with 4..7 new tokens reuse one prefill, one pick and one decode program."""
     _, _, params, config = hf_pair
     sampler = Sampler(config, params, eos_id=None)
     for length, new in ((3, 5), (9, 7), (12, 4)):
         sampler.generate([list(range(1, length + 1))], max_new_tokens=new)
-    assert sampler.stats["programs"] == 2 and sampler.stats["prefill_calls"] == 3
+    assert sampler.stats["programs"] == 3 and sampler.stats["prefill_calls"] == 3
     sampler.generate([list(range(1, 21))], max_new_tokens=4)  # 24 tokens: the next cache bucket
-    assert sampler.stats["programs"] == 4
+    assert sampler.stats["programs"] == 5  # its own prefill and decode; the pick is shared
     assert bucket(3, 16) == 16 and bucket(17, 16) == 32 and bucket(100, 16, cap=96) == 100 and bucket(40, 16, 48) == 48
 
 
@@ -272,6 +282,22 @@ def test_samplers_match_analytic_distributions_chi_square():
         assert p_value > 1e-3, f"{setting}: chi-square p={p_value:.2e}, counts {counts}, expected {expected * draws}"
 
 
+def test_inverse_cdf_draw_fits_a_distribution_spread_over_blocks_and_never_draws_zero_mass():
+    """`draw_from` works in blocks of 256 ids: mass in several blocks (and none in most) is drawn in
+    proportion, and an id of zero probability is never returned."""
+    vocab, draws = 1000, 40000
+    probs = np.zeros(vocab, np.float32)
+    probs[[3, 255, 256, 700, 999]] = [0.1, 0.2, 0.3, 0.15, 0.25]
+    keys = jax.random.split(jax.random.PRNGKey(4), draws)
+    tokens = np.asarray(jax.jit(draw_from)(jnp.broadcast_to(jnp.asarray(probs), (draws, vocab)), keys))
+    counts = np.bincount(tokens, minlength=vocab)
+    assert counts[probs == 0].sum() == 0
+    _, p_value = stats.chisquare(counts[probs > 0], probs[probs > 0] * draws)
+    assert p_value > 1e-3, counts[probs > 0]
+    last_only = jnp.zeros((4, vocab)).at[:, -1].set(1e-30)  # all mass on the last id, tiny
+    assert np.asarray(draw_from(last_only, keys[:4])).tolist() == [vocab - 1] * 4
+
+
 def test_temperature_zero_is_greedy_and_nucleus_never_leaks():
     rows = 4096
     keys = jax.random.split(jax.random.PRNGKey(1), rows)
@@ -282,6 +308,33 @@ def test_temperature_zero_is_greedy_and_nucleus_never_leaks():
     # top_p 0.3: the nucleus is {0} alone (p0 ~ 0.32 already reaches it).
     tiny_nucleus = np.asarray(sample_tokens(logits, keys, ones, np.zeros(rows, np.int32), np.full(rows, 0.3, np.float32)))
     assert (tiny_nucleus == 0).all()
+
+
+# -- padded vocabularies ------------------------------------------------------------------
+
+
+def test_padding_ids_past_the_tokenizer_are_never_sampled_or_reported():
+    """GPT-J-6B pads GPT-2's 50257 ids to 50400. With the padding ids' output bias raised so that they are
+    the raw argmax, 8 rows x 200 tokens at temperature 2 (plain, top-k, top-p) and greedy never produce one,
+    top log-probs never list one, and the text always decodes (it raised VocabularyError before)."""
+    from gptj.sampling import get_tokenizer
+
+    config = gpt2_vocab_config(vocab_size=50400, max_len=256)
+    params = random_params(config, seed=5, std=0.2, pad_bias=4.0)
+    sampler = Sampler(config, params, tokenizer=get_tokenizer(), eos_id=None)
+    assert sampler.runner.vocab_limit == 50257
+    assert Sampler(config, params).runner.vocab_limit == 50257  # no tokenizer: GPT-2's, as GPT-J-6B uses
+    outs = sampler.generate([[464, 3290], [15496]] * 4, max_new_tokens=200, temperature=[2.0] * 6 + [0.0, 0.0],
+                            top_k=[0, 0, 40, 40, 0, 0, 0, 0], top_p=[1.0, 1.0, 1.0, 1.0, 0.9, 0.9, 1.0, 1.0],
+                            seed=list(range(8)), top_logprobs=5)
+    for out in outs:
+        assert len(out.tokens) == 200 and max(out.tokens) < 50257
+        assert max(token for step in out.top_logprobs for token, _ in step) < 50257
+        assert out.text == sampler.tokenizer.decode(out.tokens)
+    [score] = sampler.score([outs[0].tokens[:50]], top_logprobs=5)
+    assert max(token for step in score.top_logprobs[1:] for token, _ in step) < 50257
+    with pytest.raises(ValueError, match=r"outside \[0, 50257\)"):
+        sampler.generate([[50300]], max_new_tokens=1)
 
 
 # -- model-parallel decoding ------------------------------------------------------------

