@@ -15,11 +15,18 @@
     length) once per step at the HBM bandwidth (3.35 TB/s H100 SXM, 4.8 TB/s
     H200), or the FLOPs at peak if that is slower.
 
+(c) Serving load: the same 6B-shaped model in the continuous-batching engine
+    (`gptj.engine.Engine`, 32 slots, chunked prefill), fed open-loop Poisson
+    arrivals with lognormal prompt / output lengths (benchmarks/serve_load.py's
+    workload, in process: the GPU machine has no HTTP stack) at a few rates:
+    output tokens/s, time to first token and time per output token p50/p99.
+
 Also measured, for context: a large bf16 matmul's FLOP/s and a copy's HBM
 bandwidth, each against the datasheet figure.
 
-Only jax, flax, optax and the gptj model/partitioning/sampling/scaling modules
-are imported (the GPU machine has no tensorflow, seqio, clu or ml_collections).
+Only jax, flax, optax, the gptj model/partitioning/sampling/engine/scaling
+modules and serve_load's workload functions are imported (the GPU machine has
+no tensorflow, seqio, clu, ml_collections, torch or HTTP server).
 `--dry-run` shrinks every shape so the whole script runs on a CPU in seconds;
 there the limit is the CPU's measured fp32 matmul peak and no bandwidth limit.
 Results go out as the benchmarks/common.py JSON contract, written after each
@@ -259,11 +266,51 @@ def run_decode(args, limits: Limits) -> list[dict]:
     return bench_decode(cfg, batches, prompt_len, new_tokens, 3, limits)
 
 
+# -- (c) serving load ------------------------------------------------------------------------
+
+def run_load(args, limits: Limits) -> list[dict]:
+    """Output tokens/s and latency percentiles of the engine under open-loop Poisson load, per rate."""
+    from benchmarks.serve_load import run_engine_load, workload
+    from gptj.engine import Engine
+
+    cfg = DRY_DECODE if args.dry_run else scaling.MODEL_SHAPES["gptj_6b"].replace(
+        param_dtype="bfloat16", dtype="bfloat16", remat_policy="none")
+    slots, chunk = (4, 32) if args.dry_run else (args.load_slots, 512)
+    rates = [8.0] if args.dry_run else args.load_rates
+    count = 8 if args.dry_run else args.load_requests
+    lengths = (dict(prompt_median=8, prompt_max=40, output_median=8, output_max=32) if args.dry_run else
+               dict(prompt_median=256, prompt_max=1536, output_median=128, output_max=512))
+    model = GPTJ(cfg)
+    params = jax.jit(lambda rng: nn.meta.unbox(model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]))(
+        jax.random.PRNGKey(0))
+    engine = Engine(Sampler(cfg, params, eos_id=None).runner, slots=slots, prefill_chunk=chunk, decode_steps=4)
+    del params
+    vocab = min(cfg.vocab_size, 50257)
+    engine.start()
+    rows = []
+    try:
+        run_engine_load(engine, workload(max(rates), max(4, count // 2), 1000, cfg.max_len, vocab=vocab, **lengths))
+        for i, rate in enumerate(rates):
+            before = engine.runner.stats["compiled_while_serving"]
+            s = run_engine_load(engine, workload(rate, count, i, cfg.max_len, vocab=vocab, **lengths))
+            ms = lambda v: "-" if v is None else f"{1e3 * v:.0f}"  # noqa: E731
+            note = (f"{count} requests, {s['errors']} errors; TTFT p50/p99 {ms(s['ttft_p50'])}/{ms(s['ttft_p99'])} ms, "
+                    f"TPOT p50/p99 {ms(s['tpot_p50'])}/{ms(s['tpot_p99'])} ms, achieved {s['requests_per_s']:.2f} "
+                    f"of {s['offered_per_s']:.2f} req/s; programs compiled during the run: "
+                    f"{engine.runner.stats['compiled_while_serving'] - before}")
+            rows.append(result(f"serve load: {cfg.num_layers}L d{cfg.d_model} bf16, {engine.slots} slots, Poisson "
+                               f"{rate:g} req/s", "tokens/s", s["tokens_per_s"], note=note))
+    finally:
+        engine.stop()
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="shrunk shapes: runs end to end on a CPU")
     parser.add_argument("--json", default="", help="results file (benchmarks/common.py contract)")
-    parser.add_argument("--parts", default="hardware,train,decode", help="comma list of hardware,train,decode")
+    parser.add_argument("--parts", default="hardware,train,decode,load",
+                        help="comma list of hardware,train,decode,load")
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--train-steps", type=int, default=8, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--remat", default="", help="remat policy (default: the shape's, dots_no_batch)")
@@ -272,11 +319,15 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 64])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--load-rates", type=lambda s: [float(x) for x in s.split(",")], default=[4.0, 16.0, 64.0],
+                        help="offered requests/s of the serving load test")
+    parser.add_argument("--load-requests", type=int, default=64, help="requests per rate")
+    parser.add_argument("--load-slots", type=int, default=32, help="engine slots of the serving load test")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = sorted(set(parts) - {"hardware", "train", "decode"})
+    unknown = sorted(set(parts) - {"hardware", "train", "decode", "load"})
     if unknown:
-        parser.error(f"unknown --parts {unknown}; choose from hardware, train, decode")
+        parser.error(f"unknown --parts {unknown}; choose from hardware, train, decode, load")
 
     limits = device_limits(args.dry_run)
     print(f"device: {limits.name}; jax {jax.__version__}; peak {limits.peak_flops / 1e12:.1f} TFLOP/s"
@@ -284,7 +335,8 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     failed = False
     runners = {"hardware": lambda: bench_hardware(limits, args.dry_run),
-               "train": lambda: [run_train(args, limits)], "decode": lambda: run_decode(args, limits)}
+               "train": lambda: [run_train(args, limits)], "decode": lambda: run_decode(args, limits),
+               "load": lambda: run_load(args, limits)}
     for part in parts:
         start = time.perf_counter()
         try:

@@ -31,8 +31,7 @@ import numpy as np
 from gptj.engine import GENERATE, Engine, Job
 from gptj.model import GPTJConfig
 from gptj.partitioning import Partitioner
-from gptj.runner import (GPT2_EOS_ID, MAX_TOP_LOGPROBS, MIN_LENGTH_BUCKET, Generation, ModelRunner, Score,  # noqa: F401
-                         default_vocab_limit)
+from gptj.runner import GPT2_EOS_ID, MIN_LENGTH_BUCKET, Generation, ModelRunner, Score, default_vocab_limit
 from gptj.sampling_ops import bucket
 from gptj.weights import load_for_inference
 
@@ -151,9 +150,11 @@ class Sampler:
         # Offline, every row is admitted at once: each gets a slot, and a decode call runs to the
         # end unless the host must look in between (stop strings, a listener).
         watching = callback is not None or any(stops)
-        engine = Engine(self.runner, slots=n, max_queue=n, tokenizer=self.tokenizer, eos_id=eos,
-                        cache_len=bucket(max(len(p) + m for p, m in zip(prompts, max_new)), MIN_LENGTH_BUCKET,
-                                         self.config.max_len),
+        # Columns per row: the prompt and generation lengths each rounded up to a power of two, so that
+        # requests of similar sizes share programs without attending over many empty columns.
+        cache_len = min(bucket(max(len(p) for p in prompts), MIN_LENGTH_BUCKET) +
+                        bucket(max(max_new), MIN_LENGTH_BUCKET), self.config.max_len)
+        engine = Engine(self.runner, slots=n, max_queue=n, tokenizer=self.tokenizer, eos_id=eos, cache_len=cache_len,
                         prefill_chunk=self.prefill_chunk,
                         decode_steps=self.chunk_steps if watching else bucket(max(max_new), MIN_LENGTH_BUCKET,
                                                                               self.config.max_len))

@@ -1,0 +1,506 @@
+"""Serving under load over HTTP: gptj's continuous batching, the previous batching engine, HF generate.
+
+    python benchmarks/serve_load.py [--quick] [--json PATH] [--rates 0.5,1,2,4,8] [--requests 64]
+    python benchmarks/serve_load.py --url http://127.0.0.1:5000 --rates 2    # a server you started
+
+An open-loop load generator: requests arrive as a Poisson process at each
+offered rate (requests/s) whether or not earlier ones have finished; prompt
+and output lengths are drawn from a fixed, seeded long-tailed distribution
+(lognormal: prompts median 32 tokens, clipped to 1-200; outputs median 24,
+clipped to 1-128 and to the context). Every request streams (server-sent
+events, `logprobs: 0` so each event says how many tokens it carries), which
+gives per request the time to first token (TTFT) and the time per output
+token after it (TPOT). Reported per server and rate: output tokens/s over the
+run, TTFT p50/p99 (all requests, and short ones: <= 16 output tokens), TPOT
+p50/p99, and errors.
+
+The three servers, each in its own process on the same weights (the CPU bench
+model of benchmarks/common.py as an HF checkpoint, fp32, greedy):
+  gptj      `main.py --mode=serve` from this tree: continuous batching over
+            8 slots (`config.serve` defaults), shapes compiled at start-up.
+  previous  `main.py --mode=serve` from the last commit that had the previous
+            engine (gptj/serve_batching.py: batches of up to 8 that run to
+            their end), unpacked with `git archive` into a temporary folder;
+            `--previous-commit` names another.
+  hf        HF `generate` serving one request at a time (this script's
+            `--serve-hf`), streaming through a `BaseStreamer`.
+gptj compiles its shapes at start-up (`config.serve.warmup`) and HF has none;
+the previous engine compiles one program per batch, prompt and generation
+bucket it meets, so it gets each rate's load once untimed before the timed run. The model's EOS and
+padding ids get a large negative output bias, as in a trained GPT-J, so every
+request generates exactly its max_tokens on every server.
+
+The goals (issue 12): gptj's output tokens/s at the highest offered rate (where
+every engine is saturated: its capacity) >= 2x the previous engine's, and the
+p99 TTFT of short requests <= 1/3 of the previous engine's at the highest rate
+the previous engine sustains (completes >= 90% of the offered request rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see decode_vs_hf.py: torch's spinning threads on a shared CPU
+
+from benchmarks.common import BENCH_MODEL, add_common_args, emit_results, result  # noqa: E402
+
+PREVIOUS_ENGINE_FILE = "gptj/serve_batching.py"
+SHORT_TOKENS = 16
+SLOTS = 8
+GPT2_VOCAB = 50257
+EOS = 50256
+
+
+# -- the workload -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    at: float           # seconds after the run starts
+    prompt: list
+    max_tokens: int
+
+
+def workload(rate: float, count: int, seed: int, max_len: int, prompt_median: int = 32, prompt_max: int = 200,
+             output_median: int = 24, output_max: int = 128, vocab: int = GPT2_VOCAB) -> list[Request]:
+    """`count` requests arriving as a Poisson process of `rate` per second, with lognormal prompt and output
+    lengths (medians and caps as given; a prompt plus its output fits `max_len`), seeded."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1.0 / rate, count)
+    prompts = np.clip(np.round(rng.lognormal(np.log(prompt_median), 0.8, count)), 1, min(prompt_max, max_len - 1))
+    prompts = prompts.astype(int)
+    outputs = np.clip(np.round(rng.lognormal(np.log(output_median), 0.9, count)), 1, output_max).astype(int)
+    requests, at = [], 0.0
+    for gap, p, o in zip(gaps, prompts, outputs):
+        at += float(gap)
+        o = int(min(o, max_len - p))
+        requests.append(Request(at, rng.integers(0, vocab, int(p)).tolist(), o))
+    return requests
+
+
+@dataclasses.dataclass
+class Outcome:
+    request: Request
+    status: int = 0
+    sent: float = 0.0
+    first: float | None = None
+    last: float | None = None
+    tokens: int = 0
+    error: str = ""
+
+
+async def _one(client, url: str, request: Request, start: float) -> Outcome:
+    outcome = Outcome(request)
+    await asyncio.sleep(max(0.0, start + request.at - time.monotonic()))
+    outcome.sent = time.monotonic()
+    body = {"prompt": [request.prompt], "max_tokens": request.max_tokens, "temperature": 0, "stream": True,
+            "logprobs": 0}
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as reply:
+            outcome.status = reply.status_code
+            if reply.status_code != 200:
+                outcome.error = (await reply.aread()).decode(errors="replace")[:200]
+                return outcome
+            async for line in reply.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[len("data: "):])
+                if "error" in event:
+                    outcome.error = str(event["error"])[:200]
+                    continue
+                logprobs = event["choices"][0].get("logprobs") or {}
+                count = len(logprobs.get("tokens") or [])
+                if count or event["choices"][0].get("text"):
+                    now = time.monotonic()
+                    outcome.first = outcome.first or now
+                    outcome.last = now
+                outcome.tokens += count
+    except Exception as e:  # noqa: BLE001 - a failed request is a result, not a crash
+        outcome.error = f"{type(e).__name__}: {e}"[:200]
+    return outcome
+
+
+async def _run(url: str, requests: list[Request], timeout: float) -> tuple[list[Outcome], float]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(requests) + 1, max_keepalive_connections=len(requests) + 1)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        start = time.monotonic() + 0.1
+        outcomes = await asyncio.gather(*(_one(client, url, r, start) for r in requests))
+    end = max([o.last for o in outcomes if o.last] + [start])
+    return list(outcomes), end - start
+
+
+def run_load(url: str, requests: list[Request], timeout: float = 1800.0) -> dict:
+    """Sends `requests` open-loop to `url`; returns the summary (see `summarize`)."""
+    outcomes, seconds = asyncio.run(_run(url, requests, timeout))
+    return summarize(outcomes, seconds, requests[-1].at)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    import numpy as np
+
+    return float(np.percentile(values, q)) if values else None
+
+
+def summarize(outcomes: list[Outcome], seconds: float, offered_span: float) -> dict:
+    """Throughput and latency percentiles of one run."""
+    ok = [o for o in outcomes if o.status == 200 and not o.error and o.first is not None]
+    ttft = [o.first - o.sent for o in ok]
+    short = [o.first - o.sent for o in ok if o.request.max_tokens <= SHORT_TOKENS]
+    tpot = [(o.last - o.first) / (o.tokens - 1) for o in ok if o.tokens > 1]
+    tokens = sum(o.tokens for o in ok)
+    return {"requests": len(outcomes), "ok": len(ok), "errors": len(outcomes) - len(ok),
+            "error_sample": next((o.error or f"status {o.status}" for o in outcomes if o not in ok), ""),
+            "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+            "requests_per_s": len(ok) / seconds if seconds > 0 else 0.0,
+            "offered_per_s": (len(outcomes) - 1) / offered_span if offered_span > 0 else 0.0,
+            "expected_tokens": sum(o.request.max_tokens for o in outcomes),
+            "ttft_p50": _pct(ttft, 50), "ttft_p99": _pct(ttft, 99), "short_ttft_p50": _pct(short, 50),
+            "short_ttft_p99": _pct(short, 99), "tpot_p50": _pct(tpot, 50), "tpot_p99": _pct(tpot, 99)}
+
+
+def run_engine_load(engine, requests: list[Request]) -> dict:
+    """The same open-loop load straight into a running `gptj.engine.Engine` (no HTTP), as gpu_bench uses it."""
+    from gptj.engine import GENERATE, Job
+
+    outcomes = [Outcome(r) for r in requests]
+
+    def listener(outcome):
+        def update(generation):
+            now = time.monotonic()
+            if generation.tokens and outcome.first is None:
+                outcome.first = now
+            outcome.last, outcome.tokens = now, len(generation.tokens)
+        return update
+
+    start, jobs = time.monotonic() + 0.05, []
+    for outcome in outcomes:
+        time.sleep(max(0.0, start + outcome.request.at - time.monotonic()))
+        outcome.sent = time.monotonic()
+        job = Job(GENERATE, outcome.request.prompt, max_new_tokens=outcome.request.max_tokens, temperature=0.0,
+                  on_update=listener(outcome))
+        engine.submit([job])
+        jobs.append(job)
+    for job, outcome in zip(jobs, outcomes):
+        try:
+            job.future.result()
+            outcome.status = 200
+        except Exception as e:  # noqa: BLE001 - counted as an error
+            outcome.error = f"{type(e).__name__}: {e}"[:200]
+    end = max([o.last for o in outcomes if o.last] + [start])
+    return summarize(outcomes, end - start, requests[-1].at)
+
+
+def sustained(summary: dict) -> bool:
+    """The server kept up: it completed at least 90% of the offered request rate, without errors."""
+    return summary["errors"] == 0 and summary["requests_per_s"] >= 0.9 * summary["offered_per_s"]
+
+
+# -- the servers ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bench_weights(folder: str, seed: int = 0) -> str:
+    """The CPU bench model as an HF GPT-J checkpoint in `folder` (fp32); EOS and padding ids never chosen."""
+    import torch
+    import transformers
+
+    from gptj.convert.hf import hf_config_dict
+    from gptj.model import GPTJConfig
+
+    config = GPTJConfig(**BENCH_MODEL)
+    torch.manual_seed(seed)
+    hf_config = transformers.GPTJConfig(**{k: v for k, v in hf_config_dict(config).items()
+                                           if k not in ("architectures", "model_type", "torch_dtype", "dtype")})
+    model = transformers.GPTJForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        model.lm_head.bias[EOS:] = -1e4  # like a trained model's padding rows; no early EOS either
+    model.save_pretrained(folder)
+    return folder
+
+
+@contextlib.contextmanager
+def server(command: list[str], cwd: str, env: dict, port: int, log_path: str, startup_s: float = 900.0):
+    """Runs a server process; yields its URL once /health answers; stops it (SIGINT, then SIGKILL)."""
+    import httpx
+
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + startup_s
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {proc.returncode}; see {log_path}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server not up after {startup_s:.0f} s; see {log_path}")
+                try:
+                    if httpx.get(url + "/health", timeout=5).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(1.0)
+            yield url
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def previous_engine_commit(root: str) -> str:
+    """The last commit whose tree has the previous engine: the parent of the one that removed it (or HEAD)."""
+    removed = subprocess.run(["git", "log", "-1", "--format=%H", "--diff-filter=D", "--", PREVIOUS_ENGINE_FILE],
+                             cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    return f"{removed}^" if removed else "HEAD"
+
+
+def unpack(root: str, commit: str, folder: str) -> str:
+    """The tree of `commit` as plain files in `folder` (`git archive`: no worktree left registered)."""
+    archive = subprocess.run(["git", "archive", "--format=tar", commit], cwd=root, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
+    if not os.path.exists(os.path.join(folder, PREVIOUS_ENGINE_FILE)):
+        raise RuntimeError(f"commit {commit} has no {PREVIOUS_ENGINE_FILE}; pass --previous-commit")
+    return folder
+
+
+def gptj_command(tree: str, hf_dir: str, workdir: str, port: int, extra: list[str]) -> list[str]:
+    return [sys.executable, os.path.join(tree, "main.py"), f"--config={os.path.join(tree, 'gptj/configs/tiny.py')}",
+            f"--workdir={workdir}", "--mode=serve", f"--port={port}", f"--config.init_from=hf:{hf_dir}",
+            "--config.mesh.data=1", f"--config.serve.max_batch_size={SLOTS}",
+            "--config.serve.max_new_tokens_limit=256"] + extra
+
+
+# -- HF generate, one request at a time ----------------------------------------------------------
+
+
+def serve_hf(hf_dir: str, port: int) -> None:
+    """`--serve-hf`: an OpenAI-style streaming /v1/completions over HF `generate`, one request at a time."""
+    import threading
+
+    import torch
+    import transformers
+    import uvicorn
+    from fastapi import Body, FastAPI
+    from fastapi.responses import StreamingResponse
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = transformers.GPTJForCausalLM.from_pretrained(hf_dir).eval()
+    suppressed = list(range(GPT2_VOCAB, model.config.vocab_size))
+    lock = threading.Lock()
+    app = FastAPI()
+
+    class Streamer(transformers.generation.streamers.BaseStreamer):
+        def __init__(self, loop, queue):
+            self.loop, self.queue, self.prompt_seen = loop, queue, False
+
+        def put(self, value):
+            if not self.prompt_seen:  # generate() passes the prompt first
+                self.prompt_seen = True
+                return
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, value.reshape(-1).tolist())
+
+        def end(self):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.post("/v1/completions")
+    async def completions(body: dict = Body(...)):
+        ids = torch.tensor(body["prompt"])
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        streamer = Streamer(loop, queue)
+
+        def generate():
+            with lock, torch.inference_mode():
+                model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                               max_new_tokens=body["max_tokens"], min_new_tokens=body["max_tokens"],
+                               eos_token_id=None, pad_token_id=0, suppress_tokens=suppressed, streamer=streamer)
+
+        task = loop.run_in_executor(None, generate)
+
+        async def events():
+            while (tokens := await queue.get()) is not None:
+                choice = {"text": "", "index": 0, "logprobs": {"tokens": [str(t) for t in tokens]},
+                          "finish_reason": None}
+                yield f"data: {json.dumps({'choices': [choice]})}\n\n"
+            await task
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# -- the benchmark ------------------------------------------------------------------------------
+
+
+def measure(name: str, url: str, rates: list[float], count: int, max_len: int, warm_pass: bool) -> dict:
+    """{rate: summary}. With `warm_pass`, each rate's load first runs once untimed, for a server that
+    compiles lazily (the previous engine compiles a program per batch, prompt and generation bucket)."""
+    import httpx
+
+    results = {}
+    for i, rate in enumerate(rates):
+        requests = workload(rate, count, seed=i, max_len=max_len)
+        if warm_pass:
+            run_load(url, requests)
+        summary = run_load(url, requests)
+        results[rate] = summary
+        compiled = httpx.get(url + "/health", timeout=30).json().get("compiled_while_serving")
+        print(f"  {name:8s} {rate:5.2f} req/s: {summary['tokens_per_s']:7.1f} tokens/s, TTFT p50/p99 "
+              f"{_ms(summary['ttft_p50'])}/{_ms(summary['ttft_p99'])} ms (short {_ms(summary['short_ttft_p99'])}), "
+              f"TPOT p50/p99 {_ms(summary['tpot_p50'])}/{_ms(summary['tpot_p99'])} ms, "
+              f"{summary['errors']} errors {summary['error_sample']}"
+              + ("" if compiled is None else f", programs compiled while serving: {compiled}"), flush=True)
+    return results
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1e3 * seconds:.0f}"
+
+
+def markdown(results: dict[str, dict], rates: list[float]) -> str:
+    """The README table: one row per server and rate."""
+    lines = ["| server | offered req/s | output tokens/s | TTFT p50 / p99 (ms) | short-request TTFT p99 (ms) | "
+             "TPOT p50 / p99 (ms) | errors |", "|---|---|---|---|---|---|---|"]
+    for name, per_rate in results.items():
+        for rate in rates:
+            s = per_rate.get(rate)
+            if s is None:
+                continue
+            lines.append(f"| {name} | {rate:g} | {s['tokens_per_s']:.0f} | {_ms(s['ttft_p50'])} / {_ms(s['ttft_p99'])} "
+                         f"| {_ms(s['short_ttft_p99'])} | {_ms(s['tpot_p50'])} / {_ms(s['tpot_p99'])} | "
+                         f"{s['errors']} |")
+    return "\n".join(lines) + "\n"
+
+
+def rows_for(results: dict[str, dict], rates: list[float], machine: str) -> list[dict]:
+    """The results contract: capacity against each peer, and short-request p99 TTFT against the previous engine."""
+    rows = []
+    ours, top = results.get("gptj"), max(rates)
+    if ours is None:
+        return rows
+    for peer, label in (("previous", "previous batching engine"), ("hf", "HF generate, one at a time")):
+        if peer in results:
+            rows.append(result(
+                f"serving output tokens/s, Poisson {top:g} req/s (bench model, {SLOTS} slots, streamed)", "tokens/s",
+                ours[top]["tokens_per_s"], peer=results[peer][top]["tokens_per_s"], peer_name=label,
+                note=(f"goal >= 2x the previous engine; every server saturated at this rate; {machine}; "
+                      f"TTFT p50 {_ms(ours[top]['ttft_p50'])} ms vs {_ms(results[peer][top]['ttft_p50'])} ms")))
+    if "previous" in results:
+        held = [r for r in rates if sustained(results["previous"][r])] or [min(rates)]
+        rate = max(held)
+        mine, theirs = ours[rate]["short_ttft_p99"], results["previous"][rate]["short_ttft_p99"]
+        if mine and theirs:
+            rows.append(result(
+                f"p99 time to first token, short requests (<= {SHORT_TOKENS} tokens), Poisson {rate:g} req/s",
+                "ms", 1e3 * mine, peer=1e3 * theirs, peer_name="previous batching engine", higher_is_better=False,
+                note=(f"goal <= 1/3 of the previous engine's (ratio >= 3x), at the highest rate it sustains; "
+                      f"TPOT p99 {_ms(ours[rate]['tpot_p99'])} vs {_ms(results['previous'][rate]['tpot_p99'])} ms")))
+    return rows
+
+
+def machine_line() -> str:
+    """CPU model, core count and AVX-512 presence, printed beside the figures."""
+    model, flags = "unknown CPU", ""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags") and not flags:
+                    flags = line
+    return f"{model}, {os.cpu_count()} cores, {'AVX-512' if 'avx512f' in flags else 'no AVX-512'}"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--rates", default="", help="offered requests/s, comma separated (default by --quick)")
+    parser.add_argument("--requests", type=int, default=0, help="requests per rate (default 24 quick, 64 full)")
+    parser.add_argument("--servers", default="gptj,previous,hf", help="which of gptj, previous, hf to run")
+    parser.add_argument("--previous-commit", default="", help="commit holding the previous engine")
+    parser.add_argument("--url", default="", help="load a running server instead (its name: gptj)")
+    parser.add_argument("--markdown", default="", help="also write the per-rate table here")
+    parser.add_argument("--serve-hf", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_hf:
+        serve_hf(args.serve_hf, args.port)
+        return
+    rates = [float(r) for r in (args.rates or ("1,8" if args.quick else "0.5,1,2,4,8")).split(",")]
+    count = args.requests or (24 if args.quick else 64)
+    names = [n.strip() for n in args.servers.split(",") if n.strip()]
+    machine = machine_line()
+    print(f"serve_load: rates {rates} req/s, {count} requests each, {machine}", flush=True)
+    max_len = BENCH_MODEL["max_len"]
+    results: dict[str, dict] = {}
+    if args.url:
+        results["gptj"] = measure("gptj", args.url, rates, count, max_len, warm_pass=True)
+    else:
+        with tempfile.TemporaryDirectory(prefix="gptj-serve-load-") as tmp:
+            hf_dir = bench_weights(os.path.join(tmp, "hf"))
+            env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+            env.pop("XLA_FLAGS", None)  # one CPU device, as a user's server has
+            logs = os.path.join(args.json and os.path.dirname(os.path.abspath(args.json)) or tmp, "serve_load_logs")
+            os.makedirs(logs, exist_ok=True)
+            for name in names:
+                port = free_port()
+                if name == "gptj":
+                    command, cwd = gptj_command(ROOT, hf_dir, os.path.join(tmp, "run-gptj"), port, []), ROOT
+                    tree = ROOT
+                elif name == "previous":
+                    tree = unpack(ROOT, args.previous_commit or previous_engine_commit(ROOT),
+                                  tempfile.mkdtemp(dir=tmp, prefix="previous-"))
+                    command, cwd = gptj_command(tree, hf_dir, os.path.join(tmp, "run-previous"), port, []), tree
+                elif name == "hf":
+                    command, cwd, tree = [sys.executable, os.path.abspath(__file__), "--serve-hf", hf_dir,
+                                          "--port", str(port)], ROOT, ROOT
+                else:
+                    parser.error(f"unknown server {name!r}; choose from gptj, previous, hf")
+                print(f"starting {name} ...", flush=True)
+                with server(command, cwd, dict(env, PYTHONPATH=tree), port, os.path.join(logs, f"{name}.log")) as url:
+                    results[name] = measure(name, url, rates, count, max_len, warm_pass=name == "previous")
+                if name == "previous":
+                    shutil.rmtree(tree, ignore_errors=True)
+    table = markdown(results, rates)
+    print("\n" + table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"`python benchmarks/serve_load.py{' --quick' if args.quick else ''}` on {machine}\n\n" + table)
+    emit_results(args.json, rows_for(results, rates, machine))
+
+
+if __name__ == "__main__":
+    main()
