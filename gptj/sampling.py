@@ -147,14 +147,15 @@ class Sampler:
                     top_logprobs=int(top_logprobs), eos_id=eos,
                     on_update=None if callback is None else (lambda gen, i=i: callback(i, gen)))
                 for i, (prompt, (new, t, k, p, s, row_stops)) in enumerate(zip(prompts, settings))]
-        # Offline, every row is admitted at once: each gets a slot, and a decode call runs to the
-        # end unless the host must look in between (stop strings, a listener).
+        # Offline, every row is admitted at once: each gets a slot (slots bucketed like the lengths), and
+        # a decode call runs to the end unless the host must look in between (stop strings, a listener).
         watching = callback is not None or any(stops)
         # Columns per row: the prompt and generation lengths each rounded up to a power of two, so that
         # requests of similar sizes share programs without attending over many empty columns.
         cache_len = min(bucket(max(len(p) for p in prompts), MIN_LENGTH_BUCKET) +
                         bucket(max(max_new), MIN_LENGTH_BUCKET), self.config.max_len)
-        engine = Engine(self.runner, slots=n, max_queue=n, tokenizer=self.tokenizer, eos_id=eos, cache_len=cache_len,
+        engine = Engine(self.runner, slots=self.runner.row_bucket(n), max_queue=n, tokenizer=self.tokenizer,
+                        eos_id=eos, cache_len=cache_len,
                         prefill_chunk=self.prefill_chunk,
                         decode_steps=self.chunk_steps if watching else bucket(max(max_new), MIN_LENGTH_BUCKET,
                                                                               self.config.max_len))

@@ -42,6 +42,31 @@ def top_logprobs(log_probs: jax.Array, num_top: int) -> tuple[jax.Array, jax.Arr
     return ids.astype(jnp.int32), lps
 
 
+def _order_keys(x: jax.Array) -> jax.Array:
+    """uint32 keys ordered as the float32 values are (negative floats reversed, the sign bit on top)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _upper_threshold(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
+    """Per row, the largest key t whose upper set {keys >= t} weighs at least `target` [B].
+
+    A bisection over the 32 bits of the keys: 32 passes over [B, V] of
+    compare-and-sum, where a sort of a 50k vocabulary costs XLA:CPU tens of
+    milliseconds per step. Needs the whole row to weigh at least `target`.
+    """
+    def narrow(_, bounds):
+        lo, hi = bounds  # the answer lies in [lo, hi]
+        span = hi - lo
+        mid = lo + (span >> 1) + (span & 1)
+        heavy = jnp.sum(jnp.where(keys >= mid[:, None], weights, 0), axis=-1) >= target
+        return jnp.where(heavy, mid, lo), jnp.where(heavy, hi, mid - 1)
+
+    rows = keys.shape[0]
+    start = (jnp.zeros((rows,), jnp.uint32), jnp.full((rows,), 0xFFFFFFFF, jnp.uint32))
+    return jax.lax.fori_loop(0, 32, narrow, start)[0]
+
+
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """Temperature-scaled logits with everything outside top-k and the top-p nucleus set to -inf.
 
@@ -49,20 +74,19 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
     their filter; temperature must be > 0 here). Order as in HF: temperature,
     then top-k, then top-p over what top-k kept. The nucleus is the smallest
     set of most likely tokens whose mass reaches top_p (the most likely token
-    is always in it); tokens tied with its least likely member are kept too.
+    is always in it); tokens tied with the least likely member of either set
+    are kept too. Both cut-offs are found by bisection, without sorting.
     """
     vocab = logits.shape[-1]
     scaled = logits / temperature[:, None]
-    ordered = -jnp.sort(-scaled, axis=-1)
+    keys = _order_keys(scaled)
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    in_top_k = jnp.arange(vocab)[None, :] < k[:, None]
-    probs = jax.nn.softmax(jnp.where(in_top_k, ordered, -jnp.inf), axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = in_top_k & (mass_before < top_p[:, None])
-    keep = keep.at[:, 0].set(True)
-    kept = keep.sum(-1)
-    threshold = jnp.take_along_axis(ordered, (kept - 1)[:, None], axis=-1)
-    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    in_top_k = keys >= _upper_threshold(keys, jnp.ones((), jnp.int32), k)[:, None]
+    probs = jax.nn.softmax(jnp.where(in_top_k, scaled, -jnp.inf), axis=-1)
+    prob_keys = _order_keys(probs)
+    nucleus = prob_keys >= _upper_threshold(prob_keys, probs, top_p)[:, None]
+    keep = in_top_k & (nucleus | (top_p >= 1.0)[:, None])
+    return jnp.where(keep, scaled, -jnp.inf)
 
 
 # Columns per block of the two-level inverse-CDF draw: a cumulative sum over a whole 50k vocabulary is

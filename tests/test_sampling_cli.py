@@ -72,7 +72,9 @@ def free_port():
 def test_serve_mode_answers_completions_until_interrupted(params_dir):
     port = free_port()
     cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--config={TINY}", f"--workdir={params_dir}",
-           "--mode=serve", f"--port={port}", "--config.mesh.data=1", "--config.serve.max_new_tokens_limit=16"]
+           "--mode=serve", f"--port={port}", "--config.mesh.data=1", "--config.serve.max_new_tokens_limit=16",
+           # Compiling every shape up front is test_engine's subject; here it would only add a minute.
+           "--config.serve.warmup=False"]
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

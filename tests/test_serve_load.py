@@ -1,0 +1,63 @@
+"""benchmarks/serve_load.py's pieces: the seeded workload, the summary's arithmetic, finding the previous engine."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # benchmarks/ is a folder of scripts at the repository root
+
+from benchmarks import serve_load  # noqa: E402
+
+
+def test_workload_is_seeded_poisson_long_tailed_and_fits_the_context():
+    requests = serve_load.workload(rate=4.0, count=2000, seed=3, max_len=256)
+    assert requests == serve_load.workload(rate=4.0, count=2000, seed=3, max_len=256)
+    assert requests != serve_load.workload(rate=4.0, count=2000, seed=4, max_len=256)
+    gaps = np.diff([0.0] + [r.at for r in requests])
+    assert np.mean(gaps) == pytest.approx(0.25, rel=0.1)  # exponential gaps of mean 1 / rate
+    assert np.std(gaps) == pytest.approx(0.25, rel=0.15)
+    prompts = np.array([len(r.prompt) for r in requests])
+    outputs = np.array([r.max_tokens for r in requests])
+    assert prompts.min() >= 1 and prompts.max() <= 200 and np.median(prompts) == pytest.approx(32, rel=0.15)
+    assert outputs.min() >= 1 and outputs.max() <= 128 and np.median(outputs) == pytest.approx(24, rel=0.15)
+    assert np.mean(outputs) > np.median(outputs)  # a long tail
+    assert (prompts + outputs <= 256).all()
+    assert max(max(r.prompt) for r in requests) < serve_load.GPT2_VOCAB
+
+
+def test_summary_percentiles_and_the_throughput_while_requests_arrive():
+    requests = [serve_load.Request(at=float(i), prompt=[1], max_tokens=n) for i, n in enumerate((4, 40, 8))]
+    outcomes = []
+    for i, request in enumerate(requests):
+        outcome = serve_load.Outcome(request, status=200, sent=10.0 + i)
+        for step in range(request.max_tokens):  # first token 0.5 s after sending, then one per 0.1 s
+            outcome.arrivals.append((outcome.sent + 0.5 + 0.1 * step, 1))
+        outcome.first, outcome.last = outcome.arrivals[0][0], outcome.arrivals[-1][0]
+        outcome.tokens = request.max_tokens
+        outcomes.append(outcome)
+    outcomes.append(serve_load.Outcome(serve_load.Request(3.0, [1], 2), status=429, sent=13.0))
+    summary = serve_load.summarize(outcomes, seconds=8.0, offered_span=3.0)
+    assert summary["ok"] == 3 and summary["errors"] == 1 and summary["error_sample"] == "status 429"
+    assert summary["ttft_p50"] == pytest.approx(0.5) and summary["tpot_p99"] == pytest.approx(0.1)
+    assert summary["short_ttft_p99"] == pytest.approx(0.5)  # the 4- and 8-token requests
+    assert summary["tokens_per_s"] == pytest.approx(52 / 8.0)
+    # Requests arrived from t=10 to t=13: tokens streamed in that window only.
+    in_window = sum(1 for o in outcomes for t, _ in o.arrivals if 10.0 <= t <= 13.0)
+    assert summary["window_tokens_per_s"] == pytest.approx(in_window / 3.0)
+    assert not serve_load.sustained(summary)
+
+
+def test_the_previous_engine_is_the_tree_before_its_removal(tmp_path):
+    if not os.path.isdir(os.path.join(ROOT, ".git")) and not os.path.isfile(os.path.join(ROOT, ".git")):
+        pytest.skip("not a git checkout")
+    commit = serve_load.previous_engine_commit(ROOT)
+    tree = serve_load.unpack(ROOT, commit, str(tmp_path))
+    assert os.path.exists(os.path.join(tree, serve_load.PREVIOUS_ENGINE_FILE))
+    assert os.path.exists(os.path.join(tree, "main.py"))
+    assert not os.path.exists(os.path.join(ROOT, serve_load.PREVIOUS_ENGINE_FILE))  # gone from this tree
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert commit != head
