@@ -192,6 +192,36 @@ def summarize(outcomes: list[Outcome], seconds: float, offered_span: float) -> d
             "short_ttft_p99": _pct(short, 99), "tpot_p50": _pct(tpot, 50), "tpot_p99": _pct(tpot, 99)}
 
 
+def run_engine_load(engine, requests: list[Request]) -> dict:
+    """The same open-loop load straight into a running `gptj.engine.Engine` (no HTTP), as gpu_bench uses it."""
+    from gptj.engine import GENERATE, Job
+
+    outcomes = [Outcome(r) for r in requests]
+
+    def listener(outcome):
+        def update(generation):
+            if len(generation.tokens) > outcome.tokens:
+                outcome.received(len(generation.tokens) - outcome.tokens)
+        return update
+
+    start, jobs = time.monotonic() + 0.05, []
+    for outcome in outcomes:
+        time.sleep(max(0.0, start + outcome.request.at - time.monotonic()))
+        outcome.sent = time.monotonic()
+        job = Job(GENERATE, outcome.request.prompt, max_new_tokens=outcome.request.max_tokens, temperature=0.0,
+                  on_update=listener(outcome))
+        engine.submit([job])
+        jobs.append(job)
+    for job, outcome in zip(jobs, outcomes):
+        try:
+            job.future.result()
+            outcome.status = 200
+        except Exception as e:  # noqa: BLE001 - counted as an error
+            outcome.error = f"{type(e).__name__}: {e}"[:200]
+    end = max([o.last for o in outcomes if o.last] + [start])
+    return summarize(outcomes, end - start, requests[-1].at)
+
+
 def sustained(summary: dict) -> bool:
     """The server kept up: it completed at least 90% of the offered request rate, without errors."""
     return summary["errors"] == 0 and summary["requests_per_s"] >= 0.9 * summary["offered_per_s"]
