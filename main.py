@@ -6,6 +6,7 @@ Any config field can be overridden: --config.train.total_steps=200.
 """
 
 import sys
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -101,7 +102,7 @@ def _parse_flags(argv):
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors that describe bad input: reported as one line and exit status 1, not a traceback."""
+    """Errors that describe bad input or a storage fault: one line and exit status 1 (--verbosity=1: the trace too)."""
     from gptj.checkpoint import CheckpointError
     from gptj.config_validation import ConfigError
     from gptj.eval_tasks import EvalError
@@ -118,9 +119,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from gptj.storage import quiet_storage_noise
+
+    if FLAGS.verbosity < 1:  # the background threads' traces of a failed save; --verbosity=1 shows them
+        quiet_storage_noise()
     try:
         _run(FLAGS.config, FLAGS.mode)
-    except _user_errors() as e:
+    except (*_user_errors(), OSError) as e:  # OSError: a file or directory the filesystem refused
+        if FLAGS.verbosity >= 1:
+            traceback.print_exc()
         sys.exit(f"error: {e}")
 
 

@@ -44,6 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
         profile_steps="",        # e.g. "20:25" captures a jax.profiler trace of those steps
         peak_flops_per_device=0.0,  # for MFU; 0 = not reported
         fresh_optimizer=False,   # with init_from: new optimizer state and step 0
+        resume_fallback=True,    # newest checkpoint damaged: set it aside, resume from the newest intact one
+        resume_step=-1,          # resume from exactly this checkpoint step (newer ones set aside); -1: the newest
         use_wandb=False,
     ))
 

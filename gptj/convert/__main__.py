@@ -5,8 +5,11 @@
     python -m gptj.convert from_mtj --mtj_dir=step_383500 --out=params_dir [--mtj_config=6B_roto_256.json]
     python -m gptj.convert slim     --workdir=runs/tiny --out=slim_dir [--dtype=bfloat16]
 
-`--workdir` takes a training workdir (its latest checkpoint) or a params directory. Bad
-input (a missing, damaged or foreign checkpoint) prints one line and exits with status 2.
+`--workdir` takes a training workdir (its latest checkpoint), one of its checkpoint step
+directories (`runs/tiny/checkpoints/160`) or a params directory; the weights are checked
+against their checksums before anything is written. Bad input (a missing, damaged or foreign
+checkpoint) and storage faults (no space, permission denied) print one line and exit with
+status 2; `--verbosity=1` (before the command) also prints the trace.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 
 def _to_hf(args) -> str:
@@ -55,6 +59,7 @@ def _slim(args) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gptj.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--verbosity", type=int, default=0, help="1: print the trace behind an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     to_hf = commands.add_parser("to_hf", help="gptj workdir or params directory -> HF GPTJForCausalLM directory")
@@ -88,9 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from gptj.storage import quiet_storage_noise
+
+    if args.verbosity < 1:
+        quiet_storage_noise()
     try:
         print(args.run(args))
-    except ValueError as e:  # WeightsError, PartitioningError and bad values are ValueErrors
+    except (ValueError, OSError) as e:  # WeightsError, CheckpointError, bad values; refused files
+        if args.verbosity >= 1:
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
