@@ -230,8 +230,9 @@ class Checkpointer:
         """(state, data_state) to resume training from, or None when there is no checkpoint yet.
 
         Without `step`: the newest checkpoint that passes its checks. With
-        `fallback`, each newer damaged one is reported in one line and set
-        aside (renamed `<step>.damaged`); without it, damage is an error.
+        `fallback`, each newer damaged one is reported in one line (by every
+        process: each states the step it resumes from) and set aside (renamed
+        `<step>.damaged`, never deleted); without it, damage is an error.
         With `step`: exactly that checkpoint (an error if it is missing or
         damaged), and the newer ones are set aside (`<step>.superseded`) so
         that the resumed run's saves do not collide with them.
@@ -242,7 +243,8 @@ class Checkpointer:
                 raise CheckpointError(f"{self.directory}: no checkpoint at step {step} "
                                       f"(steps: {', '.join(map(str, sorted(steps))) or 'none'})")
             restored = self.restore(abstract_state, step)
-            self._set_aside([s for s in steps if s > step], SUPERSEDED_SUFFIX, f"resuming from step {step}")
+            for newer, target in self._set_aside([s for s in steps if s > step], SUPERSEDED_SUFFIX).items():
+                logging.warning("resuming from step %d: set aside the newer %s as %s", step, newer, target)
             return restored
         damaged: list[CheckpointDamagedError] = []
         for candidate in steps:
@@ -253,18 +255,22 @@ class Checkpointer:
                     raise
                 damaged.append(e)
                 continue
+            targets = self._set_aside([e.step for e in damaged], DAMAGED_SUFFIX)
             for error in damaged:
-                self._set_aside([error.step], DAMAGED_SUFFIX, str(error))
+                where = f"; set aside as {targets[error.path]}" if error.path in targets else ""
+                logging.warning("%s%s; resuming from step %d", error, where, candidate)
             return restored
         if damaged:
             raise CheckpointError(f"no intact checkpoint in {self.directory}: "
                                   + "; ".join(f"step {e.step}: {e.what}: {e.reason}" for e in damaged))
         return None
 
-    def _set_aside(self, steps: list[int], suffix: str, why: str) -> None:
-        """Renames step directories to `<step><suffix>` (process 0; every process then sees the new listing)."""
-        if not steps:
-            return
+    def _set_aside(self, steps: list[int], suffix: str) -> dict[str, str]:
+        """Renames step directories to `<step><suffix>`: {old path: new path} on process 0, {} elsewhere.
+
+        Only process 0 renames; afterwards every process lists the steps anew.
+        """
+        moved = {}
         try:
             if jax.process_index() == 0:
                 for step in steps:
@@ -276,11 +282,13 @@ class Checkpointer:
                         os.rename(source, target)
                     except OSError as e:
                         raise as_storage_error(e, source, "cannot set aside") from e
-                    logging.warning("%s; set aside as %s", why, target)
+                    moved[source] = target
         finally:
-            if jax.process_count() > 1:
+            if steps and jax.process_count() > 1:
                 multihost_utils.sync_global_devices("gptj_checkpoint_set_aside")
-        self._manager.reload()
+        if steps:
+            self._manager.reload()
+        return moved
 
 
 def latest_step(workdir: str) -> int | None:
