@@ -291,13 +291,21 @@ class Checkpointer:
         return moved
 
 
+def all_steps(workdir: str) -> list[int]:
+    """Steps of the complete checkpoints in `workdir`, oldest first.
+
+    Orbax's own listing: temporary (unfinished) and set-aside step directories are not steps.
+    """
+    directory = checkpoints_dir(workdir)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(found.step) for found in ocp.path.step.standard_name_format().find_all(directory))
+
+
 def latest_step(workdir: str) -> int | None:
     """Step of the newest complete checkpoint in `workdir`, or None (no checkpoints, or none complete)."""
-    if not os.path.isdir(checkpoints_dir(workdir)):
-        return None
-    # Orbax's own step listing: temporary (unfinished) and set-aside step directories are skipped.
-    found = ocp.path.step.latest_step_metadata(checkpoints_dir(workdir), ocp.path.step.standard_name_format())
-    return None if found is None else int(found.step)
+    steps = all_steps(workdir)
+    return steps[-1] if steps else None
 
 
 def latest_params_path(workdir: str) -> str:

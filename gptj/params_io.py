@@ -145,7 +145,7 @@ def _intact_alternative(path: str, damaged: str, target) -> str:
     if not os.path.isdir(os.path.join(path, CHECKPOINTS_SUBDIR)):
         return "nothing was read from it"
     damaged_step = int(os.path.basename(damaged))
-    older = [s for s in reversed(checkpoint.Checkpointer(path, read_only=True).all_steps()) if s < damaged_step]
+    older = [s for s in reversed(checkpoint.all_steps(path)) if s < damaged_step]
     for i, step in enumerate(older):
         candidate = os.path.join(checkpoint.checkpoints_dir(path), str(step))
         try:

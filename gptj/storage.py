@@ -89,12 +89,14 @@ def as_storage_error(error: BaseException, path: str, doing: str) -> CheckpointE
 
 
 def quiet_storage_noise() -> None:
-    """Hides what Orbax's background threads print when a save fails; the failure itself is raised as one line.
+    """Hides what Orbax's background work prints when a read or a save fails; the failure is raised as one line.
 
     A failed asynchronous save makes Orbax log the error, with a traceback,
-    from each thread involved, and TensorStore callbacks that arrive after
-    Orbax closed its event loop print "Event loop is closed" tracebacks.
-    Entry points call this unless asked for details (main.py's --verbosity=1).
+    from each thread involved; a failed read leaves Orbax's other read
+    coroutines to be closed with their own errors (each printed with a
+    TensorStore spec dump); TensorStore callbacks that arrive after Orbax
+    closed its event loop print "Event loop is closed". Entry points call
+    this unless asked for details (main.py's --verbosity=1).
     """
     if getattr(quiet_storage_noise, "installed", False):
         return
@@ -106,9 +108,18 @@ def quiet_storage_noise() -> None:
         lambda record: not (record.levelno >= std_logging.ERROR and record.pathname.startswith(orbax_dir)))
     previous = sys.unraisablehook
 
+    def raised_in_orbax(error: BaseException) -> bool:
+        frame = error.__traceback__
+        while frame is not None:
+            if frame.tb_frame.f_code.co_filename.startswith(orbax_dir):
+                return True
+            frame = frame.tb_next
+        return False
+
     def hook(unraisable):
         error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        if not (closed_loop or (error is not None and raised_in_orbax(error))):
             previous(unraisable)
 
     sys.unraisablehook = hook

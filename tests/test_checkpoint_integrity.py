@@ -19,54 +19,13 @@ import numpy as np
 import pytest
 from orbax.checkpoint._src.serialization import serialization
 
+from checkpoint_utils import assert_same, damage, train
 from gptj import checkpoint, integrity, params_io
-from gptj.driver import RunSchedule, train_in_workdir
 from gptj.model import GPTJConfig
 from gptj.params_io import WeightsError, load_params, save_params
 from gptj.storage import CheckpointDamagedError, CheckpointError, StorageError
 from gptj.trainer import Hook
-from trainer_utils import SyntheticIterator, cached_trainer, tiny_config, to_numpy
-
-
-def _run(workdir, total_steps, extra_hooks=None, **schedule):
-    """Trains (or resumes) `workdir` to `total_steps`, checkpointing every 2 steps."""
-    config = tiny_config()
-    return train_in_workdir(
-        cached_trainer("single"), str(workdir), SyntheticIterator(config), run_config=config.to_dict(),
-        schedule=RunSchedule(total_steps=total_steps, ckpt_every=2, keep_last=5, log_every=100, **schedule),
-        extra_hooks=extra_hooks)
-
-
-def _assert_same(a, b):
-    for x, y in zip(jax.tree_util.tree_leaves(to_numpy(a)), jax.tree_util.tree_leaves(to_numpy(b)), strict=True):
-        np.testing.assert_array_equal(x, y)
-
-
-def _largest_data_file(step_dir, item="train_state"):
-    files = glob.glob(os.path.join(step_dir, item, "ocdbt.process_0", "d", "*"))
-    return max(files, key=os.path.getsize)
-
-
-def _damage(step_dir, how, item="train_state"):
-    """Damages a step's item: its largest data file zeroed (4 KiB), truncated to half or deleted; or "stale".
-
-    "stale" puts step 2's files in its place: valid data that reads back without an error but is not what
-    this step saved (what silent bit rot in an uncompressed block leaves), which only the checksums catch.
-    """
-    if how == "stale":
-        shutil.rmtree(os.path.join(step_dir, item))
-        shutil.copytree(os.path.join(os.path.dirname(step_dir), "2", item), os.path.join(step_dir, item))
-        return
-    path = _largest_data_file(step_dir, item)
-    size = os.path.getsize(path)
-    if how == "zeroed":
-        with open(path, "r+b") as f:
-            f.seek(size // 4)
-            f.write(bytes(min(4096, size // 2)))
-    elif how == "truncated":
-        os.truncate(path, size // 2)
-    else:
-        os.remove(path)
+from trainer_utils import cached_trainer, tiny_config, to_numpy
 
 
 def _warnings(caplog, text):
@@ -76,12 +35,12 @@ def _warnings(caplog, text):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("integrity")
-    assert _run(base / "run", 4).status == "completed"
+    assert train(base / "run", 4).status == "completed"
     assert checkpoint.Checkpointer(str(base / "run"), read_only=True).all_steps() == [2, 4]
     reference = base / "reference"
     shutil.copytree(base / "run", reference)
     shutil.rmtree(reference / "checkpoints" / "4")
-    final = _run(reference, 6)
+    final = train(reference, 6)
     assert final.step == 6
     return {"run": base / "run", "final": to_numpy(final.state)}
 
@@ -96,10 +55,10 @@ def _copy(runs, tmp_path):
 def test_damaged_newest_checkpoint_is_named_set_aside_and_the_run_resumes_from_the_previous(runs, tmp_path, caplog,
                                                                                             how):
     workdir = _copy(runs, tmp_path)
-    _damage(workdir / "checkpoints" / "4", how)
-    result = _run(workdir, 6)
+    damage(workdir / "checkpoints" / "4", how)
+    result = train(workdir, 6)
     assert result.status == "completed" and result.step == 6
-    _assert_same(result.state, runs["final"])  # as if step 4 had never been written
+    assert_same(result.state, runs["final"])  # as if step 4 had never been written
     (line,) = _warnings(caplog, "is damaged")
     kind = "checksum mismatch" if how == "stale" else "(checksum mismatch|unreadable)"
     assert re.fullmatch(rf"{workdir}/checkpoints/4 is damaged: train_state/\S+: {kind} .*; "
@@ -110,9 +69,9 @@ def test_damaged_newest_checkpoint_is_named_set_aside_and_the_run_resumes_from_t
 
 def test_without_fallback_damage_is_a_one_line_error_and_nothing_moves(runs, tmp_path):
     workdir = _copy(runs, tmp_path)
-    _damage(workdir / "checkpoints" / "4", "zeroed")
+    damage(workdir / "checkpoints" / "4", "zeroed")
     with pytest.raises(CheckpointDamagedError) as error:
-        _run(workdir, 6, resume_fallback=False)
+        train(workdir, 6, resume_fallback=False)
     message = str(error.value)
     assert "\n" not in message and message.startswith(f"{workdir}/checkpoints/4 is damaged: train_state/")
     assert "train.resume_fallback is off" in message
@@ -121,16 +80,16 @@ def test_without_fallback_damage_is_a_one_line_error_and_nothing_moves(runs, tmp
 
 def test_resume_step_picks_an_older_checkpoint_and_sets_the_newer_aside(runs, tmp_path):
     workdir = _copy(runs, tmp_path)
-    result = _run(workdir, 6, resume_step=2)
-    _assert_same(result.state, runs["final"])
+    result = train(workdir, 6, resume_step=2)
+    assert_same(result.state, runs["final"])
     assert (workdir / "checkpoints" / "4.superseded").is_dir()
     with pytest.raises(CheckpointError, match=r"no checkpoint at step 3 \(steps: 2, 4, 6\)"):
-        _run(workdir, 8, resume_step=3)
+        train(workdir, 8, resume_step=3)
 
 
 def test_inference_reads_are_checked_and_name_the_intact_step(runs, tmp_path):
     workdir = _copy(runs, tmp_path)
-    _damage(workdir / "checkpoints" / "4", "zeroed", item="params")
+    damage(workdir / "checkpoints" / "4", "zeroed", item="params")
     with pytest.raises(WeightsError) as error:
         load_params(str(workdir))
     message = str(error.value)
@@ -140,14 +99,14 @@ def test_inference_reads_are_checked_and_name_the_intact_step(runs, tmp_path):
     params, model = load_params(str(workdir / "checkpoints" / "2"), dtype="bfloat16")
     assert model.d_model == 32 and params["wte"].dtype == np.dtype("bfloat16")
     state, _ = checkpoint.Checkpointer(str(workdir), read_only=True).restore(cached_trainer().abstract_state, step=2)
-    _assert_same(params, jax.tree_util.tree_map(lambda x: x.astype("bfloat16"), state["params"]))
+    assert_same(params, jax.tree_util.tree_map(lambda x: x.astype("bfloat16"), state["params"]))
 
 
 def test_params_directory_has_the_same_checks(tmp_path):
     params = cached_trainer("single").init_state(1)["params"]
     config = GPTJConfig.from_dict(tiny_config().model.to_dict())
     save_params(str(tmp_path / "p"), params, config)
-    _assert_same(load_params(str(tmp_path / "p"))[0], params)
+    assert_same(load_params(str(tmp_path / "p"))[0], params)
     manifest = json.loads((tmp_path / "p" / "integrity" / "metadata").read_text())
     assert set(manifest["items"]["params"]) == set(integrity.leaf_names(params, "params/"))
 
@@ -162,7 +121,7 @@ def test_params_directory_has_the_same_checks(tmp_path):
                                            r"\(saved [0-9a-f]{8}, read [0-9a-f]{8}\); nothing was read from it$"):
         load_params(str(tmp_path / "mixed"))
     shutil.copytree(tmp_path / "p", tmp_path / "zeroed")
-    _damage(str(tmp_path / "zeroed"), "zeroed", item="params")
+    damage(str(tmp_path / "zeroed"), "zeroed", item="params")
     with pytest.raises(WeightsError, match=rf"^{tmp_path}/zeroed is damaged: params/\S+: "
                                            "(checksum mismatch|unreadable) .*; nothing was read from it$"):
         load_params(str(tmp_path / "zeroed"))
@@ -204,7 +163,7 @@ def test_full_disk_is_one_line_keeps_the_last_checkpoint_and_the_next_run_cleans
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage._replace(free=0))
     capture = _Capture(2)
     with pytest.raises(StorageError) as error:
-        _run(workdir, 4, extra_hooks=lambda context: [capture])
+        train(workdir, 4, extra_hooks=lambda context: [capture])
     assert re.fullmatch(rf"no space left in {workdir}/checkpoints: the checkpoint needs ~\d+ MiB, 0 MiB free",
                         str(error.value)), str(error.value)
     assert len(_warnings(caplog, "MiB free in")) == 1  # warned once, at the first save
@@ -212,11 +171,11 @@ def test_full_disk_is_one_line_keeps_the_last_checkpoint_and_the_next_run_cleans
     assert stale
     state, data = checkpoint.Checkpointer(str(workdir), read_only=True).restore(cached_trainer().abstract_state)
     assert int(state["step"]) == 2 and data == {"index": 2}
-    _assert_same(state, capture.state)
+    assert_same(state, capture.state)
 
     monkeypatch.undo()  # space again
     caplog.clear()
-    result = _run(workdir, 4)
+    result = train(workdir, 4)
     assert result.status == "completed" and checkpoint.latest_step(str(workdir)) == 4
     assert _warnings(caplog, f"removed {stale[0]}")
     assert not glob.glob(str(workdir / "checkpoints" / "*tmp*"))
