@@ -32,9 +32,9 @@ def largest_data_file(step_dir, item="train_state"):
     return max(files, key=os.path.getsize)
 
 
-def damage(step_dir, how, item="train_state"):
-    """Damages a step's item: its largest data file zeroed (4 KiB, a quarter in), truncated to half or deleted;
-    or "stale".
+def damage(step_dir, how, item="train_state", data_file=None):
+    """Damages a step's item: a data file (default: its largest) zeroed (4 KiB, a quarter in), truncated to half
+    or deleted; or "stale".
 
     "stale" puts step 2's files in its place: valid data that reads back without an error but is not what
     this step saved (what silent bit rot in an uncompressed block leaves), which only the checksums catch.
@@ -43,7 +43,7 @@ def damage(step_dir, how, item="train_state"):
         shutil.rmtree(os.path.join(step_dir, item))
         shutil.copytree(os.path.join(os.path.dirname(step_dir), "2", item), os.path.join(step_dir, item))
         return
-    path = largest_data_file(step_dir, item)
+    path = data_file or largest_data_file(step_dir, item)
     size = os.path.getsize(path)
     if how == "zeroed":
         with open(path, "r+b") as f:
