@@ -199,6 +199,39 @@ def _value(x: jax.Array) -> int:
     return int(np.asarray(x.addressable_data(0)))
 
 
+def start_digests(tree: Any) -> list[tuple[Any, bool]]:
+    """Starts hashing a tree's leaves and returns at once (JAX runs the work in the background).
+
+    One (result, by_shard) per leaf: `by_shard` results hold one partial sum
+    per device; the others, the whole sum on every process (None on processes
+    other than 0 for host arrays, which process 0 alone hashes).
+    """
+    leaves = jax.tree_util.tree_leaves(tree)
+    on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    layouts = tuple(_layout(leaves[i]) for i in on_device)
+    started: list[tuple[Any, bool]] = [(None, False)] * len(leaves)
+    for i, layout, result in zip(on_device, layouts, _tree_digests(layouts)([leaves[i] for i in on_device])):
+        started[i] = (result, bool(layout))
+    if jax.process_index() == 0:
+        for i in sorted(set(range(len(leaves))) - set(on_device)):
+            started[i] = (_host_digest(leaves[i]), False)
+    return started
+
+
+def finish_digests(started: list[tuple[Any, bool]]) -> list[str]:
+    """The digests `start_digests` started, 8 hex digits each, the same on every process (a collective)."""
+    partial = []
+    for result, by_shard in started:
+        if by_shard:  # this process's devices' partial sums
+            partial.append(sum(int(np.asarray(shard.data)[0]) for shard in result.addressable_shards))
+        else:  # the whole sum, which every process holds: counted once, by process 0
+            partial.append(_value(result) if jax.process_index() == 0 and result is not None else 0)
+    totals = np.array([p % 2**32 for p in partial], np.uint32)
+    if jax.process_count() > 1:
+        totals = np.asarray(multihost_utils.process_allgather(totals)).astype(np.uint64).sum(axis=0)
+    return [f"{int(t) % 2**32:08x}" for t in totals]
+
+
 def array_digests(tree: Any) -> list[str]:
     """Each leaf's digest (8 hex digits) in flattening order; every process gets the same.
 
@@ -208,24 +241,7 @@ def array_digests(tree: Any) -> list[str]:
     (numpy) arrays, which every process holds whole, are hashed by process 0
     alone, one at a time (a converter's tree is never on the device at once).
     """
-    leaves = jax.tree_util.tree_leaves(tree)
-    first = jax.process_index() == 0
-    partial = [0] * len(leaves)
-    on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
-    layouts = tuple(_layout(leaves[i]) for i in on_device)
-    results = _tree_digests(layouts)([leaves[i] for i in on_device])
-    for i, layout, result in zip(on_device, layouts, results):
-        if layout:  # this process's devices' partials
-            partial[i] = sum(int(np.asarray(shard.data)[0]) for shard in result.addressable_shards)
-        elif first:  # XLA computed the whole sum; every process holds it, count it once
-            partial[i] = _value(result)
-    if first:
-        for i in sorted(set(range(len(leaves))) - set(on_device)):
-            partial[i] = _value(_host_digest(leaves[i]))
-    totals = np.array([p % 2**32 for p in partial], np.uint32)
-    if jax.process_count() > 1:
-        totals = np.asarray(multihost_utils.process_allgather(totals)).astype(np.uint64).sum(axis=0)
-    return [f"{int(t) % 2**32:08x}" for t in totals]
+    return finish_digests(start_digests(tree))
 
 
 def json_digest(value: Any) -> str:
@@ -425,29 +441,41 @@ def restore_verified(directory: str, arrays: Mapping[str, Any], json_items: tupl
 
     Targets are trees of ShapeDtypeStructs: the arrays land on their
     shardings (any mesh) and in their dtypes (read in the saved dtype,
-    checked, then cast). `one_array_at_a_time` reads, checks and casts each
-    array before reading the next, so that only one array in its saved dtype
-    is ever held (slower: many small reads). Every process must call this,
+    checked, then cast). Each part is hashed while the next one is read.
+    `one_array_at_a_time` reads, checks and casts array by array, so that at
+    most two arrays in their saved dtype are held at once (slower: many small
+    reads). Every process must call this,
     and every process gets the same outcome: CheckpointDamagedError (checksum
     mismatch, unreadable or missing data, damaged manifest), StorageError
     (e.g. permission denied) or CheckpointError (the target is another model
     or optimizer, or an unexpected failure, which never counts as damage).
     """
     entries, layouts = _agreed(directory, step, lambda: _open(directory, arrays, json_items))
-    restored: dict[str, Any] = {}
+    leaves = {item: [None] * len(jax.tree_util.tree_leaves(layout)) for item, layout in layouts.items()}
+    pending = None  # the chunk read last, being hashed while the next one is read
+
+    def finish(item, chunk, read, started):
+        names, targets = leaf_names(layouts[item], item + "/"), jax.tree_util.tree_leaves(arrays[item])
+        for i, leaf, digest in zip(chunk, read, finish_digests(started)):
+            saved = entries[item][names[i]]["digest"]
+            if saved != digest:
+                raise storage.CheckpointDamagedError(
+                    directory, names[i], f"checksum mismatch (saved {saved}, read {digest})", step)
+            leaves[item][i] = leaf if leaf.dtype == targets[i].dtype else leaf.astype(targets[i].dtype)
+
     for item, layout in layouts.items():
-        names = leaf_names(layout, item + "/")
-        targets, treedef = jax.tree_util.tree_flatten(arrays[item])
-        chunks = [[i] for i in range(len(names))] if one_array_at_a_time else [list(range(len(names)))]
-        leaves: list[Any] = [None] * len(names)
-        for chunk in chunks:
-            read = _agreed(directory, step, lambda: _read_leaves(directory, layout, item, chunk))  # noqa: B023
-            for i, leaf, digest in zip(chunk, read, array_digests(read)):
-                if entries[item][names[i]]["digest"] != digest:
-                    raise storage.CheckpointDamagedError(
-                        directory, names[i], f"checksum mismatch (saved {entries[item][names[i]]['digest']}, "
-                                             f"read {digest})", step)
-                leaves[i] = leaf if leaf.dtype == targets[i].dtype else leaf.astype(targets[i].dtype)
-        restored[item] = jax.tree_util.tree_unflatten(treedef, leaves)
+        count = len(leaves[item])
+        for chunk in [[i] for i in range(count)] if one_array_at_a_time else [list(range(count))]:
+            try:
+                read = _agreed(directory, step, lambda: _read_leaves(directory, layout, item, chunk))  # noqa: B023
+            finally:  # a bad array read before this one is named first, whatever happens here
+                if pending is not None:
+                    finish(*pending)
+                    pending = None
+            pending = (item, chunk, read, start_digests(read))
+    if pending is not None:
+        finish(*pending)
+    restored = {item: jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(arrays[item]), leaves[item])
+                for item in layouts}
     restored.update(_agreed(directory, step, lambda: _read_json_items(directory, entries, json_items)))
     return restored
