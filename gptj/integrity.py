@@ -33,6 +33,7 @@ bookkeeping that would tie a checkpoint to the mesh that wrote it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import os
@@ -441,7 +442,8 @@ def restore_verified(directory: str, arrays: Mapping[str, Any], json_items: tupl
 
     Targets are trees of ShapeDtypeStructs: the arrays land on their
     shardings (any mesh) and in their dtypes (read in the saved dtype,
-    checked, then cast). Each part is hashed while the next one is read.
+    checked, then cast). The items are read concurrently, and each is hashed
+    while the next one is still being read.
     `one_array_at_a_time` reads, checks and casts array by array, so that at
     most two arrays in their saved dtype are held at once (slower: many small
     reads). Every process must call this,
@@ -452,7 +454,7 @@ def restore_verified(directory: str, arrays: Mapping[str, Any], json_items: tupl
     """
     entries, layouts = _agreed(directory, step, lambda: _open(directory, arrays, json_items))
     leaves = {item: [None] * len(jax.tree_util.tree_leaves(layout)) for item, layout in layouts.items()}
-    pending = None  # the chunk read last, being hashed while the next one is read
+    pending = None  # the part read last, being hashed while the next one is read
 
     def finish(item, chunk, read, started):
         names, targets = leaf_names(layouts[item], item + "/"), jax.tree_util.tree_leaves(arrays[item])
@@ -463,16 +465,32 @@ def restore_verified(directory: str, arrays: Mapping[str, Any], json_items: tupl
                     directory, names[i], f"checksum mismatch (saved {saved}, read {digest})", step)
             leaves[item][i] = leaf if leaf.dtype == targets[i].dtype else leaf.astype(targets[i].dtype)
 
-    for item, layout in layouts.items():
-        count = len(leaves[item])
-        for chunk in [[i] for i in range(count)] if one_array_at_a_time else [list(range(count))]:
-            try:
-                read = _agreed(directory, step, lambda: _read_leaves(directory, layout, item, chunk))  # noqa: B023
-            finally:  # a bad array read before this one is named first, whatever happens here
-                if pending is not None:
-                    finish(*pending)
-                    pending = None
-            pending = (item, chunk, read, start_digests(read))
+    chunks = [(item, chunk) for item in layouts for chunk in (
+        [[i] for i in range(len(leaves[item]))] if one_array_at_a_time else [list(range(len(leaves[item])))])]
+    ahead = 1 if one_array_at_a_time else len(chunks)  # reads in flight: items together, arrays one by one
+    reads: dict[int, Any] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=ahead) as pool:
+
+        def submit(k):
+            if k < len(chunks):
+                item, chunk = chunks[k]
+                reads[k] = pool.submit(_read_leaves, directory, layouts[item], item, chunk)
+
+        for k in range(ahead):
+            submit(k)
+        try:
+            for k, (item, chunk) in enumerate(chunks):
+                try:
+                    read = _agreed(directory, step, reads.pop(k).result)
+                finally:  # a bad array read before this one is named first, whatever happens here
+                    if pending is not None:
+                        finish(*pending)
+                        pending = None
+                submit(k + ahead)
+                pending = (item, chunk, read, start_digests(read))
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
     if pending is not None:
         finish(*pending)
     restored = {item: jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(arrays[item]), leaves[item])
