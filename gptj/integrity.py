@@ -378,6 +378,7 @@ def _read_leaves(directory: str, layout: Any, item: str, indices: list[int]) -> 
 
 
 def _read_json_items(directory: str, entries: Mapping[str, Any], items: tuple[str, ...]) -> dict[str, Any]:
+    """{item: value} of JSON items, each checked against its manifest entry."""
     values = {}
     for item in items:
         try:
