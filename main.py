@@ -118,6 +118,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from gptj import runtime
+
+    runtime.configure_console(FLAGS.verbosity)  # --verbosity=1 shows every library's log lines
     try:
         _run(FLAGS.config, FLAGS.mode)
     except _user_errors() as e:
