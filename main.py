@@ -119,9 +119,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from gptj import runtime
     from gptj.storage import quiet_storage_noise
 
-    if FLAGS.verbosity < 1:  # the background threads' traces of a failed save; --verbosity=1 shows them
+    runtime.configure_console(FLAGS.verbosity)  # --verbosity=1 shows every library's log lines
+    if FLAGS.verbosity < 1:  # and the background threads' traces behind a storage error
         quiet_storage_noise()
     try:
         _run(FLAGS.config, FLAGS.mode)

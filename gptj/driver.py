@@ -35,7 +35,6 @@ import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
-from absl import logging
 
 from gptj import metrics as metrics_lib
 from gptj import train_hooks

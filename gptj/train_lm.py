@@ -129,16 +129,14 @@ def train_and_evaluate(config, workdir: str, *, explicit_model_fields: Iterable[
         init_state = lambda: initial_state(trainer, model, init_weights, bool(config.train.fresh_optimizer))
     logging.info("model: %s parameters, %s", f"{count_params(trainer.abstract_state['params']):,}", model)
 
-    extra_hooks = None
-    if config.eval.during_training:
-        def extra_hooks(context):
-            from gptj import eval_harness  # lm-eval is only needed when asked for
-            return [eval_harness.HarnessHook(config, model, partitioner, context.writer, context.workdir,
-                                             every=config.train.eval_every, throughput=context.throughput)]
+    def harness_hook(context):
+        from gptj import eval_harness  # lm-eval is only needed when asked for
+        return [eval_harness.HarnessHook(config, model, partitioner, context.writer, context.workdir,
+                                         every=config.train.eval_every, throughput=context.throughput)]
 
     result = train_in_workdir(
         trainer, workdir, train_iter_fn(config, partitioner), schedule=RunSchedule.from_config(config.train),
         init_state=init_state, eval_sets=eval_iters_fn(config, partitioner) if eval_iters_fn else {},
         run_config=config.to_dict(), flops_per_token=train_flops_per_token(model, int(config.data.seq_len)),
-        extra_hooks=extra_hooks)
+        extra_hooks=harness_hook if config.eval.during_training else None)
     return result.status
