@@ -21,8 +21,9 @@ SLIM_DTYPES = ("bfloat16", "float16")
 def slim(src: str, out: str, dtype: str = "bfloat16") -> GPTJConfig:
     """Writes the params of `src` (a workdir or params directory) to `out` in `dtype`; returns its config.
 
-    The params are read in their saved dtype (so that their checksums are checked, see
-    `gptj.integrity`) and then cast; damaged params stop it before anything is written.
+    Each array is read in its saved dtype (so that its checksum is checked, see
+    `gptj.integrity`) and cast before the next is read, so the full-precision params are
+    never all held at once; damaged params stop it before anything is written.
     """
     if dtype not in SLIM_DTYPES:
         raise ValueError(f"slim dtype must be one of {SLIM_DTYPES}, got {dtype!r}")
