@@ -82,6 +82,7 @@ class OrbaxAlone:
         self.manager = ocp.CheckpointManager(directory, item_names=("params", "train_state", "data", "config"))
 
     def save(self, state):
+        """Writes `state` as step 0 and waits until it is on disk."""
         ocp = self.ocp
         self.manager.save(0, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state["params"]),
@@ -90,6 +91,7 @@ class OrbaxAlone:
         self.manager.wait_until_finished()
 
     def restore(self, abstract):
+        """Step 0 read back onto `abstract`'s shardings."""
         ocp = self.ocp
         return self.manager.restore(0, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract["params"]),
@@ -166,6 +168,7 @@ def measure(name: str, model: dict, args, workdir: str) -> list[dict]:
 
 
 def main() -> None:
+    """Measures each model asked for and writes the rows (benchmarks/common.py's contract)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
     parser.add_argument("--models", default="", help="comma-separated: tiny, 1b (default: tiny with --quick, "

@@ -7,14 +7,17 @@ whatever mesh it lands, with every process reaching the same verdict.
 A manifest is a JSON object
 
     {"format": "gptj-integrity/1", "algorithm": "fmix32-sum",
-     "items": {"params": {"blocks/attn/q_proj": {"shape": [...], "dtype": "float32", "digest": "89ab01ef"}, ...},
+     "items": {"params": {"params/blocks/attn/q_proj": {"shape": [...], "dtype": "float32",
+                                                        "digest": "89ab01ef"}, ...},
                "train_state": {...},
                "data": {"json": "1c2d3e4f"}},
      "digest": "<crc32 of the rest>"}
 
-with one entry per array (named by its path in the tree) and one per JSON
-item. Its own `digest` makes a damaged manifest read as damaged rather than
-blame an array.
+with one entry per array (named by the item and its path in the tree) and
+one per JSON item. Its own `digest` makes a damaged manifest read as damaged
+rather than blame an array. It is written with the arrays: as an item of the
+Orbax step (so a step is never complete without it), or last into a params
+directory; a missing manifest reads as damage.
 
 An array's digest does not depend on how the array is sharded: it is the sum,
 modulo 2**32, of a 32-bit hash of every element mixed with that element's
@@ -27,8 +30,10 @@ everywhere. The sum is integer arithmetic, exact in any order. A damaged
 element changes its term pseudo-randomly, so damage goes unnoticed with
 probability about 2**-32 per array (as for a CRC-32), and values moved to
 other positions are caught because the position is part of the hash. It runs
-where the arrays are, at memory speed: no copy to the host, no per-shard
-bookkeeping that would tie a checkpoint to the mesh that wrote it.
+where the arrays are, as one pass over memory: no copy to the host, no
+per-shard bookkeeping that would tie a checkpoint to the mesh that wrote it.
+(A CRC of each written shard's bytes would be quicker on a CPU, but would
+verify only a restore onto the mesh that wrote it.)
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ class IntegrityError(ValueError):
 
 
 def _key_name(key) -> str:
+    """A tree path entry as text: a dict key, an attribute (namedtuple field) or a sequence index."""
     for attr in ("key", "name", "idx"):
         if hasattr(key, attr):
             return str(getattr(key, attr))
@@ -89,6 +95,7 @@ def leaf_names(tree: Any, prefix: str = "") -> list[str]:
 
 
 def _bit_width(dtype) -> int:
+    """Bits per element (4 for int4/float4, whose numpy itemsize says 1 byte)."""
     if jnp.issubdtype(dtype, jnp.integer):
         return jnp.iinfo(dtype).bits
     if jnp.issubdtype(dtype, jnp.floating):
@@ -109,7 +116,10 @@ def _words(x: jax.Array) -> jax.Array:
 
 
 def _hash_block(block: jax.Array, offsets, global_shape: tuple[int, ...]) -> jax.Array:
-    """sum over the block's elements of fmix32(bits ^ key(position in the global array)), mod 2**32.
+    """Sum over the block's elements of mix(bits ^ key(position in the global array)), mod 2**32.
+
+    `mix` is murmur3's 32-bit finaliser (two odd multiplies and xor-shifts): a
+    bijection, so two different values at one position never hash alike.
 
     `offsets` place the block in the global array (per axis; traced values
     inside shard_map). uint32 position arithmetic wraps for arrays of more
@@ -154,7 +164,7 @@ def _by_shard(x: jax.Array, mesh: jax.sharding.Mesh, spec: tuple) -> jax.Array:
     axes_of = [() if d is None else (d,) if isinstance(d, str) else tuple(d) for d in spec]
     replica_axes = [a for a in mesh.axis_names if not any(a in axes for axes in axes_of)]
 
-    def local(block):
+    def local(block):  # one device's shard: its partial sum, or 0 on a replica that is not the first
         offsets = []
         for axes, size in zip(axes_of, block.shape):
             index = jnp.uint32(0)
@@ -187,7 +197,7 @@ def _layout(x: jax.Array) -> tuple:
 @functools.lru_cache(maxsize=64)
 def _tree_digests(layouts: tuple[tuple, ...]):
     """One compiled program hashing a list of device arrays with these layouts (see `_layout`)."""
-    def run(leaves):
+    def run(leaves):  # one digest (or per-device partials) per leaf
         return [_by_shard(x, layout[1], layout[2]) if layout else _whole(x) for x, layout in zip(leaves, layouts)]
     return jax.jit(run)
 
@@ -255,6 +265,7 @@ def json_digest(value: Any) -> str:
 
 
 def _dtype_name(leaf: Any) -> str:
+    """The dtype a leaf is saved in, by name ("float32", "bfloat16", ...)."""
     return str(np.dtype(leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype))
 
 
@@ -457,7 +468,7 @@ def restore_verified(directory: str, arrays: Mapping[str, Any], json_items: tupl
     leaves = {item: [None] * len(jax.tree_util.tree_leaves(layout)) for item, layout in layouts.items()}
     pending = None  # the part read last, being hashed while the next one is read
 
-    def finish(item, chunk, read, started):
+    def finish(item, chunk, read, started):  # compares a part's digests with the manifest, then casts it
         names, targets = leaf_names(layouts[item], item + "/"), jax.tree_util.tree_leaves(arrays[item])
         for i, leaf, digest in zip(chunk, read, finish_digests(started)):
             saved = entries[item][names[i]]["digest"]
@@ -472,7 +483,7 @@ def restore_verified(directory: str, arrays: Mapping[str, Any], json_items: tupl
     reads: dict[int, Any] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=ahead) as pool:
 
-        def submit(k):
+        def submit(k):  # starts reading part k in the background
             if k < len(chunks):
                 item, chunk = chunks[k]
                 reads[k] = pool.submit(_read_leaves, directory, layouts[item], item, chunk)

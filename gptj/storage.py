@@ -43,6 +43,7 @@ class StorageError(CheckpointError):
 
 
 def _causes(error: BaseException) -> Iterator[BaseException]:
+    """`error`, then what caused it (`raise ... from`, or the exception being handled), and so on."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -108,7 +109,7 @@ def quiet_storage_noise() -> None:
         lambda record: not (record.levelno >= std_logging.ERROR and record.pathname.startswith(orbax_dir)))
     previous = sys.unraisablehook
 
-    def raised_in_orbax(error: BaseException) -> bool:
+    def raised_in_orbax(error: BaseException) -> bool:  # any frame of its traceback in Orbax's code
         frame = error.__traceback__
         while frame is not None:
             if frame.tb_frame.f_code.co_filename.startswith(orbax_dir):
@@ -116,7 +117,7 @@ def quiet_storage_noise() -> None:
             frame = frame.tb_next
         return False
 
-    def hook(unraisable):
+    def hook(unraisable):  # drops those two kinds, passes on the rest
         error = unraisable.exc_value
         closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
         if not (closed_loop or (error is not None and raised_in_orbax(error))):
