@@ -471,10 +471,14 @@ class Trainer:
             self._train_step, in_shardings=(self.state_shardings, self.batch_shardings, self.frozen_shardings),
             out_shardings=(self.state_shardings, None), donate_argnums=(0,))
 
-    def compile(self) -> MemoryReport:
-        """Compiles the train step ahead of time and logs what one device holds; returns that report."""
+    def compile(self, compiler_options: Mapping[str, Any] | None = None) -> MemoryReport:
+        """Compiles the train step ahead of time and logs what one device holds; returns that report.
+
+        `compiler_options`: XLA options for this compilation (e.g. passes to disable), as jax's
+        `Lowered.compile` takes them.
+        """
         lowered = self.jitted_train_step.lower(self.abstract_state, self.abstract_batch, self.abstract_frozen)
-        self._compiled_train = lowered.compile()
+        self._compiled_train = lowered.compile(compiler_options)
         abstract, shardings, frozen, frozen_shardings = self._abstract
         analysis = None
         try:
