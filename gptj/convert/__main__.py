@@ -24,7 +24,7 @@ def _to_hf(args) -> str:
     from gptj.convert import hf
     from gptj.weights import open_weights
 
-    weights = open_weights(args.workdir)
+    weights = open_weights(args.workdir, base=args.base)
     hf.write_hf(weights.numpy(), weights.config, args.out, dtype=args.dtype)
     merged = " (base + trained parameters, adapters merged)" if weights.adapted is not None else ""
     return f"wrote HF GPTJForCausalLM ({args.dtype}) to {args.out}{merged}"
@@ -80,7 +80,7 @@ def _slim(args) -> str:
     from gptj.params_io import abstract_params_like, cast_tree, save_params
     from gptj.weights import open_weights
 
-    weights = open_weights(args.workdir)
+    weights = open_weights(args.workdir, base=args.base)
     if weights.adapted is not None:  # the merged model: base, trained parameters and adapters
         config = weights.config.replace(param_dtype=args.dtype)
         save_params(args.out, cast_tree(weights.numpy(), args.dtype), config)
@@ -88,6 +88,10 @@ def _slim(args) -> str:
         config = slim.slim(args.workdir, args.out, dtype=args.dtype)
     size = slim.params_bytes(abstract_params_like(config, dtype=config.param_dtype))
     return f"wrote {args.dtype} params directory {args.out} ({size / 2**30:.2f} GiB of weights)"
+
+
+_BASE_HELP = ("a LoRA or frozen-parameter workdir's base weights (hf:PATH, mtj:PATH or PATH), if they moved "
+              "(default: where the workdir recorded them)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--workdir", required=True, help="training workdir or params directory")
     to_hf.add_argument("--out", required=True, help="new HF directory")
     to_hf.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    to_hf.add_argument("--base", default=None, help=_BASE_HELP)
     to_hf.set_defaults(run=_to_hf)
 
     from_hf = commands.add_parser("from_hf", help="HF GPT-J directory -> gptj params directory")
@@ -118,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     slim.add_argument("--workdir", required=True, help="training workdir or params directory")
     slim.add_argument("--out", required=True, help="new params directory")
     slim.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    slim.add_argument("--base", default=None, help=_BASE_HELP)
     slim.set_defaults(run=_slim)
 
     to_peft = commands.add_parser("to_peft", help="LoRA workdir -> HuggingFace PEFT adapter directory")
