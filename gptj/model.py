@@ -427,7 +427,8 @@ class Block(nn.Module):
     def __call__(self, x, positions, token_mask, layer_cache=None, cache_state=None):
         h = LayerNorm(self.config, name="ln")(x)
         cache = None if layer_cache is None else (*layer_cache, *cache_state)
-        attn, new_kv = Attention(self.config, self.lora, self.deterministic, name="attn")(h, positions, token_mask, cache)
+        attention = Attention(self.config, self.lora, self.deterministic, name="attn")
+        attn, new_kv = attention(h, positions, token_mask, cache)
         out = x + attn + MLP(self.config, self.lora, self.deterministic, name="mlp")(h)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_embed"))
         return out, new_kv

@@ -180,7 +180,7 @@ def load_frozen_base(trainer: Trainer, model: GPTJConfig, weights: Weights, base
 
 
 def adapted_initial_state(trainer: Trainer, model: GPTJConfig, base: FrozenBase, config):
-    """The first state of a run over a frozen base: fresh adapters (or lora.init_from's), the base's trainable values."""
+    """The first state of a run over a frozen base: fresh adapters (or lora.init_from's), the base's trained values."""
     params = merge_params(trainer.init_params(int(config.train.seed)), base.trainable)
     if config.lora.init_from:
         from gptj.convert.peft import read_peft

@@ -293,7 +293,7 @@ class Trainer:
     # -- state -----------------------------------------------------------------------
 
     def _boxed_init(self, rng):
-        """(train state, frozen params) with flax-boxed leaves (logical axes), as eval_shape and the jitted init see them."""
+        """(train state, frozen params), flax-boxed (logical axes), as eval_shape and the jitted init see them."""
         dummies = [jnp.zeros((1,) + tuple(self.batch_spec[k].shape[1:]), self.batch_spec[k].dtype)
                    for k in self.model_inputs]
         rngs = {"params": rng} | {name: rng for name in self.rng_streams}
@@ -352,8 +352,8 @@ class Trainer:
         """Gives the frozen parameters' values (a tree matching `abstract_frozen`), laid out and cast as it says."""
         expected, given = param_paths(self._abstract[2]), param_paths(frozen)
         if expected != given:
-            raise TrainableError(f"frozen parameters do not fit the model: missing {sorted(set(expected) - set(given))}, "
-                                 f"unexpected {sorted(set(given) - set(expected))}")
+            missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+            raise TrainableError(f"frozen parameters do not fit the model: missing {missing}, unexpected {unexpected}")
         self._frozen = jax.tree_util.tree_map(lambda x, a: place(x, a.sharding, a.dtype), frozen, self.abstract_frozen)
 
     @property

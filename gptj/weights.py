@@ -165,8 +165,9 @@ class Adapted:
                 return adapters
             return jax.tree_util.tree_map_with_path(lambda p, x: place(x, shardings(_path(p), x)), adapters)
         local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        where = shardings or (lambda path, leaf: local)
         target = jax.tree_util.tree_map_with_path(
-            lambda p, a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings(_path(p), a) if shardings else local),
+            lambda p, a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where(_path(p), a)),
             self._abstract_trained(config))
         restored = checkpoint.Checkpointer(self.path, read_only=True).restore({"params": target}, params_only=True)
         params = restored[0]["params"]

@@ -189,8 +189,8 @@ def test_to_peft_and_to_hf_give_gptjs_logits(run, request, root):
     lora = weights.adapted.lora
     model = _model(config)
     trained = weights.adapted.trained_params(model)
-    unmerged = GPTJ(model, lora=lora).apply({"params": merge_params(open_weights(config.init_from, 8).numpy(), trained)},
-                                            TOKENS)
+    base_params = open_weights(config.init_from, 8).numpy()
+    unmerged = GPTJ(model, lora=lora).apply({"params": merge_params(base_params, trained)}, TOKENS)
     params, model_config = load_for_inference(config, workdir, _single())
     merged = GPTJ(model_config).apply({"params": params}, TOKENS)
     hf_merged = hf_logits(GPTJForCausalLM.from_pretrained(str(merged_dir)).eval(), TOKENS)

@@ -173,7 +173,8 @@ def read_peft(adapter_dir: str, config: GPTJConfig) -> tuple[LoraConfig, dict]:
             import torch
 
             weights = os.path.join(adapter_dir, "adapter_model.bin")
-            state = {k: v.float().numpy() for k, v in torch.load(weights, map_location="cpu", weights_only=True).items()}
+            loaded = torch.load(weights, map_location="cpu", weights_only=True)
+            state = {name: tensor.float().numpy() for name, tensor in loaded.items()}
         else:
             raise WeightsError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (or adapter_model.bin)")
     except WeightsError:
