@@ -295,7 +295,7 @@ def open_weights(spec: str, vocab_pad_multiple: int = 1, base: str | None = None
     else:
         config = params_io.read_model_config(path)
         return Weights(kind, os.path.abspath(path), config, _recorded_adaptation(os.path.abspath(path), base))
-    return Weights(kind, path, config)
+    return Weights(kind, os.path.abspath(path), config)  # absolute: a run records the spec of its base
 
 
 def with_runtime(run: GPTJConfig, weights: Weights, explicit: Iterable[str] = (),
