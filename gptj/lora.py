@@ -19,6 +19,7 @@ base model's speed and shape. The PEFT file format is `gptj.convert.peft`.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptj.model import LoraConfig, lora_param_names, resolve_dtype
+from gptj.model import LoraConfig, lora_param_names
 from gptj.trainer import merge_params, select_params
 
 # What a LoRA run trains unless `train.trainable` says otherwise: the adapters alone.
@@ -85,47 +86,55 @@ def adapter_tree(pairs: dict[str, tuple[Any, Any]]) -> dict:
     tree: dict = {}
     for target, (a, b) in pairs.items():
         module_path, _ = KERNELS[target]
-        a_name, b_name = lora_param_names(target)
-        node = tree
-        for key in module_path:
-            node = node.setdefault(key, {})
-        node[a_name], node[b_name] = a, b
+        node = _node(tree, module_path)
+        for name, value in zip(lora_param_names(target), (a, b)):
+            node[name] = value
     return tree
 
 
-def delta(a, b):
-    """A·B per layer, in A's input layout and B's output layout: [L, in..., r] x [L, r, out...] -> [L, in..., out...].
+def _node(tree: dict, path: tuple[str, ...]) -> dict:
+    """The dict at `path` in a nested dict, created if missing."""
+    for key in path:
+        tree = tree.setdefault(key, {})
+    return tree
 
-    numpy in, numpy out (fp32); jax in, jax out (fp32, full precision).
+
+@functools.partial(jax.jit, static_argnums=4, donate_argnums=0)
+def _merge_layer_into(out, w, a, b, scale: float, layer):
+    """`out` (donated) with layer `layer` set to W + scale · A·B of that layer, summed in fp32, in W's dtype."""
+    w, a, b = (jax.lax.dynamic_index_in_dim(x, layer, keepdims=False) for x in (w, a, b))
+    rank = a.shape[-1]
+    product = jnp.matmul(a.astype(jnp.float32).reshape(-1, rank), b.astype(jnp.float32).reshape(rank, -1),
+                         precision=jax.lax.Precision.HIGHEST)
+    merged = (w.astype(jnp.float32) + scale * product.reshape(w.shape)).astype(out.dtype)
+    return jax.lax.dynamic_update_index_in_dim(out, merged, layer, axis=0)
+
+
+def _merged_kernel(w, a, b, scale: float):
+    """A stacked kernel [layers, ...] with its adapters merged, a layer at a time (one layer in fp32 at once).
+
+    A jax kernel is merged where it lies and keeps its sharding; a numpy one on the host.
     """
-    layers, rank = a.shape[0], a.shape[-1]
-    shape = a.shape[:-1] + b.shape[2:]
-    if isinstance(a, jax.Array) or isinstance(b, jax.Array):
-        product = jnp.matmul(jnp.asarray(a, jnp.float32).reshape(layers, -1, rank),
-                             jnp.asarray(b, jnp.float32).reshape(layers, rank, -1),
-                             precision=jax.lax.Precision.HIGHEST)
-        return product.reshape(shape)
-    product = np.matmul(np.asarray(a, np.float32).reshape(layers, -1, rank),
-                        np.asarray(b, np.float32).reshape(layers, rank, -1))
-    return product.reshape(shape)
-
-
-def _merged_kernel(w, a, b, scale: float, dtype):
-    """W + scale · A·B, computed in fp32 and stored in `dtype` (default W's); keeps W's sharding."""
-    dtype = w.dtype if dtype is None else resolve_dtype(dtype)
+    rank = a.shape[-1]
     if isinstance(w, jax.Array):
-        fn = jax.jit(lambda w, a, b: (w.astype(jnp.float32) + scale * delta(a, b)).astype(dtype),
-                     out_shardings=w.sharding)
-        return fn(w, a, b)
-    return (np.asarray(w, np.float32) + np.float32(scale) * delta(a, b)).astype(dtype)
+        out = jnp.copy(w)
+        for layer in range(w.shape[0]):
+            out = _merge_layer_into(out, w, a, b, float(scale), layer)
+        return out
+    out = np.empty(w.shape, w.dtype)
+    for layer in range(w.shape[0]):
+        a_layer, b_layer = np.asarray(a[layer], np.float32), np.asarray(b[layer], np.float32)
+        product = a_layer.reshape(-1, rank) @ b_layer.reshape(rank, -1)
+        out[layer] = np.asarray(w[layer], np.float32) + np.float32(scale) * product.reshape(w.shape[1:])
+    return out
 
 
-def merge(params, lora: LoraConfig, dtype=None):
+def merge(params, lora: LoraConfig):
     """The parameter tree without adapters, each adapted kernel replaced by W + alpha/r · A·B.
 
     `params` holds the base parameters and the adapters (numpy or jax arrays;
     a jax kernel keeps its sharding). The sum is formed in fp32 and stored in
-    `dtype` (default: each kernel's own).
+    the kernel's dtype.
     """
     base, adapters = split_adapters(params)
     merged = {}
@@ -133,8 +142,5 @@ def merge(params, lora: LoraConfig, dtype=None):
         module_path, kernel_name = KERNELS[target]
         a, b = adapter_pair(adapters, target)
         kernel = _module(base, module_path)[kernel_name]
-        node = merged
-        for key in module_path:
-            node = node.setdefault(key, {})
-        node[kernel_name] = _merged_kernel(kernel, a, b, lora.scale, dtype)
+        _node(merged, module_path)[kernel_name] = _merged_kernel(kernel, a, b, lora.scale)
     return merge_params(base, merged)

@@ -203,6 +203,7 @@ class LoraConfig:
         return self.alpha / self.rank
 
     def adapts(self, target: str) -> bool:
+        """Whether the projection `target` (e.g. "q_proj") carries adapters."""
         return self.rank > 0 and target in self.targets
 
     @classmethod
@@ -210,9 +211,6 @@ class LoraConfig:
         """From a mapping with (some of) rank, alpha, dropout, targets; other keys are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: values[k] for k in names if k in values})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=list(self.targets))
 
 
 def lora_param_names(target: str) -> tuple[str, str]:

@@ -40,7 +40,6 @@ from typing import Any, Iterable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
