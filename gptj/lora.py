@@ -99,27 +99,27 @@ def _node(tree: dict, path: tuple[str, ...]) -> dict:
     return tree
 
 
-@functools.partial(jax.jit, static_argnums=4, donate_argnums=0)
-def _merge_layer_into(out, w, a, b, scale: float, layer):
-    """`out` (donated) with layer `layer` set to W + scale · A·B of that layer, summed in fp32, in W's dtype."""
-    w, a, b = (jax.lax.dynamic_index_in_dim(x, layer, keepdims=False) for x in (w, a, b))
+@functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
+def _merge_layer_in_place(w, a, b, scale: float, layer):
+    """W (donated) with its layer `layer` replaced by W + scale · A·B, summed in fp32, stored in W's dtype."""
+    w_layer, a, b = (jax.lax.dynamic_index_in_dim(x, layer, keepdims=False) for x in (w, a, b))
     rank = a.shape[-1]
     product = jnp.matmul(a.astype(jnp.float32).reshape(-1, rank), b.astype(jnp.float32).reshape(rank, -1),
                          precision=jax.lax.Precision.HIGHEST)
-    merged = (w.astype(jnp.float32) + scale * product.reshape(w.shape)).astype(out.dtype)
-    return jax.lax.dynamic_update_index_in_dim(out, merged, layer, axis=0)
+    merged = (w_layer.astype(jnp.float32) + scale * product.reshape(w_layer.shape)).astype(w.dtype)
+    return jax.lax.dynamic_update_index_in_dim(w, merged, layer, axis=0)
 
 
-def _merged_kernel(w, a, b, scale: float):
+def _merged_kernel(w, a, b, scale: float, donate: bool):
     """A stacked kernel [layers, ...] with its adapters merged, a layer at a time (one layer in fp32 at once).
 
-    A jax kernel is merged where it lies and keeps its sharding; a numpy one on the host.
+    A jax kernel is merged where it lies, keeping its sharding (in place if `donate`); a numpy one on the host.
     """
     rank = a.shape[-1]
     if isinstance(w, jax.Array):
-        out = jnp.copy(w)
+        out = w if donate else jnp.copy(w)
         for layer in range(w.shape[0]):
-            out = _merge_layer_into(out, w, a, b, float(scale), layer)
+            out = _merge_layer_in_place(out, a, b, float(scale), layer)
         return out
     out = np.empty(w.shape, w.dtype)
     for layer in range(w.shape[0]):
@@ -129,12 +129,13 @@ def _merged_kernel(w, a, b, scale: float):
     return out
 
 
-def merge(params, lora: LoraConfig):
+def merge(params, lora: LoraConfig, donate: bool = False):
     """The parameter tree without adapters, each adapted kernel replaced by W + alpha/r · A·B.
 
     `params` holds the base parameters and the adapters (numpy or jax arrays;
     a jax kernel keeps its sharding). The sum is formed in fp32 and stored in
-    the kernel's dtype.
+    the kernel's dtype. `donate`: the caller gives up the jax kernels, which
+    are then merged in place (no second copy of them in device memory).
     """
     base, adapters = split_adapters(params)
     merged = {}
@@ -142,5 +143,5 @@ def merge(params, lora: LoraConfig):
         module_path, kernel_name = KERNELS[target]
         a, b = adapter_pair(adapters, target)
         kernel = _module(base, module_path)[kernel_name]
-        _node(merged, module_path)[kernel_name] = _merged_kernel(kernel, a, b, lora.scale)
+        _node(merged, module_path)[kernel_name] = _merged_kernel(kernel, a, b, lora.scale, donate)
     return merge_params(base, merged)

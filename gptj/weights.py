@@ -202,7 +202,8 @@ class Adapted:
         params = merge_params(base, base_part)
         if self.lora is None:
             return params
-        return lora_lib.merge(merge_params(params, adapters), self.lora)
+        # The base was read for this call alone: its kernels are merged in place.
+        return lora_lib.merge(merge_params(params, adapters), self.lora, donate=True)
 
 
 def _path(key_path) -> str:
