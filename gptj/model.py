@@ -226,6 +226,40 @@ def _split_einsum(spec: str) -> tuple[str, str, str, str, str]:
         "".join(c for c in x if c not in w), y
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _lora_delta(x, a, b, letters: tuple[str, str, str, str, str], scale: float):
+    """scale · (x·A)·B for `project`, whose einsum letters (x, W inputs, W outputs, batch, y) are `letters`.
+
+    The backward pass is written out so that every contraction over the
+    tokens puts the narrow rank-r operand first: left to autodiff, XLA:CPU
+    transposes the wide activations (or their gradient) for dA and dB, which
+    took longer than all the adapters' arithmetic.
+    """
+    return _lora_delta_fwd(x, a, b, letters, scale)[0]
+
+
+def _lora_delta_fwd(x, a, b, letters, scale):
+    x_sub, w_in, w_out, batch, y_sub = letters
+    xa = jnp.einsum(f"{x_sub},{w_in}r->{batch}r", x, a)
+    return jnp.einsum(f"{batch}r,r{w_out}->{y_sub}", xa * jnp.asarray(scale, xa.dtype), b), (x, a, b, xa)
+
+
+def _lora_delta_bwd(letters, scale, residuals, grad):
+    x_sub, w_in, w_out, batch, y_sub = letters
+    x, a, b, xa = residuals
+    scale = jnp.asarray(scale, grad.dtype)
+    grad_xa = jnp.einsum(f"{y_sub},r{w_out}->{batch}r", grad, b) * scale
+    grad_b = jnp.einsum(f"{batch}r,{y_sub}->r{w_out}", xa * scale, grad)
+    # dA^T = dxa^T·x, then the small transpose; the barrier stops XLA from folding that transpose
+    # into the contraction, which would transpose the wide x instead.
+    grad_a = jnp.moveaxis(jax.lax.optimization_barrier(jnp.einsum(f"{batch}r,{x_sub}->r{w_in}", grad_xa, x)), 0, -1)
+    grad_x = jnp.einsum(f"{batch}r,{w_in}r->{x_sub}", grad_xa, a)
+    return grad_x, grad_a, grad_b
+
+
+_lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
+
+
 def project(module: nn.Module, x: jax.Array, target: str, kernel_name: str, spec: str, shape: tuple[int, ...],
             axes: tuple[str, ...], lora: LoraConfig | None, deterministic: bool) -> jax.Array:
     """One projection of the model (no bias): y = einsum(spec, x, W), plus its LoRA adapters if any.
@@ -244,8 +278,8 @@ def project(module: nn.Module, x: jax.Array, target: str, kernel_name: str, spec
     y = jnp.einsum(spec, x, kernel.astype(dtype))
     if lora is None or not lora.adapts(target):
         return y
-    x_sub, w_in, w_out, batch, y_sub = _split_einsum(spec)
-    n_in = len(w_in)
+    letters = _split_einsum(spec)
+    n_in = len(letters[1])
     fan_in = int(np.prod(shape[:n_in]))
     bound = 1.0 / np.sqrt(fan_in)
     a_name, b_name = lora_param_names(target)
@@ -260,8 +294,7 @@ def project(module: nn.Module, x: jax.Array, target: str, kernel_name: str, spec
     if lora.dropout > 0 and not deterministic:
         keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(x.dtype)
-    xa = jnp.einsum(f"{x_sub},{w_in}r->{batch}r", x, a.astype(dtype))
-    return y + jnp.einsum(f"{batch}r,r{w_out}->{y_sub}", xa, b.astype(dtype)) * jnp.asarray(lora.scale, dtype)
+    return y + _lora_delta(x, a.astype(dtype), b.astype(dtype), letters, lora.scale)
 
 
 class LayerNorm(nn.Module):
