@@ -182,6 +182,7 @@ def load_frozen_base(trainer: Trainer, model: GPTJConfig, weights: Weights, base
 def adapted_initial_state(trainer: Trainer, model: GPTJConfig, base: FrozenBase, config):
     """The first state of a run over a frozen base: fresh adapters (or lora.init_from's), the base's trained values."""
     params = merge_params(trainer.init_params(int(config.train.seed)), base.trainable)
+    base.trainable = {}  # handed to the state, not kept beside it for the whole run
     if config.lora.init_from:
         from gptj.convert.peft import read_peft
 
@@ -192,15 +193,18 @@ def adapted_initial_state(trainer: Trainer, model: GPTJConfig, base: FrozenBase,
     return trainer.state_from_params(params)
 
 
-def check_resume(workdir: str, trainer: Trainer, config, base: FrozenBase | None) -> None:
-    """On resume: the workdir was trained with the same frozen parameters, adapters and base weights."""
+def check_resume_settings(workdir: str, trainer: Trainer, config):
+    """On resume: the workdir trained the same parameters (adapters, train.trainable) as this run will.
+
+    Returns what it recorded of its base (None for a run that trained everything).
+    """
     recorded = open_weights(workdir).adapted
-    if recorded is None and base is None:
-        return
+    if recorded is None and not trainer.freezes:
+        return None
     if recorded is None:
         raise ConfigError(f"{workdir} holds checkpoints of a run that trained every parameter; LoRA or "
                           f"train.trainable need a new workdir (start it from this one with init_from={workdir})")
-    if base is None:
+    if not trainer.freezes:
         raise ConfigError(f"{workdir} was trained over frozen base weights {recorded.base_spec} (trained "
                           f"{recorded.trained!r}); resume it with the same lora and train.trainable settings")
     lora = run_lora(config)
@@ -209,6 +213,11 @@ def check_resume(workdir: str, trainer: Trainer, config, base: FrozenBase | None
         raise ConfigError(f"{workdir} trained {recorded.trained!r} with LoRA {shape(recorded.lora)} (rank, alpha, "
                           f"targets); this run asks for {trainer.trainable!r} with {shape(lora)}: resume with the "
                           "same settings or use a new workdir")
+    return recorded
+
+
+def check_resume_base(workdir: str, recorded, base: FrozenBase) -> None:
+    """On resume: the base weights just read are the ones the workdir trained over (same fingerprint)."""
     if recorded.fingerprint != base.identity["fingerprint"]:
         raise ConfigError(f"{workdir} was trained over base weights {recorded.base_spec} with fingerprint "
                           f"{recorded.fingerprint}, but init_from={base.identity['spec']} has fingerprint "
@@ -245,18 +254,20 @@ def train_and_evaluate(config, workdir: str, *, explicit_model_fields: Iterable[
     partitioner = Partitioner.from_config(config.mesh)
     trainer = build_trainer(config, model, partitioner)
     run_config = config.to_dict()
-    init_state, base = None, None
+    recorded = check_resume_settings(workdir, trainer, config) if resuming else None
+    init_state = None
     if trainer.freezes:
         if resuming and with_runtime(model, init_weights) != model:
             raise ConfigError(f"init_from={init_weights.spec} has another shape ({init_weights.config}) than the "
                               f"model {workdir} trained ({model})")
         base = load_frozen_base(trainer, model, init_weights, config.lora.base_dtype if lora else model.param_dtype)
         run_config[BASE_WEIGHTS_KEY] = base.identity
+        if resuming:
+            check_resume_base(workdir, recorded, base)
+            base.trainable = {}  # the checkpoint holds what trains
         init_state = lambda: adapted_initial_state(trainer, model, base, config)
     elif init_weights is not None:
         init_state = lambda: initial_state(trainer, model, init_weights, bool(config.train.fresh_optimizer))
-    if resuming:
-        check_resume(workdir, trainer, config, base)
     logging.info("model: %s parameters (%s trained), %s",
                  f"{count_params(trainer.abstract_state['params']) + count_params(trainer.abstract_frozen):,}",
                  f"{count_params(trainer.abstract_state['params']):,}", model)

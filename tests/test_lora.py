@@ -215,8 +215,7 @@ def test_to_peft_and_to_hf_give_gptjs_logits(run, request, root):
 
 @pytest.mark.slow
 def test_same_lora_run_on_one_device_2x4_zero3_and_4x2_megatron(hf_base):
-    config = _lora_config(f"hf:{hf_base}", 5, rank=4, alpha=8.0, targets=LORA_TARGETS, dropout=0.1,
-                          base_dtype="bfloat16")
+    config = _lora_config(f"hf:{hf_base}", 5, rank=4, alpha=8.0, targets=LORA_TARGETS, base_dtype="bfloat16")
     model = _model(config)
     base_bf16 = jax.tree_util.tree_map(lambda x: np.asarray(x, "bfloat16"), open_weights(f"hf:{hf_base}", 8).numpy())
     losses = {}
