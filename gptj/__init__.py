@@ -14,7 +14,7 @@ The generic core (knows nothing of GPT-J): `Trainer`, `Hook`, `MemoryReport`
 `RunSchedule`, `RunContext`, `RunResult` (gptj.driver); `make_optimizer`
 (gptj.optimizer); `next_token_loss` (gptj.losses).
 
-GPT-J: `GPTJ`, `GPTJConfig` (gptj.model); `open_weights` (gptj.weights: hf:,
+GPT-J: `GPTJ`, `GPTJConfig`, `LoraConfig` (gptj.model); `open_weights` (gptj.weights: hf:,
 mtj: and gptj weights); `load_config` (gptj.configs: the built-in run configs);
 `train_and_evaluate` (gptj.train_lm: language-model training as `main.py`
 runs it); `Sampler`, `build_sampler` (gptj.sampling).
@@ -44,6 +44,7 @@ _EXPORTS = {
     "next_token_loss": "gptj.losses",
     "GPTJ": "gptj.model",
     "GPTJConfig": "gptj.model",
+    "LoraConfig": "gptj.model",
     "open_weights": "gptj.weights",
     "load_config": "gptj.configs",
     "train_and_evaluate": "gptj.train_lm",

@@ -4,17 +4,21 @@
 unknown sections or keys (against gptj/configs/base.py), an invalid model,
 mesh or rule set, optimizer and train settings out of range, a batch that
 does not split over the data-parallel devices and microbatches, unknown
-seqio tasks, a malformed `init_from`.
+seqio tasks, a malformed `init_from`, LoRA settings and `train.trainable`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from typing import Any, Mapping
 
 MODES = ("train", "eval", "sample", "serve", "plan")
 INIT_FROM_PREFIXES = ("hf:", "mtj:")
+PEFT_PREFIX = "peft:"
+# What a run may keep its frozen parameters in (lora.base_dtype).
+BASE_DTYPES = ("bfloat16", "float32")
 
 
 class ConfigError(ValueError):
@@ -109,6 +113,38 @@ def _check_init_from(spec: str, problems: list[str]) -> None:
                         "use hf:PATH for HuggingFace or mtj:PATH for mesh-transformer-jax checkpoints")
 
 
+def _check_lora(config, mode: str, problems: list[str]) -> None:
+    """LoRA settings, `train.trainable` as a regular expression, and the base weights a frozen run needs."""
+    from gptj.model import LoraConfig
+
+    lora = config.lora
+    try:
+        LoraConfig.from_dict(lora.to_dict())
+    except (TypeError, ValueError) as e:
+        problems.append(f"lora: {e}")
+    if lora.base_dtype not in BASE_DTYPES:
+        problems.append(f"lora.base_dtype must be one of {BASE_DTYPES}, got {lora.base_dtype!r}")
+    if lora.init_from:
+        path = lora.init_from[len(PEFT_PREFIX):]
+        if not lora.init_from.startswith(PEFT_PREFIX) or not path:
+            problems.append(f"lora.init_from={lora.init_from!r} must name a PEFT adapter directory as peft:DIR")
+        elif not os.path.isdir(path):
+            problems.append(f"lora.init_from={lora.init_from!r}: {path} does not exist")
+    trainable = config.train.trainable
+    if trainable:
+        try:
+            re.compile(trainable)
+        except re.error as e:
+            problems.append(f"train.trainable={trainable!r} is not a regular expression ({e})")
+    freezes = bool(trainable) or lora.rank > 0 or bool(lora.init_from)
+    if mode == "train" and freezes and not config.init_from:
+        problems.append("LoRA and train.trainable freeze base weights: set init_from to the weights to fine-tune "
+                        "(hf:PATH, mtj:PATH or a gptj workdir / params directory)")
+    if mode == "train" and freezes and config.eval.during_training:
+        problems.append("eval.during_training is not available with LoRA or train.trainable yet; run --mode=eval "
+                        "on the workdir instead")
+
+
 def _check_harness_tasks(config, problems: list[str]) -> None:
     """Harness tasks asked for during training must exist and have local data before step 1."""
     if not list(config.eval.harness_tasks):
@@ -151,6 +187,7 @@ def validate(config, mode: str = "train", *, check_tasks: bool = True) -> None:
         problems.append(str(e))
     if config.init_from:
         _check_init_from(config.init_from, problems)
+    _check_lora(config, mode, problems)
     if mode == "train":
         _check_optimizer(config.optimizer, problems)
         _check_train(config, data_parallel, problems)

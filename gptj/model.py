@@ -18,6 +18,11 @@ move freely between the two):
     ln_f/{scale,bias}                    [embed]
     lm_head_kernel, lm_head_bias         [embed, vocab], [vocab]
 
+With LoRA (`LoraConfig`), each adapted projection gains two parameters beside
+its kernel, e.g. blocks/attn/q_proj_lora_a [layers, embed, lora_rank] and
+blocks/attn/q_proj_lora_b [layers, lora_rank, heads, head_dim];
+blocks/mlp/fc_in_lora_a [layers, embed, lora_rank], ...
+
 Decoding (`decode=True`) keeps a KV cache in the `cache` collection, at the
 model's top level: `cached_key`/`cached_value` [layers, batch, heads,
 cache_len, head_dim] (heads before slots: the layout the attention
@@ -155,6 +160,143 @@ def _init(std: float):
     return nn.initializers.normal(stddev=std)
 
 
+# The projections LoRA can adapt, by their HuggingFace module names.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on some projections: y = x·W + (alpha / rank) · dropout(x)·A·B.
+
+    A [in, rank] and B [rank, out] sit beside the kernel W they adapt (named
+    `<target>_lora_a` / `<target>_lora_b`, see `lora_param_names`), stacked
+    over layers like every block parameter. B starts at zero and A uniform in
+    ±1/sqrt(in), as HF PEFT initialises them, so an untrained adapter changes
+    nothing. `rank` 0 means no adapters.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        problems = []
+        if not isinstance(self.rank, int) or self.rank < 0:
+            problems.append(f"rank must be an integer >= 0 (0 turns LoRA off), got {self.rank!r}")
+        if not self.alpha > 0:
+            problems.append(f"alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"dropout must lie in [0, 1), got {self.dropout}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown:
+            problems.append(f"unknown target(s) {unknown}; choose from {list(LORA_TARGETS)}")
+        elif not self.targets or len(set(self.targets)) != len(self.targets):
+            problems.append(f"targets must name each projection once and at least one, got {list(self.targets)}")
+        if problems:
+            raise ValueError("invalid LoRA config: " + "; ".join(problems))
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank: what the adapters' product is multiplied by."""
+        return self.alpha / self.rank
+
+    def adapts(self, target: str) -> bool:
+        """Whether the projection `target` (e.g. "q_proj") carries adapters."""
+        return self.rank > 0 and target in self.targets
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "LoraConfig":
+        """From a mapping with (some of) rank, alpha, dropout, targets; other keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: values[k] for k in names if k in values})
+
+
+def lora_param_names(target: str) -> tuple[str, str]:
+    """The names of a target's adapters A and B, beside its kernel in the same module."""
+    return f"{target}_lora_a", f"{target}_lora_b"
+
+
+def _split_einsum(spec: str) -> tuple[str, str, str, str, str]:
+    """'btd,dhk->bthk' -> (x 'btd', kernel inputs 'd', kernel outputs 'hk', batch 'bt', y 'bthk')."""
+    operands, y = spec.split("->")
+    x, w = operands.split(",")
+    return x, "".join(c for c in w if c in x), "".join(c for c in w if c not in x), \
+        "".join(c for c in x if c not in w), y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _lora_delta(x, a, b, letters: tuple[str, str, str, str, str], scale: float):
+    """scale · (x·A)·B for `project`, whose einsum letters (x, W inputs, W outputs, batch, y) are `letters`.
+
+    The backward pass is written out so that every contraction over the
+    tokens puts the narrow rank-r operand first: left to autodiff, XLA:CPU
+    transposes the wide activations (or their gradient) for dA and dB, which
+    took longer than all the adapters' arithmetic.
+    """
+    return _lora_delta_fwd(x, a, b, letters, scale)[0]
+
+
+def _lora_delta_fwd(x, a, b, letters, scale):
+    x_sub, w_in, w_out, batch, y_sub = letters
+    xa = jnp.einsum(f"{x_sub},{w_in}r->{batch}r", x, a)
+    return jnp.einsum(f"{batch}r,r{w_out}->{y_sub}", xa * jnp.asarray(scale, xa.dtype), b), (x, a, b, xa)
+
+
+def _lora_delta_bwd(letters, scale, residuals, grad):
+    x_sub, w_in, w_out, batch, y_sub = letters
+    x, a, b, xa = residuals
+    scale = jnp.asarray(scale, grad.dtype)
+    grad_xa = jnp.einsum(f"{y_sub},r{w_out}->{batch}r", grad, b) * scale
+    grad_b = jnp.einsum(f"{batch}r,{y_sub}->r{w_out}", xa * scale, grad)
+    # dA^T = dxa^T·x, then the small transpose; the barrier stops XLA from folding that transpose
+    # into the contraction, which would transpose the wide x instead.
+    grad_a = jnp.moveaxis(jax.lax.optimization_barrier(jnp.einsum(f"{batch}r,{x_sub}->r{w_in}", grad_xa, x)), 0, -1)
+    grad_x = jnp.einsum(f"{batch}r,{w_in}r->{x_sub}", grad_xa, a)
+    return grad_x, grad_a, grad_b
+
+
+_lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
+
+
+def project(module: nn.Module, x: jax.Array, target: str, kernel_name: str, spec: str, shape: tuple[int, ...],
+            axes: tuple[str, ...], lora: LoraConfig | None, deterministic: bool) -> jax.Array:
+    """One projection of the model (no bias): y = einsum(spec, x, W), plus its LoRA adapters if any.
+
+    Every projection (q, k, v, out, fc_in, fc_out) goes through here, so a
+    change to how a kernel is stored or applied is made once. `shape`/`axes`
+    are the kernel's own (without the layer axis); the einsum letters of W
+    that also index x are its inputs, the rest its outputs, which fixes the
+    adapters' shapes: A [inputs..., rank], B [rank, outputs...]. The matmuls
+    run in the compute dtype; dropout (training only) is applied to the
+    adapters' input, as PEFT does.
+    """
+    cfg = module.config
+    dtype, pdt = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
+    kernel = module.param(kernel_name, nn.with_logical_partitioning(_init(cfg.init_std), axes), shape, pdt)
+    y = jnp.einsum(spec, x, kernel.astype(dtype))
+    if lora is None or not lora.adapts(target):
+        return y
+    letters = _split_einsum(spec)
+    n_in = len(letters[1])
+    fan_in = int(np.prod(shape[:n_in]))
+    bound = 1.0 / np.sqrt(fan_in)
+    a_name, b_name = lora_param_names(target)
+
+    def uniform(key, a_shape, a_dtype):
+        return jax.random.uniform(key, a_shape, a_dtype, -bound, bound)
+
+    a = module.param(a_name, nn.with_logical_partitioning(uniform, axes[:n_in] + ("lora_rank",)),
+                     shape[:n_in] + (lora.rank,), pdt)
+    b = module.param(b_name, nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank",) + axes[n_in:]),
+                     (lora.rank,) + shape[n_in:], pdt)
+    if lora.dropout > 0 and not deterministic:
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(x.dtype)
+    return y + _lora_delta(x, a.astype(dtype), b.astype(dtype), letters, lora.scale)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm computed in fp32 whatever the compute dtype."""
 
@@ -210,20 +352,21 @@ class Attention(nn.Module):
     """
 
     config: GPTJConfig
+    lora: LoraConfig | None = None
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x, positions, token_mask, cache=None):
         cfg = self.config
-        dtype, pdt = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
+        dtype = resolve_dtype(cfg.dtype)
         qkv_shape = (cfg.d_model, cfg.num_heads, cfg.head_dim)
         qkv_axes = ("embed", "heads", "head_dim")
 
-        def project(name):
-            kernel = self.param(name, nn.with_logical_partitioning(_init(cfg.init_std), qkv_axes), qkv_shape, pdt)
-            y = jnp.einsum("btd,dhk->bthk", x, kernel.astype(dtype))
+        def qkv(name):
+            y = project(self, x, name, name, "btd,dhk->bthk", qkv_shape, qkv_axes, self.lora, self.deterministic)
             return nn.with_logical_constraint(y, ("act_batch", "act_length", "act_heads", "head_dim"))
 
-        q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
+        q, k, v = qkv("q_proj"), qkv("k_proj"), qkv("v_proj")
         sin, cos = rotary_sin_cos(positions, cfg.rotary_dim, cfg.rope_base)
         q = apply_rotary(q, sin, cos, cfg.rotary_dim)
         k = apply_rotary(k, sin, cos, cfg.rotary_dim)
@@ -247,14 +390,9 @@ class Attention(nn.Module):
             probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
             out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", "head_dim"))
-
-        out_kernel = self.param(
-            "out_proj",
-            nn.with_logical_partitioning(_init(cfg.init_std), ("heads", "head_dim", "embed")),
-            (cfg.num_heads, cfg.head_dim, cfg.d_model),
-            pdt,
-        )
-        return jnp.einsum("bthk,hkd->btd", out, out_kernel.astype(dtype)), new_kv
+        out = project(self, out, "out_proj", "out_proj", "bthk,hkd->btd", (cfg.num_heads, cfg.head_dim, cfg.d_model),
+                      ("heads", "head_dim", "embed"), self.lora, self.deterministic)
+        return out, new_kv
 
 
 def _cached_attention(q, k, v, token_mask, cached_key, cached_value, key_mask, index, *, scale, dtype):
@@ -281,22 +419,28 @@ def _cached_attention(q, k, v, token_mask, cached_key, cached_value, key_mask, i
 
 
 class MLP(nn.Module):
+    """fc_out(gelu_tanh(fc_in(x))), both projections with a bias."""
+
     config: GPTJConfig
+    lora: LoraConfig | None = None
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
         dtype, pdt = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
-        init = _init(cfg.init_std)
         zeros = nn.initializers.zeros
-        w_in = self.param("fc_in_kernel", nn.with_logical_partitioning(init, ("embed", "mlp")), (cfg.d_model, cfg.mlp_dim), pdt)
+        # Each bias is created right after its kernel (and adapters): the order of
+        # creation fixes which random numbers each parameter is initialised from.
+        h = project(self, x, "fc_in", "fc_in_kernel", "btd,df->btf", (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"),
+                    self.lora, self.deterministic)
         b_in = self.param("fc_in_bias", nn.with_logical_partitioning(zeros, ("mlp",)), (cfg.mlp_dim,), pdt)
-        w_out = self.param("fc_out_kernel", nn.with_logical_partitioning(init, ("mlp", "embed")), (cfg.mlp_dim, cfg.d_model), pdt)
-        b_out = self.param("fc_out_bias", nn.with_logical_partitioning(zeros, ("embed",)), (cfg.d_model,), pdt)
-        h = jnp.einsum("btd,df->btf", x, w_in.astype(dtype)) + b_in.astype(dtype)
-        h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
+        h = nn.with_logical_constraint(h + b_in.astype(dtype), ("act_batch", "act_length", "act_mlp"))
         h = jax.nn.gelu(h, approximate=True)
-        return jnp.einsum("btf,fd->btd", h, w_out.astype(dtype)) + b_out.astype(dtype)
+        out = project(self, h, "fc_out", "fc_out_kernel", "btf,fd->btd", (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"),
+                      self.lora, self.deterministic)
+        b_out = self.param("fc_out_bias", nn.with_logical_partitioning(zeros, ("embed",)), (cfg.d_model,), pdt)
+        return out + b_out.astype(dtype)
 
 
 class Block(nn.Module):
@@ -307,13 +451,16 @@ class Block(nn.Module):
     """
 
     config: GPTJConfig
+    lora: LoraConfig | None = None
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x, positions, token_mask, layer_cache=None, cache_state=None):
         h = LayerNorm(self.config, name="ln")(x)
         cache = None if layer_cache is None else (*layer_cache, *cache_state)
-        attn, new_kv = Attention(self.config, name="attn")(h, positions, token_mask, cache)
-        out = x + attn + MLP(self.config, name="mlp")(h)
+        attention = Attention(self.config, self.lora, self.deterministic, name="attn")
+        attn, new_kv = attention(h, positions, token_mask, cache)
+        out = x + attn + MLP(self.config, self.lora, self.deterministic, name="mlp")(h)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_embed"))
         return out, new_kv
 
@@ -329,13 +476,19 @@ class GPTJ(nn.Module):
     the final LayerNorm's output [B, T, d_model] (compute dtype), for callers
     that apply the head themselves (`output_logits`) to fewer positions, or
     that put a head of their own on the trunk.
+
+    With `lora`, the projections it targets carry low-rank adapters (see
+    `LoraConfig`); `deterministic=False` (training, with a `dropout` RNG)
+    applies the adapters' dropout.
     """
 
     config: GPTJConfig
     decode: bool = False
+    lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, tokens, positions=None, token_mask=None, return_hidden: bool = False):
+    def __call__(self, tokens, positions=None, token_mask=None, return_hidden: bool = False,
+                 deterministic: bool = True):
         cfg = self.config
         dtype, pdt = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
         if positions is None:
@@ -360,7 +513,7 @@ class GPTJ(nn.Module):
         blocks = nn.scan(
             block,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=cfg.num_layers,
             unroll=1 if cfg.scan_layers else cfg.num_layers,
@@ -370,10 +523,11 @@ class GPTJ(nn.Module):
             cache = self._cache_variables(tokens.shape)
             layer_cache = (cache["cached_key"].value, cache["cached_value"].value)
             cache_state = (cache["key_mask"].value, cache["index"].value)
-            x, new_kv = blocks(cfg, name="blocks")(x, positions, token_mask, layer_cache, cache_state)
+            x, new_kv = blocks(cfg, self.lora, deterministic, name="blocks")(x, positions, token_mask, layer_cache,
+                                                                             cache_state)
             self._write_cache(cache, new_kv, token_mask)
         else:
-            x, _ = blocks(cfg, name="blocks")(x, positions, token_mask, None, None)
+            x, _ = blocks(cfg, self.lora, deterministic, name="blocks")(x, positions, token_mask, None, None)
 
         x = LayerNorm(cfg, name="ln_f")(x)
         if return_hidden:  # before the head's params: a trunk initialised this way has no LM head
@@ -452,9 +606,12 @@ def count_params(tree) -> int:
     return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree_util.tree_leaves(tree)))
 
 
-def abstract_params(config: GPTJConfig):
-    """Parameter shapes, dtypes and logical axes (as nn.Partitioned boxes), with nothing allocated."""
-    model = GPTJ(config)
+def abstract_params(config: GPTJConfig, lora: LoraConfig | None = None):
+    """Parameter shapes, dtypes and logical axes (as nn.Partitioned boxes), with nothing allocated.
+
+    With `lora`, the tree also holds its adapters.
+    """
+    model = GPTJ(config, lora=lora)
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(tokens.shape, tokens.dtype)))["params"]
 

@@ -43,6 +43,7 @@ _TENSOR_PARALLEL_ACTIVATIONS: Rules = (
     ("act_vocab", "model"),
     ("head_dim", None),
     ("layers", None),
+    ("lora_rank", None),  # LoRA adapters' rank: small, never split
 )
 
 _MEGATRON_PARAMS: Rules = (
@@ -70,6 +71,7 @@ _DATA_PARALLEL: Rules = (
     ("act_vocab", None),
     ("head_dim", None),
     ("layers", None),
+    ("lora_rank", None),
     ("vocab", None),
     ("embed", None),
     ("heads", None),

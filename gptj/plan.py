@@ -12,7 +12,14 @@ Reported per device: params and optimizer state (from the shardings, exact), XLA
 temporaries (gradients, activations, collectives' buffers, as the compiler scheduled
 them; the CPU compiler's numbers approximate an accelerator's), the peak (arguments +
 outputs not aliased by donation + temporaries), and the arithmetic they should match:
-parameter count x bytes per value / the number of devices each is split over.
+parameter count x bytes per value / the number of devices each is split over. A LoRA or
+`train.trainable` run also shows its frozen parameters (kept in `lora.base_dtype` for
+LoRA); its params and optimizer rows are the trained parameters only.
+
+A mesh whose sizes are both given (no -1) uses the first data x model devices, so one
+machine with 8 fake devices plans a single-device run too. When the peak does not fit,
+the plan names the ways out: LoRA over the frozen base, zero3 over enough devices (an
+estimate, to be planned on that many), full rematerialisation, smaller microbatches.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import numpy as np
 
 from gptj.model import count_params
 from gptj import train_lm
-from gptj.partitioning import Partitioner, PartitioningError
+from gptj.partitioning import Partitioner, PartitioningError, make_mesh
 
 GIB = 2**30
 # Adam keeps two fp32 moments per parameter (mu and nu).
@@ -46,6 +53,11 @@ class Plan:
     params_expected: int
     opt_state_expected: int
     device_memory: int | None
+    num_frozen: int = 0  # parameters frozen (LoRA base, train.trainable); num_params counts the trained ones
+    frozen: int = 0
+    frozen_expected: int = 0
+    frozen_dtype: str = ""
+    lora_params_expected: int = 0  # what a LoRA run's frozen bf16 base would take per device under these rules
 
     @property
     def fits(self) -> bool | None:
@@ -74,28 +86,77 @@ def _device_memory(device_memory_gib: float | None) -> int | None:
     return stats.get("bytes_limit")
 
 
+def _partitioner(mesh_config) -> Partitioner:
+    """The config's mesh and rule set; sizes given in full use the first data x model devices."""
+    data, model = int(mesh_config.data), int(mesh_config.model)
+    devices = jax.devices()
+    if data > 0 and model > 0 and data * model < len(devices):
+        devices = devices[:data * model]
+    return Partitioner(make_mesh(data, model, devices=devices), str(mesh_config.rules))
+
+
 def make_plan(config, device_memory_gib: float | None = None) -> Plan:
     """Compiles `config`'s train step on abstract inputs and measures what one device holds."""
     device_memory = _device_memory(device_memory_gib)
     try:
-        partitioner = Partitioner.from_config(config.mesh)
+        partitioner = _partitioner(config.mesh)
     except PartitioningError as e:
         if jax.devices()[0].platform != "cpu":
             raise
         raise PartitioningError(f"{e} (to plan for more devices on a CPU machine, fake them: "
                                 "XLA_FLAGS=--xla_force_host_platform_device_count=N)") from e
     trainer = train_lm.build_trainer_for_plan(config, partitioner)
-    report = trainer.compile()
-    abstract = trainer.abstract_state
-    n = count_params(abstract["params"])
+    abstract, frozen = trainer.abstract_state, trainer.abstract_frozen
+    n, n_frozen = count_params(abstract["params"]), count_params(frozen)
     weight_bytes = np.dtype(jax.tree_util.tree_leaves(abstract["params"])[0].dtype).itemsize
+    frozen_dtype = np.dtype(jax.tree_util.tree_leaves(frozen)[0].dtype) if n_frozen else None
+    options = None
+    if partitioner.mesh.devices.flat[0].platform == "cpu" and frozen_dtype is not None and frozen_dtype.itemsize < 4:
+        # XLA:CPU has no bf16 matmul: it widens bf16 operands to fp32, and loop-invariant code
+        # motion then hoists that widening of the whole stacked frozen weights out of the layer
+        # loop: an fp32 copy of the base that a GPU or TPU, which multiply bf16 natively, never
+        # makes. Planned on CPU, such a run compiles without that pass.
+        options = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+    report = trainer.compile(options)
     rule_set = partitioner.rule_set
+    params_ways = _split_ways(partitioner, rule_set.rules)
     return Plan(
         num_params=n, mesh=dict(partitioner.mesh.shape), rule_set=rule_set.name, params=report.params,
         opt_state=report.opt_state, temporaries=report.temporaries, peak=report.peak,
-        params_expected=n * weight_bytes // _split_ways(partitioner, rule_set.rules),
+        params_expected=n * weight_bytes // params_ways,
         opt_state_expected=n * ADAM_MOMENT_BYTES // _split_ways(partitioner, rule_set.optimizer_rules),
-        device_memory=device_memory)
+        device_memory=device_memory, num_frozen=n_frozen, frozen=report.frozen,
+        frozen_expected=0 if frozen_dtype is None else n_frozen * frozen_dtype.itemsize // params_ways,
+        frozen_dtype="" if frozen_dtype is None else frozen_dtype.name,
+        lora_params_expected=(n + n_frozen) * 2 // params_ways)
+
+
+def ways_out(plan: Plan, config) -> list[str]:
+    """What would make a plan that does not fit, fit: one line each, with the flags to set."""
+    ways = []
+    if not plan.num_frozen:
+        ways.append(f"LoRA: freeze the weights in bfloat16 ({plan.lora_params_expected / GIB:.2f} GiB per device "
+                    "here) and train low-rank adapters, with no gradient or optimizer state for the base: "
+                    "--config.lora.rank=16 --config.init_from=... (gptj/configs/gptj_6b_lora.py)")
+    devices = math.prod(plan.mesh.values())
+    # Weights, gradients and optimizer state (most of a full fine-tune's peak) split over zero3's
+    # devices; activations do not. The estimate splits the whole peak and keeps 10% for them.
+    total = plan.peak * devices
+    needed = next((n for n in (2 ** k for k in range(1, 13)) if n > devices and total / n <= 0.9 * plan.device_memory),
+                  None)
+    if needed is not None:
+        model = plan.mesh.get("model", 1)
+        ways.append(f"zero3 over {needed} devices (about {total / needed / GIB:.1f} GiB each if all of this peak "
+                    f"splits; activations do not, so plan it on {needed} devices): --config.mesh.rules=zero3 "
+                    f"--config.mesh.data={max(1, needed // model)} --config.mesh.model={model}, with "
+                    "train.batch_size a multiple of the data-parallel size")
+    if config.model.remat_policy != "full":
+        ways.append("rematerialise every layer: --config.model.remat_policy=full")
+    if int(config.train.batch_size) // int(config.train.microbatches) > 1:
+        ways.append("smaller microbatches: raise --config.train.microbatches (same batch, less activation memory)")
+    if not ways:
+        ways.append("shorten data.seq_len: the activations of one sequence do not fit")
+    return ways
 
 
 def format_plan(plan: Plan, config) -> str:
@@ -106,13 +167,21 @@ def format_plan(plan: Plan, config) -> str:
     mesh = " x ".join(f"{k}={v}" for k, v in plan.mesh.items())
     devices = math.prod(plan.mesh.values())
     batch, micro, seq = int(config.train.batch_size), int(config.train.microbatches), int(config.data.seq_len)
+    if plan.num_frozen:
+        count = (f"{plan.num_params + plan.num_frozen:,} parameters ({plan.num_params:,} trained, "
+                 f"{plan.num_frozen:,} frozen in {plan.frozen_dtype})")
+        params_rows = [f"  {f'frozen params ({plan.frozen_dtype})':<34}{gib(plan.frozen):>14}"
+                       f"{gib(plan.frozen_expected):>14}",
+                       f"  {'trained params':<34}{gib(plan.params):>14}{gib(plan.params_expected):>14}"]
+    else:
+        count = f"{plan.num_params:,} parameters"
+        params_rows = [f"  {'params':<34}{gib(plan.params):>14}{gib(plan.params_expected):>14}"]
     lines = [
-        f"plan: {plan.num_params:,} parameters; mesh {mesh} ({devices} {jax.devices()[0].platform} devices), "
-        f"rule set {plan.rule_set}",
+        f"plan: {count}; mesh {mesh} ({devices} {jax.devices()[0].platform} devices), rule set {plan.rule_set}",
         f"      batch {batch} x {seq} tokens in {micro} microbatch(es) of {batch // micro}; "
         f"remat {config.model.remat_policy}, compute {config.model.dtype}",
         f"  {'per device':<34}{'compiled':>14}{'arithmetic':>14}",
-        f"  {'params':<34}{gib(plan.params):>14}{gib(plan.params_expected):>14}",
+        *params_rows,
         f"  {'optimizer state (Adam mu, nu)':<34}{gib(plan.opt_state):>14}{gib(plan.opt_state_expected):>14}",
         f"  {'temporaries (grads, activations)':<34}{gib(plan.temporaries):>14}",
         f"  {'peak':<34}{gib(plan.peak):>14}",
@@ -126,6 +195,8 @@ def format_plan(plan: Plan, config) -> str:
         verdict = "fits" if plan.fits else "does NOT fit"
         lines.append(f"  fit: {verdict} in {plan.device_memory / GIB:.2f} GiB per device "
                      f"({'margin' if plan.fits else 'short by'} {abs(margin):.2f} GiB)")
+        if not plan.fits:
+            lines += ["  ways out:"] + [f"    - {way}" for way in ways_out(plan, config)]
     return "\n".join(lines)
 
 

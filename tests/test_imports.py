@@ -16,8 +16,8 @@ PACKAGE = ROOT / "gptj"
 CORE = {"trainer", "train_hooks", "partitioning", "checkpoint", "integrity", "storage", "metrics", "optimizer",
         "losses", "driver", "runtime"}
 # What makes it GPT-J: the model, its weights and formats, data, tokenizer, config checks.
-PIECES = {"model", "weights", "params_io", "data", "vocab", "vocab_seqio", "config_validation", "sampling_ops",
-          "eval_tasks", "tasks", "configs", "convert.hf", "convert.mtj", "convert.slim", "convert"}
+PIECES = {"model", "lora", "weights", "params_io", "data", "vocab", "vocab_seqio", "config_validation", "sampling_ops",
+          "eval_tasks", "tasks", "configs", "convert.hf", "convert.mtj", "convert.slim", "convert.peft", "convert"}
 # Everything else is an application (train_lm, sampling, serve, eval_harness, evaluate, plan, ...).
 
 
@@ -36,7 +36,7 @@ def _layer(module: str) -> int:
     top = module.split(".")[0]
     if module in CORE or top in CORE:
         return 0
-    if module in PIECES or top in ("tasks", "configs") or module in ("convert.hf", "convert.mtj", "convert.slim"):
+    if module in PIECES or top in ("tasks", "configs"):
         return 1
     return 2
 

@@ -47,6 +47,19 @@ def get_config() -> ml_collections.ConfigDict:
         resume_fallback=True,    # newest checkpoint damaged: set it aside, resume from the newest intact one
         resume_step=-1,          # resume from exactly this checkpoint step (newer ones set aside); -1: the newest
         use_wandb=False,
+        # Which parameters train: a regular expression over parameter paths (e.g. "blocks/mlp/.*|ln_f/.*"),
+        # the rest frozen (no gradient, no optimizer state, not checkpointed). "": all of them, or with
+        # LoRA the adapters alone. Anything frozen needs init_from.
+        trainable="",
+    ))
+
+    # LoRA: low-rank adapters A [in, rank], B [rank, out] on the `targets` projections
+    # (q_proj, k_proj, v_proj, out_proj, fc_in, fc_out), scaled by alpha / rank, trained over
+    # frozen base weights (init_from) kept in `base_dtype` with no fp32 master copy; the
+    # adapters train in fp32. rank 0: off. init_from="peft:DIR" starts from a HuggingFace PEFT
+    # adapter, whose rank, alpha and targets replace these.
+    config.lora = ml_collections.ConfigDict(dict(
+        rank=0, alpha=16.0, dropout=0.0, targets=("q_proj", "v_proj"), base_dtype="bfloat16", init_from="",
     ))
 
     # seqio task names (gptj.tasks registers them by explicit function calls; see gptj/tasks/__init__.py).

@@ -4,12 +4,16 @@
     python -m gptj.convert from_hf  --hf_dir=hf_dir --out=params_dir [--vocab_pad_multiple=1]
     python -m gptj.convert from_mtj --mtj_dir=step_383500 --out=params_dir [--mtj_config=6B_roto_256.json]
     python -m gptj.convert slim     --workdir=runs/tiny --out=slim_dir [--dtype=bfloat16]
+    python -m gptj.convert to_peft  --workdir=runs/lora --out=peft_dir
 
 `--workdir` takes a training workdir (its latest checkpoint), one of its checkpoint step
 directories (`runs/tiny/checkpoints/160`) or a params directory; the weights are checked
-against their checksums before anything is written. Bad input (a missing, damaged or foreign
-checkpoint) and storage faults (no space, permission denied) print one line and exit with
-status 2; `--verbosity=1` (before the command) also prints the trace.
+against their checksums before anything is written. A LoRA or `train.trainable` workdir is
+read over its base weights with the adapters merged in (to_hf, slim); `to_peft` writes its
+adapters alone as a HuggingFace PEFT adapter directory. Bad input (a missing, damaged or
+foreign checkpoint) and storage faults (no space, permission denied) print one line and exit
+with status 2 (`--verbosity=1`, before the command, also prints the trace); an existing output
+is never overwritten.
 """
 
 from __future__ import annotations
@@ -24,9 +28,36 @@ def _to_hf(args) -> str:
     from gptj.convert import hf
     from gptj.weights import open_weights
 
-    weights = open_weights(args.workdir)
+    weights = open_weights(args.workdir, base=args.base)
     hf.write_hf(weights.numpy(), weights.config, args.out, dtype=args.dtype)
-    return f"wrote HF GPTJForCausalLM ({args.dtype}) to {args.out}"
+    merged = " (base + trained parameters, adapters merged)" if weights.adapted is not None else ""
+    return f"wrote HF GPTJForCausalLM ({args.dtype}) to {args.out}{merged}"
+
+
+def _to_peft(args) -> str:
+    from gptj.config_validation import parse_init_from
+    from gptj.convert import peft
+    from gptj.lora import split_adapters
+    from gptj.params_io import WeightsError
+    from gptj.trainer import param_paths
+    from gptj.weights import open_weights
+
+    weights = open_weights(args.workdir)
+    adapted = weights.adapted
+    if adapted is None or adapted.lora is None:
+        raise WeightsError(f"{args.workdir} is not a LoRA workdir (it trained no adapters); to_peft needs a run "
+                           "with lora.rank > 0 (to_hf writes any workdir as a HuggingFace model)")
+    if os.path.exists(os.path.join(args.out, peft.ADAPTER_CONFIG)):
+        raise WeightsError(f"{args.out} already holds a PEFT adapter; choose a new output directory")
+    base_params, adapters = split_adapters(adapted.trained_params(weights.config))
+    if base_params:
+        raise WeightsError(f"{args.workdir} also trained base parameters ({', '.join(param_paths(base_params))}), "
+                           "which a PEFT LoRA adapter cannot hold; use to_hf for the merged model")
+    kind, base_path = parse_init_from(adapted.base_spec)
+    peft.write_peft(adapters, weights.config, adapted.lora, args.out, base_model=base_path if kind == "hf" else "")
+    lora = adapted.lora
+    return (f"wrote PEFT LoRA adapter (rank {lora.rank}, alpha {lora.alpha:g}, {', '.join(lora.targets)}) to "
+            f"{args.out}; its base: {adapted.base_spec}")
 
 
 def _from_hf(args) -> str:
@@ -50,11 +81,21 @@ def _from_mtj(args) -> str:
 
 def _slim(args) -> str:
     from gptj.convert import slim
-    from gptj.params_io import abstract_params_like
+    from gptj.params_io import abstract_params_like, cast_tree, save_params
+    from gptj.weights import open_weights
 
-    config = slim.slim(args.workdir, args.out, dtype=args.dtype)
+    weights = open_weights(args.workdir, base=args.base)
+    if weights.adapted is not None:  # the merged model: base, trained parameters and adapters
+        config = weights.config.replace(param_dtype=args.dtype)
+        save_params(args.out, cast_tree(weights.numpy(), args.dtype), config)
+    else:
+        config = slim.slim(args.workdir, args.out, dtype=args.dtype)
     size = slim.params_bytes(abstract_params_like(config, dtype=config.param_dtype))
     return f"wrote {args.dtype} params directory {args.out} ({size / 2**30:.2f} GiB of weights)"
+
+
+_BASE_HELP = ("a LoRA or frozen-parameter workdir's base weights (hf:PATH, mtj:PATH or PATH), if they moved "
+              "(default: where the workdir recorded them)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--workdir", required=True, help="training workdir or params directory")
     to_hf.add_argument("--out", required=True, help="new HF directory")
     to_hf.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    to_hf.add_argument("--base", default=None, help=_BASE_HELP)
     to_hf.set_defaults(run=_to_hf)
 
     from_hf = commands.add_parser("from_hf", help="HF GPT-J directory -> gptj params directory")
@@ -86,7 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     slim.add_argument("--workdir", required=True, help="training workdir or params directory")
     slim.add_argument("--out", required=True, help="new params directory")
     slim.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    slim.add_argument("--base", default=None, help=_BASE_HELP)
     slim.set_defaults(run=_slim)
+
+    to_peft = commands.add_parser("to_peft", help="LoRA workdir -> HuggingFace PEFT adapter directory")
+    to_peft.add_argument("--workdir", required=True, help="a workdir trained with lora.rank > 0")
+    to_peft.add_argument("--out", required=True, help="new adapter directory")
+    to_peft.set_defaults(run=_to_peft)
     return parser
 
 
