@@ -81,13 +81,18 @@ def _from_mtj(args) -> str:
 
 def _slim(args) -> str:
     from gptj.convert import slim
-    from gptj.params_io import abstract_params_like, cast_tree, save_params
+    import jax
+    import numpy as np
+
+    from gptj.model import resolve_dtype
+    from gptj.params_io import abstract_params_like, save_params
     from gptj.weights import open_weights
 
     weights = open_weights(args.workdir, base=args.base)
     if weights.adapted is not None:  # the merged model: base, trained parameters and adapters
         config = weights.config.replace(param_dtype=args.dtype)
-        save_params(args.out, cast_tree(weights.numpy(), args.dtype), config)
+        cast = jax.tree_util.tree_map(lambda x: np.asarray(x, resolve_dtype(args.dtype)), weights.numpy())
+        save_params(args.out, cast, config)
     else:
         config = slim.slim(args.workdir, args.out, dtype=args.dtype)
     size = slim.params_bytes(abstract_params_like(config, dtype=config.param_dtype))
