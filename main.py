@@ -144,7 +144,7 @@ def _run(config, mode):
                        FLAGS.initialization_timeout)
     # Every mode's config is checked before anything is built or compiled; train
     # mode also checks the optimizer, batch split and data tasks.
-    config_validation.validate(config, mode)
+    config_validation.validate(config, mode, workdir=FLAGS.workdir)
 
     if mode == "train":
         from gptj import train_lm

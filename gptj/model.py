@@ -18,6 +18,10 @@ move freely between the two):
     ln_f/{scale,bias}                    [embed]
     lm_head_kernel, lm_head_bias         [embed, vocab], [vocab]
 
+A quantized model (`quant_bits` 8 or 4; `gptj.quantize`) has the same tree,
+except that each matrix `quant_targets` names is a pair in place of its array:
+{"values": int8/int4 of the same shape and axes, "scale": its scales}.
+
 With LoRA (`LoraConfig`), each adapted projection gains two parameters beside
 its kernel, e.g. blocks/attn/q_proj_lora_a [layers, embed, lora_rank] and
 blocks/attn/q_proj_lora_b [layers, lora_rank, heads, head_dim];
@@ -45,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
+
+from gptj import quantize
 
 # A large negative logit for masked attention slots and padded vocabulary rows:
 # finite so that fully masked rows give a uniform softmax instead of NaN.
@@ -103,8 +109,15 @@ class GPTJConfig:
     # GPUs, bf16/fp16 compute). Both apply to unpadded causal training and scoring;
     # padded or cached calls use einsum.
     attention_impl: str = "einsum"
+    # Weight-only quantization, for inference (`python -m gptj.convert quantize` writes it; training refuses
+    # it): quant_bits 0 (none), 8 or 4; quant_group_size 0 (one scale per output channel) or inputs per
+    # scale; quant_targets the matrices stored quantized (gptj.quantize.TARGETS). See gptj/quantize.py.
+    quant_bits: int = 0
+    quant_group_size: int = 0
+    quant_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "quant_targets", tuple(self.quant_targets))  # a list when read from JSON
         problems = []
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "max_len", "vocab_pad_multiple"):
             if getattr(self, name) <= 0:
@@ -124,6 +137,8 @@ class GPTJConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 problems.append(f"{name} {getattr(self, name)!r} is not one of {sorted(_DTYPES)}")
+        if not problems:
+            problems += quantize.config_problems(self)
         if problems:
             raise ValueError("invalid GPT-J config: " + "; ".join(problems))
 
@@ -154,6 +169,20 @@ class GPTJConfig:
 
     def replace(self, **changes) -> "GPTJConfig":
         return dataclasses.replace(self, **changes)
+
+    def quantizes(self, target: str) -> bool:
+        """Whether the matrix `target` (a name in gptj.quantize.TARGETS) is stored quantized."""
+        return self.quant_bits > 0 and target in self.quant_targets
+
+
+def matrix_param(module: nn.Module, name: str, target: str, init, shape: tuple[int, ...], axes: tuple[str, ...]):
+    """A weight matrix of `module`: an array, or {"values", "scale"} when the config quantizes `target`."""
+    cfg = module.config
+    pdt = resolve_dtype(cfg.param_dtype)
+    if not cfg.quantizes(target):
+        return module.param(name, nn.with_logical_partitioning(init, axes), shape, pdt)
+    spans = quantize.MATRICES[target].spans
+    return module.param(name, quantize.param_init(shape, axes, spans, cfg.quant_bits, cfg.quant_group_size, pdt))
 
 
 def _init(std: float):
@@ -265,7 +294,8 @@ def project(module: nn.Module, x: jax.Array, target: str, kernel_name: str, spec
     """One projection of the model (no bias): y = einsum(spec, x, W), plus its LoRA adapters if any.
 
     Every projection (q, k, v, out, fc_in, fc_out) goes through here, so a
-    change to how a kernel is stored or applied is made once. `shape`/`axes`
+    change to how a kernel is stored or applied is made once (a quantized
+    kernel is multiplied by `gptj.quantize.einsum`). `shape`/`axes`
     are the kernel's own (without the layer axis); the einsum letters of W
     that also index x are its inputs, the rest its outputs, which fixes the
     adapters' shapes: A [inputs..., rank], B [rank, outputs...]. The matmuls
@@ -274,8 +304,8 @@ def project(module: nn.Module, x: jax.Array, target: str, kernel_name: str, spec
     """
     cfg = module.config
     dtype, pdt = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
-    kernel = module.param(kernel_name, nn.with_logical_partitioning(_init(cfg.init_std), axes), shape, pdt)
-    y = jnp.einsum(spec, x, kernel.astype(dtype))
+    kernel = matrix_param(module, kernel_name, target, _init(cfg.init_std), shape, axes)
+    y = quantize.einsum(spec, x, kernel, dtype)
     if lora is None or not lora.adapts(target):
         return y
     letters = _split_einsum(spec)
@@ -496,10 +526,9 @@ class GPTJ(nn.Module):
         if token_mask is None and self.decode:
             token_mask = jnp.ones(tokens.shape, dtype=bool)  # the cache records which slots are real
 
-        embedding = self.param(
-            "wte", nn.with_logical_partitioning(_init(cfg.init_std), ("vocab", "embed")), (cfg.padded_vocab_size, cfg.d_model), pdt
-        )
-        x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+        embedding = matrix_param(self, "wte", "wte", _init(cfg.init_std), (cfg.padded_vocab_size, cfg.d_model),
+                                 ("vocab", "embed"))
+        x = quantize.take_rows(embedding, tokens, dtype)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
         block = Block
@@ -532,7 +561,8 @@ class GPTJ(nn.Module):
         x = LayerNorm(cfg, name="ln_f")(x)
         if return_hidden:  # before the head's params: a trunk initialised this way has no LM head
             return x
-        head = self.param("lm_head_kernel", nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "vocab")), (cfg.d_model, cfg.padded_vocab_size), pdt)
+        head = matrix_param(self, "lm_head_kernel", "lm_head", _init(cfg.init_std),
+                            (cfg.d_model, cfg.padded_vocab_size), ("embed", "vocab"))
         head_bias = self.param("lm_head_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)), (cfg.padded_vocab_size,), pdt)
         return output_logits(x, head, head_bias, cfg)
 
@@ -567,13 +597,14 @@ class GPTJ(nn.Module):
 def output_logits(hidden: jax.Array, kernel: jax.Array, bias: jax.Array, config: GPTJConfig) -> jax.Array:
     """GPT-J's output head: hidden [..., d_model] -> fp32 logits [..., padded_vocab_size].
 
-    The matmul runs in the compute dtype with fp32 accumulation; padded
-    vocabulary entries get a large negative logit, so they never win a softmax.
+    The matmul runs in the compute dtype with fp32 accumulation (`kernel`
+    may be quantized: `gptj.quantize.einsum`); padded vocabulary entries get
+    a large negative logit, so they never win a softmax.
     The model's own forward pass and every caller that applies the head to
     selected positions only (scoring) use this one function.
     """
-    logits = jnp.einsum("...d,dv->...v", hidden, kernel.astype(resolve_dtype(config.dtype)),
-                        preferred_element_type=jnp.float32)
+    logits = quantize.einsum("...d,dv->...v", hidden, kernel, resolve_dtype(config.dtype),
+                             preferred_element_type=jnp.float32)
     logits = logits + bias.astype(jnp.float32)
     if config.padded_vocab_size != config.vocab_size:
         real = jnp.arange(config.padded_vocab_size) < config.vocab_size

@@ -23,6 +23,7 @@ import math
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -318,12 +319,15 @@ def place(tree, shardings, dtype=None):
     copies only the slices its own devices own, so this works on several hosts.
     Leaves that are already jax arrays are moved device to device (never through
     the host). `tree` and `shardings` may also be a single array and sharding.
+    `dtype` applies to floating-point leaves: integer leaves (token ids, the
+    values of quantized weights) keep their own.
     """
     def one(x, sharding):
         if isinstance(x, jax.Array):
-            x = x if dtype is None else x.astype(dtype)
+            x = x.astype(dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x
             return x if x.sharding == sharding else jax.device_put(x, sharding)
-        x = np.asarray(x) if dtype is None else np.asarray(x, dtype=dtype)
+        x = np.asarray(x)
+        x = np.asarray(x, dtype=dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree_util.tree_map(one, tree, shardings)

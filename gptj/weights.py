@@ -24,6 +24,13 @@ weights reads the base, checks it is the one trained over, puts the trained
 parameters in and merges LoRA adapters into their kernels, so every reader
 gets a plain GPT-J parameter tree that runs at full speed.
 
+Quantized weights (`python -m gptj.convert quantize`): a params directory
+whose config.json records `quant_bits` (and group size, targets). Opening it
+gives that config, so every reader builds the quantized model and reads the
+integer matrices as stored (`place` casts only the floating-point leaves);
+they are for inference: training refuses them (`gptj.config_validation`),
+and so do a PEFT adapter over them and the converters.
+
 Who calls what: training's `init_from` opens and places weights
 (`gptj.train_lm`); sampling, serving and evaluation call `load_for_inference`
 (the workdir's own weights, else `init_from`); the converters read `numpy()`.
@@ -43,7 +50,7 @@ import jax.numpy as jnp
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gptj import checkpoint, lora as lora_lib, params_io
+from gptj import checkpoint, lora as lora_lib, params_io, quantize
 from gptj.config_validation import PEFT_PREFIX, ConfigError, parse_init_from
 from gptj.model import GPTJConfig, LoraConfig, abstract_params, resolve_dtype
 from gptj.partitioning import Partitioner, place
@@ -100,6 +107,10 @@ class Weights:
         """
         if self.adapted is not None:
             return self.adapted.place(self.config, shardings, dtype)
+        if self.kind == "gptj" and self.config.quant_bits:
+            # Read as stored (integers, bf16 scales), then cast the small floating-point leaves only.
+            return place(params_io.load_params(self.path, shardings)[0], shardings,
+                         None if dtype is None else resolve_dtype(dtype))
         if self.kind == "gptj":
             return params_io.load_params(self.path, shardings, dtype=dtype)[0]
         return place(self.numpy(), shardings, None if dtype is None else resolve_dtype(dtype))
@@ -269,6 +280,10 @@ def with_peft_adapter(weights: Weights, spec: str) -> Weights:
     from gptj.convert.peft import read_peft_config
 
     path = spec[len(PEFT_PREFIX):] if spec.startswith(PEFT_PREFIX) else spec
+    if weights.config.quant_bits:
+        raise ConfigError(f"lora.init_from={spec}: {weights.spec} holds {quantize.describe(weights.config)}-quantized "
+                          "weights, which an adapter cannot be merged into; merge it into the full-precision "
+                          "weights, then quantize the merged model")
     adapted = Adapted(base_spec=weights.spec, base_pad=weights.config.vocab_pad_multiple, source="peft", path=path,
                       lora=read_peft_config(path))
     return dataclasses.replace(weights, adapted=adapted)
