@@ -23,9 +23,8 @@ logical axis names of the dims it keeps (a grouped dim keeps its name), so
 every rule set shards a quantized model like the full-precision one, each
 scale beside the values it scales.
 
-Scales are rounded up to the scale dtype before the values are computed from
-them, so the stored scale is the one the values were rounded against: every
-element is reconstructed within scale / 2 and none is clipped.
+The values are rounded against the scale as stored (bf16), so every element
+is reconstructed within scale / 2 of its original.
 
 int4 values are JAX's `int4` dtype: XLA keeps them packed two to a byte in
 device memory and Orbax on disk, so nothing unpacks nibbles by hand.
@@ -170,27 +169,16 @@ def group_size_of(values_shape: tuple[int, ...], scale_shape_: tuple[int, ...], 
 
 # -- the arithmetic --------------------------------------------------------------------------------
 
-def round_up_to(x: np.ndarray, dtype) -> np.ndarray:
-    """Positive finite fp32 values rounded up (never down) to `dtype` (bfloat16, float16 or float32).
-
-    The scale a value was divided by must be the one stored: rounding it
-    down would push the largest values past qmax.
-    """
-    x = np.asarray(x, np.float32)
-    rounded = x.astype(dtype)
-    short = rounded.astype(np.float32) < x
-    if np.any(short):
-        rounded = np.where(short, np.nextafter(rounded, np.array(np.inf, dtype)), rounded).astype(dtype)
-    return rounded
-
-
 def quantize_matrix(w: np.ndarray, bits: int, group_size: int, spans: tuple[int, int],
                     scale_dtype=ml_dtypes.bfloat16) -> tuple[np.ndarray, np.ndarray]:
     """(values, scale) of the host array `w`, whose dims [spans) one scale spans (in groups along the last).
 
-    Computed in fp32; values as numpy int8 / int4, scales in `scale_dtype`
-    (rounded up, see `round_up_to`). An all-zero channel or group gets scale
-    1 and values 0.
+    Computed in fp32; values as numpy int8 / int4, scales in `scale_dtype`.
+    The values are rounded against the stored (bf16) scale, so every element
+    is read back within scale / 2: bf16 rounds a scale by at most 2**-9 of
+    itself, so the largest value lands within qmax * (1 + 2**-9) < qmax + 1/2
+    and clipping it to qmax stays within the bound. An all-zero channel or
+    group gets scale 1 and values 0.
     """
     lo, hi = spans
     w = np.asarray(w, np.float32)
@@ -200,7 +188,7 @@ def quantize_matrix(w: np.ndarray, bits: int, group_size: int, spans: tuple[int,
     else:
         grouped, reduce = w, tuple(range(lo, hi))
     amax = np.max(np.abs(grouped), axis=reduce, keepdims=True)
-    scale = round_up_to(np.where(amax > 0, amax / qmax(bits), 1.0), scale_dtype)
+    scale = np.where(amax > 0, amax / qmax(bits), 1.0).astype(scale_dtype)
     values = np.clip(np.rint(grouped / scale.astype(np.float32)), -qmax(bits), qmax(bits))
     values = values.astype(np.dtype(int_dtype(bits))).reshape(w.shape)
     return values, np.squeeze(scale, axis=reduce)

@@ -77,10 +77,11 @@ def quantize_params(params: dict, config: GPTJConfig) -> dict:
 
 
 def _cast_floats(tree: Any) -> Any:
+    """Floating-point leaves (LayerNorms, biases, unquantized matrices) to bf16; integers and scales as they are."""
+    if quantize.is_quantized(tree):
+        return tree
     if isinstance(tree, dict):
         return {k: _cast_floats(v) for k, v in tree.items()}
-    if np.issubdtype(np.asarray(tree).dtype, np.integer):
-        return tree
     return np.asarray(tree).astype(ml_dtypes.bfloat16)
 
 
