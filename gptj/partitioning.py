@@ -334,9 +334,11 @@ def place(tree, shardings, dtype=None):
 
 
 def per_device_bytes(abstract, shardings) -> int:
-    """Bytes one device holds for a tree of arrays laid out by `shardings`."""
+    """Bytes one device holds for a tree of arrays laid out by `shardings` (int4: two values to a byte)."""
     total = 0
     for leaf, sharding in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(shardings)):
         shard_shape = sharding.shard_shape(leaf.shape)
-        total += int(np.prod(shard_shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+        dtype = np.dtype(leaf.dtype)
+        bits = jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else 8 * dtype.itemsize
+        total += -(-int(np.prod(shard_shape, dtype=np.int64)) * bits // 8)
     return total

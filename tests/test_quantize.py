@@ -329,3 +329,57 @@ def test_quantized_quality_on_a_trained_model(trained):
     assert abs(perplexity["int4"] / perplexity["fp32"] - 1) <= 0.05, perplexity
     assert tokens["int8"].shape == (8, 32)
     assert np.mean(tokens["int8"] == tokens["fp32"]) >= 0.95, tokens
+
+
+# -- 6. the serving memory plan ------------------------------------------------------------------
+
+def _serve_config(data, model, rules="megatron"):
+    config = base.get_config()
+    config.model.update(TINY.replace(vocab_size=512, vocab_pad_multiple=8, dtype="bfloat16").to_dict())
+    config.mesh.update(dict(data=data, model=model, rules=rules))
+    return config
+
+
+def test_serve_plan_splits_weights_and_cache_as_the_arithmetic_says():
+    from gptj import plan as plan_lib
+
+    plan = plan_lib.make_serve_plan(_serve_config(2, 4), batch=4, context=64, device_memory_gib=1.0)
+    bf16, int8, int4 = plan.rows
+    assert [r.weights_format for r in plan.rows] == ["bfloat16", "int8 per channel", "int4 in groups of 32"]
+    c, v = TINY, 512  # groups of 32: the largest divisor of 128 that head_dim 32 allows
+    # megatron on 2 x 4: the vocabulary, heads and mlp dims split 4 ways over `model`, embed dims replicated.
+    matrices = (2 * v * c.d_model + c.num_layers * (4 * c.d_model ** 2 + 2 * c.d_model * c.mlp_dim)) // 4
+    small = 2 * c.num_layers * c.d_model + c.num_layers * (c.mlp_dim // 4 + c.d_model) + v // 4 + 2 * c.d_model
+    assert bf16.weights == 2 * (matrices + small)  # LayerNorms, biases
+    # Per channel, a scale per output: q, k, v over heads (split), out_proj and fc_out over embed (replicated).
+    per_channel = 2 * v // 4 + c.num_layers * (3 * c.d_model // 4 + c.d_model + c.mlp_dim // 4 + c.d_model)
+    assert int8.weights == matrices + 2 * per_channel + 2 * small
+    assert int4.weights == matrices // 2 + 2 * (matrices // 32) + 2 * small  # one bf16 scale per 32 values
+    # KV cache: keys and values, [layers, batch / 2, heads / 4, context, head_dim] in bf16 on each device.
+    # Plus which slots hold tokens ([batch / 2, context] bools) and the next slot's index (int32).
+    kv = 2 * c.num_layers * (4 // 2) * (c.num_heads // 4) * 64 * c.head_dim * 2 + (4 // 2) * 64 + 4
+    assert bf16.kv_cache == int8.kv_cache == int4.kv_cache == kv
+    for row in plan.rows:
+        assert row.temporaries > 0 and row.peak >= row.weights + row.kv_cache
+        assert plan.fits(row) is True
+    assert int4.weights < int8.weights < bf16.weights  # (at this size the temporaries outweigh the weights)
+    text = plan_lib.format_serve_plan(plan)
+    assert "batch 4 x 64 tokens" in text and "int4 in groups of 32" in text and "fits 1.00 GiB" in text
+    with pytest.raises(ConfigError, match="--batch_size=3 must be divisible by the data-parallel size"):
+        plan_lib.make_serve_plan(_serve_config(2, 4), batch=3, context=64)
+
+
+@pytest.mark.slow
+def test_gptj_6b_serves_from_an_8_gib_device_in_int4():
+    """The issue's example: GPT-J-6B, batch 1 at 2048 tokens, one device: int4 fits 8 GiB, bf16 and int8 do not."""
+    from gptj import plan as plan_lib
+    from gptj.configs import gptj_6b
+
+    config = gptj_6b.get_config()
+    config.mesh.update(dict(data=1, model=1))
+    plan = plan_lib.make_serve_plan(config, batch=1, context=2048, device_memory_gib=8)
+    bf16, int8, int4 = plan.rows
+    assert plan.num_params == 6_050_882_784 and bf16.weights == 2 * plan.num_params
+    assert 0.49 < int8.weights / bf16.weights < 0.51 and 0.25 < int4.weights / bf16.weights < 0.27
+    assert bf16.kv_cache == 2 * 28 * 2048 * 4096 * 2 + 2048 + 4  # 0.875 GiB, the slots' mask and index
+    assert [plan.fits(r) for r in plan.rows] == [False, False, True]
