@@ -1,4 +1,4 @@
-"""The single-GPU check (run through benchmarks/gpu.sh): training MFU and bf16 decode against the hardware limits.
+"""The single-GPU check (run through benchmarks/gpu.sh): training MFU and bf16 / int8 / int4 decode against the limits.
 
 (a) Training: a GPT-J-1.3B-shaped model (`gptj.scaling.MODEL_SHAPES["gptj_1.3b"]`:
     24 layers, d_model 2048, 16 heads of 128, rotary 32, vocab 50257 padded to
@@ -15,6 +15,12 @@
     length) once per step at the HBM bandwidth (3.35 TB/s H100 SXM, 4.8 TB/s
     H200), or the FLOPs at peak if that is slower.
 
+(c) Quantized decode: the same GPT-J-6B shape with int8 (per channel) and
+    int4 (groups of 128) weights and bf16 scales (`gptj.quantize`; every
+    matrix, embedding included), batch 1, against the same bandwidth limit
+    with the quantized bytes (goal: >= 75% of it, i.e. int8 >= 1.6x the bf16
+    tokens/s of (b), which the row's ratio gives when (b) ran).
+
 Also measured, for context: a large bf16 matmul's FLOP/s and a copy's HBM
 bandwidth, each against the datasheet figure.
 
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -45,7 +52,7 @@ import flax.linen as nn  # noqa: E402
 
 from benchmarks.common import (emit_results, matmul_peak_flops, measure_matmul_flops, result, time_runs,  # noqa: E402
                                write_results)
-from gptj import scaling  # noqa: E402
+from gptj import quantize, scaling  # noqa: E402
 from gptj.model import GPTJ, GPTJConfig  # noqa: E402
 from gptj.partitioning import Partitioner, make_mesh  # noqa: E402
 from gptj.sampling import Sampler  # noqa: E402
@@ -214,8 +221,12 @@ def run_train(args, limits: Limits) -> dict:
 # -- (b) decode ----------------------------------------------------------------------------
 
 def bench_decode(cfg: GPTJConfig, batches: list[int], prompt_len: int, new_tokens: int, runs: int,
-                 limits: Limits) -> list[dict]:
-    """Greedy decode tokens/s per batch size with the Sampler, against the bandwidth limit."""
+                 limits: Limits, peer: dict | None = None) -> list[dict]:
+    """Greedy decode tokens/s per batch size with the Sampler, against the bandwidth limit.
+
+    `cfg` may be quantized (its weights are then zeros and unit scales: the
+    same bytes to read). `peer`: {batch: (tokens/s, name)} to compare with.
+    """
     model = GPTJ(cfg)
     params = jax.jit(lambda rng: nn.meta.unbox(model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]))(
         jax.random.PRNGKey(0))
@@ -237,16 +248,25 @@ def bench_decode(cfg: GPTJConfig, batches: list[int], prompt_len: int, new_token
         tokens_per_s = batch * (new_tokens - short) / decode_s
         mean_context = prompt_len + (new_tokens + short) / 2
         limit = None
+        weights = quantize.describe(cfg) or "bf16"
+        weight_bytes = _matmul_weight_bytes(cfg)
         if limits.hbm_bandwidth:
             hw = dataclasses.replace(scaling.HARDWARE["h100"], peak_flops=limits.peak_flops,
                                      hbm_bandwidth=limits.hbm_bandwidth)
-            limit = scaling.decode_limit(cfg, batch, int(mean_context), hw)
-        per_step = scaling.decode_bytes_per_step(cfg, batch, int(mean_context))
-        note = (f"{_si(scaling.total_params(cfg))} params bf16, prompt {prompt_len}, {_si(per_step)}B "
+            limit = scaling.decode_limit(cfg, batch, int(mean_context), hw, weight_bytes=weight_bytes)
+        per_step = scaling.decode_bytes_per_step(cfg, batch, int(mean_context), weight_bytes=weight_bytes)
+        note = (f"{_si(scaling.total_params(cfg))} params {weights}, prompt {prompt_len}, {_si(per_step)}B "
                 f"read per step; step {decode_s / (new_tokens - short) * 1e3:.2f} ms; "
                 f"prefill+{short} tokens {short_t.median * 1e3:.0f} ms")
-        rows.append(result(f"decode batch {batch}: {cfg.num_layers}L d{cfg.d_model} bf16 greedy", "tokens/s",
-                           tokens_per_s, limit=limit, spread=max(long_t.spread, short_t.spread), note=note))
+        resident = (jax.devices()[0].memory_stats() or {}).get("bytes_in_use")
+        if resident is not None:
+            note += f"; {resident / 2**30:.1f} GiB in use (weights, cache)"
+        compared = (peer or {}).get(batch)
+        rows.append(result(f"decode batch {batch}{'' if weights == 'bf16' else ' ' + weights.split()[0]}: "
+                           f"{cfg.num_layers}L d{cfg.d_model} {weights} greedy", "tokens/s", tokens_per_s, limit=limit,
+                           spread=max(long_t.spread, short_t.spread), note=note,
+                           peer=None if compared is None else compared[0],
+                           peer_name="" if compared is None else compared[1]))
     return rows
 
 
@@ -259,11 +279,36 @@ def run_decode(args, limits: Limits) -> list[dict]:
     return bench_decode(cfg, batches, prompt_len, new_tokens, 3, limits)
 
 
+def _matmul_weight_bytes(cfg: GPTJConfig) -> float:
+    """Bytes read per matmul weight: 2 in bf16; int8 or int4 values plus their share of the bf16 scales."""
+    if not cfg.quant_bits:
+        return 2.0
+    scales = 2.0 / cfg.quant_group_size if cfg.quant_group_size else 0.0  # per channel: negligible
+    return cfg.quant_bits / 8 + scales
+
+
+def run_quant_decode(args, limits: Limits, bf16_rows: list[dict]) -> list[dict]:
+    """(c): batch-1 decode of the 6B shape in int8 and int4, compared with (b)'s bf16 batch 1 when it ran."""
+    base = DRY_DECODE if args.dry_run else scaling.MODEL_SHAPES["gptj_6b"].replace(
+        param_dtype="bfloat16", dtype="bfloat16", remat_policy="none")
+    prompt_len = 8 if args.dry_run else args.prompt_len
+    new_tokens = 64 if args.dry_run else args.new_tokens
+    bf16 = {int(r["metric"].split(":")[0].split()[-1]): (r["gptj"], "bf16 (decode part)") for r in bf16_rows
+            if r["metric"].startswith("decode batch") and r["metric"].split(":")[0].split()[-1].isdigit()}
+    rows = []
+    for bits in (8, 4):
+        group = math.gcd(quantize.DEFAULT_GROUP_SIZE[bits], base.head_dim) if bits == 4 else 0
+        cfg = base.replace(quant_bits=bits, quant_group_size=group, quant_targets=quantize.TARGETS)
+        rows += bench_decode(cfg, [1], prompt_len, new_tokens, 3, limits, peer=bf16)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="shrunk shapes: runs end to end on a CPU")
     parser.add_argument("--json", default="", help="results file (benchmarks/common.py contract)")
-    parser.add_argument("--parts", default="hardware,train,decode", help="comma list of hardware,train,decode")
+    parser.add_argument("--parts", default="hardware,train,decode,quant",
+                        help="comma list of hardware,train,decode,quant")
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--train-steps", type=int, default=8, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--remat", default="", help="remat policy (default: the shape's, dots_no_batch)")
@@ -274,9 +319,9 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = sorted(set(parts) - {"hardware", "train", "decode"})
+    unknown = sorted(set(parts) - {"hardware", "train", "decode", "quant"})
     if unknown:
-        parser.error(f"unknown --parts {unknown}; choose from hardware, train, decode")
+        parser.error(f"unknown --parts {unknown}; choose from hardware, train, decode, quant")
 
     limits = device_limits(args.dry_run)
     print(f"device: {limits.name}; jax {jax.__version__}; peak {limits.peak_flops / 1e12:.1f} TFLOP/s"
@@ -284,7 +329,8 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     failed = False
     runners = {"hardware": lambda: bench_hardware(limits, args.dry_run),
-               "train": lambda: [run_train(args, limits)], "decode": lambda: run_decode(args, limits)}
+               "train": lambda: [run_train(args, limits)], "decode": lambda: run_decode(args, limits),
+               "quant": lambda: run_quant_decode(args, limits, rows)}
     for part in parts:
         start = time.perf_counter()
         try:

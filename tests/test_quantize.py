@@ -22,6 +22,7 @@ from gptj.configs import base
 from gptj.convert.__main__ import main as convert
 from gptj.model import GPTJ, GPTJConfig, abstract_params, init_cache
 from gptj.partitioning import Partitioner, make_mesh
+from gptj.tasks.demo import demo_byte_batches
 from gptj.weights import load_for_inference, open_weights, with_peft_adapter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -268,19 +269,9 @@ def test_command_line_samples_quantized_and_refuses_to_train_it(dirs):
 # -- 5. quality on a trained model ---------------------------------------------------------------
 
 SEQ, BATCH = 64, 8
-
-
-def _byte_batches(split: str, count: int, seed: int | None = None):
-    """`count` batches of SEQ + 1 bytes of the demo corpus (the CPython documentation topics), as token ids."""
-    from gptj.tasks.demo import demo_documents
-
-    data = np.frombuffer("\n\n".join(demo_documents(split)).encode(), np.uint8).astype(np.int32)
-    if seed is None:  # evenly spaced windows: the same validation set every time
-        starts = np.linspace(0, len(data) - SEQ - 2, count * BATCH).astype(int)
-    else:
-        starts = np.random.default_rng(seed).integers(0, len(data) - SEQ - 1, count * BATCH)
-    text = np.stack([data[s:s + SEQ + 1] for s in starts]).reshape(count, BATCH, SEQ + 1)
-    return [{"inputs": t[:, :-1], "targets": t[:, 1:], "loss_mask": np.ones((BATCH, SEQ), np.float32)} for t in text]
+# Enough that near-ties between the likeliest bytes are rare: after 150 steps a greedy continuation of the
+# fp32 model could flip at one of them (and differ from there on) under any perturbation of the weights.
+TRAIN_STEPS = 300
 
 
 @pytest.fixture(scope="module")
@@ -289,19 +280,20 @@ def trained(tmp_path_factory):
 
     Bytes instead of GPT-2 tokens keep it cheap while every weight is
     trained (a few hundred steps barely move a 50k-row embedding).
+    benchmarks/quantized_decode.py trains and measures the same model.
     """
     from gptj import train_lm
 
     config = base.get_config()
     config.model.update(TINY.replace(vocab_size=256, vocab_pad_multiple=1, max_len=128).to_dict())
-    config.optimizer.update(dict(lr=3e-3, end_lr=3e-4, warmup_steps=20, anneal_steps=150, weight_decay=0.1))
+    config.optimizer.update(dict(lr=3e-3, end_lr=3e-4, warmup_steps=20, anneal_steps=TRAIN_STEPS, weight_decay=0.1))
     config.train.batch_size = BATCH
     config.data.seq_len = SEQ
     model = train_lm.run_model_config(config)
     partitioner = Partitioner(make_mesh(1, 1, devices=jax.devices()[:1]), "megatron")
     trainer = train_lm.build_trainer(config, model, partitioner)
     state = trainer.init_state(0)
-    for batch in _byte_batches("train", 150, seed=0):
+    for batch in demo_byte_batches("train", TRAIN_STEPS, BATCH, SEQ, seed=0):
         state, _ = trainer.train_step(state, batch)
     root = make_dirs(tmp_path_factory.mktemp("quantize_trained"), model, state["params"])
     return config, partitioner, root
@@ -314,7 +306,7 @@ def test_quantized_quality_on_a_trained_model(trained):
     from gptj.sampling import Sampler
 
     config, partitioner, root = trained
-    validation = _byte_batches("validation", 4)
+    validation = demo_byte_batches("validation", 4, BATCH, SEQ)
     prompts = [list(b) for b in validation[0]["inputs"][:, :16]]
     perplexity, tokens = {}, {}
     for name in ("fp32", "int8", "int4"):
