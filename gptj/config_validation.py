@@ -148,16 +148,11 @@ def _check_lora(config, mode: str, problems: list[str]) -> None:
 
 def _recorded_quantization(path: str) -> str:
     """'int8 per channel' etc. when the gptj weights at `path` are quantized ('' if not, or unreadable here)."""
-    import json
-
-    from gptj import quantize
-    from gptj.model import GPTJConfig
+    from gptj import params_io, quantize
 
     try:
-        with open(os.path.join(path, "config.json")) as f:
-            values = json.load(f)
-        return quantize.describe(GPTJConfig.from_dict(values.get("model", values)))
-    except (OSError, ValueError, TypeError, AttributeError):
+        return quantize.describe(params_io.read_model_config(path))
+    except params_io.WeightsError:
         return ""  # reading the weights says what is wrong with them
 
 

@@ -175,10 +175,10 @@ def quantize_matrix(w: np.ndarray, bits: int, group_size: int, spans: tuple[int,
 
     Computed in fp32; values as numpy int8 / int4, scales in `scale_dtype`.
     The values are rounded against the stored (bf16) scale, so every element
-    is read back within scale / 2: bf16 rounds a scale by at most 2**-9 of
-    itself, so the largest value lands within qmax * (1 + 2**-9) < qmax + 1/2
-    and clipping it to qmax stays within the bound. An all-zero channel or
-    group gets scale 1 and values 0.
+    is read back within scale / 2: bf16 moves a scale by at most 2**-8 of
+    itself, so |w / scale| <= qmax / (1 - 2**-8) < qmax + 1/2 (127.498 for
+    int8), which still rounds to at most qmax. An all-zero channel or group
+    gets scale 1 and values 0.
     """
     lo, hi = spans
     w = np.asarray(w, np.float32)
@@ -189,7 +189,7 @@ def quantize_matrix(w: np.ndarray, bits: int, group_size: int, spans: tuple[int,
         grouped, reduce = w, tuple(range(lo, hi))
     amax = np.max(np.abs(grouped), axis=reduce, keepdims=True)
     scale = np.where(amax > 0, amax / qmax(bits), 1.0).astype(scale_dtype)
-    values = np.clip(np.rint(grouped / scale.astype(np.float32)), -qmax(bits), qmax(bits))
+    values = np.clip(np.rint(grouped / scale.astype(np.float32)), -qmax(bits), qmax(bits))  # clip: a guard only
     values = values.astype(np.dtype(int_dtype(bits))).reshape(w.shape)
     return values, np.squeeze(scale, axis=reduce)
 

@@ -116,6 +116,16 @@ def test_round_trip_error_is_at_most_half_a_scale(bits, group_size):
         np.testing.assert_array_equal(np.asarray(ours), back, err_msg=name)
 
 
+def test_a_scale_rounded_down_by_bf16_still_bounds_the_error():
+    """The worst case: max|w| / qmax just under 1 + 2**-8, which bf16 rounds down to 1 (by nearly half a step)."""
+    for bits in (8, 4):
+        largest = quantize.qmax(bits) * (1 + 2.0 ** -8 - 2.0 ** -20)
+        w = np.array([[largest], [0.3]], np.float32)
+        values, scale = quantize.quantize_matrix(w, bits, 0, (0, 1))
+        assert float(scale[0]) == 1.0 and int(values[0, 0]) == quantize.qmax(bits)
+        assert abs(largest - quantize.qmax(bits) * float(scale[0])) <= float(scale[0]) / 2
+
+
 def test_quantized_directories_are_small_and_recorded(dirs):
     fp32 = disk_bytes(dirs / "fp32" / "params")
     assert disk_bytes(dirs / "int8" / "params") <= 0.3 * fp32
@@ -140,14 +150,22 @@ def test_quantized_model_equals_the_fp32_model_on_dequantized_weights(dirs, name
 
 # -- 2. every rule set shards it -------------------------------------------------------------------
 
-def _logits(weights_dir, data, model, rules):
+def _partitioner(data, model, rules):
+    return Partitioner(make_mesh(data, model, devices=jax.devices()[:data * model]), rules)
+
+
+def _loaded(weights_dir, data, model, rules):
+    """(params, model config) as sample, serve and eval load `weights_dir` onto a data x model mesh."""
     config = base.get_config()
     config.model.update(open_weights(str(weights_dir)).config.replace(quant_bits=0, quant_group_size=0,
                                                                       quant_targets=()).to_dict())
     config.mesh.update(dict(data=data, model=model, rules=rules))
-    partitioner = Partitioner(make_mesh(data, model, devices=jax.devices()[:data * model]), rules)
-    params, model_config = load_for_inference(config, str(weights_dir), partitioner)
-    forward = partitioner.jit(lambda p, t: GPTJ(model_config).apply({"params": p}, t))
+    return load_for_inference(config, str(weights_dir), _partitioner(data, model, rules))
+
+
+def _logits(weights_dir, data, model, rules):
+    params, model_config = _loaded(weights_dir, data, model, rules)
+    forward = _partitioner(data, model, rules).jit(lambda p, t: GPTJ(model_config).apply({"params": p}, t))
     return params, np.asarray(forward(params, TOKENS % model_config.vocab_size))
 
 
@@ -162,6 +180,19 @@ def test_meshes_and_rule_sets_give_the_single_device_logits(small_dirs, name):
             assert values.sharding.shard_shape(values.shape) != values.shape  # really split
             np.testing.assert_allclose(logits, single, rtol=0, atol=1e-5 * float(np.abs(single).max()),
                                        err_msg=f"{name} {data}x{model} {rules}")
+
+
+def test_evaluation_harness_scores_with_the_quantized_head(small_dirs):
+    """--mode=eval's harness applies the head itself (to the scored positions): it must get the scales too."""
+    from gptj import eval_harness
+
+    params, model = _loaded(small_dirs / "int4", 2, 4, "megatron")
+    lm = eval_harness.GPTJLM(params, model, _partitioner(2, 4, "megatron"), tokenizer=None, batch_size=8)
+    tokens = TOKENS[0] % model.vocab_size
+    (score, _), = lm.score_rows([eval_harness._Row(tokens[:-1], tokens[1:], 3)])
+    logits = GPTJ(model).apply({"params": params_io.to_numpy(params)}, tokens[None, :-1])[0]
+    expected = jax.nn.log_softmax(logits)[np.arange(len(tokens) - 1), tokens[1:]][-3:].sum()
+    assert score == pytest.approx(float(expected), abs=1e-4)
 
 
 # -- 3. no full-precision copy of the weights ------------------------------------------------------
