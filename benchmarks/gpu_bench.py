@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -297,8 +296,8 @@ def run_quant_decode(args, limits: Limits, bf16_rows: list[dict]) -> list[dict]:
             if r["metric"].startswith("decode batch") and r["metric"].split(":")[0].split()[-1].isdigit()}
     rows = []
     for bits in (8, 4):
-        group = math.gcd(quantize.DEFAULT_GROUP_SIZE[bits], base.head_dim) if bits == 4 else 0
-        cfg = base.replace(quant_bits=bits, quant_group_size=group, quant_targets=quantize.TARGETS)
+        cfg = base.replace(quant_bits=bits, quant_group_size=quantize.default_group_size(base, bits),
+                           quant_targets=quantize.TARGETS)
         rows += bench_decode(cfg, [1], prompt_len, new_tokens, 3, limits, peer=bf16)
     return rows
 

@@ -43,13 +43,13 @@ from benchmarks.common import (add_common_args, cpu_description, emit_results,  
                                forward_tokens_per_s_limit, matmul_peak_flops, result)
 from benchmarks.decode_vs_hf import build, interleaved  # noqa: E402
 
-# (name, bits, group size) of each gptj weight format timed; 0 bits: the model's own dtype.
-# int4 groups of 64: the bench model's head_dim (GPT-J-6B's 256 takes the default 128).
-FORMATS = (("fp32", 0, 0), ("bf16", 0, 0), ("int8", 8, 0), ("int4", 4, 64))
+# (name, bits, group size) of each gptj weight format timed; 0 bits: the model's own dtype; None: the
+# converter's default group (64 here, the bench model's head_dim; GPT-J-6B's 256 takes 128).
+FORMATS = (("fp32", 0, 0), ("bf16", 0, 0), ("int8", 8, None), ("int4", 4, None))
 QUALITY_STEPS, QUALITY_SEQ, QUALITY_BATCH = 300, 64, 8
 
 
-def quantized(params, config, bits: int, group_size: int):
+def quantized(params, config, bits: int, group_size: int | None):
     """(params, config) of `bits`-bit weights, as `python -m gptj.convert quantize` writes them."""
     import jax
 

@@ -238,13 +238,8 @@ def print_plan(config, device_memory_gib: float | None = None) -> Plan:
 # -- --plan=serve: inference ----------------------------------------------------------------------
 
 # The weight formats a serving plan compares (bits; 0: the compute dtype), with the converter's default groups.
+
 SERVE_BITS = (0, 8, 4)
-
-
-def _group_size(model: GPTJConfig, bits: int) -> int:
-    """The converter's default group size for `bits`, or the largest divisor of it every input dimension allows."""
-    default = quantize.DEFAULT_GROUP_SIZE[bits]
-    return math.gcd(default, *(m.group_dim(model) for m in quantize.MATRICES.values())) if default else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,9 +317,9 @@ def make_serve_plan(config, batch: int, context: int, device_memory_gib: float |
 
     The weights are held in the compute dtype (`model.dtype`: inference keeps
     no fp32 master copy) or quantized as `python -m gptj.convert quantize`
-    writes them by default (int8 per channel, int4 in groups of 128 or the
-    largest divisor of 128 a small model's dimensions allow; every matrix);
-    the KV cache is in the compute dtype.
+    writes them by default (int8 per channel, int4 in groups of
+    `quantize.default_group_size`; every matrix); the KV cache is in the
+    compute dtype.
     """
     if batch <= 0 or context <= 0:
         raise ConfigError(f"--batch_size and --context_len must be positive, got {batch} and {context}")
@@ -340,7 +335,7 @@ def make_serve_plan(config, batch: int, context: int, device_memory_gib: float |
     rows = []
     for bits in SERVE_BITS:
         if bits:
-            served_format = served.replace(quant_bits=bits, quant_group_size=_group_size(served, bits),
+            served_format = served.replace(quant_bits=bits, quant_group_size=quantize.default_group_size(served, bits),
                                            quant_targets=quantize.TARGETS)
         else:
             served_format = served

@@ -40,6 +40,7 @@ accelerators). Neither keeps a full-precision copy of the weights.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -49,7 +50,8 @@ import ml_dtypes
 import numpy as np
 
 BITS = (8, 4)
-# One scale per output channel for int8 (its error is already small); groups of 128 inputs for int4.
+# One scale per output channel for int8 (its error is already small); groups of 128 inputs for int4
+# (`default_group_size`: fewer where a small model's dimensions need it).
 DEFAULT_GROUP_SIZE = {8: 0, 4: 128}
 VALUES, SCALE = "values", "scale"
 
@@ -114,6 +116,15 @@ def config_problems(config) -> list[str]:
         if bad:
             problems.append(f"quant_group_size {group} does not divide the input dimension of {', '.join(bad)}")
     return problems
+
+
+def default_group_size(config, bits: int) -> int:
+    """DEFAULT_GROUP_SIZE[bits], or its largest divisor that divides every input dimension of `config`'s matrices.
+
+    GPT-J-6B takes 128 as it is; the tiny config (head_dim 32) takes 32.
+    """
+    group = DEFAULT_GROUP_SIZE[bits]
+    return math.gcd(group, *(m.group_dim(config) for m in MATRICES.values())) if group else 0
 
 
 def describe(config) -> str:

@@ -126,6 +126,15 @@ def test_a_scale_rounded_down_by_bf16_still_bounds_the_error():
         assert abs(largest - quantize.qmax(bits) * float(scale[0])) <= float(scale[0]) / 2
 
 
+def test_default_groups_fit_the_model():
+    from gptj.convert.quantize import quantized_config
+    from gptj.scaling import MODEL_SHAPES
+
+    assert quantized_config(MODEL_SHAPES["gptj_6b"], 4).quant_group_size == 128
+    assert quantized_config(TINY, 4).quant_group_size == 32  # head_dim 32 (out_proj's input)
+    assert quantized_config(TINY, 8).quant_group_size == 0  # int8: a scale per output channel
+
+
 def test_quantized_directories_are_small_and_recorded(dirs):
     fp32 = disk_bytes(dirs / "fp32" / "params")
     assert disk_bytes(dirs / "int8" / "params") <= 0.3 * fp32

@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--out", required=True, help="new params directory")
     quant.add_argument("--bits", type=int, default=8, help="8 (int8) or 4 (int4)")
     quant.add_argument("--group_size", type=int, default=None,
-                       help="inputs per scale (0: one scale per output channel); default 0 for int8, 128 for int4")
+                       help="inputs per scale (0: one scale per output channel); default 0 for int8, and for int4 "
+                            "128 (or its largest divisor a small model's input dimensions allow)")
     quant.add_argument("--targets", default=",".join(_quant_targets()),
                        help="comma list of the matrices to quantize (default all; drop wte to keep the "
                             "embedding in bf16)")

@@ -29,7 +29,7 @@ STORAGE_DTYPE = "bfloat16"
 
 def quantized_config(config: GPTJConfig, bits: int, group_size: int | None = None,
                      targets: Iterable[str] = quantize.TARGETS) -> GPTJConfig:
-    """The config of `config`'s weights quantized to `bits` (group_size None: that width's default).
+    """The config of `config`'s weights quantized to `bits` (group_size None: `quantize.default_group_size`).
 
     Raises ValueError (one line) for weights already quantized, a bit width
     other than 8 or 4, unknown targets or a group size that does not divide
@@ -40,7 +40,7 @@ def quantized_config(config: GPTJConfig, bits: int, group_size: int | None = Non
                          "full-precision weights they were made from")
     if bits not in quantize.BITS:
         raise ValueError(f"--bits must be 8 or 4, got {bits}")
-    group_size = quantize.DEFAULT_GROUP_SIZE[bits] if group_size is None else group_size
+    group_size = quantize.default_group_size(config, bits) if group_size is None else group_size
     try:
         return config.replace(quant_bits=bits, quant_group_size=group_size, quant_targets=tuple(targets),
                               param_dtype=STORAGE_DTYPE)
