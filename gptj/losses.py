@@ -8,7 +8,9 @@ splits give the same result as one big batch.
 
 from __future__ import annotations
 
-from typing import Mapping
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -58,3 +60,246 @@ def summarize(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     if "correct" in sums:
         out["accuracy"] = sums["correct"] / weight
     return out
+
+
+# -- the output head fused with the loss, chunk by chunk -----------------------------------
+
+# (hidden [b, t, d], kernel [d, v], bias [v], first_id) -> fp32 logits [b, t, v] of vocabulary ids
+# first_id .. first_id + v - 1: the model's output head applied to a slice of its vocabulary.
+LogitsFn = Callable[[jax.Array, jax.Array, jax.Array, Any], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class _FusedSpec:
+    """The static half of `fused_next_token_loss` (hashable: a custom_vjp non-differentiable argument)."""
+
+    logits_fn: LogitsFn
+    positions: int      # sequence positions per token chunk (every row of the batch at once)
+    vocab_chunk: int    # vocabulary entries per vocabulary chunk (a divisor of the vocabulary)
+    z_loss: float
+    accuracy: bool
+
+
+def fused_next_token_loss(hidden: jax.Array, kernel: jax.Array, bias: jax.Array, batch: Mapping[str, jax.Array],
+                          logits_fn: LogitsFn, *, chunk_tokens: int, vocab_chunk: int = 0, z_loss: float = 0.0,
+                          accuracy: bool = True) -> dict[str, jax.Array]:
+    """`next_token_loss` of `logits_fn(hidden, kernel, bias)` without the [tokens, vocab] logits in memory.
+
+    The same sums as `next_token_loss` (and the same gradients, to fp32
+    rounding), computed chunk by chunk: `chunk_tokens` tokens at a time (all
+    rows of hidden [B, T, D], chunk_tokens // B positions each), and within
+    a token chunk `vocab_chunk` vocabulary entries at a time (0: the whole
+    vocabulary; otherwise the largest divisor of the vocabulary not above it).
+
+    Per token chunk, pass 1 runs over vocabulary chunks computing the logits,
+    an online logsumexp (running max and sum), the target logit and the
+    argmax; pass 2 turns each chunk's logits into d(loss)/d(logits) =
+    mask * (softmax * (1 + 2 z_loss lse) - one_hot(target)) and pulls it back
+    through the head (`jax.vjp` of `logits_fn`) into the gradients of hidden,
+    kernel and bias. The gradient is thus computed in the forward pass, when
+    the logits are at hand (the loss is a sum, so its gradient only needs
+    scaling by the incoming cotangent afterwards): three matmuls, as without
+    fusing, and no recomputation. Only one chunk's logits ever exist. Small
+    vocabulary chunks keep the element-wise work in cache on a CPU; where the
+    vocabulary axis is sharded over devices, pass vocab_chunk=0 (slicing a
+    sharded axis would serialise the devices).
+
+    Gradients flow into hidden, kernel and bias through `loss_sum` only: the
+    other sums (nll_sum, z_loss_sum, weight, correct) are metrics, returned
+    under stop_gradient.
+
+    hidden: [B, T, D]; kernel: [D, V]; bias: [V]; batch: `targets` int32
+    [B, T], optionally `loss_mask` [B, T]. logits_fn(h, kernel_slice,
+    bias_slice, first_id) -> fp32 logits [b, t, v] for vocabulary ids
+    first_id.. (it masks padded ids itself).
+    """
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    if vocab_chunk < 0:
+        raise ValueError(f"vocab_chunk must be >= 0 (0: the whole vocabulary), got {vocab_chunk}")
+    rows, length = batch["targets"].shape
+    mask = batch.get("loss_mask")
+    mask = jnp.ones((rows, length), jnp.float32) if mask is None else mask.astype(jnp.float32)
+    spec = _FusedSpec(logits_fn, _positions_per_chunk(rows, length, chunk_tokens), _divisor_at_most(kernel.shape[-1], vocab_chunk), float(z_loss),
+                      bool(accuracy))
+    loss_sum, metrics = _fused_loss(hidden, kernel, bias, batch["targets"], mask, spec)
+    return {"loss_sum": loss_sum, **jax.lax.stop_gradient(metrics)}
+
+
+def _divisor_at_most(size: int, limit: int) -> int:
+    """The largest divisor of `size` that is <= limit (the whole `size` when limit is 0 or >= size)."""
+    if limit <= 0 or limit >= size:
+        return size
+    return next(d for d in range(limit, 0, -1) if size % d == 0)
+
+
+def _split_positions(x: jax.Array, positions: int) -> jax.Array:
+    """[B, T, ...] -> [chunks, B, positions, ...], zero-padding T up to a multiple of `positions`."""
+    rows, length = x.shape[:2]
+    chunks = -(-length // positions)
+    if chunks * positions != length:
+        x = jnp.pad(x, [(0, 0), (0, chunks * positions - length)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((rows, chunks, positions) + x.shape[2:]), 1, 0)
+
+
+def _merge_positions(x: jax.Array, length: int) -> jax.Array:
+    """The inverse of `_split_positions`: [chunks, B, positions, ...] -> [B, T, ...]."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :length]
+
+
+def map_position_chunks(fn: Callable, chunk_tokens: int, *arrays: jax.Array):
+    """fn applied to [B, t, ...] slices of arrays [B, T, ...] one after another (lax.map), outputs joined to [B, T, ...].
+
+    Each slice takes every row and t = chunk_tokens // B positions (at least
+    one), so at most one slice's intermediates (e.g. its logits) exist at a
+    time. T is padded with zeros up to a multiple of t; the padding's outputs
+    are dropped.
+    """
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    rows, length = arrays[0].shape[:2]
+    positions = _positions_per_chunk(rows, length, chunk_tokens)
+    out = jax.lax.map(lambda xs: fn(*xs), tuple(_split_positions(x, positions) for x in arrays))
+    return jax.tree_util.tree_map(lambda y: _merge_positions(y, length), out)
+
+
+def _positions_per_chunk(rows: int, length: int, chunk_tokens: int) -> int:
+    """Positions per chunk of about chunk_tokens tokens over `rows` rows, balanced so padding stays under a chunk."""
+    positions = max(1, chunk_tokens // rows)
+    chunks = -(-length // positions)
+    return -(-length // chunks)
+
+
+def _vocab_slice(kernel, bias, index, width: int):
+    """Vocabulary chunk `index` (traced) of the head: kernel [D, width], bias [width]."""
+    start = index * width
+    return (jax.lax.dynamic_slice_in_dim(kernel, start, width, axis=kernel.ndim - 1),
+            jax.lax.dynamic_slice_in_dim(bias, start, width, axis=0))
+
+
+def _chunk_stats(h, kernel, bias, targets, spec: _FusedSpec, keep_logits: bool):
+    """Pass 1 over one token chunk: (lse, target logit, argmax) [b, t] and, if asked, the logits chunks."""
+    vocab = kernel.shape[-1]
+    width = spec.vocab_chunk
+    if width == vocab:
+        logits = spec.logits_fn(h, kernel, bias, 0)
+        ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+        target_logit = jnp.sum(jnp.where(ids == targets[..., None], logits, 0.0), axis=-1)
+        argmax = jnp.argmax(logits, axis=-1) if spec.accuracy else None
+        return jax.nn.logsumexp(logits, axis=-1), target_logit, argmax, (logits if keep_logits else None)
+
+    def body(carry, index):
+        run_max, run_sum, target_logit, best, best_id = carry
+        w, b = _vocab_slice(kernel, bias, index, width)
+        logits = spec.logits_fn(h, w, b, index * width)
+        ids = index * width + jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+        target_logit = target_logit + jnp.sum(jnp.where(ids == targets[..., None], logits, 0.0), axis=-1)
+        chunk_max = jnp.max(logits, axis=-1)
+        new_max = jnp.maximum(run_max, chunk_max)
+        run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.sum(jnp.exp(logits - new_max[..., None]), axis=-1)
+        if spec.accuracy:  # strictly greater: an earlier chunk keeps a tie, as jnp.argmax keeps the first
+            better = chunk_max > best
+            best_id = jnp.where(better, index * width + jnp.argmax(logits, axis=-1), best_id)
+            best = jnp.where(better, chunk_max, best)
+        return (new_max, run_sum, target_logit, best, best_id), (logits if keep_logits else None)
+
+    shape = targets.shape
+    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.int32))
+    (run_max, run_sum, target_logit, _, best_id), stored = jax.lax.scan(body, init, jnp.arange(vocab // width))
+    return run_max + jnp.log(run_sum), target_logit, (best_id if spec.accuracy else None), stored
+
+
+def _chunk_sums(lse, target_logit, argmax, targets, mask, spec: _FusedSpec):
+    """One token chunk's contribution to (loss_sum, metrics)."""
+    nll = lse - target_logit
+    z_term = spec.z_loss * jnp.square(lse)
+    metrics = {"nll_sum": jnp.sum(nll * mask), "z_loss_sum": jnp.sum(z_term * mask), "weight": jnp.sum(mask)}
+    if spec.accuracy:
+        metrics["correct"] = jnp.sum((argmax == targets).astype(jnp.float32) * mask)
+    return jnp.sum((nll + z_term) * mask), metrics
+
+
+def _scan_token_chunks(hidden, targets, mask, spec: _FusedSpec, chunk_fn):
+    """Runs chunk_fn(h, targets, mask) -> (loss_sum, metrics, extra) over the token chunks; sums the first two."""
+    xs = tuple(_split_positions(x, spec.positions) for x in (hidden, targets, mask))
+
+    def body(totals, chunk):
+        loss_sum, metrics, extra = chunk_fn(*chunk)
+        return jax.tree_util.tree_map(jnp.add, totals, (loss_sum, metrics)), extra
+
+    zero = jnp.zeros((), jnp.float32)
+    init = (zero, {k: zero for k in ("nll_sum", "z_loss_sum", "weight") + (("correct",) if spec.accuracy else ())})
+    return jax.lax.scan(body, init, xs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _fused_loss(hidden, kernel, bias, targets, mask, spec: _FusedSpec):
+    """(loss_sum, metrics) without gradients (evaluation): pass 1 only."""
+    def chunk_fn(h, t, m):
+        lse, target_logit, argmax, _ = _chunk_stats(h, kernel, bias, t, spec, keep_logits=False)
+        return (*_chunk_sums(lse, target_logit, argmax, t, m, spec), None)
+
+    return _scan_token_chunks(hidden, targets, mask, spec, chunk_fn)[0]
+
+
+def _fused_loss_fwd(hidden, kernel, bias, targets, mask, spec: _FusedSpec):
+    """Both passes per token chunk; the residuals are the gradients of loss_sum."""
+    vocab, width = kernel.shape[-1], spec.vocab_chunk
+
+    def chunk_fn(h, t, m):
+        lse, target_logit, argmax, stored = _chunk_stats(h, kernel, bias, t, spec, keep_logits=True)
+        loss_sum, metrics = _chunk_sums(lse, target_logit, argmax, t, m, spec)
+        scale = (m * (1.0 + 2.0 * spec.z_loss * lse))[..., None]
+
+        def d_logits(logits, first_id):
+            ids = first_id + jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+            return jnp.exp(logits - lse[..., None]) * scale - jnp.where(ids == t[..., None], m[..., None], 0.0)
+
+        if width == vocab:
+            _, pull = jax.vjp(lambda hh, w, b: spec.logits_fn(hh, w, b, 0), h, kernel, bias)
+            dh, dw, db = pull(d_logits(stored, 0))
+            return loss_sum, metrics, (dh, dw, db)
+
+        def body(carry, chunk):
+            dh, dw, db = carry
+            index, logits = chunk
+            w, b = _vocab_slice(kernel, bias, index, width)
+            # The head's forward product inside vjp is unused (the logits are stored) and compiled away.
+            _, pull = jax.vjp(lambda hh, ww, bb: spec.logits_fn(hh, ww, bb, index * width), h, w, b)
+            dh_c, dw_c, db_c = pull(d_logits(logits, index * width))
+            start = index * width
+            dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_c, start, axis=dw.ndim - 1)
+            db = jax.lax.dynamic_update_slice_in_dim(db, db_c, start, axis=0)
+            return (dh + dh_c.astype(jnp.float32), dw, db), None
+
+        # d hidden accumulates over vocabulary chunks in fp32, whatever the compute dtype.
+        init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros_like(kernel), jnp.zeros_like(bias))
+        grads, _ = jax.lax.scan(body, init, (jnp.arange(vocab // width), stored))
+        return loss_sum, metrics, grads
+
+    # d kernel and d bias accumulate over token chunks in the scan's outputs' sum; d hidden is per chunk.
+    def accumulate(carry, chunk):
+        totals, dw_sum, db_sum = carry
+        loss_sum, metrics, (dh, dw, db) = chunk_fn(*chunk)
+        totals = jax.tree_util.tree_map(jnp.add, totals, (loss_sum, metrics))
+        return (totals, dw_sum + dw, db_sum + db), dh
+
+    xs = tuple(_split_positions(x, spec.positions) for x in (hidden, targets, mask))
+    zero = jnp.zeros((), jnp.float32)
+    totals = (zero, {k: zero for k in ("nll_sum", "z_loss_sum", "weight") + (("correct",) if spec.accuracy else ())})
+    (totals, d_kernel, d_bias), d_hidden = jax.lax.scan(
+        accumulate, (totals, jnp.zeros_like(kernel), jnp.zeros_like(bias)), xs)
+    d_hidden = _merge_positions(d_hidden, hidden.shape[1]).astype(hidden.dtype)
+    return totals, (d_hidden, d_kernel, d_bias)
+
+
+def _fused_loss_bwd(spec: _FusedSpec, grads, cotangents):
+    """Scales the forward's gradients of loss_sum by its cotangent (the metrics' cotangents are zero)."""
+    d_loss = cotangents[0]
+    d_hidden, d_kernel, d_bias = grads
+    return (d_hidden * d_loss.astype(d_hidden.dtype), d_kernel * d_loss, d_bias * d_loss, None, None)
+
+
+_fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)

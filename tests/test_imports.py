@@ -16,8 +16,8 @@ PACKAGE = ROOT / "gptj"
 CORE = {"trainer", "train_hooks", "partitioning", "checkpoint", "metrics", "optimizer", "losses", "driver",
         "runtime"}
 # What makes it GPT-J: the model, its weights and formats, data, tokenizer, config checks.
-PIECES = {"model", "weights", "params_io", "data", "vocab", "vocab_seqio", "config_validation", "sampling_ops",
-          "eval_tasks", "tasks", "configs", "convert.hf", "convert.mtj", "convert.slim", "convert"}
+PIECES = {"model", "attention", "weights", "params_io", "data", "vocab", "vocab_seqio", "config_validation",
+          "sampling_ops", "eval_tasks", "tasks", "configs", "convert.hf", "convert.mtj", "convert.slim", "convert"}
 # Everything else is an application (train_lm, sampling, serve, eval_harness, evaluate, plan, ...).
 
 
