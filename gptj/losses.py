@@ -120,8 +120,8 @@ def fused_next_token_loss(hidden: jax.Array, kernel: jax.Array, bias: jax.Array,
     rows, length = batch["targets"].shape
     mask = batch.get("loss_mask")
     mask = jnp.ones((rows, length), jnp.float32) if mask is None else mask.astype(jnp.float32)
-    spec = _FusedSpec(logits_fn, _positions_per_chunk(rows, length, chunk_tokens), _divisor_at_most(kernel.shape[-1], vocab_chunk), float(z_loss),
-                      bool(accuracy))
+    spec = _FusedSpec(logits_fn, _positions_per_chunk(rows, length, chunk_tokens),
+                      _divisor_at_most(kernel.shape[-1], vocab_chunk), float(z_loss), bool(accuracy))
     loss_sum, metrics = _fused_loss(hidden, kernel, bias, batch["targets"], mask, spec)
     return {"loss_sum": loss_sum, **jax.lax.stop_gradient(metrics)}
 
@@ -190,7 +190,7 @@ def _chunk_stats(h, kernel, bias, targets, spec: _FusedSpec, keep_logits: bool):
         return jax.nn.logsumexp(logits, axis=-1), target_logit, argmax, (logits if keep_logits else None)
 
     def body(carry, index):
-        run_max, run_sum, target_logit, best, best_id = carry
+        run_max, run_sum, target_logit, best_id = carry
         w, b = _vocab_slice(kernel, bias, index, width)
         logits = spec.logits_fn(h, w, b, index * width)
         ids = index * width + jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
@@ -199,20 +199,18 @@ def _chunk_stats(h, kernel, bias, targets, spec: _FusedSpec, keep_logits: bool):
         new_max = jnp.maximum(run_max, chunk_max)
         run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.sum(jnp.exp(logits - new_max[..., None]), axis=-1)
         if spec.accuracy:  # strictly greater: an earlier chunk keeps a tie, as jnp.argmax keeps the first
-            better = chunk_max > best
-            best_id = jnp.where(better, index * width + jnp.argmax(logits, axis=-1), best_id)
-            best = jnp.where(better, chunk_max, best)
-        return (new_max, run_sum, target_logit, best, best_id), (logits if keep_logits else None)
+            best_id = jnp.where(chunk_max > run_max, index * width + jnp.argmax(logits, axis=-1), best_id)
+        return (new_max, run_sum, target_logit, best_id), (logits if keep_logits else None)
 
     shape = targets.shape
     init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32),
-            jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.int32))
-    (run_max, run_sum, target_logit, _, best_id), stored = jax.lax.scan(body, init, jnp.arange(vocab // width))
+            jnp.zeros(shape, jnp.int32))
+    (run_max, run_sum, target_logit, best_id), stored = jax.lax.scan(body, init, jnp.arange(vocab // width))
     return run_max + jnp.log(run_sum), target_logit, (best_id if spec.accuracy else None), stored
 
 
 def _chunk_sums(lse, target_logit, argmax, targets, mask, spec: _FusedSpec):
-    """One token chunk's contribution to (loss_sum, metrics)."""
+    """One token chunk's (loss_sum, metrics), as `next_token_loss` defines them."""
     nll = lse - target_logit
     z_term = spec.z_loss * jnp.square(lse)
     metrics = {"nll_sum": jnp.sum(nll * mask), "z_loss_sum": jnp.sum(z_term * mask), "weight": jnp.sum(mask)}
@@ -221,82 +219,84 @@ def _chunk_sums(lse, target_logit, argmax, targets, mask, spec: _FusedSpec):
     return jnp.sum((nll + z_term) * mask), metrics
 
 
-def _scan_token_chunks(hidden, targets, mask, spec: _FusedSpec, chunk_fn):
-    """Runs chunk_fn(h, targets, mask) -> (loss_sum, metrics, extra) over the token chunks; sums the first two."""
-    xs = tuple(_split_positions(x, spec.positions) for x in (hidden, targets, mask))
+def _chunk_grads(h, kernel, bias, targets, mask, lse, stored, d_kernel, d_bias, spec: _FusedSpec):
+    """Pass 2 over one token chunk: d(loss_sum) for h (returned) and for the head (added into d_kernel, d_bias).
 
-    def body(totals, chunk):
-        loss_sum, metrics, extra = chunk_fn(*chunk)
-        return jax.tree_util.tree_map(jnp.add, totals, (loss_sum, metrics)), extra
+    d(loss)/d(logits) = mask * (softmax * (1 + 2 z_loss lse) - one_hot(target)),
+    pulled back through `logits_fn` by `jax.vjp`. The logits are the stored
+    ones: the product vjp would recompute is unused and compiled away.
+    """
+    vocab, width = kernel.shape[-1], spec.vocab_chunk
+    scale = (mask * (1.0 + 2.0 * spec.z_loss * lse))[..., None]
 
+    def pull_back(logits, w, b, first_id):
+        ids = first_id + jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+        d_logits = jnp.exp(logits - lse[..., None]) * scale - jnp.where(ids == targets[..., None], mask[..., None], 0.0)
+        _, pull = jax.vjp(lambda hh, ww, bb: spec.logits_fn(hh, ww, bb, first_id), h, w, b)
+        return pull(d_logits)
+
+    if width == vocab:
+        dh, dw, db = pull_back(stored, kernel, bias, 0)
+        return dh, d_kernel + dw, d_bias + db
+
+    def body(carry, chunk):
+        dh, d_kernel, d_bias = carry
+        index, logits = chunk
+        start = index * width
+        dh_c, dw, db = pull_back(logits, *_vocab_slice(kernel, bias, index, width), start)
+        # Added in place into this vocabulary chunk's columns of the running head gradient.
+        d_kernel = jax.lax.dynamic_update_slice_in_dim(
+            d_kernel, jax.lax.dynamic_slice_in_dim(d_kernel, start, width, axis=1) + dw, start, axis=1)
+        d_bias = jax.lax.dynamic_update_slice_in_dim(
+            d_bias, jax.lax.dynamic_slice_in_dim(d_bias, start, width, axis=0) + db, start, axis=0)
+        return (dh + dh_c.astype(jnp.float32), d_kernel, d_bias), None
+
+    # d h accumulates over vocabulary chunks in fp32, whatever the compute dtype.
+    init = (jnp.zeros(h.shape, jnp.float32), d_kernel, d_bias)
+    (dh, d_kernel, d_bias), _ = jax.lax.scan(body, init, (jnp.arange(vocab // width), stored))
+    return dh.astype(h.dtype), d_kernel, d_bias
+
+
+def _zero_sums(spec: _FusedSpec):
     zero = jnp.zeros((), jnp.float32)
-    init = (zero, {k: zero for k in ("nll_sum", "z_loss_sum", "weight") + (("correct",) if spec.accuracy else ())})
-    return jax.lax.scan(body, init, xs)
+    names = ("nll_sum", "z_loss_sum", "weight") + (("correct",) if spec.accuracy else ())
+    return zero, {name: zero for name in names}
+
+
+def _add(a, b):
+    return jax.tree_util.tree_map(jnp.add, a, b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _fused_loss(hidden, kernel, bias, targets, mask, spec: _FusedSpec):
-    """(loss_sum, metrics) without gradients (evaluation): pass 1 only."""
-    def chunk_fn(h, t, m):
+    """(loss_sum, metrics) when nothing is differentiated (evaluation): pass 1 only, over the token chunks."""
+    def body(totals, chunk):
+        h, t, m = chunk
         lse, target_logit, argmax, _ = _chunk_stats(h, kernel, bias, t, spec, keep_logits=False)
-        return (*_chunk_sums(lse, target_logit, argmax, t, m, spec), None)
+        return _add(totals, _chunk_sums(lse, target_logit, argmax, t, m, spec)), None
 
-    return _scan_token_chunks(hidden, targets, mask, spec, chunk_fn)[0]
+    xs = tuple(_split_positions(x, spec.positions) for x in (hidden, targets, mask))
+    return jax.lax.scan(body, _zero_sums(spec), xs)[0]
 
 
 def _fused_loss_fwd(hidden, kernel, bias, targets, mask, spec: _FusedSpec):
-    """Both passes per token chunk; the residuals are the gradients of loss_sum."""
-    vocab, width = kernel.shape[-1], spec.vocab_chunk
-
-    def chunk_fn(h, t, m):
+    """Both passes per token chunk; the residuals are the gradients of loss_sum for hidden, kernel and bias."""
+    def body(carry, chunk):
+        totals, d_kernel, d_bias = carry
+        h, t, m = chunk
         lse, target_logit, argmax, stored = _chunk_stats(h, kernel, bias, t, spec, keep_logits=True)
-        loss_sum, metrics = _chunk_sums(lse, target_logit, argmax, t, m, spec)
-        scale = (m * (1.0 + 2.0 * spec.z_loss * lse))[..., None]
-
-        def d_logits(logits, first_id):
-            ids = first_id + jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-            return jnp.exp(logits - lse[..., None]) * scale - jnp.where(ids == t[..., None], m[..., None], 0.0)
-
-        if width == vocab:
-            _, pull = jax.vjp(lambda hh, w, b: spec.logits_fn(hh, w, b, 0), h, kernel, bias)
-            dh, dw, db = pull(d_logits(stored, 0))
-            return loss_sum, metrics, (dh, dw, db)
-
-        def body(carry, chunk):
-            dh, dw, db = carry
-            index, logits = chunk
-            w, b = _vocab_slice(kernel, bias, index, width)
-            # The head's forward product inside vjp is unused (the logits are stored) and compiled away.
-            _, pull = jax.vjp(lambda hh, ww, bb: spec.logits_fn(hh, ww, bb, index * width), h, w, b)
-            dh_c, dw_c, db_c = pull(d_logits(logits, index * width))
-            start = index * width
-            dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_c, start, axis=dw.ndim - 1)
-            db = jax.lax.dynamic_update_slice_in_dim(db, db_c, start, axis=0)
-            return (dh + dh_c.astype(jnp.float32), dw, db), None
-
-        # d hidden accumulates over vocabulary chunks in fp32, whatever the compute dtype.
-        init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros_like(kernel), jnp.zeros_like(bias))
-        grads, _ = jax.lax.scan(body, init, (jnp.arange(vocab // width), stored))
-        return loss_sum, metrics, grads
-
-    # d kernel and d bias accumulate over token chunks in the scan's outputs' sum; d hidden is per chunk.
-    def accumulate(carry, chunk):
-        totals, dw_sum, db_sum = carry
-        loss_sum, metrics, (dh, dw, db) = chunk_fn(*chunk)
-        totals = jax.tree_util.tree_map(jnp.add, totals, (loss_sum, metrics))
-        return (totals, dw_sum + dw, db_sum + db), dh
+        totals = _add(totals, _chunk_sums(lse, target_logit, argmax, t, m, spec))
+        dh, d_kernel, d_bias = _chunk_grads(h, kernel, bias, t, m, lse, stored, d_kernel, d_bias, spec)
+        return (totals, d_kernel, d_bias), dh
 
     xs = tuple(_split_positions(x, spec.positions) for x in (hidden, targets, mask))
-    zero = jnp.zeros((), jnp.float32)
-    totals = (zero, {k: zero for k in ("nll_sum", "z_loss_sum", "weight") + (("correct",) if spec.accuracy else ())})
-    (totals, d_kernel, d_bias), d_hidden = jax.lax.scan(
-        accumulate, (totals, jnp.zeros_like(kernel), jnp.zeros_like(bias)), xs)
-    d_hidden = _merge_positions(d_hidden, hidden.shape[1]).astype(hidden.dtype)
-    return totals, (d_hidden, d_kernel, d_bias)
+    init = (_zero_sums(spec), jnp.zeros_like(kernel), jnp.zeros_like(bias))
+    (totals, d_kernel, d_bias), d_hidden = jax.lax.scan(body, init, xs)
+    return totals, (_merge_positions(d_hidden, hidden.shape[1]), d_kernel, d_bias)
 
 
 def _fused_loss_bwd(spec: _FusedSpec, grads, cotangents):
-    """Scales the forward's gradients of loss_sum by its cotangent (the metrics' cotangents are zero)."""
+    """Scales the forward's gradients of loss_sum by its cotangent (the metrics' are zero: stop_gradient)."""
     d_loss = cotangents[0]
     d_hidden, d_kernel, d_bias = grads
     return (d_hidden * d_loss.astype(d_hidden.dtype), d_kernel * d_loss, d_bias * d_loss, None, None)

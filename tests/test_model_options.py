@@ -36,6 +36,7 @@ def reference_grads(setup):
     dict(scan_layers=False),
     *[dict(remat_policy=name) for name in sorted(REMAT_POLICIES) if name != "none"],
     dict(attention_impl="dot_product"),
+    dict(attention_impl="blockwise"),
 ], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_option_keeps_loss_and_gradients(setup, reference_grads, changes):
     params, tokens = setup
