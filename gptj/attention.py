@@ -39,12 +39,12 @@ ATTENTION_IMPLS = ("auto", "einsum", "dot_product", "cudnn", "blockwise")
 
 # What `auto` resolves to on each backend (jax.default_backend()); see the
 # README's attention table for the measurements behind each choice.
-DEFAULT_ATTENTION = {"cpu": "einsum", "gpu": "einsum", "tpu": "einsum"}
+DEFAULT_ATTENTION = {"cpu": "blockwise", "gpu": "einsum", "tpu": "einsum"}
 
 # Query/key block of the blockwise kernel: big enough that each block's
 # matmuls run near the matmul peak, small enough that a block's scores
 # [B, H, block, block] stay in cache.
-BLOCK_SIZE = 256
+BLOCK_SIZE = 128
 
 
 def resolve_attention_impl(impl: str, backend: str | None = None) -> str:
