@@ -145,7 +145,7 @@ def _split_positions(x: jax.Array, positions: int) -> jax.Array:
 def _merge_positions(x: jax.Array, length: int) -> jax.Array:
     """The inverse of `_split_positions`: [chunks, B, positions, ...] -> [B, T, ...]."""
     x = jnp.moveaxis(x, 0, 1)
-    return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :length]
+    return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + x.shape[3:])[:, :length]
 
 
 def map_position_chunks(fn: Callable, chunk_tokens: int, *arrays: jax.Array):

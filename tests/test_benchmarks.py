@@ -131,6 +131,13 @@ def test_gpu_sh_dry_run_end_to_end(tmp_path):
     assert all(rows[k]["gptj"] > 0 for k in ("decode batch 1", "decode batch 4"))
 
 
+def test_train_vs_hf_names_the_cpu_and_its_vector_extensions():
+    from benchmarks.train_vs_hf import cpu_description
+
+    text = cpu_description()
+    assert f"{os.cpu_count()} cores" in text and ("AVX-512" in text or "AVX2" in text or "no AVX2" in text)
+
+
 def test_flop_limits_match_the_scaling_model():
     from gptj import scaling
     from gptj.model import GPTJConfig

@@ -231,6 +231,9 @@ def test_score_targets_equals_a_log_softmax_over_all_logits():
     np.testing.assert_array_equal(got.top_ids, order)
     np.testing.assert_allclose(got.top_logprobs, np.take_along_axis(log_probs, order, axis=-1), rtol=1e-5, atol=1e-6)
     assert got.greedy.any() and not got.greedy.all()
+    no_top = jax.jit(lambda *a: score_targets(*a, HEAD, chunk_tokens=5))(hidden, kernel, bias, targets)
+    assert no_top.top_ids.shape == (ROWS, LENGTH, 0)
+    np.testing.assert_allclose(no_top.logprobs, got.logprobs, rtol=1e-6)
 
 
 def test_bad_chunk_settings_fail_on_one_line():
