@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one-shot GPU check: training MFU of a GPT-J-1.3B shape, and bf16, int8 and int4 decode of a
-# GPT-J-6B shape on one H100/H200, each against the hardware limit (see benchmarks/gpu_bench.py).
+# The one-shot GPU check: attention MFU per kernel, training MFU of a GPT-J-1.3B shape, and bf16, int8 and int4
+# decode of a GPT-J-6B shape on one H100/H200, each against the hardware limit (see benchmarks/gpu_bench.py).
 #
 #   benchmarks/gpu.sh                 # the real run (< 10 minutes); results in $OUT or benchmarks/results
 #   benchmarks/gpu.sh --dry-run       # shapes shrunk: runs end to end on a CPU in seconds

@@ -79,6 +79,11 @@ def _check_train(config, data_parallel: int | None, problems: list[str]) -> None
             problems.append(f"train.{name} must be >= 0, got {train[name]}")
     if train.z_loss < 0:
         problems.append(f"train.z_loss must be >= 0, got {train.z_loss}")
+    if train.loss_chunk_tokens < 0:
+        problems.append(f"train.loss_chunk_tokens must be >= 0 (0: the full-logits loss), got {train.loss_chunk_tokens}")
+    if train.loss_chunk_vocab < -1:
+        problems.append(f"train.loss_chunk_vocab must be -1 (auto), 0 (whole vocabulary) or positive, "
+                        f"got {train.loss_chunk_vocab}")
     if train.peak_flops_per_device < 0:
         problems.append(f"train.peak_flops_per_device must be >= 0, got {train.peak_flops_per_device}")
     if train.on_nonfinite not in ("stop", "skip"):
