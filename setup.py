@@ -21,7 +21,7 @@ setup(
     extras_require={
         "train": ["ml-collections", "clu", "seqio", "tensorflow-cpu", "tensorflow-datasets",
                   "zstandard", "tqdm", "tensorboard"],
-        "hf": ["torch==2.13.0", "transformers", "safetensors"],
+        "hf": ["torch==2.13.0", "transformers", "safetensors", "peft"],  # peft: LoRA adapters in and out
         "eval": ["lm-eval", "accelerate"],  # accelerate: the harness's own `hf` model (HFLM)
         "serve": ["fastapi", "uvicorn", "pydantic"],  # + tenacity/aiohttp/requests: lm-eval's local-completions client
         "test": ["pytest", "pytest-xdist", "openai", "httpx", "matplotlib", "scipy", "tenacity", "aiohttp", "requests"],

@@ -14,9 +14,10 @@ The generic core (knows nothing of GPT-J): `Trainer`, `Hook`, `MemoryReport`
 `RunSchedule`, `RunContext`, `RunResult` (gptj.driver); `make_optimizer`
 (gptj.optimizer); `next_token_loss` (gptj.losses).
 
-GPT-J: `GPTJ`, `GPTJConfig` (gptj.model); `open_weights` (gptj.weights: hf:,
-mtj: and gptj weights); `train_and_evaluate` (gptj.train_lm: language-model
-training as `main.py` runs it); `Sampler`, `build_sampler` (gptj.sampling).
+GPT-J: `GPTJ`, `GPTJConfig`, `LoraConfig` (gptj.model); `open_weights` (gptj.weights: hf:,
+mtj: and gptj weights); `load_config` (gptj.configs: the built-in run configs);
+`train_and_evaluate` (gptj.train_lm: language-model training as `main.py`
+runs it); `Sampler`, `build_sampler` (gptj.sampling).
 
 Names are imported on first use, so `import gptj.trainer` (or this package)
 pulls in nothing it does not need: the model, TensorFlow and lm-eval stay
@@ -43,7 +44,9 @@ _EXPORTS = {
     "next_token_loss": "gptj.losses",
     "GPTJ": "gptj.model",
     "GPTJConfig": "gptj.model",
+    "LoraConfig": "gptj.model",
     "open_weights": "gptj.weights",
+    "load_config": "gptj.configs",
     "train_and_evaluate": "gptj.train_lm",
     "Sampler": "gptj.sampling",
     "build_sampler": "gptj.sampling",

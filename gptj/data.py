@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 from typing import Any, Callable, Iterator
 
 import jax
@@ -189,6 +190,10 @@ def _describe_source_error(task_name: str) -> str | None:
 # -- training -------------------------------------------------------------------------
 
 
+def _announce_slow_close() -> None:
+    logging.warning("waiting for the input pipeline (tf.data) to finish the work it has in flight before exiting")
+
+
 class TrainIterator:
     """Endless (or `config.data.num_epochs`-long) iterator of global training batches.
 
@@ -261,9 +266,21 @@ class TrainIterator:
         return to_model_features(text, token_mask=mask)
 
     def close(self) -> None:
-        """Releases the input pipeline now (a live tf.data iterator otherwise stalls interpreter exit)."""
-        if self._stream is not None:
+        """Releases the input pipeline now (a live tf.data iterator otherwise stalls interpreter exit).
+
+        tf.data first finishes the work its background threads have in flight
+        (tokenizing documents on the fly, for text tasks), which can take
+        seconds; a console line says so rather than leaving a silent pause.
+        """
+        if self._stream is None:
+            return
+        notice = threading.Timer(2.0, _announce_slow_close)
+        notice.daemon = True
+        notice.start()
+        try:
             self._stream.close()
+        finally:
+            notice.cancel()
             self._stream = None
 
     def __iter__(self):

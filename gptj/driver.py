@@ -8,9 +8,13 @@ What it owns, so a new task writes none of it:
 - the workdir: `config.json` (`run_config`, written atomically by process 0),
   `checkpoints/<step>/` (train state, data position and run config; see
   `gptj.checkpoint`), `tensorboard/` (and `profile/` when asked);
-- the start: the newest complete checkpoint (train state and the data
+- the start: the newest intact checkpoint (train state and the data
   iterator's position) when there is one, else `init_state()` (default: a
-  fresh `trainer.init_state(schedule.seed)`);
+  fresh `trainer.init_state(schedule.seed)`). Every restore is checked
+  against the checkpoint's checksums; a damaged newer checkpoint is named in
+  one line and set aside (`resume_fallback`, on by default) or is an error;
+  `resume_step` picks a step (see `gptj.checkpoint.Checkpointer.resume`);
+  temporary directories of a crashed save are removed;
 - ahead-of-time compilation, with the per-device memory report before step 1;
 - the hooks: metrics and a progress line every `log_every` steps, validation
   on `eval_sets` every `eval_every`, checkpoints every `ckpt_every` and at the
@@ -27,16 +31,15 @@ with every checkpoint and restored on resume; `close()` is called at the end.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
-from absl import logging
 
 from gptj import metrics as metrics_lib
 from gptj import train_hooks
 from gptj.checkpoint import CONFIG_FILE, Checkpointer
+from gptj.storage import CheckpointDamagedError, write_json_atomic
 from gptj.trainer import Hook, Trainer
 
 TENSORBOARD_SUBDIR = "tensorboard"
@@ -54,6 +57,8 @@ class RunSchedule:
     ckpt_every: int = 0        # 0: a checkpoint only at the end
     keep_last: int = 3
     keep_every: int = 0        # also keep every step divisible by this for good (0: none)
+    resume_fallback: bool = True  # a damaged newest checkpoint: set it aside and resume from the newest intact one
+    resume_step: int = -1      # resume from exactly this step (newer ones are set aside); -1: the newest
     profile_steps: str = ""    # "FIRST:LAST" traces those steps
     seed: int = 0
     peak_flops_per_device: float = 0.0  # for MFU (0: not reported)
@@ -87,13 +92,22 @@ class RunResult:
 
 def write_run_config(workdir: str, config: Mapping[str, Any]) -> None:
     """`workdir/config.json`, written by process 0 through a temporary file (never half-written)."""
-    if jax.process_index() != 0:
-        return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, CONFIG_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(dict(config), f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    if jax.process_index() == 0:
+        write_json_atomic(os.path.join(workdir, CONFIG_FILE), dict(config))
+
+
+def _resume(checkpointer: Checkpointer, trainer: Trainer, schedule: RunSchedule):
+    """(state, data_state) of the checkpoint to resume from, or None; see `Checkpointer.resume`."""
+    step = None if schedule.resume_step < 0 else schedule.resume_step
+    try:
+        return checkpointer.resume(trainer.abstract_state, step=step, fallback=schedule.resume_fallback)
+    except CheckpointDamagedError as e:
+        if step is not None:  # the chosen step is damaged: nothing to add
+            raise
+        # With fallback on, damage never reaches here (a damaged step is set aside); say how to turn it on.
+        raise CheckpointDamagedError(
+            e.path, e.what, f"{e.reason} (train.resume_fallback is off: set it to resume from the newest intact "
+                            "checkpoint, or choose one with train.resume_step)", e.step) from e
 
 
 def train_in_workdir(trainer: Trainer, workdir: str, train_iter: Iterator[Mapping[str, Any]], *,
@@ -120,8 +134,9 @@ def train_in_workdir(trainer: Trainer, workdir: str, train_iter: Iterator[Mappin
     checkpointer = Checkpointer(workdir, keep_last=schedule.keep_last, keep_every=schedule.keep_every)
     writer = None
     try:
-        if checkpointer.latest_step() is not None:
-            state, data_state = checkpointer.restore(trainer.abstract_state)
+        resumed = _resume(checkpointer, trainer, schedule)
+        if resumed is not None:
+            state, data_state = resumed
             metrics_lib.log_process0("resuming %s from step %d", workdir, int(state["step"]))
             if data_state and hasattr(train_iter, "set_state"):
                 train_iter.set_state(data_state)

@@ -17,7 +17,6 @@ Rematerialisation does not count: it is hardware FLOPs, not model FLOPs.
 from __future__ import annotations
 
 import contextlib
-import logging as pylogging
 import time
 from typing import Any, Mapping
 
@@ -155,20 +154,6 @@ class Throughput:
         if self.peak > 0:
             out["train/mfu"] = mfu(tokens_per_sec, self.flops_per_token, self.num_devices, self.peak)
         return out
-
-
-class _DropLibraryInfo(pylogging.Filter):
-    """Drops INFO records that Orbax logs through absl (dozens per checkpoint); warnings pass."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
-
-
-def quiet_library_logs() -> None:
-    """Keeps the console to gptj's own progress: Orbax's per-save INFO chatter is dropped."""
-    absl_logger = logging.get_absl_logger()
-    if not any(isinstance(f, _DropLibraryInfo) for f in absl_logger.filters):
-        absl_logger.addFilter(_DropLibraryInfo())
 
 
 def log_process0(message: str, *args) -> None:

@@ -18,6 +18,15 @@ move freely between the two):
     ln_f/{scale,bias}                    [embed]
     lm_head_kernel, lm_head_bias         [embed, vocab], [vocab]
 
+A quantized model (`quant_bits` 8 or 4; `gptj.quantize`) has the same tree,
+except that each matrix `quant_targets` names is a pair in place of its array:
+{"values": int8/int4 of the same shape and axes, "scale": its scales}.
+
+With LoRA (`LoraConfig`), each adapted projection gains two parameters beside
+its kernel, e.g. blocks/attn/q_proj_lora_a [layers, embed, lora_rank] and
+blocks/attn/q_proj_lora_b [layers, lora_rank, heads, head_dim];
+blocks/mlp/fc_in_lora_a [layers, embed, lora_rank], ...
+
 Decoding (`decode=True`) keeps a KV cache in the `cache` collection, at the
 model's top level: `cached_key`/`cached_value` [layers, batch, heads,
 cache_len, head_dim] (heads before slots: the layout the attention
@@ -34,16 +43,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-# A large negative logit for masked attention slots and padded vocabulary rows:
-# finite so that fully masked rows give a uniform softmax instead of NaN.
-_NEG_INF = -1e30
+from gptj import quantize
+from gptj.attention import ATTENTION_IMPLS, NEG_INF, cached_attention, causal_attention
+from gptj.losses import map_position_chunks
 
 REMAT_POLICIES = {
     "none": None,
@@ -52,8 +61,6 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     "save_all": jax.checkpoint_policies.everything_saveable,
 }
-
-ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -92,14 +99,21 @@ class GPTJConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
-    # "einsum": explicit fp32-score attention (any mask, decoding). "dot_product":
-    # jax.nn.dot_product_attention with the implementation JAX picks (XLA unless
-    # told otherwise). "cudnn": the same with cuDNN's fused flash attention (NVIDIA
-    # GPUs, bf16/fp16 compute). Both apply to unpadded causal training and scoring;
-    # padded or cached calls use einsum.
-    attention_impl: str = "einsum"
+    # The full-sequence attention kernel (gptj.attention): "auto" (the measured
+    # fastest exact kernel for the backend), "einsum" (explicit fp32 scores),
+    # "dot_product" (jax.nn.dot_product_attention, XLA), "cudnn" (cuDNN flash
+    # attention: NVIDIA GPUs, bf16/fp16) or "blockwise" (flash-style in JAX:
+    # memory linear in length, causal blocks skipped). Decoding uses einsum.
+    attention_impl: str = "auto"
+    # Weight-only quantization, for inference (`python -m gptj.convert quantize` writes it; training refuses
+    # it): quant_bits 0 (none), 8 or 4; quant_group_size 0 (one scale per output channel) or inputs per
+    # scale; quant_targets the matrices stored quantized (gptj.quantize.TARGETS). See gptj/quantize.py.
+    quant_bits: int = 0
+    quant_group_size: int = 0
+    quant_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "quant_targets", tuple(self.quant_targets))  # a list when read from JSON
         problems = []
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "max_len", "vocab_pad_multiple"):
             if getattr(self, name) <= 0:
@@ -119,6 +133,8 @@ class GPTJConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 problems.append(f"{name} {getattr(self, name)!r} is not one of {sorted(_DTYPES)}")
+        if not problems:
+            problems += quantize.config_problems(self)
         if problems:
             raise ValueError("invalid GPT-J config: " + "; ".join(problems))
 
@@ -150,9 +166,169 @@ class GPTJConfig:
     def replace(self, **changes) -> "GPTJConfig":
         return dataclasses.replace(self, **changes)
 
+    def quantizes(self, target: str) -> bool:
+        """Whether the matrix `target` (a name in gptj.quantize.TARGETS) is stored quantized."""
+        return self.quant_bits > 0 and target in self.quant_targets
+
+
+def matrix_param(module: nn.Module, name: str, target: str, init, shape: tuple[int, ...], axes: tuple[str, ...]):
+    """A weight matrix of `module`: an array, or {"values", "scale"} when the config quantizes `target`."""
+    cfg = module.config
+    pdt = resolve_dtype(cfg.param_dtype)
+    if not cfg.quantizes(target):
+        return module.param(name, nn.with_logical_partitioning(init, axes), shape, pdt)
+    spans = quantize.MATRICES[target].spans
+    return module.param(name, quantize.param_init(shape, axes, spans, cfg.quant_bits, cfg.quant_group_size, pdt))
+
+
+class HeadInputs(NamedTuple):
+    """What GPT-J's output head reads: for a loss or scorer that applies it (`output_logits`) chunk by chunk."""
+
+    hidden: jax.Array  # [B, T, d_model]: the final LayerNorm's output, in the compute dtype
+    kernel: jax.Array  # [d_model, padded_vocab_size]: lm_head_kernel as stored (param dtype)
+    bias: jax.Array    # [padded_vocab_size]: lm_head_bias
+
 
 def _init(std: float):
     return nn.initializers.normal(stddev=std)
+
+
+# The projections LoRA can adapt, by their HuggingFace module names.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on some projections: y = x·W + (alpha / rank) · dropout(x)·A·B.
+
+    A [in, rank] and B [rank, out] sit beside the kernel W they adapt (named
+    `<target>_lora_a` / `<target>_lora_b`, see `lora_param_names`), stacked
+    over layers like every block parameter. B starts at zero and A uniform in
+    ±1/sqrt(in), as HF PEFT initialises them, so an untrained adapter changes
+    nothing. `rank` 0 means no adapters.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        problems = []
+        if not isinstance(self.rank, int) or self.rank < 0:
+            problems.append(f"rank must be an integer >= 0 (0 turns LoRA off), got {self.rank!r}")
+        if not self.alpha > 0:
+            problems.append(f"alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"dropout must lie in [0, 1), got {self.dropout}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown:
+            problems.append(f"unknown target(s) {unknown}; choose from {list(LORA_TARGETS)}")
+        elif not self.targets or len(set(self.targets)) != len(self.targets):
+            problems.append(f"targets must name each projection once and at least one, got {list(self.targets)}")
+        if problems:
+            raise ValueError("invalid LoRA config: " + "; ".join(problems))
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank: what the adapters' product is multiplied by."""
+        return self.alpha / self.rank
+
+    def adapts(self, target: str) -> bool:
+        """Whether the projection `target` (e.g. "q_proj") carries adapters."""
+        return self.rank > 0 and target in self.targets
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "LoraConfig":
+        """From a mapping with (some of) rank, alpha, dropout, targets; other keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: values[k] for k in names if k in values})
+
+
+def lora_param_names(target: str) -> tuple[str, str]:
+    """The names of a target's adapters A and B, beside its kernel in the same module."""
+    return f"{target}_lora_a", f"{target}_lora_b"
+
+
+def _split_einsum(spec: str) -> tuple[str, str, str, str, str]:
+    """'btd,dhk->bthk' -> (x 'btd', kernel inputs 'd', kernel outputs 'hk', batch 'bt', y 'bthk')."""
+    operands, y = spec.split("->")
+    x, w = operands.split(",")
+    return x, "".join(c for c in w if c in x), "".join(c for c in w if c not in x), \
+        "".join(c for c in x if c not in w), y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _lora_delta(x, a, b, letters: tuple[str, str, str, str, str], scale: float):
+    """scale · (x·A)·B for `project`, whose einsum letters (x, W inputs, W outputs, batch, y) are `letters`.
+
+    The backward pass is written out so that every contraction over the
+    tokens puts the narrow rank-r operand first: left to autodiff, XLA:CPU
+    transposes the wide activations (or their gradient) for dA and dB, which
+    took longer than all the adapters' arithmetic.
+    """
+    return _lora_delta_fwd(x, a, b, letters, scale)[0]
+
+
+def _lora_delta_fwd(x, a, b, letters, scale):
+    x_sub, w_in, w_out, batch, y_sub = letters
+    xa = jnp.einsum(f"{x_sub},{w_in}r->{batch}r", x, a)
+    return jnp.einsum(f"{batch}r,r{w_out}->{y_sub}", xa * jnp.asarray(scale, xa.dtype), b), (x, a, b, xa)
+
+
+def _lora_delta_bwd(letters, scale, residuals, grad):
+    x_sub, w_in, w_out, batch, y_sub = letters
+    x, a, b, xa = residuals
+    scale = jnp.asarray(scale, grad.dtype)
+    grad_xa = jnp.einsum(f"{y_sub},r{w_out}->{batch}r", grad, b) * scale
+    grad_b = jnp.einsum(f"{batch}r,{y_sub}->r{w_out}", xa * scale, grad)
+    # dA^T = dxa^T·x, then the small transpose; the barrier stops XLA from folding that transpose
+    # into the contraction, which would transpose the wide x instead.
+    grad_a = jnp.moveaxis(jax.lax.optimization_barrier(jnp.einsum(f"{batch}r,{x_sub}->r{w_in}", grad_xa, x)), 0, -1)
+    grad_x = jnp.einsum(f"{batch}r,{w_in}r->{x_sub}", grad_xa, a)
+    return grad_x, grad_a, grad_b
+
+
+_lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
+
+
+def project(module: nn.Module, x: jax.Array, target: str, kernel_name: str, spec: str, shape: tuple[int, ...],
+            axes: tuple[str, ...], lora: LoraConfig | None, deterministic: bool) -> jax.Array:
+    """One projection of the model (no bias): y = einsum(spec, x, W), plus its LoRA adapters if any.
+
+    Every projection (q, k, v, out, fc_in, fc_out) goes through here, so a
+    change to how a kernel is stored or applied is made once (a quantized
+    kernel is multiplied by `gptj.quantize.einsum`). `shape`/`axes`
+    are the kernel's own (without the layer axis); the einsum letters of W
+    that also index x are its inputs, the rest its outputs, which fixes the
+    adapters' shapes: A [inputs..., rank], B [rank, outputs...]. The matmuls
+    run in the compute dtype; dropout (training only) is applied to the
+    adapters' input, as PEFT does.
+    """
+    cfg = module.config
+    dtype, pdt = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
+    kernel = matrix_param(module, kernel_name, target, _init(cfg.init_std), shape, axes)
+    y = quantize.einsum(spec, x, kernel, dtype)
+    if lora is None or not lora.adapts(target):
+        return y
+    letters = _split_einsum(spec)
+    n_in = len(letters[1])
+    fan_in = int(np.prod(shape[:n_in]))
+    bound = 1.0 / np.sqrt(fan_in)
+    a_name, b_name = lora_param_names(target)
+
+    def uniform(key, a_shape, a_dtype):
+        return jax.random.uniform(key, a_shape, a_dtype, -bound, bound)
+
+    a = module.param(a_name, nn.with_logical_partitioning(uniform, axes[:n_in] + ("lora_rank",)),
+                     shape[:n_in] + (lora.rank,), pdt)
+    b = module.param(b_name, nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank",) + axes[n_in:]),
+                     (lora.rank,) + shape[n_in:], pdt)
+    if lora.dropout > 0 and not deterministic:
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(x.dtype)
+    return y + _lora_delta(x, a.astype(dtype), b.astype(dtype), letters, lora.scale)
 
 
 class LayerNorm(nn.Module):
@@ -210,93 +386,62 @@ class Attention(nn.Module):
     """
 
     config: GPTJConfig
+    lora: LoraConfig | None = None
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x, positions, token_mask, cache=None):
         cfg = self.config
-        dtype, pdt = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
+        dtype = resolve_dtype(cfg.dtype)
         qkv_shape = (cfg.d_model, cfg.num_heads, cfg.head_dim)
         qkv_axes = ("embed", "heads", "head_dim")
 
-        def project(name):
-            kernel = self.param(name, nn.with_logical_partitioning(_init(cfg.init_std), qkv_axes), qkv_shape, pdt)
-            y = jnp.einsum("btd,dhk->bthk", x, kernel.astype(dtype))
+        def qkv(name):
+            y = project(self, x, name, name, "btd,dhk->bthk", qkv_shape, qkv_axes, self.lora, self.deterministic)
             return nn.with_logical_constraint(y, ("act_batch", "act_length", "act_heads", "head_dim"))
 
-        q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
+        q, k, v = qkv("q_proj"), qkv("k_proj"), qkv("v_proj")
         sin, cos = rotary_sin_cos(positions, cfg.rotary_dim, cfg.rope_base)
         q = apply_rotary(q, sin, cos, cfg.rotary_dim)
         k = apply_rotary(k, sin, cos, cfg.rotary_dim)
 
-        length = x.shape[1]
         scale = 1.0 / np.sqrt(cfg.head_dim)
         new_kv = None
         if cache is not None:
-            out = _cached_attention(q, k, v, token_mask, *cache, scale=scale, dtype=dtype)
+            out = cached_attention(q, k, v, token_mask, *cache, scale=scale, dtype=dtype)
             kv_axes = ("act_batch", "act_heads", "act_length", "head_dim")
             new_kv = tuple(nn.with_logical_constraint(t.transpose(0, 2, 1, 3), kv_axes) for t in (k, v))
-        elif token_mask is None and cfg.attention_impl != "einsum":
-            implementation = "cudnn" if cfg.attention_impl == "cudnn" else None
-            out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=implementation)
         else:
-            allowed = jnp.tril(jnp.ones((length, length), dtype=bool))[None]
-            if token_mask is not None:
-                allowed = allowed & token_mask[:, None, :]
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-            scores = jnp.where(allowed[:, None], scores, _NEG_INF)
-            probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+            out = causal_attention(q, k, v, token_mask, impl=cfg.attention_impl, scale=scale, dtype=dtype)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", "head_dim"))
-
-        out_kernel = self.param(
-            "out_proj",
-            nn.with_logical_partitioning(_init(cfg.init_std), ("heads", "head_dim", "embed")),
-            (cfg.num_heads, cfg.head_dim, cfg.d_model),
-            pdt,
-        )
-        return jnp.einsum("bthk,hkd->btd", out, out_kernel.astype(dtype)), new_kv
-
-
-def _cached_attention(q, k, v, token_mask, cached_key, cached_value, key_mask, index, *, scale, dtype):
-    """Attention of T new queries over a read-only cache plus the T new keys, with one softmax over both.
-
-    q, k, v: [B, T, H, D] (the new tokens); token_mask: [B, T]; cached_key,
-    cached_value: [B, H, S, D]; key_mask: [B, S]; index: () the first slot the
-    new tokens will occupy. Cached slots at or after `index` are stale (or
-    empty) and masked; the new tokens see each other causally. Returns [B, T, H, D].
-    """
-    length, slots = q.shape[1], cached_key.shape[2]
-    cached_ok = (jnp.arange(slots)[None, :] < index) & key_mask  # [B, S]
-    new_ok = jnp.tril(jnp.ones((length, length), dtype=bool))[None] & token_mask[:, None, :]  # [B, T, T]
-    cached_scores = jnp.einsum("bqhd,bhkd->bhqk", q, cached_key.astype(dtype), preferred_element_type=jnp.float32)
-    new_scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.concatenate([jnp.where(cached_ok[:, None, None, :], cached_scores * scale, _NEG_INF),
-                              jnp.where(new_ok[:, None], new_scores * scale, _NEG_INF)], axis=-1)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    # fp32 accumulation of the two halves, so a bf16 model rounds once, as a single product would.
-    out = jnp.einsum("bhqk,bhkd->bqhd", probs[..., :slots], cached_value.astype(dtype),
-                     preferred_element_type=jnp.float32)
-    out = out + jnp.einsum("bhqk,bkhd->bqhd", probs[..., slots:], v, preferred_element_type=jnp.float32)
-    return out.astype(dtype)
+        out = project(self, out, "out_proj", "out_proj", "bthk,hkd->btd", (cfg.num_heads, cfg.head_dim, cfg.d_model),
+                      ("heads", "head_dim", "embed"), self.lora, self.deterministic)
+        return out, new_kv
 
 
 class MLP(nn.Module):
+    """fc_out(gelu_tanh(fc_in(x))), both projections with a bias."""
+
     config: GPTJConfig
+    lora: LoraConfig | None = None
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
         dtype, pdt = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
-        init = _init(cfg.init_std)
         zeros = nn.initializers.zeros
-        w_in = self.param("fc_in_kernel", nn.with_logical_partitioning(init, ("embed", "mlp")), (cfg.d_model, cfg.mlp_dim), pdt)
+        # Each bias is created right after its kernel (and adapters): the order of
+        # creation fixes which random numbers each parameter is initialised from.
+        h = project(self, x, "fc_in", "fc_in_kernel", "btd,df->btf", (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"),
+                    self.lora, self.deterministic)
         b_in = self.param("fc_in_bias", nn.with_logical_partitioning(zeros, ("mlp",)), (cfg.mlp_dim,), pdt)
-        w_out = self.param("fc_out_kernel", nn.with_logical_partitioning(init, ("mlp", "embed")), (cfg.mlp_dim, cfg.d_model), pdt)
-        b_out = self.param("fc_out_bias", nn.with_logical_partitioning(zeros, ("embed",)), (cfg.d_model,), pdt)
-        h = jnp.einsum("btd,df->btf", x, w_in.astype(dtype)) + b_in.astype(dtype)
-        h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
+        h = nn.with_logical_constraint(h + b_in.astype(dtype), ("act_batch", "act_length", "act_mlp"))
         h = jax.nn.gelu(h, approximate=True)
-        return jnp.einsum("btf,fd->btd", h, w_out.astype(dtype)) + b_out.astype(dtype)
+        out = project(self, h, "fc_out", "fc_out_kernel", "btf,fd->btd", (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"),
+                      self.lora, self.deterministic)
+        b_out = self.param("fc_out_bias", nn.with_logical_partitioning(zeros, ("embed",)), (cfg.d_model,), pdt)
+        return out + b_out.astype(dtype)
 
 
 class Block(nn.Module):
@@ -307,13 +452,16 @@ class Block(nn.Module):
     """
 
     config: GPTJConfig
+    lora: LoraConfig | None = None
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x, positions, token_mask, layer_cache=None, cache_state=None):
         h = LayerNorm(self.config, name="ln")(x)
         cache = None if layer_cache is None else (*layer_cache, *cache_state)
-        attn, new_kv = Attention(self.config, name="attn")(h, positions, token_mask, cache)
-        out = x + attn + MLP(self.config, name="mlp")(h)
+        attention = Attention(self.config, self.lora, self.deterministic, name="attn")
+        attn, new_kv = attention(h, positions, token_mask, cache)
+        out = x + attn + MLP(self.config, self.lora, self.deterministic, name="mlp")(h)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_embed"))
         return out, new_kv
 
@@ -328,14 +476,25 @@ class GPTJ(nn.Module):
     Returns logits [B, T, padded_vocab_size] in fp32, or with `return_hidden`
     the final LayerNorm's output [B, T, d_model] (compute dtype), for callers
     that apply the head themselves (`output_logits`) to fewer positions, or
-    that put a head of their own on the trunk.
+    that put a head of their own on the trunk. A model built with
+    `head_inputs=True` returns `HeadInputs` (that output plus the head's
+    kernel and bias) instead of logits, for a loss that applies the head
+    chunk by chunk (`gptj.losses.fused_next_token_loss`); the parameters are
+    the same.
+
+    With `lora`, the projections it targets carry low-rank adapters (see
+    `LoraConfig`); `deterministic=False` (training, with a `dropout` RNG)
+    applies the adapters' dropout.
     """
 
     config: GPTJConfig
     decode: bool = False
+    lora: LoraConfig | None = None
+    head_inputs: bool = False
 
     @nn.compact
-    def __call__(self, tokens, positions=None, token_mask=None, return_hidden: bool = False):
+    def __call__(self, tokens, positions=None, token_mask=None, return_hidden: bool = False,
+                 deterministic: bool = True):
         cfg = self.config
         dtype, pdt = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
         if positions is None:
@@ -343,10 +502,9 @@ class GPTJ(nn.Module):
         if token_mask is None and self.decode:
             token_mask = jnp.ones(tokens.shape, dtype=bool)  # the cache records which slots are real
 
-        embedding = self.param(
-            "wte", nn.with_logical_partitioning(_init(cfg.init_std), ("vocab", "embed")), (cfg.padded_vocab_size, cfg.d_model), pdt
-        )
-        x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+        embedding = matrix_param(self, "wte", "wte", _init(cfg.init_std), (cfg.padded_vocab_size, cfg.d_model),
+                                 ("vocab", "embed"))
+        x = quantize.take_rows(embedding, tokens, dtype)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
         block = Block
@@ -360,7 +518,7 @@ class GPTJ(nn.Module):
         blocks = nn.scan(
             block,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=cfg.num_layers,
             unroll=1 if cfg.scan_layers else cfg.num_layers,
@@ -370,16 +528,20 @@ class GPTJ(nn.Module):
             cache = self._cache_variables(tokens.shape)
             layer_cache = (cache["cached_key"].value, cache["cached_value"].value)
             cache_state = (cache["key_mask"].value, cache["index"].value)
-            x, new_kv = blocks(cfg, name="blocks")(x, positions, token_mask, layer_cache, cache_state)
+            x, new_kv = blocks(cfg, self.lora, deterministic, name="blocks")(x, positions, token_mask, layer_cache,
+                                                                             cache_state)
             self._write_cache(cache, new_kv, token_mask)
         else:
-            x, _ = blocks(cfg, name="blocks")(x, positions, token_mask, None, None)
+            x, _ = blocks(cfg, self.lora, deterministic, name="blocks")(x, positions, token_mask, None, None)
 
         x = LayerNorm(cfg, name="ln_f")(x)
         if return_hidden:  # before the head's params: a trunk initialised this way has no LM head
             return x
-        head = self.param("lm_head_kernel", nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "vocab")), (cfg.d_model, cfg.padded_vocab_size), pdt)
+        head = matrix_param(self, "lm_head_kernel", "lm_head", _init(cfg.init_std),
+                            (cfg.d_model, cfg.padded_vocab_size), ("embed", "vocab"))
         head_bias = self.param("lm_head_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)), (cfg.padded_vocab_size,), pdt)
+        if self.head_inputs:
+            return HeadInputs(x, head, head_bias)
         return output_logits(x, head, head_bias, cfg)
 
     def _cache_variables(self, shape) -> dict[str, Any]:
@@ -410,22 +572,68 @@ class GPTJ(nn.Module):
         cache["index"].value = start + token_mask.shape[1]
 
 
-def output_logits(hidden: jax.Array, kernel: jax.Array, bias: jax.Array, config: GPTJConfig) -> jax.Array:
-    """GPT-J's output head: hidden [..., d_model] -> fp32 logits [..., padded_vocab_size].
+def output_logits(hidden: jax.Array, kernel: jax.Array, bias: jax.Array, config: GPTJConfig,
+                  first_id: Any = 0) -> jax.Array:
+    """GPT-J's output head: hidden [..., d_model] -> fp32 logits [..., V] for V = bias.shape[-1].
 
-    The matmul runs in the compute dtype with fp32 accumulation; padded
-    vocabulary entries get a large negative logit, so they never win a softmax.
-    The model's own forward pass and every caller that applies the head to
+    The matmul runs in the compute dtype with fp32 accumulation (`kernel`
+    may be quantized: `gptj.quantize.einsum`); padded vocabulary entries get
+    a large negative logit, so they never win a softmax. `kernel` and `bias`
+    may be a slice of the vocabulary: the columns of ids `first_id`,
+    first_id + 1, ... (the chunked loss passes one at a time). The model's own
+    forward pass, the chunked loss and every caller that applies the head to
     selected positions only (scoring) use this one function.
     """
-    logits = jnp.einsum("...d,dv->...v", hidden, kernel.astype(resolve_dtype(config.dtype)),
-                        preferred_element_type=jnp.float32)
+    logits = quantize.einsum("...d,dv->...v", hidden, kernel, resolve_dtype(config.dtype),
+                             preferred_element_type=jnp.float32)
     logits = logits + bias.astype(jnp.float32)
     if config.padded_vocab_size != config.vocab_size:
-        real = jnp.arange(config.padded_vocab_size) < config.vocab_size
-        logits = jnp.where(real, logits, _NEG_INF)
+        real = first_id + jnp.arange(bias.shape[-1]) < config.vocab_size
+        logits = jnp.where(real, logits, NEG_INF)
     logical = ("act_batch",) + ("act_length",) * (logits.ndim - 2) + ("act_vocab",)
     return nn.with_logical_constraint(logits, logical)
+
+
+# Tokens per chunk when scoring (`score_targets`): a chunk's fp32 logits are
+# chunk x vocabulary (200 MB for GPT-J's 50400), whatever the batch and length.
+SCORE_CHUNK_TOKENS = 1024
+
+
+class TargetScores(NamedTuple):
+    """Per-position scores of given targets under the model (what lm-eval's loglikelihood and echo+logprobs need)."""
+
+    logprobs: jax.Array      # [B, T] fp32: log p(targets[b, t] | the prefix)
+    greedy: jax.Array        # [B, T] bool: the target is the argmax (first one on ties)
+    top_ids: jax.Array       # [B, T, top_k] int32: the top_k likeliest ids, likeliest first
+    top_logprobs: jax.Array  # [B, T, top_k] fp32: their log-probabilities
+
+
+def score_targets(hidden: jax.Array, kernel: jax.Array, bias: jax.Array, targets: jax.Array, config: GPTJConfig,
+                  top_k: int = 0, chunk_tokens: int = SCORE_CHUNK_TOKENS) -> TargetScores:
+    """Target log-probs, greedy flags and top-k from hidden states [B, T, D], chunk by chunk of tokens.
+
+    `output_logits` is applied to about `chunk_tokens` tokens at a time, so
+    the [B, T, vocab] logits never exist at once; log-probs are the logits
+    minus their logsumexp (fp32). The vocabulary may be sharded over devices.
+    """
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+
+    def chunk(h, t):
+        logits = output_logits(h, kernel, bias, config)
+        log_norm = jax.nn.logsumexp(logits, axis=-1)
+        ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+        # A masked sum rather than a gather keeps a sharded vocabulary axis sharded.
+        target_logit = jnp.sum(jnp.where(ids == t[..., None], logits, 0.0), axis=-1)
+        greedy = jnp.argmax(logits, axis=-1) == t
+        if top_k:
+            top_logits, top_ids = jax.lax.top_k(logits, top_k)
+            top = (top_ids.astype(jnp.int32), top_logits - log_norm[..., None])
+        else:
+            top = (jnp.zeros(t.shape + (0,), jnp.int32), jnp.zeros(t.shape + (0,), jnp.float32))
+        return (target_logit - log_norm, greedy) + top
+
+    return TargetScores(*map_position_chunks(chunk, chunk_tokens, hidden, targets))
 
 
 def matmul_params(config: GPTJConfig) -> int:
@@ -452,9 +660,12 @@ def count_params(tree) -> int:
     return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree_util.tree_leaves(tree)))
 
 
-def abstract_params(config: GPTJConfig):
-    """Parameter shapes, dtypes and logical axes (as nn.Partitioned boxes), with nothing allocated."""
-    model = GPTJ(config)
+def abstract_params(config: GPTJConfig, lora: LoraConfig | None = None):
+    """Parameter shapes, dtypes and logical axes (as nn.Partitioned boxes), with nothing allocated.
+
+    With `lora`, the tree also holds its adapters.
+    """
+    model = GPTJ(config, lora=lora)
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(tokens.shape, tokens.dtype)))["params"]
 

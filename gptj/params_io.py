@@ -1,10 +1,17 @@
-"""Params directories: `config.json` (the model section) plus an Orbax tree of parameters.
+"""Params directories: `config.json` (the model section), an Orbax tree of parameters and its checksums.
+
+    params_dir/config.json           the model config
+    params_dir/params/               the Orbax params tree
+    params_dir/integrity/metadata    the checksum manifest (`gptj.integrity`), written last
 
 A params directory is what the converters write and what inference reads; it
-restores onto any mesh and rule set because Orbax reshards on restore. A
-training workdir (`config.json` with the whole run config, `checkpoints/`)
-is accepted wherever a params directory is: `load_params` takes the params of
-its latest complete checkpoint.
+restores onto any mesh and rule set because Orbax reshards on restore, and
+every read is checked against the manifest. A training workdir (`config.json`
+with the whole run config, `checkpoints/`) is accepted wherever a params
+directory is: `load_params` takes the params of its latest complete
+checkpoint, and when those are damaged says which older checkpoint is intact.
+So is one checkpoint step directory (`workdir/checkpoints/160`), which is how
+an older step is chosen.
 """
 
 from __future__ import annotations
@@ -15,11 +22,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gptj import checkpoint
+from gptj import checkpoint, integrity, storage
 from gptj.checkpoint import CHECKPOINTS_SUBDIR, CONFIG_FILE
 from gptj.model import GPTJConfig, abstract_params, resolve_dtype
 
@@ -33,10 +39,14 @@ class WeightsError(ValueError):
 
 
 def read_model_config(path: str) -> GPTJConfig:
-    """The model config of a params directory or a workdir (its `config.json`)."""
+    """The model config of a params directory or workdir (its `config.json`), or of a checkpoint step directory."""
     config_path = os.path.join(path, CONFIG_FILE)
+    step_config = os.path.join(path, checkpoint.CONFIG_ITEM, integrity.JSON_FILE)  # the run config saved with a step
+    if not os.path.isfile(config_path) and os.path.isfile(step_config):
+        config_path = step_config
     if not os.path.isfile(config_path):
-        raise WeightsError(f"{path}: no {CONFIG_FILE}; expected a gptj params directory or workdir")
+        raise WeightsError(f"{path}: no {CONFIG_FILE}; expected a gptj params directory, workdir or checkpoint "
+                           "step directory")
     try:
         with open(config_path) as f:
             values = json.load(f)
@@ -50,22 +60,30 @@ def read_model_config(path: str) -> GPTJConfig:
 
 
 def save_params(path: str, params: Any, config: GPTJConfig) -> None:
-    """Writes `params` (sharded or not) and the model config as a params directory.
+    """Writes `params` (sharded or not), their checksums and the model config as a params directory.
 
-    Every process must call this (Orbax writes each shard from its owner);
-    only process 0 writes config.json.
+    Every process must call this (Orbax writes each shard from its owner, and
+    the checksums are a collective); only process 0 writes the JSON files.
+    The manifest is written last, so a directory whose save was cut short
+    reads as damaged, never as complete.
     """
     path = os.path.abspath(path)
     params_path = os.path.join(path, PARAMS_SUBDIR)
     if os.path.exists(params_path):
         raise WeightsError(f"{path} already holds params; choose a new output directory")
+    manifest = integrity.build_manifest({PARAMS_SUBDIR: params})
     if jax.process_index() == 0:
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, CONFIG_FILE), "w") as f:
-            json.dump(config.to_dict(), f, indent=2)
+        storage.write_json_atomic(os.path.join(path, CONFIG_FILE), config.to_dict())
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(params_path, params)
-    checkpointer.wait_until_finished()
+    try:
+        checkpointer.save(params_path, params)
+        checkpointer.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - a full disk or a refused write, as one line
+        raise storage.as_storage_error(e, path, "cannot write params to") from e
+    finally:
+        checkpointer.close()
+    if jax.process_index() == 0:
+        storage.write_json_atomic(integrity.manifest_path(path), manifest)
 
 
 def abstract_params_like(config: GPTJConfig, shardings=None, dtype=None):
@@ -94,28 +112,50 @@ def resolve_params_path(path: str) -> str:
 
 
 def load_params(path: str, shardings=None, dtype=None) -> tuple[Any, GPTJConfig]:
-    """Reads params from a params directory or workdir, laid out by `shardings` if given.
+    """Reads params from a params directory, workdir or step directory, checked, laid out by `shardings` if given.
 
     `shardings` is a tree of NamedShardings matching the params (from
     `Partitioner.abstract_state`); without it the params land on this
-    process's first device, whatever mesh they were saved from. `dtype` casts on read (e.g. bfloat16 for inference).
+    process's first device, whatever mesh they were saved from. `dtype` casts
+    on read (e.g. bfloat16 for inference). Damaged params are a WeightsError
+    that names the first bad array and, for a workdir, the newest intact step.
     """
     config = read_model_config(path)
     params_path = resolve_params_path(path)
-    target = abstract_params_like(config, shardings)
+    directory = os.path.dirname(params_path)
+    target = abstract_params_like(config, shardings, dtype=None if dtype is None else resolve_dtype(dtype))
+    # Casting while reading, one array at a time, never holds the whole tree in both dtypes.
+    cast = dtype is not None and resolve_dtype(dtype) != resolve_dtype(config.param_dtype)
     try:
-        restored = ocp.StandardCheckpointer().restore(params_path, target)
-    except Exception as e:  # orbax/tensorstore raise many types for a damaged tree
-        raise WeightsError(f"{params_path}: could not restore params for {config} ({type(e).__name__}: {e})") from e
-    if dtype is not None:
-        restored = jax.tree_util.tree_map(lambda x: x.astype(resolve_dtype(dtype)), restored)
-    return restored, config
+        restored = integrity.restore_verified(directory, {PARAMS_SUBDIR: target}, one_array_at_a_time=cast)
+    except storage.CheckpointDamagedError as e:
+        raise WeightsError(f"{e}; {_intact_alternative(path, directory, target)}") from e
+    except storage.CheckpointError as e:
+        raise WeightsError(str(e)) from e
+    return restored[PARAMS_SUBDIR], config
+
+
+def _intact_alternative(path: str, damaged: str, target) -> str:
+    """What to use instead of the damaged `damaged`: the newest older checkpoint of workdir `path` that is intact.
+
+    Inference never falls back on its own; this names the way out. Older
+    steps are checked newest first, until one passes.
+    """
+    if not os.path.isdir(os.path.join(path, CHECKPOINTS_SUBDIR)):
+        return "nothing was read from it"
+    damaged_step = int(os.path.basename(damaged))
+    older = [s for s in reversed(checkpoint.all_steps(path)) if s < damaged_step]
+    for i, step in enumerate(older):
+        candidate = os.path.join(checkpoint.checkpoints_dir(path), str(step))
+        try:
+            integrity.restore_verified(candidate, {PARAMS_SUBDIR: target}, one_array_at_a_time=True)
+        except storage.CheckpointDamagedError:
+            continue
+        rest = f"; older steps, not checked: {', '.join(map(str, older[i + 1:]))}" if older[i + 1:] else ""
+        return f"intact: step {step} (pass {candidate} instead of {path}){rest}"
+    return f"no older checkpoint of {path} is intact"
 
 
 def to_numpy(tree):
     """A fully addressable copy of a (possibly sharded) tree as numpy arrays."""
     return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)
-
-
-def cast_tree(tree, dtype):
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x).astype(resolve_dtype(dtype)), tree)

@@ -23,6 +23,7 @@ import math
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -43,6 +44,7 @@ _TENSOR_PARALLEL_ACTIVATIONS: Rules = (
     ("act_vocab", "model"),
     ("head_dim", None),
     ("layers", None),
+    ("lora_rank", None),  # LoRA adapters' rank: small, never split
 )
 
 _MEGATRON_PARAMS: Rules = (
@@ -70,6 +72,7 @@ _DATA_PARALLEL: Rules = (
     ("act_vocab", None),
     ("head_dim", None),
     ("layers", None),
+    ("lora_rank", None),
     ("vocab", None),
     ("embed", None),
     ("heads", None),
@@ -316,21 +319,26 @@ def place(tree, shardings, dtype=None):
     copies only the slices its own devices own, so this works on several hosts.
     Leaves that are already jax arrays are moved device to device (never through
     the host). `tree` and `shardings` may also be a single array and sharding.
+    `dtype` applies to floating-point leaves: integer leaves (token ids, the
+    values of quantized weights) keep their own.
     """
     def one(x, sharding):
         if isinstance(x, jax.Array):
-            x = x if dtype is None else x.astype(dtype)
+            x = x.astype(dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x
             return x if x.sharding == sharding else jax.device_put(x, sharding)
-        x = np.asarray(x) if dtype is None else np.asarray(x, dtype=dtype)
+        x = np.asarray(x)
+        x = np.asarray(x, dtype=dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree_util.tree_map(one, tree, shardings)
 
 
 def per_device_bytes(abstract, shardings) -> int:
-    """Bytes one device holds for a tree of arrays laid out by `shardings`."""
+    """Bytes one device holds for a tree of arrays laid out by `shardings` (int4: two values to a byte)."""
     total = 0
     for leaf, sharding in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(shardings)):
         shard_shape = sharding.shard_shape(leaf.shape)
-        total += int(np.prod(shard_shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+        dtype = np.dtype(leaf.dtype)
+        bits = jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else 8 * dtype.itemsize
+        total += -(-int(np.prod(shard_shape, dtype=np.int64)) * bits // 8)
     return total

@@ -1,12 +1,47 @@
-"""Process start-up shared by every mode: joining the other hosts and quieting all but process 0."""
+"""Process start-up shared by every mode: a quiet console, joining the other hosts, quieting all but process 0."""
 
 from __future__ import annotations
 
+import logging as pylogging
 import os
 import threading
 
 import jax
 from absl import logging
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class _OwnLinesOnly(pylogging.Filter):
+    """Passes the records of code under `roots` at every level, everyone else's only at ERROR and above.
+
+    Libraries log dozens of INFO lines per checkpoint (Orbax), per backend
+    probe (jax) and per metric write (clu); a user wants the run's own
+    progress, validation, checkpoint and error lines.
+    """
+
+    def __init__(self, roots: tuple[str, ...]):
+        super().__init__()
+        self.roots = roots
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.ERROR or os.path.abspath(record.pathname).startswith(self.roots)
+
+
+def configure_console(verbosity: int = 0) -> None:
+    """Keeps the console to gptj's own lines unless `verbosity` >= 1 (absl's --verbosity flag).
+
+    Quiet mode drops other libraries' INFO and WARNING log records and Python
+    warnings (and TensorFlow's C++ start-up chatter, when called before
+    TensorFlow is imported); errors always show.
+    """
+    if verbosity >= 1:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _OwnLinesOnly) for f in handler.filters):
+        handler.addFilter(_OwnLinesOnly((_PACKAGE_DIR,)))
+    pylogging.captureWarnings(True)  # warnings become records of the 'py.warnings' logger, filtered above
 
 
 # jax's own initialization timeout is set this much later than ours, so ours fires first.
@@ -69,3 +104,6 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             watchdog.cancel()
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)
+    devices = jax.devices()
+    logging.info("devices: %d x %s (%s) over %d process(es)", len(devices), devices[0].platform,
+                 devices[0].device_kind, jax.process_count())

@@ -118,7 +118,12 @@ class EvalHook(Hook):
 
 
 class CheckpointHook(Hook):
-    """Saves the train state, the data iterator's state and the run config every `every` steps and at the end."""
+    """Saves the train state, the data iterator's state and the run config every `every` steps and at the end.
+
+    Saves run in the background; every step it asks whether the last one
+    failed (a full disk, say), so that the run stops with that error at once
+    rather than training on without checkpoints.
+    """
 
     def __init__(self, checkpointer, every: int, data_iter: Any, config: Mapping[str, Any],
                  throughput: metrics_lib.Throughput | None = None):
@@ -139,6 +144,7 @@ class CheckpointHook(Hook):
             metrics_lib.log_process0("saving a checkpoint at step %d", int(jax.device_get(state["step"])))
 
     def on_step(self, step, state, metrics):
+        self.checkpointer.check()
         if self.needs_sync(step):
             self._save(state)
 

@@ -19,6 +19,15 @@ the shape of a batch, and it
 The state is a dict `{"step": int32[], "params": ..., "opt_state": ...}`:
 fp32 master weights and optimizer state whatever the module computes in.
 
+Freezing: given `trainable` (a regular expression over parameter paths such
+as `blocks/mlp/fc_in_kernel`, or a predicate over them), the state's
+`params` hold only the matching parameters, so the optimizer state,
+gradients, weight decay and checkpoints cover only them. The rest are frozen:
+a separate tree (`frozen_shardings`, optionally stored in `frozen_dtype`,
+e.g. bfloat16 with no fp32 master copy) that the caller provides once with
+`set_frozen`; every step reads it, never donates or changes it, and the
+module sees the union of the two trees.
+
 `gptj.driver.train_in_workdir` runs a Trainer in a workdir (resume, hooks,
 preemption); `gptj.train_lm` binds GPT-J to both.
 """
@@ -28,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import re
 import signal
 import threading
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -40,7 +50,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gptj.partitioning import Partitioner, per_device_bytes
+from gptj.partitioning import Partitioner, per_device_bytes, place
 
 # (module outputs, batch) -> dict of sums; must contain "loss_sum" (minimised) and "weight".
 LossFn = Callable[[Any, Mapping[str, jax.Array]], dict]
@@ -52,17 +62,78 @@ class NonFiniteLossError(FloatingPointError):
     """The loss or gradient became NaN/inf and the run was told to stop rather than skip."""
 
 
+class TrainableError(ValueError):
+    """A `trainable` pattern that selects no parameter, or frozen parameters that do not fit the model."""
+
+
+# -- parameter trees by path ---------------------------------------------------------------
+# Parameters are nested dicts; a leaf's path is its keys joined by "/", e.g.
+# "blocks/attn/q_proj". Anything that is not a dict (an array, a ShapeDtypeStruct,
+# a flax-boxed leaf, a sharding) is a leaf.
+
+
+def param_paths(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Every leaf's path, in the tree's own (sorted-key) order."""
+    paths = []
+    for key in sorted(tree):
+        value = tree[key]
+        path = f"{prefix}{key}"
+        paths.extend(param_paths(value, path + "/") if isinstance(value, Mapping) else [path])
+    return paths
+
+
+def select_params(tree: Mapping[str, Any], keep: Callable[[str], bool], prefix: str = "") -> tuple[dict, dict]:
+    """(the leaves whose path `keep` accepts, the rest), each a nested dict without empty branches."""
+    kept, rest = {}, {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            sub_kept, sub_rest = select_params(value, keep, path + "/")
+            if sub_kept:
+                kept[key] = sub_kept
+            if sub_rest:
+                rest[key] = sub_rest
+        elif keep(path):
+            kept[key] = value
+        else:
+            rest[key] = value
+    return kept, rest
+
+
+def merge_params(*trees: Mapping[str, Any]) -> dict:
+    """The union of nested dicts; a leaf present in several is taken from the last."""
+    merged: dict = {}
+    for tree in trees:
+        for key, value in tree.items():
+            if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+                merged[key] = merge_params(merged[key], value)
+            else:
+                merged[key] = dict(value) if isinstance(value, Mapping) else value
+    return merged
+
+
+def path_matcher(trainable: str | Callable[[str], bool] | None) -> Callable[[str], bool]:
+    """A predicate over parameter paths: a regular expression (full match), a predicate as is, None = all."""
+    if trainable is None:
+        return lambda path: True
+    if callable(trainable):
+        return trainable
+    pattern = re.compile(trainable)
+    return lambda path: pattern.fullmatch(path) is not None
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryReport:
     """Per-device bytes of the compiled train step (what one device must hold)."""
 
-    params: int
+    params: int  # the trained parameters (all of them unless some are frozen)
     opt_state: int
     temporaries: int | None
     arguments: int | None
     outputs: int | None
     aliased: int | None  # output bytes written in place of donated arguments
     code: int | None
+    frozen: int = 0  # frozen parameters (an argument of every step, never updated)
 
     @property
     def peak(self) -> int | None:
@@ -77,7 +148,8 @@ class MemoryReport:
                 return "n/a"
             return f"{n / 2**30:.3f} GiB" if n >= 2**30 else f"{n / 2**20:.3f} MiB"
 
-        return (f"per-device memory of the train step: params {gib(self.params)}, optimizer state "
+        frozen = f"frozen params {gib(self.frozen)}, trainable " if self.frozen else ""
+        return (f"per-device memory of the train step: {frozen}params {gib(self.params)}, optimizer state "
                 f"{gib(self.opt_state)}, temporaries {gib(self.temporaries)}, peak {gib(self.peak)} (arguments "
                 f"{gib(self.arguments)}, outputs {gib(self.outputs)}, code {gib(self.code)})")
 
@@ -145,6 +217,10 @@ def _tree_add(a, b):
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
+def _with_shardings(abstract, shardings):
+    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
 class Trainer:
     """Trains a Flax module's parameters; see the module docstring.
 
@@ -172,6 +248,10 @@ class Trainer:
       rng_streams: the module's RNG stream names (e.g. ('dropout',)); empty for a deterministic model.
       seed: the root of the training RNG streams.
       eval_loss_fn: the loss for `evaluate` (default: loss_fn), e.g. one that also counts accuracy.
+      trainable: which parameters train: a regular expression that must match a parameter's whole
+        path ("blocks/mlp/.*|ln_f/.*"), or a predicate over paths; None trains all. The others are
+        frozen (see the module docstring); a pattern that matches nothing is a TrainableError.
+      frozen_dtype: the dtype frozen parameters are kept in (None: the module's parameter dtype).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, optimizer: optax.GradientTransformation,
@@ -179,7 +259,8 @@ class Trainer:
                  microbatches: int = 1, summarize: Callable[[dict], dict] | None = None,
                  lr_schedule: Callable[[jax.Array], jax.Array] | None = None, on_nonfinite: str = "stop",
                  model_inputs: Sequence[str] = ("inputs",), rng_streams: Sequence[str] = (), seed: int = 0,
-                 eval_loss_fn: LossFn | None = None):
+                 eval_loss_fn: LossFn | None = None, trainable: str | Callable[[str], bool] | None = None,
+                 frozen_dtype: Any = None):
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
         batch_size = next(iter(batch_spec.values())).shape[0]
@@ -202,23 +283,34 @@ class Trainer:
         self.rng_streams = tuple(rng_streams)
         self.seed = int(seed)
         self.batch_shardings = {k: partitioner.batch_sharding(v.ndim) for k, v in self.batch_spec.items()}
+        self.trainable = trainable
+        self._is_trainable = path_matcher(trainable)
+        self.frozen_dtype = frozen_dtype
+        self._frozen = None
         self._compiled_train = None
         self._jitted_eval = None
 
     # -- state -----------------------------------------------------------------------
 
     def _boxed_init(self, rng):
-        """The train state with flax-boxed leaves (logical axes), as eval_shape and the jitted init see it."""
+        """(train state, frozen params), flax-boxed (logical axes), as eval_shape and the jitted init see them."""
         dummies = [jnp.zeros((1,) + tuple(self.batch_spec[k].shape[1:]), self.batch_spec[k].dtype)
                    for k in self.model_inputs]
         rngs = {"params": rng} | {name: rng for name in self.rng_streams}
-        params = self.model.init(rngs, *dummies)["params"]
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.optimizer.init(params)}
+        params, frozen = select_params(self.model.init(rngs, *dummies)["params"], self._is_trainable)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.optimizer.init(params)}
+        return state, frozen
 
     @functools.cached_property
     def _abstract(self):
-        abstract, _, shardings = self.partitioner.abstract_state(self._boxed_init, jax.random.PRNGKey(0))
-        return abstract, shardings
+        (abstract, frozen), _, (shardings, frozen_shardings) = self.partitioner.abstract_state(
+            self._boxed_init, jax.random.PRNGKey(0))
+        if not abstract["params"]:
+            raise TrainableError(f"trainable={self.trainable!r} matches no parameter; the parameters are: "
+                                 + ", ".join(param_paths(frozen)))
+        if self.frozen_dtype is not None:
+            frozen = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, self.frozen_dtype), frozen)
+        return abstract, shardings, frozen, frozen_shardings
 
     @property
     def state_shardings(self):
@@ -228,9 +320,41 @@ class Trainer:
     @property
     def abstract_state(self):
         """The train state as ShapeDtypeStructs carrying their shardings (restore and AOT targets)."""
-        abstract, shardings = self._abstract
-        return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                      abstract, shardings)
+        abstract, shardings = self._abstract[:2]
+        return _with_shardings(abstract, shardings)
+
+    @property
+    def frozen_shardings(self):
+        """NamedShardings of the frozen parameters (the rule set's, as if they trained); {} when none are frozen."""
+        return self._abstract[3]
+
+    @property
+    def abstract_frozen(self):
+        """The frozen parameters as ShapeDtypeStructs (in `frozen_dtype`) carrying their shardings."""
+        return _with_shardings(self._abstract[2], self._abstract[3])
+
+    @property
+    def freezes(self) -> bool:
+        """Whether any parameter is frozen."""
+        return bool(self._abstract[2])
+
+    @property
+    def frozen(self):
+        """The frozen parameters the steps read (set with `set_frozen`)."""
+        if self._frozen is None:
+            if self.freezes:
+                raise TrainableError("this Trainer freezes " + ", ".join(param_paths(self._abstract[2]))
+                                     + ": give their values with set_frozen() before training or evaluating")
+            self._frozen = {}
+        return self._frozen
+
+    def set_frozen(self, frozen) -> None:
+        """Gives the frozen parameters' values (a tree matching `abstract_frozen`), laid out and cast as it says."""
+        expected, given = param_paths(self._abstract[2]), param_paths(frozen)
+        if expected != given:
+            missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+            raise TrainableError(f"frozen parameters do not fit the model: missing {missing}, unexpected {unexpected}")
+        self._frozen = jax.tree_util.tree_map(lambda x, a: place(x, a.sharding, a.dtype), frozen, self.abstract_frozen)
 
     @property
     def abstract_batch(self):
@@ -239,14 +363,26 @@ class Trainer:
                 for k, v in self.batch_spec.items()}
 
     def init_state(self, seed: int):
-        """A freshly initialised train state, created already sharded."""
-        init = self.partitioner.jit(lambda rng: nn.meta.unbox(self._boxed_init(rng)),
+        """A freshly initialised train state, created already sharded (frozen parameters are not made)."""
+        init = self.partitioner.jit(lambda rng: nn.meta.unbox(self._boxed_init(rng)[0]),
                                     out_shardings=self.state_shardings)
         return init(jax.random.PRNGKey(seed))
 
+    def init_params(self, seed: int):
+        """Freshly initialised trainable parameters (as `init_state` makes them), without optimizer state."""
+        init = self.partitioner.jit(lambda rng: nn.meta.unbox(self._boxed_init(rng)[0]["params"]),
+                                    out_shardings=self.state_shardings["params"])
+        return init(jax.random.PRNGKey(seed))
+
     def state_from_params(self, params, step: int = 0):
-        """A train state around existing (sharded) params with a fresh optimizer state at `step`."""
+        """A train state around existing (sharded) params with a fresh optimizer state at `step`.
+
+        `params` are the trainable parameters; a whole parameter tree is also
+        accepted, and its frozen leaves are left out.
+        """
         shardings = self.state_shardings
+        if self.freezes:
+            params = select_params(params, self._is_trainable)[0]
 
         def build(p):
             return {"step": jnp.asarray(step, jnp.int32), "params": p, "opt_state": self.optimizer.init(p)}
@@ -267,8 +403,9 @@ class Trainer:
         spec = self.partitioner.mesh_spec(("act_batch",) + (None,) * (x.ndim - 2))
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.partitioner.mesh, PartitionSpec(None, *spec)))
 
-    def _apply(self, params, batch, rng=None):
+    def _apply(self, params, frozen, batch, rng=None):
         """The module's outputs on a batch: training mode (with RNG streams) when `rng` is given."""
+        params = merge_params(params, frozen) if frozen else params
         inputs = [batch[k] for k in self.model_inputs]
         if not self.rng_streams:
             return self.model.apply({"params": params}, *inputs)
@@ -277,11 +414,11 @@ class Trainer:
         rngs = {name: jax.random.fold_in(rng, i) for i, name in enumerate(self.rng_streams)}
         return self.model.apply({"params": params}, *inputs, rngs=rngs, deterministic=False)
 
-    def _grads_and_sums(self, params, batch, step):
+    def _grads_and_sums(self, params, frozen, batch, step):
         step_rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), step)
 
-        def objective(p, mb, index):
-            sums = self.loss_fn(self._apply(p, mb, jax.random.fold_in(step_rng, index)), mb)
+        def objective(p, mb, index):  # differentiated in the trainable params only
+            sums = self.loss_fn(self._apply(p, frozen, mb, jax.random.fold_in(step_rng, index)), mb)
             return sums["loss_sum"], sums
 
         grad_fn = jax.grad(objective, has_aux=True)
@@ -303,9 +440,9 @@ class Trainer:
         (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(self.microbatches), microbatches))
         return grads, sums
 
-    def _train_step(self, state, batch):
+    def _train_step(self, state, batch, frozen):
         params = state["params"]
-        grads, sums = self._grads_and_sums(params, batch, state["step"])
+        grads, sums = self._grads_and_sums(params, frozen, batch, state["step"])
         weight = jnp.maximum(sums["weight"], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / weight.astype(g.dtype), grads)
         grad_norm = optax.global_norm(grads)
@@ -329,15 +466,20 @@ class Trainer:
 
     @functools.cached_property
     def jitted_train_step(self):
-        """`(state, batch) -> (state, metrics)`, jitted with the state's shardings and the state donated."""
-        return self.partitioner.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_shardings),
-                                    out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+        """`(state, batch, frozen) -> (state, metrics)`, jitted with the shardings; the state (only) is donated."""
+        return self.partitioner.jit(
+            self._train_step, in_shardings=(self.state_shardings, self.batch_shardings, self.frozen_shardings),
+            out_shardings=(self.state_shardings, None), donate_argnums=(0,))
 
-    def compile(self) -> MemoryReport:
-        """Compiles the train step ahead of time and logs what one device holds; returns that report."""
-        lowered = self.jitted_train_step.lower(self.abstract_state, self.abstract_batch)
-        self._compiled_train = lowered.compile()
-        abstract, shardings = self._abstract
+    def compile(self, compiler_options: Mapping[str, Any] | None = None) -> MemoryReport:
+        """Compiles the train step ahead of time and logs what one device holds; returns that report.
+
+        `compiler_options`: XLA options for this compilation (e.g. passes to disable), as jax's
+        `Lowered.compile` takes them.
+        """
+        lowered = self.jitted_train_step.lower(self.abstract_state, self.abstract_batch, self.abstract_frozen)
+        self._compiled_train = lowered.compile(compiler_options)
+        abstract, shardings, frozen, frozen_shardings = self._abstract
         analysis = None
         try:
             analysis = self._compiled_train.memory_analysis()
@@ -352,7 +494,7 @@ class Trainer:
             opt_state=per_device_bytes(abstract["opt_state"], shardings["opt_state"]),
             temporaries=field("temp_size_in_bytes"), arguments=field("argument_size_in_bytes"),
             outputs=field("output_size_in_bytes"), aliased=field("alias_size_in_bytes"),
-            code=field("generated_code_size_in_bytes"))
+            code=field("generated_code_size_in_bytes"), frozen=per_device_bytes(frozen, frozen_shardings))
         logging.info("%s", report)
         return report
 
@@ -361,26 +503,29 @@ class Trainer:
         if self._compiled_train is None:
             self.compile()
         batch = jax.device_put(batch, self.batch_shardings)  # a no-op when the loader laid it out already
-        return self._compiled_train(state, batch)
+        return self._compiled_train(state, batch, self.frozen)
 
-    def _eval_step(self, params, batch):
-        return self.eval_loss_fn(self._apply(params, batch), batch)
+    def _eval_step(self, params, batch, frozen):
+        return self.eval_loss_fn(self._apply(params, frozen, batch), batch)
 
     def evaluate(self, params, batches: Iterable[Mapping[str, jax.Array]], max_batches: int = 0) -> dict[str, float]:
         """Summarised metrics over `batches` (at most `max_batches` of them when > 0).
 
         Also returns `batches` (how many were read) and `weight` (the summed
-        loss weight, e.g. the number of target tokens that counted).
+        loss weight, e.g. the number of target tokens that counted). `params`
+        are the trainable ones (the state's); the frozen ones are the Trainer's.
         """
+        frozen = self.frozen
         if self._jitted_eval is None:
             self._jitted_eval = self.partitioner.jit(
-                self._eval_step, in_shardings=(self.state_shardings["params"], self.batch_shardings))
+                self._eval_step, in_shardings=(self.state_shardings["params"], self.batch_shardings,
+                                               self.frozen_shardings))
         totals: dict[str, float] = {}
         seen = 0
         for batch in batches:
             if max_batches and seen >= max_batches:
                 break
-            sums = jax.device_get(self._jitted_eval(params, jax.device_put(batch, self.batch_shardings)))
+            sums = jax.device_get(self._jitted_eval(params, jax.device_put(batch, self.batch_shardings), frozen))
             for key, value in sums.items():  # summed on the host in float64: no drift over many batches
                 totals[key] = totals.get(key, 0.0) + float(value)
             seen += 1

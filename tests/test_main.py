@@ -109,8 +109,44 @@ def test_main_trains_on_the_demo_corpus_and_exits_0_on_sigterm(tmp_path):
     log = "".join(seen) + rest
     assert process.returncode == 0, log[-3000:]
     assert "training preempted at step" in log
+    # A quiet console: gptj's own lines, none of Orbax's per-save chatter or jax's backend probing.
+    noisy = [line for line in log.splitlines() if any(
+        name in line for name in ("checkpoint_manager.py", "atomicity.py", "xla_bridge.py", "logging_writer.py"))]
+    assert not noisy, noisy[:3]
+    assert "devices: 1 x cpu" in log or "devices: 8 x cpu" in log
     step = latest_step(str(workdir))
     assert step is not None and step >= 3
     with open(workdir / "config.json") as f:
         assert json.load(f)["model"]["d_model"] == 32
     assert read_scalars(str(workdir / "tensorboard"), "train/loss")
+
+
+def test_console_keeps_gptj_lines_and_verbosity_brings_back_the_rest():
+    import logging as pylogging
+
+    from absl import logging
+
+    from gptj import runtime
+
+    handler = logging.get_absl_handler()
+    before = list(handler.filters)
+    try:
+        runtime.configure_console(0)
+        (quiet,) = [f for f in handler.filters if f not in before]
+
+        def record(path, level):
+            return pylogging.LogRecord("x", level, path, 1, "message", None, None)
+
+        own = os.path.join(ROOT, "gptj", "driver.py")
+        library = os.path.join(ROOT, ".venv", "lib", "orbax", "checkpoint_manager.py")
+        assert quiet.filter(record(own, pylogging.INFO))
+        assert not quiet.filter(record(library, pylogging.INFO))
+        assert not quiet.filter(record(library, pylogging.WARNING))
+        assert quiet.filter(record(library, pylogging.ERROR))  # errors always show
+        handler.removeFilter(quiet)
+        runtime.configure_console(1)
+        assert handler.filters == before  # --verbosity=1: nothing is filtered
+    finally:
+        for f in list(handler.filters):
+            if f not in before:
+                handler.removeFilter(f)

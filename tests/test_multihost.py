@@ -44,8 +44,8 @@ def _env(devices: int) -> dict:
     return env
 
 
-def _train(workdir, config_path, steps, processes):
-    flags = [f"--config={config_path}", f"--workdir={workdir}", f"--config.train.total_steps={steps}"]
+def _train(workdir, config_path, steps, processes, *extra_flags):
+    flags = [f"--config={config_path}", f"--workdir={workdir}", f"--config.train.total_steps={steps}", *extra_flags]
     if processes == 1:
         command = [sys.executable, "main.py", *flags]
     else:
@@ -69,15 +69,21 @@ def _losses(workdir) -> dict[int, float]:
     return losses
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("pod")
+def write_pod_config(base) -> str:
+    """A small text corpus and the CONFIG that trains on it, written in `base`; returns the config's path."""
     corpus = base / "corpus.txt"
     rng = np.random.RandomState(0)
     words = "the quick brown fox jumps over a lazy dog while seven wizards hex jovial kings".split()
     corpus.write_text("\n\n".join(" ".join(rng.choice(words, 40)) for _ in range(200)))
     config_path = base / "pod_config.py"
     config_path.write_text(textwrap.dedent(CONFIG.format(corpus=str(corpus))))
+    return str(config_path)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pod")
+    config_path = write_pod_config(base)
 
     pod, single = str(base / "pod"), str(base / "single")
     _train(pod, config_path, 5, processes=2)

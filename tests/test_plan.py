@@ -97,3 +97,33 @@ def test_mesh_larger_than_the_machine_says_how_to_fake_devices():
 
     with pytest.raises(PartitioningError, match="xla_force_host_platform_device_count"):
         plan_lib.make_plan(_tiny("megatron", 2, 8))
+
+
+@pytest.mark.slow
+def test_gptj_6b_lora_fits_one_24_gib_gpu_and_full_fine_tuning_does_not_fit_80_gib():
+    """On 8 fake CPU devices, single-device plans (the first device): nothing is allocated."""
+    from gptj.configs import gptj_6b, gptj_6b_lora
+
+    lora_config = gptj_6b_lora.get_config()
+    lora = plan_lib.make_plan(lora_config, device_memory_gib=24)
+    assert lora.mesh == {"data": 1, "model": 1} and lora.num_frozen == GPTJ_6B_PARAMS
+    adapters = 28 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 16384))  # rank 16 on q_proj, v_proj, fc_in, fc_out
+    assert lora.num_params == adapters == 25_690_112
+    assert lora.frozen == lora.frozen_expected == GPTJ_6B_PARAMS * 2  # bf16, no fp32 master copy
+    assert lora.params == adapters * 4 and 0 <= lora.opt_state - adapters * 8 < 64  # + Adam's step counts
+    assert 0 < lora.temporaries < 8 * GIB and lora.fits, plan_lib.format_plan(lora, lora_config)
+    text = plan_lib.format_plan(lora, lora_config)
+    assert "frozen params (bfloat16)" in text and "batch 8 x 2048 tokens in 8 microbatch(es) of 1" in text
+    assert "fits in 24.00 GiB per device" in text
+
+    full_config = gptj_6b.get_config()
+    full_config.mesh.update(dict(data=1, model=1))
+    full_config.train.update(dict(batch_size=1, microbatches=1))
+    full = plan_lib.make_plan(full_config, device_memory_gib=80)
+    assert full.num_frozen == 0 and full.params == GPTJ_6B_PARAMS * 4
+    assert 0 <= full.opt_state - GPTJ_6B_PARAMS * 8 < 64
+    assert full.fits is False
+    text = plan_lib.format_plan(full, full_config)
+    assert "does NOT fit in 80.00 GiB" in text and "ways out:" in text
+    assert "LoRA: freeze the weights in bfloat16 (11.27 GiB per device here)" in text
+    assert "zero3 over 2 devices" in text and "--config.mesh.rules=zero3 --config.mesh.data=2" in text

@@ -1,12 +1,10 @@
 """The prompt/completion task `gptj_sft`: exact records and masks in both layouts, the loss mask the
-pipeline builds from them, host sharding, bad input, and (slow) train-then-sample end to end."""
+pipeline builds from them, host sharding and bad input. Train-then-sample end to end is
+tests/test_examples.py (examples/instruction_tuning.py)."""
 
 import gzip
 import json
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,7 +17,6 @@ from gptj.tasks.files import DataError
 from gptj.vocab import EOT_ID, get_tokenizer
 
 SEQ = 16
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LONG_PROMPT = "Summarise: " + " ".join(f"w{i}" for i in range(30)) + "\nSummary:"
 ROWS = [
@@ -194,47 +191,3 @@ def test_missing_files_and_patterns(tmp_path):
 
 
 # -- acceptance: train on a few pairs, then greedy sampling reproduces every completion -------------------
-
-PAIRS = [
-    ("Q: What color is the sky? A:", " Blue."),
-    ("Q: What is two plus two? A:", " Four."),
-    ("Translate to French: cat =>", " chat"),
-    ("Reverse the word stone:", " enots"),
-    ("The capital of Italy is", " Rome, on the Tiber."),
-    ("Name a prime number:", " Seven"),
-    ("Q: Opposite of hot? A:", " Cold."),
-    ("Say hello:", " Hello there, friend!"),
-]
-
-
-@pytest.mark.slow
-def test_main_learns_completions_and_greedy_sampling_reproduces_them(tmp_path):
-    from trainer_utils import read_scalars
-
-    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
-    val = write_jsonl(tmp_path / "val.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS[:3]])
-    (tmp_path / "prompts.txt").write_text("".join(p + "\n" for p, _ in PAIRS))
-    workdir = tmp_path / "run"
-    # A 1-layer, d_model 64 shrink of the tiny config on one CPU device (fake devices only slow a 2-core
-    # machine down); batch 8 holds all 8 pairs, and a high learning rate memorises them in ~40 steps.
-    common = [sys.executable, os.path.join(ROOT, "main.py"), "--config=gptj/configs/tiny.py", f"--workdir={workdir}",
-              "--config.model.num_layers=1", "--config.model.d_model=64", "--config.model.num_heads=2",
-              "--config.model.rotary_dim=8", "--config.data.seq_len=32"]
-    train_cmd = common + [
-        "--config.data.train_task=gptj_sft", f"--config.data.sft_pattern={train}",
-        "--config.data.val_tasks=('gptj_sft_validation',)", f"--config.data.sft_val_pattern={val}",
-        "--config.train.batch_size=8", "--config.train.total_steps=50", "--config.train.log_every=10",
-        "--config.train.eval_every=0", "--config.train.ckpt_every=0",
-        "--config.optimizer.lr=1e-2", "--config.optimizer.warmup_steps=5", "--config.optimizer.anneal_steps=50"]
-    sample_cmd = common + ["--mode=sample", f"--prompt_file={tmp_path / 'prompts.txt'}", "--temperature=0",
-                           "--max_new_tokens=12", f"--output={tmp_path / 'out.jsonl'}"]
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    for cmd in (train_cmd, sample_cmd):
-        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              timeout=400)
-        assert done.returncode == 0, done.stderr[-3000:]
-    accuracy = read_scalars(str(workdir / "tensorboard"), "val/gptj_sft_validation/accuracy")
-    assert accuracy[0] < 0.5 and accuracy[50] == 1.0  # every completion token and EOS predicted
-    with open(tmp_path / "out.jsonl") as f:
-        outputs = [json.loads(line) for line in f]
-    assert [(o["prompt"], o["completion"]) for o in outputs] == PAIRS  # stopped at the learned EOS, exactly

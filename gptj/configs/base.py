@@ -40,11 +40,31 @@ def get_config() -> ml_collections.ConfigDict:
         eval_every=500,          # validation loss every N steps (0: never)
         val_batches=100,
         z_loss=0.0,
+        # The output head and cross-entropy fused and applied this many tokens at a time, so the
+        # [tokens, vocab] logits never exist whole (0: the full-logits loss). loss_chunk_vocab:
+        # vocabulary entries per chunk within that (0: all; -1: auto, cache-sized on a CPU).
+        loss_chunk_tokens=1024,
+        loss_chunk_vocab=-1,
         on_nonfinite="stop",     # stop | skip (skip the update, keep going)
         profile_steps="",        # e.g. "20:25" captures a jax.profiler trace of those steps
         peak_flops_per_device=0.0,  # for MFU; 0 = not reported
         fresh_optimizer=False,   # with init_from: new optimizer state and step 0
+        resume_fallback=True,    # newest checkpoint damaged: set it aside, resume from the newest intact one
+        resume_step=-1,          # resume from exactly this checkpoint step (newer ones set aside); -1: the newest
         use_wandb=False,
+        # Which parameters train: a regular expression over parameter paths (e.g. "blocks/mlp/.*|ln_f/.*"),
+        # the rest frozen (no gradient, no optimizer state, not checkpointed). "": all of them, or with
+        # LoRA the adapters alone. Anything frozen needs init_from.
+        trainable="",
+    ))
+
+    # LoRA: low-rank adapters A [in, rank], B [rank, out] on the `targets` projections
+    # (q_proj, k_proj, v_proj, out_proj, fc_in, fc_out), scaled by alpha / rank, trained over
+    # frozen base weights (init_from) kept in `base_dtype` with no fp32 master copy; the
+    # adapters train in fp32. rank 0: off. init_from="peft:DIR" starts from a HuggingFace PEFT
+    # adapter, whose rank, alpha and targets replace these.
+    config.lora = ml_collections.ConfigDict(dict(
+        rank=0, alpha=16.0, dropout=0.0, targets=("q_proj", "v_proj"), base_dtype="bfloat16", init_from="",
     ))
 
     # seqio task names (gptj.tasks registers them by explicit function calls; see gptj/tasks/__init__.py).

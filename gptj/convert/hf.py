@@ -138,7 +138,8 @@ def hf_state_to_params(state: dict[str, np.ndarray], config: GPTJConfig) -> dict
             raise WeightsError(f"HF checkpoint is missing {name!r}")
         value = state[name]
         if value.shape != shape:
-            raise WeightsError(f"HF tensor {name!r} has shape {value.shape}, expected {shape} for {config}")
+            raise WeightsError(f"HF tensor {name!r} has shape {value.shape}, expected {shape} for a model of d_model "
+                               f"{config.d_model}, {config.num_layers} layers and {config.vocab_size} tokens")
         used.add(name)
         return value
 

@@ -2,20 +2,18 @@
 
 The reference's `slim_model.py` did the same to its checkpoints (drop the optimizer state,
 cast params to bf16); GPT-J-6B's 9 GB release is such a checkpoint. Here the input is any
-gptj workdir (its latest checkpoint) or params directory, and the output a params directory
-whose config says `param_dtype="bfloat16"`, so it loads as bf16 wherever weights are read.
-The compute dtype is left as it was: the slim model's logits are exactly those of the
-original model with its params cast to bf16.
+gptj workdir (its latest checkpoint), checkpoint step directory or params directory, and the
+output a params directory whose config says `param_dtype="bfloat16"`, so it loads as bf16
+wherever weights are read. The compute dtype is left as it was: the slim model's logits are
+exactly those of the original model with its params cast to bf16.
 """
 
 from __future__ import annotations
 
 import jax
-import orbax.checkpoint as ocp
 
-from gptj.model import GPTJConfig, resolve_dtype
-from gptj.params_io import (WeightsError, abstract_params_like, read_model_config, resolve_params_path,
-                            save_params)
+from gptj.model import GPTJConfig
+from gptj.params_io import load_params, save_params
 
 SLIM_DTYPES = ("bfloat16", "float16")
 
@@ -23,18 +21,13 @@ SLIM_DTYPES = ("bfloat16", "float16")
 def slim(src: str, out: str, dtype: str = "bfloat16") -> GPTJConfig:
     """Writes the params of `src` (a workdir or params directory) to `out` in `dtype`; returns its config.
 
-    The cast happens while reading (Orbax converts each array as it restores it), so the
-    full-precision params are never held in memory at once.
+    Each array is read in its saved dtype (so that its checksum is checked, see
+    `gptj.integrity`) and cast before the next is read, so the full-precision params are
+    never all held at once; damaged params stop it before anything is written.
     """
     if dtype not in SLIM_DTYPES:
         raise ValueError(f"slim dtype must be one of {SLIM_DTYPES}, got {dtype!r}")
-    config = read_model_config(src)
-    params_path = resolve_params_path(src)
-    target = abstract_params_like(config, dtype=resolve_dtype(dtype))
-    try:
-        params = ocp.StandardCheckpointer().restore(params_path, target)
-    except Exception as e:  # orbax/tensorstore raise many types for a damaged tree
-        raise WeightsError(f"{params_path}: could not restore params ({type(e).__name__}: {e})") from e
+    params, config = load_params(src, dtype=dtype)
     slim_config = config.replace(param_dtype=dtype)
     save_params(out, params, slim_config)
     return slim_config
@@ -43,4 +36,3 @@ def slim(src: str, out: str, dtype: str = "bfloat16") -> GPTJConfig:
 def params_bytes(params) -> int:
     """Bytes of a tree of arrays or ShapeDtypeStructs (what a slim export halves)."""
     return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
-

@@ -23,14 +23,18 @@ FEATURE = "text"
 DOC_SHUFFLE_BUFFER = 1024
 
 
-def pack_documents(docs: tf.data.Dataset, vocabulary, seq_len: int) -> tf.data.Dataset:
-    """Strings -> {"text": int32 [seq_len + 1]}: each document tokenized with the vocabulary's TF
-    path, EOT appended, all joined and cut into full records (the tail shorter than a record is dropped).
-    Empty documents are dropped (they would add a lone EOT)."""
+def tokenize_documents(docs: tf.data.Dataset, vocabulary) -> tf.data.Dataset:
+    """Strings -> int32 token vectors, each with EOT appended; empty documents are dropped
+    (they would add a lone EOT)."""
     eot = tf.constant([vocabulary.eos_id], tf.int32)
     docs = docs.filter(lambda s: tf.strings.length(s) > 0)
-    tokens = docs.map(lambda s: tf.concat([vocabulary.encode_tf(s), eot], 0), num_parallel_calls=tf.data.AUTOTUNE)
-    records = tokens.unbatch().batch(seq_len + 1, drop_remainder=True)
+    return docs.map(lambda s: tf.concat([vocabulary.encode_tf(s), eot], 0), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def pack_tokens(docs: tf.data.Dataset, seq_len: int) -> tf.data.Dataset:
+    """Token vectors -> {"text": int32 [seq_len + 1]}: all joined and cut into full records
+    (the tail shorter than a record is dropped)."""
+    records = docs.unbatch().batch(seq_len + 1, drop_remainder=True)
     return records.map(lambda r: {FEATURE: tf.ensure_shape(r, [seq_len + 1])})
 
 
@@ -47,14 +51,13 @@ def _documents_from_files(files: Sequence[str], text_field: str) -> Callable[[],
 
 
 class PackedTextSource(seqio.DataSource):
-    """Documents from `make_docs(split)` (a tf.data.Dataset of strings), shuffled with the seed when
-    asked, tokenized and packed into `seq_len + 1` records; hosts split the packed records."""
+    """Tokenized documents from `make_docs(split)` (a tf.data.Dataset of int32 vectors, each ending
+    in EOT), shuffled with the seed when asked and packed into `seq_len + 1` records; hosts split
+    the packed records."""
 
-    def __init__(self, make_docs: Callable[[str], tf.data.Dataset], vocabulary, seq_len: int,
-                 splits: Sequence[str] = ("train",)):
+    def __init__(self, make_docs: Callable[[str], tf.data.Dataset], seq_len: int, splits: Sequence[str] = ("train",)):
         super().__init__(splits=tuple(splits), caching_permitted=False)
         self._make_docs = make_docs
-        self.vocabulary = vocabulary
         self.seq_len = seq_len
 
     @property
@@ -71,7 +74,7 @@ class PackedTextSource(seqio.DataSource):
         docs = self._make_docs(split)
         if shuffle:
             docs = docs.shuffle(DOC_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=False)
-        records = pack_documents(docs, self.vocabulary, self.seq_len)
+        records = pack_tokens(docs, self.seq_len)
         if shard_info and shard_info.num_shards > 1:
             records = records.shard(shard_info.num_shards, shard_info.index)
         return records
@@ -83,16 +86,27 @@ def text_files_source(pattern: str | Sequence[str], vocabulary, seq_len: int, te
 
     def make_docs(split: str) -> tf.data.Dataset:
         del split
-        return tf.data.Dataset.from_generator(_documents_from_files(files, text_field),
-                                              output_signature=tf.TensorSpec((), tf.string))
+        texts = tf.data.Dataset.from_generator(_documents_from_files(files, text_field),
+                                               output_signature=tf.TensorSpec((), tf.string))
+        return tokenize_documents(texts, vocabulary)
 
-    source = PackedTextSource(make_docs, vocabulary, seq_len)
+    source = PackedTextSource(make_docs, seq_len)
     source.files = files
     return source
 
 
 def in_memory_source(split_to_docs: dict[str, Sequence[str]], vocabulary, seq_len: int):
-    """A `PackedTextSource` over documents held in memory, one split per key."""
-    arrays = {k: np.asarray(list(v), dtype=object) for k, v in split_to_docs.items()}
-    return PackedTextSource(lambda split: tf.data.Dataset.from_tensor_slices(arrays[split]),
-                            vocabulary, seq_len, splits=tuple(arrays))
+    """A `PackedTextSource` over documents held in memory, one split per key.
+
+    The documents are tokenized once, here, in Python: the pipeline then runs
+    no Python code per element, so each epoch costs no tokenization and the
+    input pipeline stops at once when training ends.
+    """
+    tokenized = {}
+    for split, docs in split_to_docs.items():
+        docs = [d for d in docs if d]
+        ids = [row + [vocabulary.eos_id] for row in vocabulary.tokenizer.encode_batch(docs)]
+        tokenized[split] = tf.RaggedTensor.from_row_lengths(
+            np.concatenate(ids).astype(np.int32) if ids else np.zeros((0,), np.int32), [len(r) for r in ids])
+    return PackedTextSource(lambda split: tf.data.Dataset.from_tensor_slices(tokenized[split]), seq_len,
+                            splits=tuple(tokenized))
