@@ -36,9 +36,9 @@ import numpy as np
 import flax.linen as nn
 from jax.sharding import PartitionSpec
 
-from gptj.model import GPTJ, GPTJConfig, cache_logical_axes, init_cache, output_logits
+from gptj.model import GPTJ, GPTJConfig, cache_logical_axes, init_cache, output_logits, score_targets
 from gptj.partitioning import Partitioner, make_mesh, place
-from gptj.sampling_ops import bucket, mask_vocab, pick_tokens, row_keys, top_logprobs
+from gptj.sampling_ops import bucket, pick_tokens, row_keys
 from gptj.weights import param_shardings
 
 # Smallest prompt / generation / chunk buckets: shorter requests share one program.
@@ -141,6 +141,11 @@ class ModelRunner:
         self.param_shardings = param_shardings(model_config, self.partitioner)
         self.params = place(nn.meta.unbox(params), self.param_shardings, jnp.dtype(model_config.param_dtype))
         self._decoder = GPTJ(model_config, decode=True)
+        # The head masks ids at or past its config's vocab_size (as -1e30: no mass, never a top id). Scoring
+        # gives it a config whose vocab_size is the limit, so the tokenizer's padding ids are masked too; the
+        # pad multiple of the head's full width keeps that width (its padded_vocab_size).
+        self._score_config = model_config.replace(vocab_size=self.vocab_limit,
+                                                  vocab_pad_multiple=model_config.padded_vocab_size)
         self._model = GPTJ(model_config)
         self.stats = {"prefill_calls": 0, "decode_calls": 0, "score_calls": 0, "programs": 0,
                       "compiled_while_serving": 0}
@@ -294,12 +299,12 @@ class ModelRunner:
         return (cache,) + outputs + (produced,)
 
     def _score_fn(self, params, tokens, mask, num_top: int):
-        logits = mask_vocab(self._model.apply({"params": params}, tokens, None, mask), self.vocab_limit)
-        log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        targets = tokens[:, 1:]
-        target_lp = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-        greedy = jnp.argmax(log_probs, axis=-1) == targets
-        return (target_lp, greedy) + top_logprobs(log_probs, num_top)
+        """Each position's next-token log-prob, greedy flag and top `num_top`, from the head applied chunk by
+        chunk of tokens (`model.score_targets`): the [rows, length, vocab] logits never exist at once."""
+        hidden = self._model.apply({"params": params}, tokens, None, mask, return_hidden=True)
+        scores = score_targets(hidden[:, :-1], params["lm_head_kernel"], params["lm_head_bias"], tokens[:, 1:],
+                               self._score_config, top_k=num_top)
+        return tuple(scores)
 
     # -- host entry points --------------------------------------------------------------
 

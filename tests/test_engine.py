@@ -3,12 +3,14 @@
 import logging
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gptj.engine import GENERATE, SCORE, Engine, Job, QueueFull
 from gptj.model import GPTJConfig
-from gptj.runner import ModelRunner
+from gptj.runner import MAX_TOP_LOGPROBS, ModelRunner
 from tests.sampling_utils import random_params
 from tests.serve_utils import PARITY_MAX_LEN, hf_greedy, padded_vocab_pair
 
@@ -85,6 +87,20 @@ def test_a_long_prompt_delays_decoding_rows_by_at_most_one_chunk(pair):
     assert long.future.result().tokens == hf_greedy(hf_model, long_prompt, 1)
     for job in running:
         assert job.future.result().tokens == hf_greedy(hf_model, job.prompt, 40)
+
+
+def test_scoring_applies_the_head_chunk_by_chunk_not_to_all_logits_at_once(pair):
+    """The runner's scoring program (echo + logprobs in the server) compiled for 64 rows x 256 tokens of a
+    50400-id vocabulary, top log-probs included: XLA's temporaries stay under half of the [rows, length,
+    vocab] fp32 logits a full log_softmax would hold (AOT: nothing is allocated). They are a few copies of
+    one chunk's logits (model.SCORE_CHUNK_TOKENS tokens), whatever the batch."""
+    _, sampler = pair
+    runner = sampler.runner
+    rows, length = 64, PARITY_MAX_LEN
+    spec = lambda dtype: jax.ShapeDtypeStruct((rows, length), dtype)  # noqa: E731
+    compiled = runner._score.lower(runner.params, spec(jnp.int32), spec(bool), MAX_TOP_LOGPROBS).compile()
+    full_logits = rows * (length - 1) * runner.config.padded_vocab_size * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < full_logits / 2
 
 
 def test_queue_is_bounded_all_or_nothing_and_jobs_are_checked(small):

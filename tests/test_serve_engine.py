@@ -201,6 +201,42 @@ def test_a_full_queue_answers_429_at_once_and_overload_gives_no_5xx(server, monk
     wait_until(lambda: health(url)["running_slots"] == 0 and health(url)["waiting_rows"] == 0)
 
 
+def hf_log_probs(hf_model, tokens: list[int]) -> np.ndarray:
+    """log p(next id | prefix) at every position [T, 50257] from HF PyTorch's fp32 logits, in float64 numpy,
+    over the tokenizer's vocabulary (the padding ids dropped before the softmax)."""
+    import torch
+
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([tokens])).logits[0, :, :GPT2_VOCAB_SIZE].double().numpy()
+    return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+
+
+def test_prompt_logprobs_equal_hf_over_the_tokenizers_vocabulary(server, pair):
+    """echo + logprobs (what lm-eval's local-completions sends, with max_tokens 0 and 1): the prompt tokens'
+    log-probs and top-5 (served from the chunked head, model.score_targets) equal HF's fp32 logits with the
+    padding ids dropped, in numpy; the generated token's entry too. The padding ids would be the argmax
+    (serve_utils.PAD_BIAS), so a served log-prob that counted them would be far off."""
+    url, _ = server
+    hf_model, sampler = pair
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(0, GPT2_VOCAB_SIZE, 60).tolist()
+    want = hf_log_probs(hf_model, tokens)
+    want_target = [want[i - 1, t] for i, t in enumerate(tokens) if i]
+    for max_tokens in (0, 1):
+        reply = post(url, {"prompt": [tokens], "max_tokens": max_tokens, "echo": True, "logprobs": 5,
+                           "temperature": 0})
+        assert reply.status_code == 200, reply.text
+        block = reply.json()["choices"][0]["logprobs"]
+        assert len(block["token_logprobs"]) == len(tokens) + max_tokens and block["token_logprobs"][0] is None
+        np.testing.assert_allclose(block["token_logprobs"][1:len(tokens)], want_target, atol=2e-4)
+        for i, top in enumerate(block["top_logprobs"][1:len(tokens) + max_tokens], start=1):
+            order = np.argsort(-want[i - 1])[:5]
+            np.testing.assert_allclose(sorted(top.values(), reverse=True), want[i - 1, order], atol=2e-4)
+            assert set(top) <= {sampler.tokenizer.decode([int(t)]) for t in order}
+        if max_tokens:  # the generated (greedy) token is HF's argmax at the last position
+            assert block["token_logprobs"][-1] == pytest.approx(want[-1].max(), abs=2e-4)
+
+
 def test_padded_vocabulary_ids_never_reach_the_tokenizer(server):
     """The model's raw argmax is a padding id (>= 50257; see serve_utils.PAD_BIAS): greedy, hot sampling,
     top-k, top-p and top log-probs all stay inside the tokenizer's vocabulary (these answered 500 before)."""
