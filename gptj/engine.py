@@ -330,7 +330,9 @@ class Engine:
         idle_rows = np.zeros((self.slots, ROW_FIELDS), np.int32)
         idle_f = np.ones((self.slots, 2), np.float32)
         for length in self._chunk_lengths():
-            for k in sorted({self._row_counts[0], self._most_rows(length)}):
+            # Every row count up to the budget: a call's rows are padded to the next power of two only,
+            # not to the budget (a few co-arriving prompts cost their own tokens, for ~2x the programs).
+            for k in [k for k in self._row_counts if k <= self._most_rows(length)]:
                 self._cache, logits = self.runner.prefill(
                     self._cache, np.full(k, self.slots, np.int32), np.zeros((k, length), np.int32),
                     np.zeros(k, np.int32), 0, self._pick_rows)
@@ -348,8 +350,8 @@ class Engine:
         return sorted(powers | rests)
 
     def _most_rows(self, length: int) -> int:
-        """Rows of a prefill call of chunks of `length` tokens holding more than one prompt: as many as fit
-        the budget. Two row counts per length (one prompt, or this) keep the compiled shapes few."""
+        """The most rows a prefill call of chunks of `length` tokens may have: as many as fit the budget
+        (at least one)."""
         fits = [k for k in self._row_counts if k * length <= self.prefill_budget]
         return max(fits, default=self._row_counts[0])
 
@@ -452,9 +454,7 @@ class Engine:
         for row in pending[1:]:
             if row.cursor == start and len(group) < self._most_rows(length_of(group + [row])):
                 group.append(row)
-        length = length_of(group)
-        k = self._row_counts[0] if len(group) <= self._row_counts[0] else self._most_rows(length)
-        return start, group, k, length
+        return start, group, self.runner.row_bucket(len(group)), length_of(group)
 
     def _settings(self, row: _Row, out: np.ndarray, out_f: np.ndarray) -> None:
         """Writes a row's sampling settings and decode position into one row of the programs' arrays."""
