@@ -19,6 +19,13 @@ call use it differently:
   that row's own position. (A per-row `index` in the model would save the
   scratch column and one [layers, slots, heads, head_dim] scatter per step.)
 
+Prefill and decode attend over the cache (`gptj.attention.cached_attention`,
+one exact einsum); scoring runs the whole sequence with the model's configured
+kernel (`attention_impl`) and applies the head chunk by chunk of tokens
+(`model.score_targets`). Quantized weights run as stored (the integers are
+converted inside each matmul); LoRA adapters arrive merged
+(`weights.load_for_inference`).
+
 Shapes are bucketed by the caller (prefill rows and chunk length, decode steps)
 so a server compiles a fixed set of programs; a new shape met while
 `serving` is set is logged as a warning.

@@ -215,11 +215,12 @@ def test_prompt_logprobs_equal_hf_over_the_tokenizers_vocabulary(server, pair):
     """echo + logprobs (what lm-eval's local-completions sends, with max_tokens 0 and 1): the prompt tokens'
     log-probs and top-5 (served from the chunked head, model.score_targets) equal HF's fp32 logits with the
     padding ids dropped, in numpy; the generated token's entry too. The padding ids would be the argmax
-    (serve_utils.PAD_BIAS), so a served log-prob that counted them would be far off."""
+    (serve_utils.PAD_BIAS), so a served log-prob that counted them would be far off. Scoring runs the
+    configured attention kernel (attention_impl "auto"); prefill and decode attend over the KV cache."""
     url, _ = server
     hf_model, sampler = pair
     rng = np.random.default_rng(4)
-    tokens = rng.integers(0, GPT2_VOCAB_SIZE, 60).tolist()
+    tokens = rng.integers(0, GPT2_VOCAB_SIZE, 200).tolist()  # two blocks of the blockwise kernel (CPU's auto)
     want = hf_log_probs(hf_model, tokens)
     want_target = [want[i - 1, t] for i, t in enumerate(tokens) if i]
     for max_tokens in (0, 1):

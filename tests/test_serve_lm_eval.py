@@ -1,7 +1,6 @@
 """lm-evaluation-harness's `local-completions` model, pointed at the server, scores a local loglikelihood task."""
 
 import json
-import os
 
 import numpy as np
 import pytest

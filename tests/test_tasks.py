@@ -1,7 +1,6 @@
 """seqio tasks: demo corpus splits, TFRecord and text tasks, registration, and bad input (acceptance 5)."""
 
 import json
-import os
 
 import numpy as np
 import pytest
