@@ -59,7 +59,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see decode_vs_hf.py: torch's spinning threads on a shared CPU
 
-from benchmarks.common import BENCH_MODEL, add_common_args, emit_results, result  # noqa: E402
+from benchmarks.common import BENCH_MODEL, add_common_args, cpu_description, emit_results, result  # noqa: E402
 
 PREVIOUS_ENGINE_FILE = "gptj/serve_batching.py"
 SHORT_TOKENS = 16
@@ -448,19 +448,6 @@ def rows_for(results: dict[str, dict], rates: list[float], machine: str) -> list
     return rows
 
 
-def machine_line() -> str:
-    """CPU model, core count and AVX-512 presence, printed beside the figures."""
-    model, flags = "unknown CPU", ""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model == "unknown CPU":
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags") and not flags:
-                    flags = line
-    return f"{model}, {os.cpu_count()} cores, {'AVX-512' if 'avx512f' in flags else 'no AVX-512'}"
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
@@ -479,7 +466,7 @@ def main(argv=None) -> None:
     rates = [float(r) for r in (args.rates or ("1,8" if args.quick else "0.5,1,2,4,8")).split(",")]
     count = args.requests or (32 if args.quick else 64)
     names = [n.strip() for n in args.servers.split(",") if n.strip()]
-    machine = machine_line()
+    machine = cpu_description()
     print(f"serve_load: rates {rates} req/s, {count} requests each, {machine}", flush=True)
     max_len = BENCH_MODEL["max_len"]
     results: dict[str, dict] = {}

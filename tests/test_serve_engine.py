@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
+from gptj.engine import GENERATE, Job
 from gptj.serve import build_app
 from tests.serve_utils import GPT2_VOCAB_SIZE, PARITY_MAX_LEN, hf_greedy, padded_vocab_pair, running, serve_config
 
@@ -240,8 +241,15 @@ def test_prompt_logprobs_equal_hf_over_the_tokenizers_vocabulary(server, pair):
 
 def test_padded_vocabulary_ids_never_reach_the_tokenizer(server):
     """The model's raw argmax is a padding id (>= 50257; see serve_utils.PAD_BIAS): greedy, hot sampling,
-    top-k, top-p and top log-probs all stay inside the tokenizer's vocabulary (these answered 500 before)."""
-    url, _ = server
+    top-k, top-p and top log-probs all stay inside the tokenizer's vocabulary (these answered 500 before);
+    8 rows x 200 tokens at temperature 2 on the server's engine never produce an id >= 50257."""
+    url, engine = server
+    hot = [Job(GENERATE, [15496, 995], max_new_tokens=200, temperature=2.0, seed=seed, eos_id=None)
+           for seed in range(8)]
+    engine.submit(hot)
+    ids = np.array([job.future.result(timeout=600).tokens for job in hot])
+    assert ids.shape == (8, 200) and ids.max() < GPT2_VOCAB_SIZE
+    assert len(np.unique(ids)) > 800  # really hot: the draws spread over the vocabulary
     for settings in ({"temperature": 0}, {"temperature": 2.0}, {"temperature": 2.0, "top_k": 50},
                      {"temperature": 2.0, "top_p": 0.95}):
         reply = post(url, {"prompt": "Hello world", "max_tokens": 64, "n": 2, "logprobs": 5, "seed": 1, **settings})
