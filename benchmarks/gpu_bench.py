@@ -30,8 +30,8 @@
     (`gptj.engine.Engine`, 32 slots, chunked prefill), fed open-loop Poisson
     arrivals with lognormal prompt / output lengths (benchmarks/serve_load.py's
     workload, in process: the GPU machine has no HTTP stack) at a few rates:
-    output tokens/s while requests arrive (at a rate it cannot keep up with,
-    its capacity), time to first token and time per output token p50/p99.
+    output tokens/s over the run (at a rate it cannot keep up with, its
+    capacity), time to first token and time per output token p50/p99.
 
 Also measured, for context: a large bf16 matmul's FLOP/s and a copy's HBM
 bandwidth, each against the datasheet figure.
@@ -404,8 +404,9 @@ def run_load(args, limits: Limits) -> list[dict]:
                     f"of {s['offered_per_s']:.2f} req/s; programs compiled during the run: "
                     f"{engine.runner.stats['compiled_while_serving'] - before}")
             rows.append(result(f"serve load: {cfg.num_layers}L d{cfg.d_model} bf16, {engine.slots} slots, Poisson "
-                               f"{rate:g} req/s", "tokens/s", s["window_tokens_per_s"],
-                               note=f"tokens/s while requests arrived; whole run {s['tokens_per_s']:.0f}; " + note))
+                               f"{rate:g} req/s", "tokens/s", s["tokens_per_s"],
+                               note=f"output tokens over the run; while requests arrived "
+                                    f"{s['window_tokens_per_s']:.0f} tokens/s; " + note))
     finally:
         engine.stop()
     return rows

@@ -61,3 +61,19 @@ def test_the_previous_engine_is_the_tree_before_its_removal(tmp_path):
     assert not os.path.exists(os.path.join(ROOT, serve_load.PREVIOUS_ENGINE_FILE))  # gone from this tree
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert commit != head
+
+
+def test_rows_compare_throughput_over_the_run_and_short_request_latency_where_the_previous_engine_held():
+    """The capacity row is output tokens over the whole run (a previous engine whose first token came after the
+    last arrival streamed 0 tokens 'while arriving', which once made its ratio undefined)."""
+    def summary(tokens_per_s, window, short_p99, sustained):
+        return {"tokens_per_s": tokens_per_s, "window_tokens_per_s": window, "ttft_p50": 1.0,
+                "short_ttft_p99": short_p99, "tpot_p99": 0.1, "errors": 0,
+                "requests_per_s": 1.0 if sustained else 0.1, "offered_per_s": 1.0}
+
+    results = {"gptj": {1.0: summary(30.0, 30.0, 0.2, True), 8.0: summary(90.0, 89.0, 2.0, False)},
+               "previous": {1.0: summary(20.0, 25.0, 0.9, True), 8.0: summary(30.0, 0.0, 20.0, False)}}
+    capacity, latency = serve_load.rows_for(results, [1.0, 8.0], "a CPU")
+    assert capacity["gptj"] == 90.0 and capacity["peer"] == 30.0 and capacity["ratio"] == pytest.approx(3.0)
+    assert "Poisson 1 req/s" in latency["metric"]  # the highest rate the previous engine sustained
+    assert latency["gptj"] == pytest.approx(200.0) and latency["peer"] == pytest.approx(900.0)

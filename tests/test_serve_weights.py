@@ -102,8 +102,9 @@ def test_lora_adapter_merged_over_its_base_serves_like_peft(tmp_path):
     for i, prompt in enumerate(prompts):
         base_tokens[i] = hf_greedy(hf_model, prompt, NEW_TOKENS)
     torch.manual_seed(2)
-    adapted = peft.get_peft_model(hf_model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
-                                                            target_modules=["q_proj", "v_proj", "fc_in", "out_proj"]))
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                           target_modules=["q_proj", "v_proj", "fc_in", "out_proj"])
+    adapted = peft.get_peft_model(hf_model, lora)
     adapted.save_pretrained(str(tmp_path / "adapter"))
     merged = adapted.merge_and_unload().eval()
 
