@@ -42,6 +42,7 @@ import concurrent.futures
 import functools
 import json
 import os
+import threading
 import zlib
 from typing import Any, Callable, Mapping
 
@@ -237,10 +238,71 @@ def finish_digests(started: list[tuple[Any, bool]]) -> list[str]:
             partial.append(sum(int(np.asarray(shard.data)[0]) for shard in result.addressable_shards))
         else:  # the whole sum, which every process holds: counted once, by process 0
             partial.append(_value(result) if jax.process_index() == 0 and result is not None else 0)
+    return _summed_over_processes(partial)
+
+
+def _summed_over_processes(partial: list[int]) -> list[str]:
+    """Digests (8 hex digits) from each process's partial sums: the same list on every process (a collective)."""
     totals = np.array([p % 2**32 for p in partial], np.uint32)
     if jax.process_count() > 1:
         totals = np.asarray(multihost_utils.process_allgather(totals)).astype(np.uint64).sum(axis=0)
     return [f"{int(t) % 2**32:08x}" for t in totals]
+
+
+# Elements hashed by one call of `_block_sum`: bounds its temporaries (XLA:CPU may not fuse the reduction).
+_BLOCK_ELEMENTS = 1 << 22
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _block_sum(block: jax.Array, offsets: jax.Array, global_shape: tuple[int, ...]) -> jax.Array:
+    return _hash_block(block, [offsets[axis] for axis in range(block.ndim)], global_shape)
+
+
+def block_digest(block: np.ndarray, offsets: tuple[int, ...], global_shape: tuple[int, ...]) -> int:
+    """The part of an array's digest that one block contributes: `block` sits at `offsets` in an array of `global_shape`.
+
+    The digest is a sum over elements, so the parts of blocks that tile the
+    array (any blocking, any order, any process) add up, modulo 2**32, to the
+    digest `array_digests` gives the whole array. Hashed on the CPU (the
+    block is a host array), a bounded number of elements per call.
+    """
+    block = np.asarray(block)
+    if block.size > _BLOCK_ELEMENTS:
+        axis = next(a for a, size in enumerate(block.shape) if size > 1)
+        step = max(1, _BLOCK_ELEMENTS // (block.size // block.shape[axis]))
+        total = 0
+        for start in range(0, block.shape[axis], step):
+            part = block[(slice(None),) * axis + (slice(start, start + step),)]
+            shifted = tuple(o + start if a == axis else o for a, o in enumerate(offsets))
+            total += block_digest(part, shifted, global_shape)
+        return total % 2**32
+    cpu = jax.local_devices(backend="cpu")[0]
+    on_cpu = jax.device_put(block, cpu)
+    return int(_block_sum(on_cpu, jax.device_put(np.asarray(offsets, np.uint32).reshape(-1), cpu), tuple(global_shape)))
+
+
+class StreamedDigests:
+    """The digests of arrays that are read or written block by block, in any order (`add`).
+
+    Every element must be added exactly once over all processes; `digests()`
+    sums the processes' parts (a collective) and gives what `array_digests`
+    gives for the whole arrays.
+    """
+
+    def __init__(self, shapes: list[tuple[int, ...]]):
+        self.shapes = [tuple(shape) for shape in shapes]
+        self._partial = [0] * len(shapes)
+        self._lock = threading.Lock()  # writers add from Orbax's worker threads
+
+    def add(self, index: int, block: np.ndarray, offsets: tuple[int, ...]) -> None:
+        """Counts `block`, which sits at `offsets` in array `index`."""
+        part = block_digest(block, offsets, self.shapes[index])
+        with self._lock:
+            self._partial[index] = (self._partial[index] + part) % 2**32
+
+    def digests(self) -> list[str]:
+        """Each array's digest (8 hex digits), the same on every process. Every process must call it."""
+        return _summed_over_processes(self._partial)
 
 
 def array_digests(tree: Any) -> list[str]:
@@ -269,13 +331,19 @@ def _dtype_name(leaf: Any) -> str:
     return str(np.dtype(leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype))
 
 
-def build_manifest(arrays: Mapping[str, Any], json_items: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The manifest of array items {name: tree} and JSON items {name: value}. Every process must call it."""
+def build_manifest(arrays: Mapping[str, Any], json_items: Mapping[str, Any] | None = None,
+                   digests: Mapping[str, list[str]] | None = None) -> dict[str, Any]:
+    """The manifest of array items {name: tree} and JSON items {name: value}. Every process must call it.
+
+    `digests` {item: the digests of its leaves}: for items whose digests were
+    taken as they were written (`StreamedDigests`), instead of from the arrays.
+    """
     items: dict[str, Any] = {}
     for item, tree in arrays.items():
         leaves = jax.tree_util.tree_leaves(tree)
+        found = (digests or {}).get(item) or array_digests(tree)
         items[item] = {name: {"shape": list(np.shape(leaf)), "dtype": _dtype_name(leaf), "digest": digest}
-                       for name, leaf, digest in zip(leaf_names(tree, item + "/"), leaves, array_digests(tree))}
+                       for name, leaf, digest in zip(leaf_names(tree, item + "/"), leaves, found)}
     items.update({item: {"json": json_digest(value)} for item, value in (json_items or {}).items()})
     body = {"format": FORMAT, "algorithm": ALGORITHM, "items": items}
     return dict(body, digest=json_digest(body))
@@ -301,12 +369,12 @@ def manifest_path(directory: str) -> str:
 # --- checked reading ------------------------------------------------------------------------------------------
 
 
-class _Misfit(Exception):
+class Misfit(Exception):
     """The saved tree is intact but is not the target's (another model or optimizer)."""
 
 
 def _saved_layout(entries: Mapping[str, Any], target: Any, item: str) -> Any:
-    """`target` with the saved dtypes, once its structure and shapes match the manifest (else _Misfit).
+    """`target` with the saved dtypes, once its structure and shapes match the manifest (else Misfit).
 
     Reading in the saved dtype is what lets the digests be checked; the
     caller casts afterwards.
@@ -314,23 +382,27 @@ def _saved_layout(entries: Mapping[str, Any], target: Any, item: str) -> Any:
     names = leaf_names(target, item + "/")
     missing = [n for n in names if n not in entries]
     if missing:
-        raise _Misfit(f"the saved {item} has no {missing[0]}")
+        raise Misfit(f"the saved {item} has no {missing[0]}")
     extra = sorted(set(entries) - set(names))
     if extra:
-        raise _Misfit(f"the saved {item} has {extra[0]}, which this state lacks")
+        raise Misfit(f"the saved {item} has {extra[0]}, which this state lacks")
     leaves, treedef = jax.tree_util.tree_flatten(target)
     out = []
     for name, leaf in zip(names, leaves):
         shape = tuple(entries[name]["shape"])
         if tuple(leaf.shape) != shape:
-            raise _Misfit(f"{name} is saved with shape {shape}, expected {tuple(leaf.shape)}")
+            raise Misfit(f"{name} is saved with shape {shape}, expected {tuple(leaf.shape)}")
         out.append(jax.ShapeDtypeStruct(shape, jnp.dtype(entries[name]["dtype"]),
                                         sharding=getattr(leaf, "sharding", None)))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _open(directory: str, arrays: Mapping[str, Any], json_items: tuple[str, ...]):
-    """(manifest entries, {item: target in the saved dtypes}), as this process reads them."""
+def open_manifest(directory: str, arrays: Mapping[str, Any], json_items: tuple[str, ...] = ()):
+    """(manifest entries, {item: target in the saved dtypes}), as this process reads them.
+
+    IntegrityError for a missing, damaged or incomplete manifest; a target
+    whose structure or shapes differ from what was saved raises `Misfit`.
+    """
     try:
         entries = check_manifest(storage.read_json(manifest_path(directory)))
     except FileNotFoundError:
@@ -348,7 +420,7 @@ def _open(directory: str, arrays: Mapping[str, Any], json_items: tuple[str, ...]
 def _read_tree(path: str, target: Any) -> Any:
     """The Orbax tree at `path` as `target` (ShapeDtypeStructs; `ocp.PLACEHOLDER` leaves are skipped)."""
     # Orbax's handler, not its Checkpointer: the latter ends with a cross-process barrier that a process whose
-    # read failed never reaches. The processes agree on the outcome through `_agreed` instead.
+    # read failed never reaches. The processes agree on the outcome through `agreed` instead.
     handler = ocp.PyTreeCheckpointHandler()
     try:
         return handler.restore(epath.Path(os.path.abspath(path)), args=ocp.args.PyTreeRestore(
@@ -421,7 +493,7 @@ def _agree(error: tuple[str, str] | None) -> tuple[str, str] | None:
     return None
 
 
-def _agreed(directory: str, step: int | None, read: Callable[[], Any]) -> Any:
+def agreed(directory: str, step: int | None, read: Callable[[], Any]) -> Any:
     """Runs `read` (this process's part of a restore); then every process raises the same error, or none does.
 
     A read error may hit one process only (the one whose devices hold a bad
@@ -432,16 +504,16 @@ def _agreed(directory: str, step: int | None, read: Callable[[], Any]) -> Any:
         value = read()
     except IntegrityError as e:
         local = ("damaged", f"{e.what}\n{e.reason}")
-    except _Misfit as e:
+    except Misfit as e:
         local = ("misfit", f"{directory} does not fit this model/optimizer: {e}")
     except Exception as e:  # noqa: BLE001 - shared with the other processes as one line, below
         fault = storage.storage_fault(e)
         local = ("storage" if fault else "error", f"cannot read {directory}: {fault or storage.reason(e)}")
         logging.info("reading %s failed", directory, exc_info=True)
-    agreed = _agree(local)
-    if agreed is None:
+    outcome = _agree(local)
+    if outcome is None:
         return value
-    kind, message = agreed
+    kind, message = outcome
     if kind == "damaged":
         what, why = message.split("\n", 1)
         raise storage.CheckpointDamagedError(directory, what, why, step)
@@ -464,7 +536,7 @@ def restore_verified(directory: str, arrays: Mapping[str, Any], json_items: tupl
     (e.g. permission denied) or CheckpointError (the target is another model
     or optimizer, or an unexpected failure, which never counts as damage).
     """
-    entries, layouts = _agreed(directory, step, lambda: _open(directory, arrays, json_items))
+    entries, layouts = agreed(directory, step, lambda: open_manifest(directory, arrays, json_items))
     leaves = {item: [None] * len(jax.tree_util.tree_leaves(layout)) for item, layout in layouts.items()}
     pending = None  # the part read last, being hashed while the next one is read
 
@@ -493,7 +565,7 @@ def restore_verified(directory: str, arrays: Mapping[str, Any], json_items: tupl
         try:
             for k, (item, chunk) in enumerate(chunks):
                 try:
-                    read = _agreed(directory, step, reads.pop(k).result)
+                    read = agreed(directory, step, reads.pop(k).result)
                 finally:  # a bad array read before this one is named first, whatever happens here
                     if pending is not None:
                         finish(*pending)
@@ -507,5 +579,5 @@ def restore_verified(directory: str, arrays: Mapping[str, Any], json_items: tupl
         finish(*pending)
     restored = {item: jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(arrays[item]), leaves[item])
                 for item in layouts}
-    restored.update(_agreed(directory, step, lambda: _read_json_items(directory, entries, json_items)))
+    restored.update(agreed(directory, step, lambda: _read_json_items(directory, entries, json_items)))
     return restored

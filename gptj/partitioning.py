@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gptj.streaming import LazyArray, finish_reading
 
 MESH_AXES = ("data", "model")
 
@@ -314,19 +318,96 @@ class Partitioner:
 def place(tree, shardings, dtype=None):
     """Lays a tree of arrays out on the mesh: each leaf onto the matching sharding, cast to `dtype` if given.
 
-    Host (numpy) leaves must be held in full by every process; each process
-    copies only the slices its own devices own, so this works on several hosts.
-    Leaves that are already jax arrays are moved device to device (never through
-    the host). `tree` and `shardings` may also be a single array and sharding.
+    Host leaves (numpy, or LazyArrays read from disk: `gptj.streaming`) are
+    read box by box: each process reads only the boxes its own devices hold,
+    each distinct box once, cast to `dtype` as it is read (numpy leaves must be
+    held in full by every process). A stacked leaf (layers first) whose
+    per-device shards are large is built a layer at a time, in place, so that
+    the host holds about one layer of this process's shards at once, never a
+    whole leaf. The LazyArrays' sources are then checked
+    (`streaming.finish_reading`: a collective where they are checked). Leaves
+    that are already jax arrays are moved device to device (never through the
+    host). `tree` and `shardings` may also be a single array and sharding.
     """
     def one(x, sharding):
         if isinstance(x, jax.Array):
             x = x if dtype is None else x.astype(dtype)
             return x if x.sharding == sharding else jax.device_put(x, sharding)
-        x = np.asarray(x) if dtype is None else np.asarray(x, dtype=dtype)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+        x = LazyArray.of(x)
+        return _place_lazy(x if dtype is None else x.astype(dtype), sharding)
 
-    return jax.tree_util.tree_map(one, tree, shardings)
+    error = None
+    try:
+        placed = jax.tree_util.tree_map(one, tree, shardings)
+    except Exception as e:  # noqa: BLE001 - a checked source shares it with the other processes first
+        error = e
+    finish_reading(tree, error)
+    return placed
+
+
+# Per-device shards larger than this are placed a layer (a slice along the leading axis) at a time.
+_LAYER_AT_A_TIME_BYTES = 64 << 20
+
+
+def _place_lazy(x: LazyArray, sharding) -> jax.Array:
+    """A LazyArray laid out by `sharding`, read box by box (see `place`)."""
+    shard_bytes = math.prod(sharding.shard_shape(x.shape)) * x.dtype.itemsize
+    row_sharding = _row_sharding(sharding, x.ndim)
+    if shard_bytes <= _LAYER_AT_A_TIME_BYTES or row_sharding is None:
+        return _from_boxes(x, sharding)
+    out = _zeros(sharding, x.shape, x.dtype)()
+    set_row = _row_setter(sharding)
+    for i in range(x.shape[0]):
+        out = set_row(out, _from_boxes(x.row(i), row_sharding), i)
+    return out
+
+
+def _row_sharding(sharding, ndim: int):
+    """The sharding of one leading-axis slice of an array laid out by `sharding` (None if that axis is split)."""
+    if ndim < 2:
+        return None
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return sharding
+    if isinstance(sharding, NamedSharding) and (len(sharding.spec) == 0 or sharding.spec[0] is None):
+        return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros(sharding, shape: tuple[int, ...], dtype):
+    """A compiled function that allocates zeros of `shape` laid out by `sharding` (filled in place by rows)."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _row_setter(sharding):
+    """A compiled function (stacked, row, i) -> stacked with row i replaced, updating the donated stacked in place."""
+    return jax.jit(lambda stacked, row, i: jax.lax.dynamic_update_index_in_dim(stacked, row, i, 0),
+                   donate_argnums=0, out_shardings=sharding)
+
+
+def _from_boxes(x: LazyArray, sharding) -> jax.Array:
+    """A LazyArray laid out by `sharding`: each distinct box this process's devices hold is read once.
+
+    A box counts for its source's checks (`primary`) in the process of the
+    first device, over all processes, that holds it: each element is counted
+    exactly once however the layout replicates it.
+    """
+    def key(index) -> tuple[tuple[int, int], ...]:
+        return tuple(s.indices(n)[:2] for s, n in zip(index, x.shape))
+
+    first_holder: dict[Any, Any] = {}
+    for device, index in sharding.devices_indices_map(x.shape).items():
+        first_holder.setdefault(key(index), device)
+    blocks: dict[Any, np.ndarray] = {}
+    shards = []
+    for device, index in sharding.addressable_devices_indices_map(x.shape).items():
+        k = key(index)
+        if k not in blocks:
+            box = tuple(slice(start, stop) for start, stop in k)
+            blocks[k] = x.read(box, primary=first_holder[k].process_index == jax.process_index())
+        shards.append(jax.device_put(blocks[k], device))
+    return jax.make_array_from_single_device_arrays(x.shape, sharding, shards)
 
 
 def per_device_bytes(abstract, shardings) -> int:

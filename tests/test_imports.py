@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "gptj"
 
 # The generic core: knows nothing of GPT-J, so any model or task can use it.
-CORE = {"trainer", "train_hooks", "partitioning", "checkpoint", "integrity", "storage", "metrics", "optimizer",
+CORE = {"trainer", "train_hooks", "partitioning", "checkpoint", "integrity", "storage", "streaming", "metrics", "optimizer",
         "losses", "driver", "runtime"}
 # What makes it GPT-J: the model, its weights and formats, data, tokenizer, config checks.
 PIECES = {"model", "lora", "weights", "params_io", "data", "vocab", "vocab_seqio", "config_validation", "sampling_ops",

@@ -1,0 +1,273 @@
+"""Arrays read and written a box at a time, so that no host ever holds a whole model.
+
+A `LazyArray` stands for an array on disk (or computed from one): `read(box)`
+reads one box of it, `astype` casts each box as it is read, `row(i)` is one
+slice along the leading axis (one layer of a leaf stacked over layers), and
+`np.asarray` reads it whole. Weight readers give trees of them (HF safetensors,
+mesh-transformer-jax shards, an Orbax tree: `open_tree`); the consumers take
+them a block at a time: `save_tree` writes an Orbax tree block by block,
+`gptj.partitioning.place` reads into each device only the boxes it owns.
+
+A source that can check what it reads (an Orbax tree with its checksums) is
+the `source` of its arrays: it counts every box read as `primary` (each
+element exactly once over all processes) and `verify` then compares the
+sums with what was saved. `finish_reading` calls it for every source of a
+tree once a consumer is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any, Callable, Iterator, Protocol
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+
+Box = tuple[slice, ...]
+# A box reader: (box with concrete bounds, dtype to return, primary) -> the box's values as a host array.
+Reader = Callable[[Box, np.dtype, bool], np.ndarray]
+
+# Bytes of one block that `blocks` hands a writer: a layer of a large leaf, several layers of a small one.
+BLOCK_BYTES = 64 << 20
+# Target bytes of one stored chunk of a streamed Orbax array: a layer, or a part of a large layer, so a
+# reader of one layer (or of one device's part of it) decodes little else.
+CHUNK_BYTES = 32 << 20
+
+
+class Source(Protocol):
+    """What checks the arrays it gives out once they have all been read (see the module docstring)."""
+
+    def verify(self, error: BaseException | None = None) -> None:
+        """Raises if what was read is damaged, or `error` (a read that failed in this process), on every process."""
+
+
+def full_box(shape: tuple[int, ...]) -> Box:
+    """The box of a whole array."""
+    return tuple(slice(0, n) for n in shape)
+
+
+def box_shape(box: Box) -> tuple[int, ...]:
+    """The shape of a box with concrete bounds."""
+    return tuple(s.stop - s.start for s in box)
+
+
+def _normalize(box: Box | None, shape: tuple[int, ...]) -> Box:
+    """`box` with concrete, in-range bounds (None: the whole array)."""
+    if box is None:
+        return full_box(shape)
+    if len(box) != len(shape):
+        raise ValueError(f"a box of {len(box)} dimensions for an array of shape {shape}")
+    out = []
+    for s, n in zip(box, shape):
+        start, stop, step = s.indices(n)
+        if step != 1:
+            raise ValueError("boxes have unit steps")
+        out.append(slice(start, max(start, stop)))
+    return tuple(out)
+
+
+class LazyArray:
+    """An array read box by box on the host (see the module docstring).
+
+    `read(box, dtype, primary)` is the source's own reader: it returns the
+    box's values in `dtype`, counting them for the source's checks when
+    `primary`.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any, read: Reader, source: Source | None = None):
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype(dtype)
+        self._read = read
+        self.source = source
+
+    @classmethod
+    def of(cls, x: Any) -> "LazyArray":
+        """A host array (numpy or fully addressable jax), as a LazyArray; a LazyArray as itself."""
+        if isinstance(x, LazyArray):
+            return x
+        x = np.asarray(x)
+        return cls(x.shape, x.dtype, lambda box, dtype, primary: np.asarray(x[box], dtype))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __repr__(self) -> str:
+        return f"LazyArray(shape={self.shape}, dtype={self.dtype})"
+
+    def read(self, box: Box | None = None, primary: bool = True) -> np.ndarray:
+        """The values in `box` (default: all), as a new host array of `self.dtype`."""
+        box = _normalize(box, self.shape)
+        out = self._read(box, self.dtype, primary)
+        if out.shape != box_shape(box) or out.dtype != self.dtype:
+            raise AssertionError(f"reader gave {out.dtype}{list(out.shape)} for {self.dtype}{list(box_shape(box))}")
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self.read()
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+    def astype(self, dtype: Any) -> "LazyArray":
+        """This array cast to `dtype` box by box, as it is read (no copy in the source's dtype is kept)."""
+        dtype = np.dtype(dtype)
+        if dtype == self.dtype:
+            return self
+        return LazyArray(self.shape, dtype, self._read, self.source)
+
+    def row(self, i: int) -> "LazyArray":
+        """`self[i]`: one slice along the leading axis (a layer of a stacked leaf), read lazily."""
+        def read(box: Box, dtype: np.dtype, primary: bool) -> np.ndarray:
+            return self._read((slice(i, i + 1),) + box, dtype, primary)[0]
+
+        return LazyArray(self.shape[1:], self.dtype, read, self.source)
+
+    def blocks(self, max_bytes: int = BLOCK_BYTES) -> Iterator[tuple[Box, np.ndarray]]:
+        """(box, values) slabs along the leading axis of at most `max_bytes` (at least one row), covering it once."""
+        if self.ndim == 0:
+            yield (), self.read(())
+            return
+        row_bytes = max(1, self.nbytes // max(1, self.shape[0]))
+        rows = max(1, max_bytes // row_bytes)
+        for start in range(0, self.shape[0], rows):
+            box = (slice(start, min(start + rows, self.shape[0])),) + full_box(self.shape[1:])
+            yield box, self.read(box)
+
+
+def finish_reading(tree: Any, error: BaseException | None = None) -> None:
+    """Checks the sources of a tree's LazyArrays once a consumer has read them (every process must call it).
+
+    `error` is what stopped this process's reading, if anything: a checked
+    source shares it with the other processes, so that all raise the same
+    error; without one it is raised here.
+    """
+    sources = []
+    for leaf in jax.tree_util.tree_leaves(tree):
+        source = getattr(leaf, "source", None)
+        if isinstance(leaf, LazyArray) and source is not None and all(source is not s for s in sources):
+            sources.append(source)
+    for source in sources:
+        source.verify(error)
+        error = None  # shared and raised by the first source
+    if error is not None:
+        raise error
+
+
+def read_through(tree: Any) -> None:
+    """Reads every LazyArray of a tree block by block, keeping nothing, then checks their sources."""
+    error = None
+    try:
+        for leaf in jax.tree_util.tree_leaves(tree):
+            for _ in leaf.blocks():
+                pass
+    except Exception as e:  # noqa: BLE001 - shared with the other processes and raised by finish_reading
+        error = e
+    finish_reading(tree, error)
+
+
+# --- Orbax trees, block by block --------------------------------------------------------------------------------
+
+
+class _BlockWriter(ocp.type_handlers.NumpyHandler):
+    """Writes LazyArray leaves into an Orbax tree one block at a time, one leaf after another.
+
+    The leaves are recorded as numpy arrays ("np.ndarray" in the tree's
+    metadata), so any Orbax reader restores them as it would arrays saved
+    whole. Like Orbax's numpy handler, it writes from process 0.
+    """
+
+    def __init__(self):
+        super().__init__(deepcopy_host_arrays=False)  # nothing to copy: the leaves are read as they are written
+        self._one_leaf_at_a_time: asyncio.Lock | None = None
+
+    async def _open_and_write(self, value: LazyArray, tspec: dict[str, Any], ts_context: ts.Context):
+        if self._one_leaf_at_a_time is None:
+            self._one_leaf_at_a_time = asyncio.Lock()
+        store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+        async with self._one_leaf_at_a_time:
+            blocks = value.blocks()
+            # The next block is read (in a thread) while the last one is written: two blocks in memory at most.
+            block = await asyncio.to_thread(next, blocks, None)
+            while block is not None:
+                box, values = block
+                written = store[box].write(values)
+                block = await asyncio.to_thread(next, blocks, None)
+                await written
+
+
+def _registry(extra: tuple[Any, ocp.type_handlers.TypeHandler]):
+    """A type handler registry with Orbax's numpy and jax.Array handlers and one of ours."""
+    standard = [(t, ocp.type_handlers.get_type_handler(t)) for t in (np.ndarray, jax.Array)]
+    return ocp.type_handlers.create_type_handler_registry(extra, *standard)  # later pairs win typestr lookups
+
+
+def save_tree(path: str, tree: Any, chunk_bytes: int = CHUNK_BYTES) -> None:
+    """Saves a tree of LazyArrays (numpy and jax arrays too) as an Orbax tree at `path`, block by block.
+
+    Each LazyArray is stored in chunks of at most `chunk_bytes`, so that a
+    reader of one box decodes little else. An array of 3+ dimensions is taken
+    for a stack (of layers): its chunks hold one slice of the leading axis, or
+    part of one, so that a reader that goes a layer at a time decodes each
+    chunk once. Every process must call it; LazyArrays are read and written by
+    process 0.
+    """
+    def args(leaf):
+        if isinstance(leaf, LazyArray):
+            return ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=(0,) if leaf.ndim >= 3 else ())
+        return ocp.SaveArgs()
+
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_registry((LazyArray, _BlockWriter())))
+    save_args = jax.tree_util.tree_map(args, tree, is_leaf=lambda x: isinstance(x, LazyArray))
+    with ocp.Checkpointer(handler) as checkpointer:
+        checkpointer.save(path, args=ocp.args.PyTreeSave(tree, save_args=save_args))
+
+
+class _Opened:
+    """The restore type under which `_Opener` gives a tree's arrays as opened TensorStores."""
+
+
+class _Opener(ocp.type_handlers.NumpyHandler):
+    """Opens saved arrays (of any Orbax array type) without reading them.
+
+    Every store shares one chunk cache, as large as the largest stored chunk:
+    a reader that takes a leaf stored in one chunk a layer at a time decodes
+    that chunk once.
+    """
+
+    def typestr(self) -> str:
+        return "gptj.opened"
+
+    async def deserialize(self, infos, args=None):
+        specs = [ts.Spec(ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=info.is_ocdbt_checkpoint))
+                 for info in infos]
+        stores = await asyncio.gather(*[ts.open(spec, open=True, read=True, context=info.ts_context)
+                                        for spec, info in zip(specs, infos)])
+        largest = max((math.prod(s.chunk_layout.read_chunk.shape) * s.dtype.numpy_dtype.itemsize for s in stores),
+                      default=0)
+        cached = ts.Context({"cache_pool": {"total_bytes_limit": int(largest)}}, parent=infos[0].ts_context)
+        return await asyncio.gather(*[ts.open(spec, open=True, read=True, context=cached) for spec in specs])
+
+
+def open_tree(path: str, structure: Any) -> Any:
+    """The arrays of the Orbax tree at `path`, opened, as TensorStores in a tree like `structure`.
+
+    Nothing is read but the metadata; `store[box].read().result()` reads a box.
+    """
+    target = jax.tree_util.tree_map(lambda _: 0, structure)
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=_Opened), structure)
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_registry((_Opened, _Opener())))
+    try:
+        return handler.restore(epath.Path(path), args=ocp.args.PyTreeRestore(target, restore_args=restore_args))
+    finally:
+        handler.close()
