@@ -141,6 +141,24 @@ def abstract_params_like(config: GPTJConfig, shardings=None, dtype=None):
         lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s), abstract, shardings)
 
 
+def param_shapes(config: GPTJConfig) -> dict[str, tuple[int, ...]]:
+    """{leaf path, e.g. "blocks/attn/q_proj": shape} of the model's parameters, in tree order."""
+    flat = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract_params(config)))[0]
+    return {"/".join(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """A nested dict from {"a/b/c": value} (the inverse of `param_shapes`' paths)."""
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, name = path.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[name] = value
+    return tree
+
+
 def resolve_params_path(path: str) -> str:
     """The Orbax params tree inside a params directory, or inside a workdir's latest checkpoint."""
     if not os.path.isdir(path):

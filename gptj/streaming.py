@@ -164,6 +164,17 @@ def finish_reading(tree: Any, error: BaseException | None = None) -> None:
         raise error
 
 
+def read_all(tree: Any) -> Any:
+    """A tree of LazyArrays read whole into host arrays, their sources checked."""
+    error = None
+    try:
+        values = jax.tree_util.tree_map(np.asarray, tree)
+    except Exception as e:  # noqa: BLE001 - shared with the other processes and raised by finish_reading
+        error = e
+    finish_reading(tree, error)
+    return values
+
+
 def read_through(tree: Any) -> None:
     """Reads every LazyArray of a tree block by block, keeping nothing, then checks their sources."""
     error = None

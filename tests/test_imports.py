@@ -17,7 +17,7 @@ CORE = {"trainer", "train_hooks", "partitioning", "checkpoint", "integrity", "st
         "losses", "driver", "runtime"}
 # What makes it GPT-J: the model, its weights and formats, data, tokenizer, config checks.
 PIECES = {"model", "lora", "weights", "params_io", "data", "vocab", "vocab_seqio", "config_validation", "sampling_ops",
-          "eval_tasks", "tasks", "configs", "convert.hf", "convert.mtj", "convert.slim", "convert.peft", "convert"}
+          "eval_tasks", "tasks", "configs", "convert.hf", "convert.hf_files", "convert.mtj", "convert.slim", "convert.peft", "convert"}
 # Everything else is an application (train_lm, sampling, serve, eval_harness, evaluate, plan, ...).
 
 
