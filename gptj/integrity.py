@@ -137,12 +137,16 @@ def _hash_block(block: jax.Array, offsets, global_shape: tuple[int, ...]) -> jax
         stride *= global_shape[axis]
     if per_element == 2:
         position = position + lax.broadcasted_iota(jnp.uint32, words.shape, block.ndim)
-    h = words ^ (position * jnp.uint32(_POSITION) + jnp.uint32(_SEED))
-    h = h * jnp.uint32(_M1)
+    return jnp.sum(_mix(words, position, jnp.uint32), dtype=jnp.uint32)
+
+
+def _mix(words, position, uint32):
+    """Each element's hash: murmur3's finaliser of its bits xor a key of its position (jnp or numpy uint32 arrays)."""
+    h = words ^ (position * uint32(_POSITION) + uint32(_SEED))
+    h = h * uint32(_M1)
     h = h ^ (h >> 15)
-    h = h * jnp.uint32(_M2)
-    h = h ^ (h >> 13)
-    return jnp.sum(h, dtype=jnp.uint32)
+    h = h * uint32(_M2)
+    return h ^ (h >> 13)
 
 
 def _whole(x: jax.Array) -> jax.Array:
@@ -249,36 +253,54 @@ def _summed_over_processes(partial: list[int]) -> list[str]:
     return [f"{int(t) % 2**32:08x}" for t in totals]
 
 
-# Elements hashed by one call of `_block_sum`: bounds its temporaries (XLA:CPU may not fuse the reduction).
-_BLOCK_ELEMENTS = 1 << 22
+# Words hashed at once by `block_digest`: bounds its temporaries.
+_HOST_WORDS = 1 << 20
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _block_sum(block: jax.Array, offsets: jax.Array, global_shape: tuple[int, ...]) -> jax.Array:
-    return _hash_block(block, [offsets[axis] for axis in range(block.ndim)], global_shape)
+def _host_words(x: np.ndarray) -> np.ndarray:
+    """`_words` of a host array: its bits as uint32 words (8-byte types: two per element, on a last axis)."""
+    if x.dtype == np.bool_:
+        x = x.astype(np.uint8)
+    bits = _bit_width(x.dtype)
+    if bits < 8:
+        return x.astype(np.int32 if np.issubdtype(x.dtype, np.integer) else np.float32).view(np.uint32)
+    if bits == 64:
+        return np.ascontiguousarray(x).view(np.uint32).reshape(x.shape + (2,))
+    return np.ascontiguousarray(x).view({8: np.uint8, 16: np.uint16, 32: np.uint32}[bits]).astype(np.uint32)
 
 
 def block_digest(block: np.ndarray, offsets: tuple[int, ...], global_shape: tuple[int, ...]) -> int:
-    """The part of an array's digest that one block contributes: `block` sits at `offsets` in an array of `global_shape`.
+    """The part of an array's digest that one host block contributes: `block` sits at `offsets` in `global_shape`.
 
     The digest is a sum over elements, so the parts of blocks that tile the
     array (any blocking, any order, any process) add up, modulo 2**32, to the
-    digest `array_digests` gives the whole array. Hashed on the CPU (the
-    block is a host array), a bounded number of elements per call.
+    digest `array_digests` gives the whole array: the same hash as
+    `_hash_block`, computed with numpy on the host (no compilation per block
+    shape), a bounded number of words at a time.
     """
     block = np.asarray(block)
-    if block.size > _BLOCK_ELEMENTS:
-        axis = next(a for a, size in enumerate(block.shape) if size > 1)
-        step = max(1, _BLOCK_ELEMENTS // (block.size // block.shape[axis]))
-        total = 0
-        for start in range(0, block.shape[axis], step):
-            part = block[(slice(None),) * axis + (slice(start, start + step),)]
-            shifted = tuple(o + start if a == axis else o for a, o in enumerate(offsets))
-            total += block_digest(part, shifted, global_shape)
-        return total % 2**32
-    cpu = jax.local_devices(backend="cpu")[0]
-    on_cpu = jax.device_put(block, cpu)
-    return int(_block_sum(on_cpu, jax.device_put(np.asarray(offsets, np.uint32).reshape(-1), cpu), tuple(global_shape)))
+    if block.ndim == 0 or block.size == 0:
+        words = _host_words(block).reshape(1, -1)
+        return int(_mix(words, np.arange(words.size, dtype=np.uint32), np.uint32).sum(dtype=np.uint64) % 2**32)
+    per_element = 2 if _bit_width(block.dtype) == 64 else 1
+    strides, stride = [], per_element
+    for n in reversed(global_shape):
+        strides.insert(0, stride)
+        stride *= n
+    rows = max(1, _HOST_WORDS // max(1, block.size // block.shape[0] * per_element))
+    total = 0
+    for start in range(0, block.shape[0], rows):
+        words = _host_words(block[start:start + rows])
+        position = np.zeros(words.shape, np.uint32)
+        for axis in range(block.ndim):
+            index = np.arange(words.shape[axis], dtype=np.uint64) + offsets[axis] + (start if axis == 0 else 0)
+            shape = [1] * words.ndim
+            shape[axis] = -1
+            position += (index * strides[axis] % 2**32).astype(np.uint32).reshape(shape)
+        if per_element == 2:
+            position += np.arange(2, dtype=np.uint32)
+        total += int(_mix(words, position, np.uint32).sum(dtype=np.uint64))
+    return total % 2**32
 
 
 class StreamedDigests:

@@ -321,10 +321,10 @@ def place(tree, shardings, dtype=None):
     Host leaves (numpy, or LazyArrays read from disk: `gptj.streaming`) are
     read box by box: each process reads only the boxes its own devices hold,
     each distinct box once, cast to `dtype` as it is read (numpy leaves must be
-    held in full by every process). A stacked leaf (layers first) whose
-    per-device shards are large is built a layer at a time, in place, so that
-    the host holds about one layer of this process's shards at once, never a
-    whole leaf. The LazyArrays' sources are then checked
+    held in full by every process). A leaf whose per-device shards are large
+    is filled in place a slab of rows at a time (a layer of a stacked leaf),
+    so that the host holds about one layer of this process's shards at once,
+    never a whole leaf. The LazyArrays' sources are then checked
     (`streaming.finish_reading`: a collective where they are checked). Leaves
     that are already jax arrays are moved device to device (never through the
     host). `tree` and `shardings` may also be a single array and sharding.
@@ -345,44 +345,41 @@ def place(tree, shardings, dtype=None):
     return placed
 
 
-# Per-device shards larger than this are placed a layer (a slice along the leading axis) at a time.
-_LAYER_AT_A_TIME_BYTES = 64 << 20
+# Per-device shards larger than this are placed a slab of rows (leading-axis slices) at a time, each slab
+# at most this large or one row (one layer of a stacked leaf).
+_SLAB_BYTES = 16 << 20
 
 
 def _place_lazy(x: LazyArray, sharding) -> jax.Array:
-    """A LazyArray laid out by `sharding`, read box by box (see `place`)."""
+    """A LazyArray laid out by `sharding`, read box by box (see `place`).
+
+    A large one whose leading axis the layout does not split (every shard
+    holds all its rows) is filled in place a slab of rows at a time: the host
+    holds one slab of this process's shards, not the leaf.
+    """
     shard_bytes = math.prod(sharding.shard_shape(x.shape)) * x.dtype.itemsize
-    row_sharding = _row_sharding(sharding, x.ndim)
-    if shard_bytes <= _LAYER_AT_A_TIME_BYTES or row_sharding is None:
-        return _from_boxes(x, sharding)
+    if shard_bytes <= _SLAB_BYTES or x.ndim == 0 or sharding.shard_shape(x.shape)[0] != x.shape[0]:
+        return _from_boxes(x, sharding).block_until_ready()
+    rows = max(1, _SLAB_BYTES // (shard_bytes // x.shape[0]))
     out = _zeros(sharding, x.shape, x.dtype)()
-    set_row = _row_setter(sharding)
-    for i in range(x.shape[0]):
-        out = set_row(out, _from_boxes(x.row(i), row_sharding), i)
+    set_rows = _rows_setter(sharding)
+    for start in range(0, x.shape[0], rows):
+        # Each slab lands before the next is read: asynchronous dispatch would otherwise keep them all in flight.
+        out = set_rows(out, _from_boxes(x.rows(start, min(start + rows, x.shape[0])), sharding), start)
+        out.block_until_ready()
     return out
-
-
-def _row_sharding(sharding, ndim: int):
-    """The sharding of one leading-axis slice of an array laid out by `sharding` (None if that axis is split)."""
-    if ndim < 2:
-        return None
-    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
-        return sharding
-    if isinstance(sharding, NamedSharding) and (len(sharding.spec) == 0 or sharding.spec[0] is None):
-        return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
-    return None
 
 
 @functools.lru_cache(maxsize=None)
 def _zeros(sharding, shape: tuple[int, ...], dtype):
-    """A compiled function that allocates zeros of `shape` laid out by `sharding` (filled in place by rows)."""
+    """A compiled function that allocates zeros of `shape` laid out by `sharding` (filled in place by slabs)."""
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
 
 
 @functools.lru_cache(maxsize=None)
-def _row_setter(sharding):
-    """A compiled function (stacked, row, i) -> stacked with row i replaced, updating the donated stacked in place."""
-    return jax.jit(lambda stacked, row, i: jax.lax.dynamic_update_index_in_dim(stacked, row, i, 0),
+def _rows_setter(sharding):
+    """A compiled function (whole, slab, start) -> whole with rows start.. replaced by slab, in place (donated)."""
+    return jax.jit(lambda whole, slab, start: jax.lax.dynamic_update_slice_in_dim(whole, slab, start, axis=0),
                    donate_argnums=0, out_shardings=sharding)
 
 

@@ -1,8 +1,8 @@
 """Arrays read and written a box at a time, so that no host ever holds a whole model.
 
 A `LazyArray` stands for an array on disk (or computed from one): `read(box)`
-reads one box of it, `astype` casts each box as it is read, `row(i)` is one
-slice along the leading axis (one layer of a leaf stacked over layers), and
+reads one box of it, `astype` casts each box as it is read, `rows` is a slab
+along the leading axis (layers of a leaf stacked over layers), and
 `np.asarray` reads it whole. Weight readers give trees of them (HF safetensors,
 mesh-transformer-jax shards, an Orbax tree: `open_tree`); the consumers take
 them a block at a time: `save_tree` writes an Orbax tree block by block,
@@ -18,6 +18,8 @@ tree once a consumer is done.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import math
 from typing import Any, Callable, Iterator, Protocol
 
@@ -33,9 +35,29 @@ Reader = Callable[[Box, np.dtype, bool], np.ndarray]
 
 # Bytes of one block that `blocks` hands a writer: a layer of a large leaf, several layers of a small one.
 BLOCK_BYTES = 64 << 20
-# Target bytes of one stored chunk of a streamed Orbax array: a layer, or a part of a large layer, so a
-# reader of one layer (or of one device's part of it) decodes little else.
+# Largest stored chunk of a streamed Orbax array (see `chunk_shape`).
 CHUNK_BYTES = 32 << 20
+
+
+def _serve_large_allocations_by_mmap() -> None:
+    """Makes glibc's malloc give every block of 1 MiB or more its own mapping, returned to the OS when freed.
+
+    Streaming allocates and frees a block after another (tens of MiB each).
+    By default glibc raises its mmap threshold to the size of the last large
+    block freed, so the next blocks come from its heap and stay there once
+    freed: resident memory then grows with everything streamed, not with
+    what is held. A fixed threshold keeps resident memory to what is held.
+    A no-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+_serve_large_allocations_by_mmap()
 
 
 class Source(Protocol):
@@ -126,12 +148,12 @@ class LazyArray:
             return self
         return LazyArray(self.shape, dtype, self._read, self.source)
 
-    def row(self, i: int) -> "LazyArray":
-        """`self[i]`: one slice along the leading axis (a layer of a stacked leaf), read lazily."""
+    def rows(self, start: int, stop: int) -> "LazyArray":
+        """`self[start:stop]`: a slab along the leading axis (layers of a stacked leaf), read lazily."""
         def read(box: Box, dtype: np.dtype, primary: bool) -> np.ndarray:
-            return self._read((slice(i, i + 1),) + box, dtype, primary)[0]
+            return self._read((slice(start + box[0].start, start + box[0].stop),) + box[1:], dtype, primary)
 
-        return LazyArray(self.shape[1:], self.dtype, read, self.source)
+        return LazyArray((stop - start,) + self.shape[1:], self.dtype, read, self.source)
 
     def blocks(self, max_bytes: int = BLOCK_BYTES) -> Iterator[tuple[Box, np.ndarray]]:
         """(box, values) slabs along the leading axis of at most `max_bytes` (at least one row), covering it once."""
@@ -190,21 +212,58 @@ def read_through(tree: Any) -> None:
 # --- Orbax trees, block by block --------------------------------------------------------------------------------
 
 
+def chunk_shape(shape: tuple[int, ...], itemsize: int, max_bytes: int = CHUNK_BYTES) -> tuple[int, ...]:
+    """The chunks an array is stored in: rows first (whole trailing axes), each chunk at most `max_bytes`.
+
+    The leading axis is halved until a chunk fits (a slab of layers, or of
+    embedding rows); if one row is still too large, its largest axis is
+    halved in turn. So `blocks`, `place` and a reader that goes a layer or a
+    slab of rows at a time decode each chunk about once.
+    """
+    chunk = list(shape)
+    while chunk and math.prod(chunk) * itemsize > max_bytes:
+        axis = 0 if chunk[0] > 1 else max(range(len(chunk)), key=lambda a: chunk[a])
+        if chunk[axis] == 1:
+            break
+        chunk[axis] = -(-chunk[axis] // 2)
+    return tuple(max(1, n) for n in chunk)
+
+
+def _with_chunks(tspec: dict[str, Any], chunk: tuple[int, ...]) -> dict[str, Any]:
+    """Orbax's zarr (v2, or v3 with its sharding codec) write spec with `chunk` as the stored chunk shape."""
+    tspec = dict(tspec)
+    if "base" in tspec:  # a cast driver over the stored array
+        tspec["base"] = _with_chunks(tspec["base"], chunk)
+        return tspec
+    metadata = tspec["metadata"] = dict(tspec["metadata"])
+    if "chunks" in metadata:
+        metadata["chunks"] = list(chunk)
+    else:
+        metadata["chunk_grid"] = {"name": "regular", "configuration": {"chunk_shape": list(chunk)}}
+        for codec in metadata.get("codecs", []):
+            if codec.get("name") == "sharding_indexed":
+                codec["configuration"]["chunk_shape"] = list(chunk)
+    return tspec
+
+
 class _BlockWriter(ocp.type_handlers.NumpyHandler):
     """Writes LazyArray leaves into an Orbax tree one block at a time, one leaf after another.
 
     The leaves are recorded as numpy arrays ("np.ndarray" in the tree's
     metadata), so any Orbax reader restores them as it would arrays saved
-    whole. Like Orbax's numpy handler, it writes from process 0.
+    whole; they are stored in `chunk_shape` chunks. Like Orbax's numpy
+    handler, it writes from process 0.
     """
 
-    def __init__(self):
+    def __init__(self, chunk_bytes: int):
         super().__init__(deepcopy_host_arrays=False)  # nothing to copy: the leaves are read as they are written
+        self._chunk_bytes = chunk_bytes
         self._one_leaf_at_a_time: asyncio.Lock | None = None
 
     async def _open_and_write(self, value: LazyArray, tspec: dict[str, Any], ts_context: ts.Context):
         if self._one_leaf_at_a_time is None:
             self._one_leaf_at_a_time = asyncio.Lock()
+        tspec = _with_chunks(tspec, chunk_shape(value.shape, value.dtype.itemsize, self._chunk_bytes))
         store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
         async with self._one_leaf_at_a_time:
             blocks = value.blocks()
@@ -226,22 +285,14 @@ def _registry(extra: tuple[Any, ocp.type_handlers.TypeHandler]):
 def save_tree(path: str, tree: Any, chunk_bytes: int = CHUNK_BYTES) -> None:
     """Saves a tree of LazyArrays (numpy and jax arrays too) as an Orbax tree at `path`, block by block.
 
-    Each LazyArray is stored in chunks of at most `chunk_bytes`, so that a
-    reader of one box decodes little else. An array of 3+ dimensions is taken
-    for a stack (of layers): its chunks hold one slice of the leading axis, or
-    part of one, so that a reader that goes a layer at a time decodes each
-    chunk once. Every process must call it; LazyArrays are read and written by
-    process 0.
+    Each LazyArray is stored in chunks of at most `chunk_bytes` (`chunk_shape`:
+    a slab of rows, or part of one row), so that readers of a layer or a slab
+    decode little else. Every process must call it; LazyArrays are read and
+    written by process 0.
     """
-    def args(leaf):
-        if isinstance(leaf, LazyArray):
-            return ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=(0,) if leaf.ndim >= 3 else ())
-        return ocp.SaveArgs()
-
-    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_registry((LazyArray, _BlockWriter())))
-    save_args = jax.tree_util.tree_map(args, tree, is_leaf=lambda x: isinstance(x, LazyArray))
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_registry((LazyArray, _BlockWriter(chunk_bytes))))
     with ocp.Checkpointer(handler) as checkpointer:
-        checkpointer.save(path, args=ocp.args.PyTreeSave(tree, save_args=save_args))
+        checkpointer.save(path, args=ocp.args.PyTreeSave(tree))
 
 
 class _Opened:

@@ -259,6 +259,26 @@ def _to_hf(values: np.ndarray, layout: _Layout, config: GPTJConfig) -> np.ndarra
     return values
 
 
+def _hf_row_slabs(leaf: LazyArray, layout: _Layout, config: GPTJConfig):
+    """(first row, HF rows) of an unstacked leaf's HF tensor, in slabs of about `streaming.BLOCK_BYTES`.
+
+    HF's rows are the leaf's rows, or its columns when the HF tensor is
+    transposed (the head's kernel). Vocabulary padding is read too (a checked
+    source checks only what is read whole) and left out.
+    """
+    axis = 1 if layout.axes == "T" else 0
+    real = config.vocab_size if layout.vocab_axis == axis else leaf.shape[axis]
+    step = max(1, streaming.BLOCK_BYTES // max(1, leaf.nbytes // leaf.shape[axis]))
+    for start in range(0, leaf.shape[axis], step):
+        box = [slice(0, n) for n in leaf.shape]
+        box[axis] = slice(start, min(start + step, leaf.shape[axis]))
+        values = leaf.read(tuple(box))
+        keep = min(box[axis].stop, real) - start
+        if keep > 0:
+            values = values[(slice(None),) * axis + (slice(0, keep),)]
+            yield start, _to_hf(values, dataclasses.replace(layout, vocab_axis=None), config)
+
+
 def write_hf(params: dict[str, Any], config: GPTJConfig, out_dir: str, dtype: str = "float32",
              max_shard_size: str | int = hf_files.DEFAULT_MAX_SHARD_SIZE) -> None:
     """Writes gptj params as an HF directory that `GPTJForCausalLM.from_pretrained` loads.
@@ -291,10 +311,13 @@ def write_hf(params: dict[str, Any], config: GPTJConfig, out_dir: str, dtype: st
             # Leaf by leaf, then layer by layer: a source stored a leaf per chunk decodes each chunk once.
             for path, leaf in flat.items():
                 layout = _LAYOUT[path]
-                for i in range(leaf.shape[0]) if _stacked(path) else [None]:
-                    values = leaf.read() if i is None else leaf.row(i).read()
-                    name = layout.hf if i is None else layout.hf.format(i=i)
-                    writer.write(name, _to_hf(values, layout, config).astype(out_dtype))
+                if _stacked(path):
+                    for i in range(leaf.shape[0]):
+                        values = _to_hf(leaf.rows(i, i + 1).read()[0], layout, config)
+                        writer.write(layout.hf.format(i=i), values.astype(out_dtype, copy=False))
+                else:
+                    for row, values in _hf_row_slabs(leaf, layout, config):
+                        writer.write(layout.hf, values.astype(out_dtype, copy=False), row)
         except Exception as e:  # noqa: BLE001 - shared with the sources' checks, then raised by finish_reading
             error = e
         streaming.finish_reading(params, error)

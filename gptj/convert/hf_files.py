@@ -4,9 +4,9 @@ A safetensors file is an 8-byte little-endian header length, a JSON header
 `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`
 and the tensors' bytes back to back after it. `WeightFiles` reads the headers
 of every file of a checkpoint (single file or sharded with an index) up front
-and then reads a box of one tensor by mapping only that tensor's bytes
-(`np.memmap`, unmapped once the box is copied out): the host holds the box,
-never the file. `.bin` (torch pickle) files are memory-mapped the same way,
+and then reads a box of one tensor by mapping a few of its rows at a time
+(`np.memmap`, unmapped once their part of the box is copied out): the host
+holds the box, never the file. `.bin` (torch pickle) files are memory-mapped the same way,
 one file at a time (`torch.load(mmap=True)`), and reopened for each read so
 that no more than one tensor's pages stay mapped.
 
@@ -41,6 +41,8 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+# Bytes of a safetensors file mapped at once by a read.
+_MAPPED_BYTES = 16 << 20
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -129,13 +131,22 @@ class WeightFiles:
         """The box `box` (concrete bounds) of tensor `name`, as a new host array of `dtype`."""
         tensor = self.tensors[name]
         self.bytes_read += math.prod(s.stop - s.start for s in box) * tensor.dtype.itemsize
-        if tensor.offset >= 0:
-            mapped = np.memmap(tensor.path, dtype=tensor.dtype, mode="r", offset=tensor.offset, shape=tensor.shape)
-            try:
-                return np.array(mapped[box], dtype=dtype)
-            finally:
-                del mapped  # unmapped: the pages it touched leave this process
-        return self._read_bin(tensor, name, box, dtype)
+        if tensor.offset < 0:
+            return self._read_bin(tensor, name, box, dtype)
+        if not tensor.shape:
+            return np.array(np.memmap(tensor.path, tensor.dtype, "r", tensor.offset, ()), dtype=dtype)
+        out = np.empty(tuple(s.stop - s.start for s in box), dtype)
+        # A few rows mapped at a time: a box of columns touches every page of its rows, and a mapping's
+        # touched pages stay resident until it is unmapped.
+        row_bytes = max(1, math.prod(tensor.shape[1:]) * tensor.dtype.itemsize)
+        step = max(1, _MAPPED_BYTES // row_bytes)
+        for start in range(box[0].start, box[0].stop, step):
+            stop = min(start + step, box[0].stop)
+            mapped = np.memmap(tensor.path, tensor.dtype, "r", tensor.offset + start * row_bytes,
+                               (stop - start,) + tensor.shape[1:])
+            out[start - box[0].start:stop - box[0].start] = mapped[(slice(None),) + box[1:]]
+            del mapped  # unmapped: its pages leave this process
+        return out
 
     def _read_bin(self, tensor: _Tensor, name: str, box: tuple[slice, ...], dtype: Any) -> np.ndarray:
         import torch
@@ -212,8 +223,9 @@ class ShardedWriter:
         self.names = [SAFETENSORS_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
         self.total = sum(math.prod(shape) * dtype.itemsize for shard in shards for _, shape, dtype in shard)
         self._places: dict[str, tuple[int, int, int]] = {}  # name -> (file, offset, bytes)
+        self._row_bytes = {name: math.prod(shape[1:]) * np.dtype(dtype).itemsize for name, shape, dtype in tensors}
         self._files: list[Any] = []
-        self._unwritten = {name for name, _, _ in tensors}
+        self._unwritten = {name: math.prod(shape) * np.dtype(dtype).itemsize for name, shape, dtype in tensors}
         try:
             for k, shard in enumerate(shards):
                 self._start_file(k, shard)
@@ -242,16 +254,19 @@ class ShardedWriter:
             begin, stop = header[name]["data_offsets"]
             self._places[name] = (k, 8 + len(text) + begin, stop - begin)
 
-    def write(self, name: str, values: np.ndarray) -> None:
-        """Writes tensor `name` (its planned shape and dtype) to its place."""
+    def write(self, name: str, values: np.ndarray, row: int = 0) -> None:
+        """Writes tensor `name` (its planned dtype), or the rows of it from `row` on, to its place."""
         k, offset, nbytes = self._places[name]
         data = np.ascontiguousarray(values).view(np.uint8).reshape(-1)
-        if data.size != nbytes:
-            raise AssertionError(f"{name}: {data.size} bytes, planned {nbytes}")
+        start = row * self._row_bytes[name]
+        if start + data.size > nbytes:
+            raise AssertionError(f"{name}: {data.size} bytes from row {row} overrun its {nbytes}")
         done = 0
-        while done < nbytes:
-            done += os.pwrite(self._files[k].fileno(), data[done:], offset + done)
-        self._unwritten.discard(name)
+        while done < data.size:
+            done += os.pwrite(self._files[k].fileno(), data[done:], offset + start + done)
+        self._unwritten[name] -= data.size
+        if not self._unwritten[name]:
+            del self._unwritten[name]
 
     def commit(self) -> None:
         """Closes the files and gives them their names, with the index for several shards."""
