@@ -46,7 +46,7 @@ sys.path.insert(0, ROOT)
 from benchmarks.common import add_common_args, emit_results, result  # noqa: E402
 
 GIB = 2**30
-# HF config fields of each shape (GPTJConfig(n_embd, n_layer, n_head, rotary_dim, vocab_size)).
+# HF config fields of each shape (n_positions: 2048 unless given).
 SHAPES = {
     "0.5b": dict(n_embd=1024, n_layer=4, n_head=16, rotary_dim=32, vocab_size=50400),
     "0.7b": dict(n_embd=2048, n_layer=10, n_head=16, rotary_dim=64, vocab_size=50400),
@@ -76,7 +76,8 @@ def write_random_checkpoint(out_dir: str, shape: dict, seed: int = 0, max_shard_
     from gptj.model import GPTJConfig
 
     config = GPTJConfig(vocab_size=shape["vocab_size"], num_layers=shape["n_layer"], d_model=shape["n_embd"],
-                        num_heads=shape["n_head"], rotary_dim=shape["rotary_dim"], max_len=2048)
+                        num_heads=shape["n_head"], rotary_dim=shape["rotary_dim"],
+                        max_len=shape.get("n_positions", 2048))
     tensors = [(name, hf_shape, np.float32) for name, (_, _, hf_shape) in hf.hf_tensors(config).items()]
     os.makedirs(out_dir, exist_ok=True)
     writer = hf_files.ShardedWriter(out_dir, tensors, hf_files.parse_size(max_shard_size))

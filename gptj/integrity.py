@@ -263,7 +263,7 @@ def _host_words(x: np.ndarray) -> np.ndarray:
         x = x.astype(np.uint8)
     bits = _bit_width(x.dtype)
     if bits < 8:
-        return x.astype(np.int32 if np.issubdtype(x.dtype, np.integer) else np.float32).view(np.uint32)
+        return x.astype(np.int32 if jnp.issubdtype(x.dtype, jnp.integer) else np.float32).view(np.uint32)
     if bits == 64:
         return np.ascontiguousarray(x).view(np.uint32).reshape(x.shape + (2,))
     return np.ascontiguousarray(x).view({8: np.uint8, 16: np.uint16, 32: np.uint32}[bits]).astype(np.uint32)

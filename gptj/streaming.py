@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import itertools
 import math
 from typing import Any, Callable, Iterator, Protocol
 
@@ -33,10 +34,10 @@ Box = tuple[slice, ...]
 # A box reader: (box with concrete bounds, dtype to return, primary) -> the box's values as a host array.
 Reader = Callable[[Box, np.dtype, bool], np.ndarray]
 
-# Bytes of one block that `blocks` hands a writer: a layer of a large leaf, several layers of a small one.
-BLOCK_BYTES = 64 << 20
-# Largest stored chunk of a streamed Orbax array (see `chunk_shape`).
-CHUNK_BYTES = 32 << 20
+# Bytes of one block that `blocks` gives: a layer of a large leaf, several layers of a small one.
+BLOCK_BYTES = 16 << 20
+# Largest stored chunk of a streamed Orbax array (see `chunk_shape`); arrays are written a chunk at a time.
+CHUNK_BYTES = 16 << 20
 
 
 def _serve_large_allocations_by_mmap() -> None:
@@ -155,8 +156,10 @@ class LazyArray:
 
         return LazyArray((stop - start,) + self.shape[1:], self.dtype, read, self.source)
 
-    def blocks(self, max_bytes: int = BLOCK_BYTES) -> Iterator[tuple[Box, np.ndarray]]:
-        """(box, values) slabs along the leading axis of at most `max_bytes` (at least one row), covering it once."""
+    def blocks(self, max_bytes: int | None = None) -> Iterator[tuple[Box, np.ndarray]]:
+        """(box, values) slabs along the leading axis of at most `max_bytes` (default `BLOCK_BYTES`; at least one
+        row), covering the array once."""
+        max_bytes = max_bytes or BLOCK_BYTES
         if self.ndim == 0:
             yield (), self.read(())
             return
@@ -212,7 +215,7 @@ def read_through(tree: Any) -> None:
 # --- Orbax trees, block by block --------------------------------------------------------------------------------
 
 
-def chunk_shape(shape: tuple[int, ...], itemsize: int, max_bytes: int = CHUNK_BYTES) -> tuple[int, ...]:
+def chunk_shape(shape: tuple[int, ...], itemsize: int, max_bytes: int) -> tuple[int, ...]:
     """The chunks an array is stored in: rows first (whole trailing axes), each chunk at most `max_bytes`.
 
     The leading axis is halved until a chunk fits (a slab of layers, or of
@@ -227,6 +230,13 @@ def chunk_shape(shape: tuple[int, ...], itemsize: int, max_bytes: int = CHUNK_BY
             break
         chunk[axis] = -(-chunk[axis] // 2)
     return tuple(max(1, n) for n in chunk)
+
+
+def chunk_boxes(shape: tuple[int, ...], chunk: tuple[int, ...]) -> Iterator[Box]:
+    """The boxes of the chunks of an array of `shape` stored in `chunk` chunks, in C order."""
+    starts = [range(0, n, c) for n, c in zip(shape, chunk)]
+    for corner in itertools.product(*starts):
+        yield tuple(slice(a, min(a + c, n)) for a, c, n in zip(corner, chunk, shape))
 
 
 def _with_chunks(tspec: dict[str, Any], chunk: tuple[int, ...]) -> dict[str, Any]:
@@ -263,16 +273,21 @@ class _BlockWriter(ocp.type_handlers.NumpyHandler):
     async def _open_and_write(self, value: LazyArray, tspec: dict[str, Any], ts_context: ts.Context):
         if self._one_leaf_at_a_time is None:
             self._one_leaf_at_a_time = asyncio.Lock()
-        tspec = _with_chunks(tspec, chunk_shape(value.shape, value.dtype.itemsize, self._chunk_bytes))
-        store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+        chunk = chunk_shape(value.shape, value.dtype.itemsize, self._chunk_bytes)
+        store = await ts.open(ts.Spec(_with_chunks(tspec, chunk)), create=True, open=True, context=ts_context)
         async with self._one_leaf_at_a_time:
-            blocks = value.blocks()
-            # The next block is read (in a thread) while the last one is written: two blocks in memory at most.
-            block = await asyncio.to_thread(next, blocks, None)
+            # A chunk at a time, each written whole (never read back and merged); the next chunk is read (in a
+            # thread) while the last one is written: two chunks in memory at most.
+            boxes = iter(chunk_boxes(value.shape, chunk))
+
+            def read_next():
+                box = next(boxes, None)
+                return None if box is None else (box, value.read(box))
+
+            block = await asyncio.to_thread(read_next)
             while block is not None:
-                box, values = block
-                written = store[box].write(values)
-                block = await asyncio.to_thread(next, blocks, None)
+                written = store[block[0]].write(block[1])
+                block = await asyncio.to_thread(read_next)
                 await written
 
 
@@ -282,15 +297,17 @@ def _registry(extra: tuple[Any, ocp.type_handlers.TypeHandler]):
     return ocp.type_handlers.create_type_handler_registry(extra, *standard)  # later pairs win typestr lookups
 
 
-def save_tree(path: str, tree: Any, chunk_bytes: int = CHUNK_BYTES) -> None:
+def save_tree(path: str, tree: Any, chunk_bytes: int | None = None) -> None:
     """Saves a tree of LazyArrays (numpy and jax arrays too) as an Orbax tree at `path`, block by block.
 
-    Each LazyArray is stored in chunks of at most `chunk_bytes` (`chunk_shape`:
+    Each LazyArray is stored in chunks of at most `chunk_bytes` (default
+    `CHUNK_BYTES`; `chunk_shape`:
     a slab of rows, or part of one row), so that readers of a layer or a slab
     decode little else. Every process must call it; LazyArrays are read and
     written by process 0.
     """
-    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_registry((LazyArray, _BlockWriter(chunk_bytes))))
+    writer = _BlockWriter(chunk_bytes or CHUNK_BYTES)
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_registry((LazyArray, writer)))
     with ocp.Checkpointer(handler) as checkpointer:
         checkpointer.save(path, args=ocp.args.PyTreeSave(tree))
 

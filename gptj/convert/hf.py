@@ -177,16 +177,25 @@ def _read_box(files: hf_files.WeightFiles, name: str, layout: _Layout, box: tupl
         return out
     k = config.head_dim
     if layout.axes == "T":
-        return np.ascontiguousarray(files.read(name, box[::-1], dtype).T)
+        return _transposed(files.read(name, box[::-1], dtype))
     if layout.axes == "heads_in":  # [d, h, k] from [h * k, d]: whole heads' rows, then the head_dim slice
         d, h, hd = box
         rows = files.read(name, (slice(h.start * k, h.stop * k), d), dtype)
-        return np.ascontiguousarray(rows.reshape(h.stop - h.start, k, -1)[:, hd].transpose(2, 0, 1))
+        return _transposed(rows).reshape(-1, h.stop - h.start, k)[:, :, hd]
     if layout.axes == "heads_out":  # [h, k, d] from [d, h * k]
         h, hd, d = box
         cols = files.read(name, (d, slice(h.start * k, h.stop * k)), dtype)
-        return np.ascontiguousarray(cols.reshape(-1, h.stop - h.start, k)[:, :, hd].transpose(1, 2, 0))
+        return _transposed(cols).reshape(h.stop - h.start, k, -1)[:, hd]
     return files.read(name, box, dtype)
+
+
+def _transposed(x: np.ndarray, tile: int = 256) -> np.ndarray:
+    """A 2-D array transposed into a new C-ordered one, a cache-sized tile at a time (about twice numpy's speed)."""
+    out = np.empty(x.shape[::-1], x.dtype)
+    for i in range(0, x.shape[0], tile):
+        for j in range(0, x.shape[1], tile):
+            out[j:j + tile, i:i + tile] = x[i:i + tile, j:j + tile].T
+    return out
 
 
 def _leaf(files: hf_files.WeightFiles, path: str, shape: tuple[int, ...], config: GPTJConfig) -> LazyArray:
@@ -259,24 +268,29 @@ def _to_hf(values: np.ndarray, layout: _Layout, config: GPTJConfig) -> np.ndarra
     return values
 
 
-def _hf_row_slabs(leaf: LazyArray, layout: _Layout, config: GPTJConfig):
-    """(first row, HF rows) of an unstacked leaf's HF tensor, in slabs of about `streaming.BLOCK_BYTES`.
+def _hf_row_slabs(leaf: LazyArray, layout: _Layout, config: GPTJConfig, dtype):
+    """(first row, HF rows in `dtype`) of an unstacked leaf's HF tensor, read in row slabs of the leaf.
 
-    HF's rows are the leaf's rows, or its columns when the HF tensor is
-    transposed (the head's kernel). Vocabulary padding is read too (a checked
-    source checks only what is read whole) and left out.
+    The leaf is read a slab of its rows (`streaming.BLOCK_BYTES`) at a time,
+    the order it is stored in. Where HF's rows are the leaf's rows they go
+    out slab by slab; where they are its columns (the head's kernel) the HF
+    tensor is assembled whole first (the largest tensor, held once). The
+    vocabulary padding is read too (a checked source checks what is read
+    whole) and left out.
     """
-    axis = 1 if layout.axes == "T" else 0
-    real = config.vocab_size if layout.vocab_axis == axis else leaf.shape[axis]
-    step = max(1, streaming.BLOCK_BYTES // max(1, leaf.nbytes // leaf.shape[axis]))
-    for start in range(0, leaf.shape[axis], step):
-        box = [slice(0, n) for n in leaf.shape]
-        box[axis] = slice(start, min(start + step, leaf.shape[axis]))
-        values = leaf.read(tuple(box))
-        keep = min(box[axis].stop, real) - start
-        if keep > 0:
-            values = values[(slice(None),) * axis + (slice(0, keep),)]
-            yield start, _to_hf(values, dataclasses.replace(layout, vocab_axis=None), config)
+    transposed = layout.axes == "T"
+    real = config.vocab_size if layout.vocab_axis is not None else leaf.shape[0]
+    step = max(1, streaming.BLOCK_BYTES // max(1, leaf.nbytes // leaf.shape[0]))
+    whole = np.empty((real, leaf.shape[0]), dtype) if transposed else None
+    for start in range(0, leaf.shape[0], step):
+        box = (slice(start, min(start + step, leaf.shape[0])),) + tuple(slice(0, n) for n in leaf.shape[1:])
+        values = leaf.read(box)
+        if transposed:
+            whole[:, box[0]] = values[:, :real].T
+        elif start < real:
+            yield start, values[:real - start].astype(dtype, copy=False)
+    if transposed:
+        yield 0, whole
 
 
 def write_hf(params: dict[str, Any], config: GPTJConfig, out_dir: str, dtype: str = "float32",
@@ -316,8 +330,8 @@ def write_hf(params: dict[str, Any], config: GPTJConfig, out_dir: str, dtype: st
                         values = _to_hf(leaf.rows(i, i + 1).read()[0], layout, config)
                         writer.write(layout.hf.format(i=i), values.astype(out_dtype, copy=False))
                 else:
-                    for row, values in _hf_row_slabs(leaf, layout, config):
-                        writer.write(layout.hf, values.astype(out_dtype, copy=False), row)
+                    for row, values in _hf_row_slabs(leaf, layout, config, out_dtype):
+                        writer.write(layout.hf, values, row)
         except Exception as e:  # noqa: BLE001 - shared with the sources' checks, then raised by finish_reading
             error = e
         streaming.finish_reading(params, error)
