@@ -25,12 +25,14 @@ On a CPU the device is host memory, so a load's peak includes the placed weights
 model's bytes in the placed dtype); on a GPU only the transient host buffers remain. Times
 on a shared machine are noisy; peak memory is not. Shapes: `0.5b` (the memory test's,
 0.53 GiB), `0.7b` (the issue's 710M parameters, 2.64 GiB fp32), `2.7b` (2.78B, 10.4 GiB:
-needs about 24 GB free), `6b` (GPT-J-6B, 22.5 GiB). --quick: 0.5b only.
+needs about 24 GB free), `6b` (GPT-J-6B, 22.5 GiB). --quick: 0.5b only, and only the conversions
+and fp32 loads beside HF's (about a minute on 2 cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import runpy
@@ -57,6 +59,7 @@ PROMPT = "The quick brown fox"
 # Every child's path, in the order the table lists them.
 PATHS = ("from_hf", "to_hf", "slim", "load_hf", "load_params", "load_hf_bf16", "load_params_bf16", "sample_hf",
          "sample_params", "hf_from_pretrained", "hf_from_pretrained_bf16")
+QUICK_PATHS = ("from_hf", "to_hf", "load_hf", "load_params", "hf_from_pretrained")
 
 
 def _status(field: str) -> int:
@@ -98,6 +101,8 @@ def write_random_checkpoint(out_dir: str, shape: dict, seed: int = 0, max_shard_
 
 def _child(path: str, work: str) -> dict:
     """Runs one path in this (fresh) process; returns its peak above the post-import baseline, and its seconds."""
+    import jax  # every path's baseline includes jax
+
     hf_dir, params_dir = os.path.join(work, "hf"), os.path.join(work, "params")
     out = os.path.join(work, f"out_{path}")
     shutil.rmtree(out, ignore_errors=True)
@@ -116,16 +121,14 @@ def _child(path: str, work: str) -> dict:
         from gptj.weights import open_weights, param_shardings
 
         def run():
-            import jax
-
             weights = open_weights(f"hf:{hf_dir}" if "hf" in path else params_dir)
             dtype = "bfloat16" if path.endswith("bf16") else "float32"
             config = weights.config.replace(param_dtype=dtype, dtype=dtype)
             params = weights.place(param_shardings(config, Partitioner(make_mesh(1, 1), "megatron")), dtype=dtype)
             jax.block_until_ready(params)
     elif path.startswith("sample"):
-        import gptj.sampling  # noqa: F401 - imported before the baseline, as main.py's run would have it
-        import gptj.weights  # noqa: F401
+        for module in ("gptj.sampling", "gptj.weights"):  # before the baseline, as main.py's run has them
+            importlib.import_module(module)
 
         weights = f"--config.init_from=hf:{hf_dir}" if path == "sample_hf" else ""
         workdir = out if path == "sample_hf" else params_dir
@@ -149,8 +152,6 @@ def _child(path: str, work: str) -> dict:
         def run():
             if main(argv) != 0:
                 raise RuntimeError(f"python -m gptj.convert {' '.join(argv)} failed")
-    import jax  # noqa: F401 - every path's baseline includes jax
-
     baseline = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS: the peak from here on
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
     rows = []
     try:
         for name in shapes:
-            model_bytes, found = run_shape(name, base)
+            model_bytes, found = run_shape(name, base, QUICK_PATHS if args.quick else PATHS)
             rows += rows_for(name, model_bytes, found)
             if not args.keep:
                 shutil.rmtree(os.path.join(base, name), ignore_errors=True)

@@ -136,9 +136,19 @@ class WeightFiles:
         if not tensor.shape:
             return np.array(np.memmap(tensor.path, tensor.dtype, "r", tensor.offset, ()), dtype=dtype)
         out = np.empty(tuple(s.stop - s.start for s in box), dtype)
+        row_bytes = max(1, math.prod(tensor.shape[1:]) * tensor.dtype.itemsize)
+        if all(s.start == 0 and s.stop == n for s, n in zip(box[1:], tensor.shape[1:])):
+            # Whole rows are contiguous bytes: read straight into the result (cast after, if asked).
+            stored = out if out.dtype == tensor.dtype else np.empty(out.shape, tensor.dtype)
+            with open(tensor.path, "rb") as f:
+                f.seek(tensor.offset + box[0].start * row_bytes)
+                if f.readinto(memoryview(stored.reshape(-1).view(np.uint8))) != stored.nbytes:
+                    raise WeightsError(f"{tensor.path}: unreadable weights file (truncated inside {name})")
+            if stored is not out:
+                out[...] = stored
+            return out
         # A few rows mapped at a time: a box of columns touches every page of its rows, and a mapping's
         # touched pages stay resident until it is unmapped.
-        row_bytes = max(1, math.prod(tensor.shape[1:]) * tensor.dtype.itemsize)
         step = max(1, _MAPPED_BYTES // row_bytes)
         for start in range(box[0].start, box[0].stop, step):
             stop = min(start + step, box[0].stop)
