@@ -543,17 +543,15 @@ def agreed(directory: str, step: int | None, read: Callable[[], Any]) -> Any:
 
 
 def restore_verified(directory: str, arrays: Mapping[str, Any], json_items: tuple[str, ...] = (),
-                     step: int | None = None, one_array_at_a_time: bool = False) -> dict[str, Any]:
+                     step: int | None = None) -> dict[str, Any]:
     """Reads the array items {name: target tree} and JSON items of a step or params directory, checked.
 
     Targets are trees of ShapeDtypeStructs: the arrays land on their
     shardings (any mesh) and in their dtypes (read in the saved dtype,
     checked, then cast). The items are read concurrently, and each is hashed
-    while the next one is still being read.
-    `one_array_at_a_time` reads, checks and casts array by array, so that at
-    most two arrays in their saved dtype are held at once (slower: many small
-    reads). Every process must call this,
-    and every process gets the same outcome: CheckpointDamagedError (checksum
+    while the next one is still being read. (Params directories are read box
+    by box instead: `gptj.params_io.open_params`.) Every process must call
+    this, and every process gets the same outcome: CheckpointDamagedError (checksum
     mismatch, unreadable or missing data, damaged manifest), StorageError
     (e.g. permission denied) or CheckpointError (the target is another model
     or optimizer, or an unexpected failure, which never counts as damage).
@@ -571,9 +569,8 @@ def restore_verified(directory: str, arrays: Mapping[str, Any], json_items: tupl
                     directory, names[i], f"checksum mismatch (saved {saved}, read {digest})", step)
             leaves[item][i] = leaf if leaf.dtype == targets[i].dtype else leaf.astype(targets[i].dtype)
 
-    chunks = [(item, chunk) for item in layouts for chunk in (
-        [[i] for i in range(len(leaves[item]))] if one_array_at_a_time else [list(range(len(leaves[item])))])]
-    ahead = 1 if one_array_at_a_time else len(chunks)  # reads in flight: items together, arrays one by one
+    chunks = [(item, list(range(len(leaves[item])))) for item in layouts]
+    ahead = len(chunks)  # every item read at once
     reads: dict[int, Any] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=ahead) as pool:
 
