@@ -38,6 +38,7 @@ verify only a restore onto the mesh that wrote it.)
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 import json
@@ -308,22 +309,33 @@ class StreamedDigests:
 
     Every element must be added exactly once over all processes; `digests()`
     sums the processes' parts (a collective) and gives what `array_digests`
-    gives for the whole arrays.
+    gives for the whole arrays. Blocks are hashed in a background thread
+    (numpy releases the GIL) while the caller goes on reading; at most two
+    wait at once, and a block must not change once added.
     """
 
     def __init__(self, shapes: list[tuple[int, ...]]):
         self.shapes = [tuple(shape) for shape in shapes]
         self._partial = [0] * len(shapes)
-        self._lock = threading.Lock()  # writers add from Orbax's worker threads
+        self._lock = threading.Lock()
+        self._hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._pending: collections.deque = collections.deque()
 
     def add(self, index: int, block: np.ndarray, offsets: tuple[int, ...]) -> None:
         """Counts `block`, which sits at `offsets` in array `index`."""
+        while len(self._pending) >= 2:
+            self._pending.popleft().result()
+        self._pending.append(self._hasher.submit(self._count, index, block, offsets))
+
+    def _count(self, index: int, block: np.ndarray, offsets: tuple[int, ...]) -> None:
         part = block_digest(block, offsets, self.shapes[index])
         with self._lock:
             self._partial[index] = (self._partial[index] + part) % 2**32
 
     def digests(self) -> list[str]:
         """Each array's digest (8 hex digits), the same on every process. Every process must call it."""
+        while self._pending:
+            self._pending.popleft().result()
         return _summed_over_processes(self._partial)
 
 
