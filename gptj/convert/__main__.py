@@ -102,8 +102,6 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-# HF's default (`save_pretrained`), kept here as text so that --help needs no import of the converters.
-DEFAULT_MAX_SHARD_SIZE = "5GB"
 _BASE_HELP = ("a LoRA or frozen-parameter workdir's base weights (hf:PATH, mtj:PATH or PATH), if they moved "
               "(default: where the workdir recorded them)")
 
@@ -117,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--workdir", required=True, help="training workdir or params directory")
     to_hf.add_argument("--out", required=True, help="new HF directory")
     to_hf.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    to_hf.add_argument("--max_shard_size", default=DEFAULT_MAX_SHARD_SIZE, type=_size,
+    to_hf.add_argument("--max_shard_size", default=None, type=_size,
                        help="largest safetensors shard, as HF writes sizes: 5GB (10^9 bytes), 500MB, 2GiB, or bytes "
-                            "(default %(default)s; a larger tensor gets a shard of its own)")
+                            "(default: HF's, 5GB; a larger tensor gets a shard of its own)")
     to_hf.add_argument("--base", default=None, help=_BASE_HELP)
     to_hf.set_defaults(run=_to_hf)
 

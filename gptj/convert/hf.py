@@ -294,14 +294,14 @@ def _hf_row_slabs(leaf: LazyArray, layout: _Layout, config: GPTJConfig, dtype):
 
 
 def write_hf(params: dict[str, Any], config: GPTJConfig, out_dir: str, dtype: str = "float32",
-             max_shard_size: str | int = hf_files.DEFAULT_MAX_SHARD_SIZE) -> None:
+             max_shard_size: str | int | None = None) -> None:
     """Writes gptj params as an HF directory that `GPTJForCausalLM.from_pretrained` loads.
 
     `params`: host arrays or LazyArrays (read a layer of a leaf at a time,
     leaf after leaf, and their sources checked before anything is named as
     output). Weights go to safetensors shards of at most `max_shard_size`
-    (HF's spelling: "5GB", "500MB", "2GiB" or bytes; a larger tensor gets a
-    shard of its own) with an index when there are several, as
+    (HF's spelling: "5GB", "500MB", "2GiB" or bytes; default HF's 5GB; a
+    larger tensor gets a shard of its own) with an index when there are several, as
     `save_pretrained` writes them; config.json last. The host holds one
     layer of one leaf (the largest: the embedding or the head) at a time.
     """
@@ -318,7 +318,7 @@ def write_hf(params: dict[str, Any], config: GPTJConfig, out_dir: str, dtype: st
         raise WeightsError(f"not a plain GPT-J parameter tree: {sorted(set(flat) ^ set(_LAYOUT))[:5]}")
     tensors = hf_tensors(config)
     writer = hf_files.ShardedWriter(out_dir, [(name, shape, out_dtype) for name, (_, _, shape) in tensors.items()],
-                                    hf_files.parse_size(max_shard_size))
+                                    hf_files.parse_size(hf_files.DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size))
     try:
         error = None
         try:

@@ -50,6 +50,8 @@ _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 def parse_size(text: str | int) -> int:
     """Bytes from a size as HF writes it: 5GB (10^9), 500MB, 2GiB (2^30), or a plain number of bytes."""
     if isinstance(text, int):
+        if text <= 0:
+            raise ValueError(f"a shard size must be positive, got {text}")
         return text
     found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", text.upper())
     if not found:
