@@ -42,6 +42,9 @@ flags.DEFINE_string("host", None, "Address to bind (default: config.serve.host, 
 flags.DEFINE_integer("port", None, "Port to bind (default: config.serve.port).")
 # --mode=plan
 flags.DEFINE_float("device_memory_gib", None, "Per-device memory to check the plan against.")
+flags.DEFINE_enum("plan", "train", ["train", "serve"], "What to plan: the train step, or serving (bf16, int8, int4).")
+flags.DEFINE_integer("batch_size", None, "--plan=serve: rows decoded together (default: config.serve.max_batch_size).")
+flags.DEFINE_integer("context_len", None, "--plan=serve: tokens of context per row (default: the model's max_len).")
 
 flags.mark_flags_as_required(["config"])
 
@@ -144,7 +147,7 @@ def _run(config, mode):
                        FLAGS.initialization_timeout)
     # Every mode's config is checked before anything is built or compiled; train
     # mode also checks the optimizer, batch split and data tasks.
-    config_validation.validate(config, mode)
+    config_validation.validate(config, mode, workdir=FLAGS.workdir)
 
     if mode == "train":
         from gptj import train_lm
@@ -169,7 +172,11 @@ def _run(config, mode):
         serve.serve(config, FLAGS.workdir)
     elif mode == "plan":
         from gptj import plan
-        plan.print_plan(config, device_memory_gib=FLAGS.device_memory_gib)
+        if FLAGS.plan == "serve":
+            plan.print_serve_plan(config, FLAGS.batch_size or int(config.serve.max_batch_size),
+                                  FLAGS.context_len or int(config.model.max_len), FLAGS.device_memory_gib)
+        else:
+            plan.print_plan(config, device_memory_gib=FLAGS.device_memory_gib)
 
 
 if __name__ == "__main__":

@@ -236,6 +236,25 @@ def emit_results(path: str | None, rows: Sequence[dict[str, Any]], stream=None) 
         write_results(path, rows)
 
 
+def cpu_description() -> str:
+    """`lscpu`'s model name, the core count and whether the CPU has AVX-512 (from /proc/cpuinfo's flags)."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown CPU":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    avx512 = sorted(f for f in flags if f.startswith("avx512"))
+    vector = f"AVX-512 ({', '.join(avx512[:4])}{', ...' if len(avx512) > 4 else ''})" if avx512 else (
+        "AVX2 only, no AVX-512" if "avx2" in flags else "no AVX2")
+    return f"{model}, {os.cpu_count()} cores, {vector}"
+
+
 def add_common_args(parser) -> None:
     """Adds the two flags every benchmark script takes: --quick and --json PATH."""
     parser.add_argument("--quick", action="store_true", help="small sizes and few runs (a 2-core CPU in minutes)")

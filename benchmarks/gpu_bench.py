@@ -1,12 +1,19 @@
-"""The single-GPU check (run through benchmarks/gpu.sh): training MFU and bf16 decode against the hardware limits.
+"""The single-GPU check (run through benchmarks/gpu.sh): training MFU and bf16 / int8 / int4 decode against the limits.
 
 (a) Training: a GPT-J-1.3B-shaped model (`gptj.scaling.MODEL_SHAPES["gptj_1.3b"]`:
     24 layers, d_model 2048, 16 heads of 128, rotary 32, vocab 50257 padded to
     50304, ~1.41B parameters), seq 2048, batch 8, bf16 compute with fp32 master
     weights and AdamW, remat `dots_no_batch` (weight matmuls saved, attention
-    recomputed) and cuDNN flash attention (`attention_impl="dot_product"`).
+    recomputed), cuDNN flash attention (`--attention`, default `cudnn`) and
+    the fused, chunked head + cross-entropy (`--loss-chunk-tokens`, default
+    1024 as in training; 0 for the full-logits loss).
     MFU = tokens/s x model FLOPs per token (6 N + 12 L d T, PaLM convention)
     / peak dense bf16 FLOP/s (989 TFLOP/s on H100 SXM and H200).
+(a') Attention alone: forward + backward of one causal attention call of the
+    1.3B shape (batch 8 x 2048, 16 heads of 128, bf16) with each kernel of
+    gptj.attention (einsum, dot_product, blockwise, cudnn), MFU from the
+    causal attention FLOPs (3.5 x 2 B H T^2 D: forward and the recomputing
+    backward, half the square), and each kernel's error against einsum in fp32.
 (b) Decode: a GPT-J-6B-shaped model in bf16 (random weights made on the
     device), greedy, prompt 128, through `gptj.sampling.Sampler`, at batch 1
     and 64. Decode tokens/s comes from the difference of two generations
@@ -14,6 +21,12 @@
     limit is reading every weight and the KV cache (at the mean context
     length) once per step at the HBM bandwidth (3.35 TB/s H100 SXM, 4.8 TB/s
     H200), or the FLOPs at peak if that is slower.
+
+(c) Quantized decode: the same GPT-J-6B shape with int8 (per channel) and
+    int4 (groups of 128) weights and bf16 scales (`gptj.quantize`; every
+    matrix, embedding included), batch 1, against the same bandwidth limit
+    with the quantized bytes (goal: >= 75% of it, i.e. int8 >= 1.6x the bf16
+    tokens/s of (b), which the row's ratio gives when (b) ran).
 
 Also measured, for context: a large bf16 matmul's FLOP/s and a copy's HBM
 bandwidth, each against the datasheet figure.
@@ -45,8 +58,9 @@ import flax.linen as nn  # noqa: E402
 
 from benchmarks.common import (emit_results, matmul_peak_flops, measure_matmul_flops, result, time_runs,  # noqa: E402
                                write_results)
-from gptj import scaling  # noqa: E402
-from gptj.model import GPTJ, GPTJConfig  # noqa: E402
+from gptj import losses, quantize, scaling  # noqa: E402
+from gptj.attention import causal_attention, einsum_attention  # noqa: E402
+from gptj.model import GPTJ, GPTJConfig, output_logits  # noqa: E402
 from gptj.partitioning import Partitioner, make_mesh  # noqa: E402
 from gptj.sampling import Sampler  # noqa: E402
 
@@ -139,21 +153,30 @@ def bench_hardware(limits: Limits, dry_run: bool) -> list[dict]:
     return rows
 
 
-def bench_train(cfg: GPTJConfig, batch: int, seq_len: int, steps: int, limits: Limits) -> dict:
+def bench_train(cfg: GPTJConfig, batch: int, seq_len: int, steps: int, limits: Limits,
+                loss_chunk_tokens: int = 1024) -> dict:
     """Times AdamW training steps on one device; returns the MFU row."""
     partitioner = Partitioner(make_mesh(1, 1, devices=jax.devices()[:1]), "megatron")
-    model = GPTJ(cfg)
+    model = GPTJ(cfg, head_inputs=bool(loss_chunk_tokens))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1))
 
     def init(rng):
         params = nn.meta.unbox(model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"])
         return {"params": params, "opt_state": tx.init(params)}
 
+    def logits_fn(hidden, kernel, bias, first_id):
+        return output_logits(hidden, kernel, bias, cfg, first_id)
+
     def train_step(state, tokens):
         def loss_fn(params):
-            logits = model.apply({"params": params}, tokens[:, :-1])
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
+            out = model.apply({"params": params}, tokens[:, :-1])
+            batch_ = {"targets": tokens[:, 1:]}
+            if loss_chunk_tokens:  # as gptj.train_lm.head_loss_fns builds it, without its config machinery
+                sums = losses.fused_next_token_loss(out.hidden, out.kernel, out.bias, batch_, logits_fn,
+                                                    chunk_tokens=loss_chunk_tokens, accuracy=False)
+            else:
+                sums = losses.next_token_loss(out, batch_, accuracy=False)
+            return sums["loss_sum"] / sums["weight"]
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -174,7 +197,7 @@ def bench_train(cfg: GPTJConfig, batch: int, seq_len: int, steps: int, limits: L
 
     timing = time_runs(one_step, runs=steps, warmup=2)
     loss = float(compiled(holder["state"], tokens)[1])
-    del holder
+    holder.clear()  # frees the state before the next part
 
     step_tokens = batch * seq_len
     model_flops, hw_flops = scaling.train_flops_per_token(cfg, seq_len)
@@ -191,31 +214,81 @@ def bench_train(cfg: GPTJConfig, batch: int, seq_len: int, steps: int, limits: L
     if peak is not None:
         notes.append(f"peak device memory {peak:.1f} GiB")
     return result(f"train MFU: {cfg.num_layers}L d{cfg.d_model} seq {seq_len} batch {batch}, {cfg.dtype}, "
-                  f"remat {cfg.remat_policy}, attention {cfg.attention_impl}", "tokens/s", tokens_per_s,
+                  f"remat {cfg.remat_policy}, attention {cfg.attention_impl}, loss chunk {loss_chunk_tokens}",
+                  "tokens/s", tokens_per_s,
                   limit=limit, spread=timing.spread, note="; ".join(notes))
 
 
 def run_train(args, limits: Limits) -> dict:
     """(a), retrying once at half the batch if the device runs out of memory."""
     cfg = DRY_TRAIN if args.dry_run else scaling.MODEL_SHAPES["gptj_1.3b"]
-    cfg = cfg.replace(remat_policy=args.remat or cfg.remat_policy, attention_impl=args.attention)
+    # cuDNN's kernel exists only on NVIDIA GPUs; a dry run on a CPU takes the backend's default.
+    attention = args.attention or ("auto" if args.dry_run else "cudnn")
+    cfg = cfg.replace(remat_policy=args.remat or cfg.remat_policy, attention_impl=attention)
     seq_len = 32 if args.dry_run else 2048
     batch = 2 if args.dry_run else args.train_batch
     steps = 3 if args.dry_run else args.train_steps
+    chunk = 16 if args.dry_run and args.loss_chunk_tokens else args.loss_chunk_tokens
     try:
-        return bench_train(cfg, batch, seq_len, steps, limits)
+        return bench_train(cfg, batch, seq_len, steps, limits, chunk)
     except Exception as e:  # noqa: BLE001 - one retry on OOM, otherwise report
         if not _is_oom(e) or batch == 1:
             raise
         print(f"train batch {batch} ran out of memory; retrying at {batch // 2}", file=sys.stderr)
-        return bench_train(cfg, batch // 2, seq_len, steps, limits)
+        return bench_train(cfg, batch // 2, seq_len, steps, limits, chunk)
+
+
+def bench_attention(limits: Limits, dry_run: bool) -> list[dict]:
+    """(a'): forward + backward of one attention call per kernel, MFU against the bf16 peak."""
+    batch, length, heads, head_dim = (2, 64, 4, 16) if dry_run else (8, 2048, 16, 128)
+    dtype = jnp.float32 if dry_run else jnp.bfloat16
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    q, k, v, d_out = (jax.random.normal(key, (batch, length, heads, head_dim), jnp.float32) for key in keys)
+    scale = head_dim ** -0.5
+
+    def forward_backward(impl: str, dtype):
+        def run(q, k, v, d_out):
+            def attend(q, k, v):
+                if impl == "reference":
+                    return einsum_attention(q, k, v, scale=scale, dtype=dtype)
+                return causal_attention(q, k, v, impl=impl, scale=scale, dtype=dtype)
+            out, pull = jax.vjp(attend, q, k, v)
+            return out, pull(d_out)
+        return jax.jit(run)
+
+    reference = forward_backward("reference", jnp.float32)(q, k, v, d_out)
+    inputs = [x.astype(dtype) for x in (q, k, v, d_out)]
+    flops = 3.5 * 2.0 * batch * heads * length * length * head_dim  # causal: half of 4 B H T^2 D forward
+    impls = ["einsum", "dot_product", "blockwise"] + ([] if jax.devices()[0].platform == "cpu" else ["cudnn"])
+    rows = []
+    for impl in impls:
+        try:
+            fn = forward_backward(impl, dtype)
+            got = fn(*inputs)
+            timing = time_runs(lambda: jax.block_until_ready(fn(*inputs)), runs=3 if dry_run else 10, warmup=1)
+        except Exception as e:  # noqa: BLE001 - a kernel this device lacks is reported, not fatal
+            rows.append(result(f"attention fwd+bwd {impl} (failed)", "-", 0.0, note=f"{type(e).__name__}: "
+                               f"{str(e)[:200]}"))
+            continue
+        error = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / jnp.max(jnp.abs(b)))
+                    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(reference)))
+        rows.append(result(f"attention fwd+bwd {impl}: batch {batch} x {length}, {heads} heads x {head_dim}, "
+                           f"{jnp.dtype(dtype).name}", "TFLOP/s", flops / timing.median / 1e12,
+                           limit=limits.peak_flops / 1e12, spread=timing.spread,
+                           note=f"{timing.median * 1e3:.2f} ms; max error vs einsum in fp32 {error:.1e} "
+                                f"(relative to the largest value)"))
+    return rows
 
 
 # -- (b) decode ----------------------------------------------------------------------------
 
 def bench_decode(cfg: GPTJConfig, batches: list[int], prompt_len: int, new_tokens: int, runs: int,
-                 limits: Limits) -> list[dict]:
-    """Greedy decode tokens/s per batch size with the Sampler, against the bandwidth limit."""
+                 limits: Limits, peer: dict | None = None) -> list[dict]:
+    """Greedy decode tokens/s per batch size with the Sampler, against the bandwidth limit.
+
+    `cfg` may be quantized (its weights are then zeros and unit scales: the
+    same bytes to read). `peer`: {batch: (tokens/s, name)} to compare with.
+    """
     model = GPTJ(cfg)
     params = jax.jit(lambda rng: nn.meta.unbox(model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]))(
         jax.random.PRNGKey(0))
@@ -237,16 +310,25 @@ def bench_decode(cfg: GPTJConfig, batches: list[int], prompt_len: int, new_token
         tokens_per_s = batch * (new_tokens - short) / decode_s
         mean_context = prompt_len + (new_tokens + short) / 2
         limit = None
+        weights = quantize.describe(cfg) or "bf16"
+        weight_bytes = _matmul_weight_bytes(cfg)
         if limits.hbm_bandwidth:
             hw = dataclasses.replace(scaling.HARDWARE["h100"], peak_flops=limits.peak_flops,
                                      hbm_bandwidth=limits.hbm_bandwidth)
-            limit = scaling.decode_limit(cfg, batch, int(mean_context), hw)
-        per_step = scaling.decode_bytes_per_step(cfg, batch, int(mean_context))
-        note = (f"{_si(scaling.total_params(cfg))} params bf16, prompt {prompt_len}, {_si(per_step)}B "
+            limit = scaling.decode_limit(cfg, batch, int(mean_context), hw, weight_bytes=weight_bytes)
+        per_step = scaling.decode_bytes_per_step(cfg, batch, int(mean_context), weight_bytes=weight_bytes)
+        note = (f"{_si(scaling.total_params(cfg))} params {weights}, prompt {prompt_len}, {_si(per_step)}B "
                 f"read per step; step {decode_s / (new_tokens - short) * 1e3:.2f} ms; "
                 f"prefill+{short} tokens {short_t.median * 1e3:.0f} ms")
-        rows.append(result(f"decode batch {batch}: {cfg.num_layers}L d{cfg.d_model} bf16 greedy", "tokens/s",
-                           tokens_per_s, limit=limit, spread=max(long_t.spread, short_t.spread), note=note))
+        resident = (jax.devices()[0].memory_stats() or {}).get("bytes_in_use")
+        if resident is not None:
+            note += f"; {resident / 2**30:.1f} GiB in use (weights, cache)"
+        compared = (peer or {}).get(batch)
+        rows.append(result(f"decode batch {batch}{'' if weights == 'bf16' else ' ' + weights.split()[0]}: "
+                           f"{cfg.num_layers}L d{cfg.d_model} {weights} greedy", "tokens/s", tokens_per_s, limit=limit,
+                           spread=max(long_t.spread, short_t.spread), note=note,
+                           peer=None if compared is None else compared[0],
+                           peer_name="" if compared is None else compared[1]))
     return rows
 
 
@@ -259,24 +341,51 @@ def run_decode(args, limits: Limits) -> list[dict]:
     return bench_decode(cfg, batches, prompt_len, new_tokens, 3, limits)
 
 
+def _matmul_weight_bytes(cfg: GPTJConfig) -> float:
+    """Bytes read per matmul weight: 2 in bf16; int8 or int4 values plus their share of the bf16 scales."""
+    if not cfg.quant_bits:
+        return 2.0
+    scales = 2.0 / cfg.quant_group_size if cfg.quant_group_size else 0.0  # per channel: negligible
+    return cfg.quant_bits / 8 + scales
+
+
+def run_quant_decode(args, limits: Limits, bf16_rows: list[dict]) -> list[dict]:
+    """(c): batch-1 decode of the 6B shape in int8 and int4, compared with (b)'s bf16 batch 1 when it ran."""
+    base = DRY_DECODE if args.dry_run else scaling.MODEL_SHAPES["gptj_6b"].replace(
+        param_dtype="bfloat16", dtype="bfloat16", remat_policy="none")
+    prompt_len = 8 if args.dry_run else args.prompt_len
+    new_tokens = 64 if args.dry_run else args.new_tokens
+    bf16 = {int(r["metric"].split(":")[0].split()[-1]): (r["gptj"], "bf16 (decode part)") for r in bf16_rows
+            if r["metric"].startswith("decode batch") and r["metric"].split(":")[0].split()[-1].isdigit()}
+    rows = []
+    for bits in (8, 4):
+        cfg = base.replace(quant_bits=bits, quant_group_size=quantize.default_group_size(base, bits),
+                           quant_targets=quantize.TARGETS)
+        rows += bench_decode(cfg, [1], prompt_len, new_tokens, 3, limits, peer=bf16)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="shrunk shapes: runs end to end on a CPU")
     parser.add_argument("--json", default="", help="results file (benchmarks/common.py contract)")
-    parser.add_argument("--parts", default="hardware,train,decode", help="comma list of hardware,train,decode")
+    parser.add_argument("--parts", default="hardware,attention,train,decode,quant",
+                        help="comma list of hardware,attention,train,decode,quant")
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--train-steps", type=int, default=8, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--remat", default="", help="remat policy (default: the shape's, dots_no_batch)")
-    parser.add_argument("--attention", default="dot_product",
-                        help="the model's attention_impl (dot_product, einsum, ...)")
+    parser.add_argument("--attention", default="",
+                        help="the train part's attention_impl (default cudnn; auto in a dry run)")
+    parser.add_argument("--loss-chunk-tokens", type=int, default=1024,
+                        help="tokens per chunk of the fused head + loss in the train part (0: full logits)")
     parser.add_argument("--decode-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 64])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = sorted(set(parts) - {"hardware", "train", "decode"})
+    unknown = sorted(set(parts) - {"hardware", "attention", "train", "decode", "quant"})
     if unknown:
-        parser.error(f"unknown --parts {unknown}; choose from hardware, train, decode")
+        parser.error(f"unknown --parts {unknown}; choose from hardware, attention, train, decode, quant")
 
     limits = device_limits(args.dry_run)
     print(f"device: {limits.name}; jax {jax.__version__}; peak {limits.peak_flops / 1e12:.1f} TFLOP/s"
@@ -284,7 +393,9 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     failed = False
     runners = {"hardware": lambda: bench_hardware(limits, args.dry_run),
-               "train": lambda: [run_train(args, limits)], "decode": lambda: run_decode(args, limits)}
+               "attention": lambda: bench_attention(limits, args.dry_run),
+               "train": lambda: [run_train(args, limits)], "decode": lambda: run_decode(args, limits),
+               "quant": lambda: run_quant_decode(args, limits, rows)}
     for part in parts:
         start = time.perf_counter()
         try:

@@ -4,7 +4,8 @@
 unknown sections or keys (against gptj/configs/base.py), an invalid model,
 mesh or rule set, optimizer and train settings out of range, a batch that
 does not split over the data-parallel devices and microbatches, unknown
-seqio tasks, a malformed `init_from`, LoRA settings and `train.trainable`.
+seqio tasks, a malformed `init_from`, LoRA settings and `train.trainable`,
+and quantized weights for training.
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ def _check_train(config, data_parallel: int | None, problems: list[str]) -> None
             problems.append(f"train.{name} must be >= 0, got {train[name]}")
     if train.z_loss < 0:
         problems.append(f"train.z_loss must be >= 0, got {train.z_loss}")
+    if train.loss_chunk_tokens < 0:
+        problems.append(f"train.loss_chunk_tokens must be >= 0 (0: the full-logits loss), got {train.loss_chunk_tokens}")
+    if train.loss_chunk_vocab < -1:
+        problems.append(f"train.loss_chunk_vocab must be -1 (auto), 0 (whole vocabulary) or positive, "
+                        f"got {train.loss_chunk_vocab}")
     if train.peak_flops_per_device < 0:
         problems.append(f"train.peak_flops_per_device must be >= 0, got {train.peak_flops_per_device}")
     if train.on_nonfinite not in ("stop", "skip"):
@@ -145,6 +151,30 @@ def _check_lora(config, mode: str, problems: list[str]) -> None:
                         "on the workdir instead")
 
 
+def _recorded_quantization(path: str) -> str:
+    """'int8 per channel' etc. when the gptj weights at `path` are quantized ('' if not, or unreadable here)."""
+    from gptj import params_io, quantize
+
+    try:
+        return quantize.describe(params_io.read_model_config(path))
+    except params_io.WeightsError:
+        return ""  # reading the weights says what is wrong with them
+
+
+def _check_not_quantized(config, workdir: str | None, problems: list[str]) -> None:
+    """Training refuses quantized weights: integers have no gradient, and their rounding would be trained in."""
+    advice = "quantized weights are for sampling, serving and evaluation; train the full-precision weights"
+    if config.model.get("quant_bits", 0):
+        problems.append(f"model.quant_bits={config.model.quant_bits}: {advice}")
+    kind, path = parse_init_from(str(config.init_from or ""))
+    if kind == "gptj" and path and os.path.isdir(path) and _recorded_quantization(path):
+        problems.append(f"init_from={path} holds {_recorded_quantization(path)}-quantized weights: {advice} they "
+                        "were made from")
+    if workdir and os.path.isdir(workdir) and _recorded_quantization(workdir):
+        problems.append(f"--workdir={workdir} is a params directory of {_recorded_quantization(workdir)}-quantized "
+                        f"weights, not a training workdir: {advice} in a new workdir")
+
+
 def _check_harness_tasks(config, problems: list[str]) -> None:
     """Harness tasks asked for during training must exist and have local data before step 1."""
     if not list(config.eval.harness_tasks):
@@ -157,13 +187,14 @@ def _check_harness_tasks(config, problems: list[str]) -> None:
         problems.append(f"eval: {e}")
 
 
-def validate(config, mode: str = "train", *, check_tasks: bool = True) -> None:
+def validate(config, mode: str = "train", *, check_tasks: bool = True, workdir: str | None = None) -> None:
     """Raises ConfigError listing every problem of `config` for `mode`; returns None if it can run.
 
     Touches no accelerator memory and compiles nothing (it asks jax only for
     the device count). In train mode, `check_tasks` registers the config's
     seqio tasks to prove they exist (runs on in-memory data turn it off) and,
-    with `eval.during_training`, finds the harness tasks and their local data.
+    with `eval.during_training`, finds the harness tasks and their local data;
+    it refuses quantized weights as `init_from`, or as `workdir` when given.
     """
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -189,6 +220,7 @@ def validate(config, mode: str = "train", *, check_tasks: bool = True) -> None:
         _check_init_from(config.init_from, problems)
     _check_lora(config, mode, problems)
     if mode == "train":
+        _check_not_quantized(config, workdir, problems)
         _check_optimizer(config.optimizer, problems)
         _check_train(config, data_parallel, problems)
     if check_tasks and mode == "train" and not problems:

@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lm_eval.api.model import TemplateLM
 
 from gptj.eval_tasks import EvalError
-from gptj.model import GPTJ, GPTJConfig, output_logits
+from gptj.model import GPTJ, GPTJConfig, score_targets
 from gptj.partitioning import Partitioner, place
 from gptj.sampling_ops import bucket
 from gptj.trainer import Hook
@@ -215,15 +215,11 @@ class GPTJLM(TemplateLM):
             return model.apply({"params": params}, inputs, return_hidden=True)
 
         def head(kernel, bias, hidden, index, targets, scored):
-            # The model's own head, at the gathered positions only: [B, C, D] -> [B, C, V].
+            # The model's own head, at the gathered positions only: [B, C, D], chunk by chunk of tokens.
             picked = jnp.take_along_axis(hidden, index[..., None], axis=1)
-            logits = output_logits(picked, kernel, bias, cfg)
-            vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
-            log_norm = jax.nn.logsumexp(logits, axis=-1)
-            # A masked sum instead of a gather keeps the vocabulary axis sharded (megatron splits it).
-            target_logit = jnp.sum(jnp.where(vocab_ids == targets[..., None], logits, 0.0), axis=-1)
-            logprob = jnp.sum(jnp.where(scored, target_logit - log_norm, 0.0), axis=-1)
-            greedy = jnp.all((jnp.argmax(logits, axis=-1) == targets) | ~scored, axis=-1)
+            scores = score_targets(picked, kernel, bias, targets, cfg)
+            logprob = jnp.sum(jnp.where(scored, scores.logprobs, 0.0), axis=-1)
+            greedy = jnp.all(scores.greedy | ~scored, axis=-1)
             return logprob, greedy
 
         b2, b3 = self.partitioner.batch_sharding(2), self.partitioner.batch_sharding(3)

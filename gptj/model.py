@@ -18,6 +18,10 @@ move freely between the two):
     ln_f/{scale,bias}                    [embed]
     lm_head_kernel, lm_head_bias         [embed, vocab], [vocab]
 
+A quantized model (`quant_bits` 8 or 4; `gptj.quantize`) has the same tree,
+except that each matrix `quant_targets` names is a pair in place of its array:
+{"values": int8/int4 of the same shape and axes, "scale": its scales}.
+
 With LoRA (`LoraConfig`), each adapted projection gains two parameters beside
 its kernel, e.g. blocks/attn/q_proj_lora_a [layers, embed, lora_rank] and
 blocks/attn/q_proj_lora_b [layers, lora_rank, heads, head_dim];
@@ -39,16 +43,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-# A large negative logit for masked attention slots and padded vocabulary rows:
-# finite so that fully masked rows give a uniform softmax instead of NaN.
-_NEG_INF = -1e30
+from gptj import quantize
+from gptj.attention import ATTENTION_IMPLS, NEG_INF, cached_attention, causal_attention
+from gptj.losses import map_position_chunks
 
 REMAT_POLICIES = {
     "none": None,
@@ -57,8 +61,6 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     "save_all": jax.checkpoint_policies.everything_saveable,
 }
-
-ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -97,14 +99,21 @@ class GPTJConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
-    # "einsum": explicit fp32-score attention (any mask, decoding). "dot_product":
-    # jax.nn.dot_product_attention with the implementation JAX picks (XLA unless
-    # told otherwise). "cudnn": the same with cuDNN's fused flash attention (NVIDIA
-    # GPUs, bf16/fp16 compute). Both apply to unpadded causal training and scoring;
-    # padded or cached calls use einsum.
-    attention_impl: str = "einsum"
+    # The full-sequence attention kernel (gptj.attention): "auto" (the measured
+    # fastest exact kernel for the backend), "einsum" (explicit fp32 scores),
+    # "dot_product" (jax.nn.dot_product_attention, XLA), "cudnn" (cuDNN flash
+    # attention: NVIDIA GPUs, bf16/fp16) or "blockwise" (flash-style in JAX:
+    # memory linear in length, causal blocks skipped). Decoding uses einsum.
+    attention_impl: str = "auto"
+    # Weight-only quantization, for inference (`python -m gptj.convert quantize` writes it; training refuses
+    # it): quant_bits 0 (none), 8 or 4; quant_group_size 0 (one scale per output channel) or inputs per
+    # scale; quant_targets the matrices stored quantized (gptj.quantize.TARGETS). See gptj/quantize.py.
+    quant_bits: int = 0
+    quant_group_size: int = 0
+    quant_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "quant_targets", tuple(self.quant_targets))  # a list when read from JSON
         problems = []
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "max_len", "vocab_pad_multiple"):
             if getattr(self, name) <= 0:
@@ -124,6 +133,8 @@ class GPTJConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 problems.append(f"{name} {getattr(self, name)!r} is not one of {sorted(_DTYPES)}")
+        if not problems:
+            problems += quantize.config_problems(self)
         if problems:
             raise ValueError("invalid GPT-J config: " + "; ".join(problems))
 
@@ -154,6 +165,28 @@ class GPTJConfig:
 
     def replace(self, **changes) -> "GPTJConfig":
         return dataclasses.replace(self, **changes)
+
+    def quantizes(self, target: str) -> bool:
+        """Whether the matrix `target` (a name in gptj.quantize.TARGETS) is stored quantized."""
+        return self.quant_bits > 0 and target in self.quant_targets
+
+
+def matrix_param(module: nn.Module, name: str, target: str, init, shape: tuple[int, ...], axes: tuple[str, ...]):
+    """A weight matrix of `module`: an array, or {"values", "scale"} when the config quantizes `target`."""
+    cfg = module.config
+    pdt = resolve_dtype(cfg.param_dtype)
+    if not cfg.quantizes(target):
+        return module.param(name, nn.with_logical_partitioning(init, axes), shape, pdt)
+    spans = quantize.MATRICES[target].spans
+    return module.param(name, quantize.param_init(shape, axes, spans, cfg.quant_bits, cfg.quant_group_size, pdt))
+
+
+class HeadInputs(NamedTuple):
+    """What GPT-J's output head reads: for a loss or scorer that applies it (`output_logits`) chunk by chunk."""
+
+    hidden: jax.Array  # [B, T, d_model]: the final LayerNorm's output, in the compute dtype
+    kernel: jax.Array  # [d_model, padded_vocab_size]: lm_head_kernel as stored (param dtype)
+    bias: jax.Array    # [padded_vocab_size]: lm_head_bias
 
 
 def _init(std: float):
@@ -265,7 +298,8 @@ def project(module: nn.Module, x: jax.Array, target: str, kernel_name: str, spec
     """One projection of the model (no bias): y = einsum(spec, x, W), plus its LoRA adapters if any.
 
     Every projection (q, k, v, out, fc_in, fc_out) goes through here, so a
-    change to how a kernel is stored or applied is made once. `shape`/`axes`
+    change to how a kernel is stored or applied is made once (a quantized
+    kernel is multiplied by `gptj.quantize.einsum`). `shape`/`axes`
     are the kernel's own (without the layer axis); the einsum letters of W
     that also index x are its inputs, the rest its outputs, which fixes the
     adapters' shapes: A [inputs..., rank], B [rank, outputs...]. The matmuls
@@ -274,8 +308,8 @@ def project(module: nn.Module, x: jax.Array, target: str, kernel_name: str, spec
     """
     cfg = module.config
     dtype, pdt = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
-    kernel = module.param(kernel_name, nn.with_logical_partitioning(_init(cfg.init_std), axes), shape, pdt)
-    y = jnp.einsum(spec, x, kernel.astype(dtype))
+    kernel = matrix_param(module, kernel_name, target, _init(cfg.init_std), shape, axes)
+    y = quantize.einsum(spec, x, kernel, dtype)
     if lora is None or not lora.adapts(target):
         return y
     letters = _split_einsum(spec)
@@ -371,51 +405,18 @@ class Attention(nn.Module):
         q = apply_rotary(q, sin, cos, cfg.rotary_dim)
         k = apply_rotary(k, sin, cos, cfg.rotary_dim)
 
-        length = x.shape[1]
         scale = 1.0 / np.sqrt(cfg.head_dim)
         new_kv = None
         if cache is not None:
-            out = _cached_attention(q, k, v, token_mask, *cache, scale=scale, dtype=dtype)
+            out = cached_attention(q, k, v, token_mask, *cache, scale=scale, dtype=dtype)
             kv_axes = ("act_batch", "act_heads", "act_length", "head_dim")
             new_kv = tuple(nn.with_logical_constraint(t.transpose(0, 2, 1, 3), kv_axes) for t in (k, v))
-        elif token_mask is None and cfg.attention_impl != "einsum":
-            implementation = "cudnn" if cfg.attention_impl == "cudnn" else None
-            out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=implementation)
         else:
-            allowed = jnp.tril(jnp.ones((length, length), dtype=bool))[None]
-            if token_mask is not None:
-                allowed = allowed & token_mask[:, None, :]
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-            scores = jnp.where(allowed[:, None], scores, _NEG_INF)
-            probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+            out = causal_attention(q, k, v, token_mask, impl=cfg.attention_impl, scale=scale, dtype=dtype)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", "head_dim"))
         out = project(self, out, "out_proj", "out_proj", "bthk,hkd->btd", (cfg.num_heads, cfg.head_dim, cfg.d_model),
                       ("heads", "head_dim", "embed"), self.lora, self.deterministic)
         return out, new_kv
-
-
-def _cached_attention(q, k, v, token_mask, cached_key, cached_value, key_mask, index, *, scale, dtype):
-    """Attention of T new queries over a read-only cache plus the T new keys, with one softmax over both.
-
-    q, k, v: [B, T, H, D] (the new tokens); token_mask: [B, T]; cached_key,
-    cached_value: [B, H, S, D]; key_mask: [B, S]; index: () the first slot the
-    new tokens will occupy. Cached slots at or after `index` are stale (or
-    empty) and masked; the new tokens see each other causally. Returns [B, T, H, D].
-    """
-    length, slots = q.shape[1], cached_key.shape[2]
-    cached_ok = (jnp.arange(slots)[None, :] < index) & key_mask  # [B, S]
-    new_ok = jnp.tril(jnp.ones((length, length), dtype=bool))[None] & token_mask[:, None, :]  # [B, T, T]
-    cached_scores = jnp.einsum("bqhd,bhkd->bhqk", q, cached_key.astype(dtype), preferred_element_type=jnp.float32)
-    new_scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.concatenate([jnp.where(cached_ok[:, None, None, :], cached_scores * scale, _NEG_INF),
-                              jnp.where(new_ok[:, None], new_scores * scale, _NEG_INF)], axis=-1)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    # fp32 accumulation of the two halves, so a bf16 model rounds once, as a single product would.
-    out = jnp.einsum("bhqk,bhkd->bqhd", probs[..., :slots], cached_value.astype(dtype),
-                     preferred_element_type=jnp.float32)
-    out = out + jnp.einsum("bhqk,bkhd->bqhd", probs[..., slots:], v, preferred_element_type=jnp.float32)
-    return out.astype(dtype)
 
 
 class MLP(nn.Module):
@@ -475,7 +476,11 @@ class GPTJ(nn.Module):
     Returns logits [B, T, padded_vocab_size] in fp32, or with `return_hidden`
     the final LayerNorm's output [B, T, d_model] (compute dtype), for callers
     that apply the head themselves (`output_logits`) to fewer positions, or
-    that put a head of their own on the trunk.
+    that put a head of their own on the trunk. A model built with
+    `head_inputs=True` returns `HeadInputs` (that output plus the head's
+    kernel and bias) instead of logits, for a loss that applies the head
+    chunk by chunk (`gptj.losses.fused_next_token_loss`); the parameters are
+    the same.
 
     With `lora`, the projections it targets carry low-rank adapters (see
     `LoraConfig`); `deterministic=False` (training, with a `dropout` RNG)
@@ -485,6 +490,7 @@ class GPTJ(nn.Module):
     config: GPTJConfig
     decode: bool = False
     lora: LoraConfig | None = None
+    head_inputs: bool = False
 
     @nn.compact
     def __call__(self, tokens, positions=None, token_mask=None, return_hidden: bool = False,
@@ -496,10 +502,9 @@ class GPTJ(nn.Module):
         if token_mask is None and self.decode:
             token_mask = jnp.ones(tokens.shape, dtype=bool)  # the cache records which slots are real
 
-        embedding = self.param(
-            "wte", nn.with_logical_partitioning(_init(cfg.init_std), ("vocab", "embed")), (cfg.padded_vocab_size, cfg.d_model), pdt
-        )
-        x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+        embedding = matrix_param(self, "wte", "wte", _init(cfg.init_std), (cfg.padded_vocab_size, cfg.d_model),
+                                 ("vocab", "embed"))
+        x = quantize.take_rows(embedding, tokens, dtype)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
         block = Block
@@ -532,8 +537,11 @@ class GPTJ(nn.Module):
         x = LayerNorm(cfg, name="ln_f")(x)
         if return_hidden:  # before the head's params: a trunk initialised this way has no LM head
             return x
-        head = self.param("lm_head_kernel", nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "vocab")), (cfg.d_model, cfg.padded_vocab_size), pdt)
+        head = matrix_param(self, "lm_head_kernel", "lm_head", _init(cfg.init_std),
+                            (cfg.d_model, cfg.padded_vocab_size), ("embed", "vocab"))
         head_bias = self.param("lm_head_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)), (cfg.padded_vocab_size,), pdt)
+        if self.head_inputs:
+            return HeadInputs(x, head, head_bias)
         return output_logits(x, head, head_bias, cfg)
 
     def _cache_variables(self, shape) -> dict[str, Any]:
@@ -564,22 +572,68 @@ class GPTJ(nn.Module):
         cache["index"].value = start + token_mask.shape[1]
 
 
-def output_logits(hidden: jax.Array, kernel: jax.Array, bias: jax.Array, config: GPTJConfig) -> jax.Array:
-    """GPT-J's output head: hidden [..., d_model] -> fp32 logits [..., padded_vocab_size].
+def output_logits(hidden: jax.Array, kernel: jax.Array, bias: jax.Array, config: GPTJConfig,
+                  first_id: Any = 0) -> jax.Array:
+    """GPT-J's output head: hidden [..., d_model] -> fp32 logits [..., V] for V = bias.shape[-1].
 
-    The matmul runs in the compute dtype with fp32 accumulation; padded
-    vocabulary entries get a large negative logit, so they never win a softmax.
-    The model's own forward pass and every caller that applies the head to
+    The matmul runs in the compute dtype with fp32 accumulation (`kernel`
+    may be quantized: `gptj.quantize.einsum`); padded vocabulary entries get
+    a large negative logit, so they never win a softmax. `kernel` and `bias`
+    may be a slice of the vocabulary: the columns of ids `first_id`,
+    first_id + 1, ... (the chunked loss passes one at a time). The model's own
+    forward pass, the chunked loss and every caller that applies the head to
     selected positions only (scoring) use this one function.
     """
-    logits = jnp.einsum("...d,dv->...v", hidden, kernel.astype(resolve_dtype(config.dtype)),
-                        preferred_element_type=jnp.float32)
+    logits = quantize.einsum("...d,dv->...v", hidden, kernel, resolve_dtype(config.dtype),
+                             preferred_element_type=jnp.float32)
     logits = logits + bias.astype(jnp.float32)
     if config.padded_vocab_size != config.vocab_size:
-        real = jnp.arange(config.padded_vocab_size) < config.vocab_size
-        logits = jnp.where(real, logits, _NEG_INF)
+        real = first_id + jnp.arange(bias.shape[-1]) < config.vocab_size
+        logits = jnp.where(real, logits, NEG_INF)
     logical = ("act_batch",) + ("act_length",) * (logits.ndim - 2) + ("act_vocab",)
     return nn.with_logical_constraint(logits, logical)
+
+
+# Tokens per chunk when scoring (`score_targets`): a chunk's fp32 logits are
+# chunk x vocabulary (200 MB for GPT-J's 50400), whatever the batch and length.
+SCORE_CHUNK_TOKENS = 1024
+
+
+class TargetScores(NamedTuple):
+    """Per-position scores of given targets under the model (what lm-eval's loglikelihood and echo+logprobs need)."""
+
+    logprobs: jax.Array      # [B, T] fp32: log p(targets[b, t] | the prefix)
+    greedy: jax.Array        # [B, T] bool: the target is the argmax (first one on ties)
+    top_ids: jax.Array       # [B, T, top_k] int32: the top_k likeliest ids, likeliest first
+    top_logprobs: jax.Array  # [B, T, top_k] fp32: their log-probabilities
+
+
+def score_targets(hidden: jax.Array, kernel: jax.Array, bias: jax.Array, targets: jax.Array, config: GPTJConfig,
+                  top_k: int = 0, chunk_tokens: int = SCORE_CHUNK_TOKENS) -> TargetScores:
+    """Target log-probs, greedy flags and top-k from hidden states [B, T, D], chunk by chunk of tokens.
+
+    `output_logits` is applied to about `chunk_tokens` tokens at a time, so
+    the [B, T, vocab] logits never exist at once; log-probs are the logits
+    minus their logsumexp (fp32). The vocabulary may be sharded over devices.
+    """
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+
+    def chunk(h, t):
+        logits = output_logits(h, kernel, bias, config)
+        log_norm = jax.nn.logsumexp(logits, axis=-1)
+        ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+        # A masked sum rather than a gather keeps a sharded vocabulary axis sharded.
+        target_logit = jnp.sum(jnp.where(ids == t[..., None], logits, 0.0), axis=-1)
+        greedy = jnp.argmax(logits, axis=-1) == t
+        if top_k:
+            top_logits, top_ids = jax.lax.top_k(logits, top_k)
+            top = (top_ids.astype(jnp.int32), top_logits - log_norm[..., None])
+        else:
+            top = (jnp.zeros(t.shape + (0,), jnp.int32), jnp.zeros(t.shape + (0,), jnp.float32))
+        return (target_logit - log_norm, greedy) + top
+
+    return TargetScores(*map_position_chunks(chunk, chunk_tokens, hidden, targets))
 
 
 def matmul_params(config: GPTJConfig) -> int:

@@ -253,18 +253,17 @@ def load_params(path: str, shardings=None, dtype=None) -> tuple[Any, GPTJConfig]
     `Partitioner.abstract_state`); without it the params land on this
     process's first device, whatever mesh they were saved from. Each process
     reads only the boxes its devices own, a layer at a time for large stacked
-    leaves (`gptj.partitioning.place`), casting each to `dtype` (e.g.
-    bfloat16 for inference) as it is read. Damaged params are a WeightsError
+    leaves (`gptj.partitioning.place`), casting each floating-point one to
+    `dtype` (e.g. bfloat16 for inference) as it is read (integers, such as
+    quantized values, stay as stored). Damaged params are a WeightsError
     that names the first bad array and, for a workdir, the newest intact step.
     """
     try:
         arrays, config = open_params(path)
-        if dtype is not None:
-            arrays = jax.tree_util.tree_map(lambda x: x.astype(resolve_dtype(dtype)), arrays)
         if shardings is None:
             local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             shardings = jax.tree_util.tree_map(lambda _: local, arrays)
-        return place(arrays, shardings), config
+        return place(arrays, shardings, None if dtype is None else resolve_dtype(dtype)), config
     except storage.CheckpointDamagedError as e:
         raise WeightsError(f"{e}; {_intact_alternative(path, e.path)}") from e
     except storage.CheckpointError as e:

@@ -328,13 +328,16 @@ def place(tree, shardings, dtype=None):
     (`streaming.finish_reading`: a collective where they are checked). Leaves
     that are already jax arrays are moved device to device (never through the
     host). `tree` and `shardings` may also be a single array and sharding.
+    `dtype` applies to floating-point leaves: integer leaves (token ids, the
+    values of quantized weights) keep their own.
     """
     def one(x, sharding):
         if isinstance(x, jax.Array):
-            x = x if dtype is None else x.astype(dtype)
+            x = x.astype(dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x
             return x if x.sharding == sharding else jax.device_put(x, sharding)
         x = LazyArray.of(x)
-        return _place_lazy(x if dtype is None else x.astype(dtype), sharding)
+        return _place_lazy(x.astype(dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x,
+                           sharding)
 
     error = None
     try:
@@ -408,9 +411,11 @@ def _from_boxes(x: LazyArray, sharding) -> jax.Array:
 
 
 def per_device_bytes(abstract, shardings) -> int:
-    """Bytes one device holds for a tree of arrays laid out by `shardings`."""
+    """Bytes one device holds for a tree of arrays laid out by `shardings` (int4: two values to a byte)."""
     total = 0
     for leaf, sharding in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(shardings)):
         shard_shape = sharding.shard_shape(leaf.shape)
-        total += int(np.prod(shard_shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+        dtype = np.dtype(leaf.dtype)
+        bits = jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else 8 * dtype.itemsize
+        total += -(-int(np.prod(shard_shape, dtype=np.int64)) * bits // 8)
     return total

@@ -1,4 +1,4 @@
-"""`python main.py --mode=plan`: what one device must hold to train the config, before renting the devices.
+"""`python main.py --mode=plan`: what one device must hold to train (or serve) the config, before renting the devices.
 
 The train step is compiled ahead of time on abstract inputs (shapes, dtypes and
 shardings only; nothing is allocated), for the config's model, mesh and rule set on
@@ -20,6 +20,14 @@ A mesh whose sizes are both given (no -1) uses the first data x model devices, s
 machine with 8 fake devices plans a single-device run too. When the peak does not fit,
 the plan names the ways out: LoRA over the frozen base, zero3 over enough devices (an
 estimate, to be planned on that many), full rematerialisation, smaller microbatches.
+
+`--plan=serve` plans inference instead (`make_serve_plan`): the weights in the
+compute dtype, in int8 and in int4 (`gptj.quantize`), each with the KV cache
+for `--batch_size` rows of `--context_len` tokens, and the temporaries of a
+prefill of the whole context and of one decode step, compiled the same way:
+
+    python main.py --config=gptj/configs/gptj_6b.py --mode=plan --plan=serve --batch_size=1 --context_len=2048 \
+        --device_memory_gib=8 --config.mesh.data=1 --config.mesh.model=1
 """
 
 from __future__ import annotations
@@ -27,14 +35,18 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
-import numpy as np
-
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
 
-from gptj.model import abstract_params, count_params
-from gptj import train_lm
-from gptj.partitioning import Partitioner, PartitioningError, make_mesh
+from gptj import quantize, train_lm
+from gptj.config_validation import ConfigError
+from gptj.model import (GPTJ, GPTJConfig, abstract_params, cache_logical_axes, count_params, init_cache,
+                        output_logits)
+from gptj.partitioning import Partitioner, PartitioningError, make_mesh, per_device_bytes
+from gptj.weights import open_weights, param_shardings, with_runtime
 
 GIB = 2**30
 # Adam keeps two fp32 moments per parameter (mu and nu).
@@ -98,29 +110,42 @@ def _partitioner(mesh_config) -> Partitioner:
     return Partitioner(make_mesh(data, model, devices=devices), str(mesh_config.rules))
 
 
-def make_plan(config, device_memory_gib: float | None = None) -> Plan:
-    """Compiles `config`'s train step on abstract inputs and measures what one device holds."""
-    device_memory = _device_memory(device_memory_gib)
+def _planning_partitioner(mesh_config) -> Partitioner:
+    """`_partitioner`, with the way out on a CPU machine that has too few devices."""
     try:
-        partitioner = _partitioner(config.mesh)
+        return _partitioner(mesh_config)
     except PartitioningError as e:
         if jax.devices()[0].platform != "cpu":
             raise
         raise PartitioningError(f"{e} (to plan for more devices on a CPU machine, fake them: "
                                 "XLA_FLAGS=--xla_force_host_platform_device_count=N)") from e
+
+
+def _cpu_options(partitioner: Partitioner) -> dict | None:
+    """XLA options that make a CPU compile's memory stand for an accelerator's (None elsewhere).
+
+    XLA:CPU has no bf16 matmul: it widens bf16 operands to fp32 (and int4 ones to int8), and
+    loop-invariant code motion then hoists that widening of the whole stacked weights out of the
+    layer loop: a copy of every layer that a GPU or TPU, which multiply bf16 and read int4
+    natively, never makes. Planned on CPU, a program compiles without that pass.
+    """
+    if partitioner.mesh.devices.flat[0].platform != "cpu":
+        return None
+    return {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+def make_plan(config, device_memory_gib: float | None = None) -> Plan:
+    """Compiles `config`'s train step on abstract inputs and measures what one device holds."""
+    device_memory = _device_memory(device_memory_gib)
+    partitioner = _planning_partitioner(config.mesh)
     trainer = train_lm.build_trainer_for_plan(config, partitioner)
     abstract, frozen = trainer.abstract_state, trainer.abstract_frozen
     n, n_frozen = count_params(abstract["params"]), count_params(frozen)
     weight_bytes = np.dtype(jax.tree_util.tree_leaves(abstract["params"])[0].dtype).itemsize
     frozen_dtype = np.dtype(jax.tree_util.tree_leaves(frozen)[0].dtype) if n_frozen else None
-    options = None
-    if partitioner.mesh.devices.flat[0].platform == "cpu" and frozen_dtype is not None and frozen_dtype.itemsize < 4:
-        # XLA:CPU has no bf16 matmul: it widens bf16 operands to fp32, and loop-invariant code
-        # motion then hoists that widening of the whole stacked frozen weights out of the layer
-        # loop: an fp32 copy of the base that a GPU or TPU, which multiply bf16 natively, never
-        # makes. Planned on CPU, such a run compiles without that pass.
-        options = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
-    report = trainer.compile(options)
+    # Only frozen weights narrower than fp32 are widened (see _cpu_options); trained ones are fp32.
+    narrow_frozen = frozen_dtype is not None and frozen_dtype.itemsize < 4
+    report = trainer.compile(_cpu_options(partitioner) if narrow_frozen else None)
     rule_set = partitioner.rule_set
     params_ways = _split_ways(partitioner, rule_set.rules)
     return Plan(
@@ -265,3 +290,147 @@ def format_host_memory(host: HostMemory) -> list[str]:
         f"  {'  load onto GPUs/TPUs':<34}{gib(host.load_accelerator):>10} GiB   (init_from, sample, serve, eval)",
         f"  {'  load on a CPU':<34}{cpu:>10} GiB   (fp32 / bf16 / int8 weights: the CPU is the device)",
     ]
+
+
+# -- --plan=serve: inference ----------------------------------------------------------------------
+
+# The weight formats a serving plan compares (bits; 0: the compute dtype), with the converter's default groups.
+
+SERVE_BITS = (0, 8, 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeRow:
+    """Per-device bytes of serving one weight format: weights and KV cache from their shardings, the rest compiled."""
+
+    weights_format: str  # "bfloat16", "int8 per channel", "int4 in groups of 128"
+    weights: int
+    kv_cache: int
+    temporaries: int | None  # the larger of the prefill's and the decode step's
+    peak: int | None  # the larger program's arguments + outputs not written in place + temporaries
+
+
+@dataclasses.dataclass(frozen=True)
+class ServePlan:
+    """What one device holds to serve `batch` rows of `context` tokens, per weight format."""
+
+    num_params: int
+    mesh: dict[str, int]
+    rule_set: str
+    batch: int
+    context: int
+    dtype: str
+    rows: tuple[ServeRow, ...]
+    device_memory: int | None
+
+    def fits(self, row: ServeRow) -> bool | None:
+        if row.peak is None or self.device_memory is None:
+            return None
+        return row.peak <= self.device_memory
+
+
+def serve_model_config(config) -> GPTJConfig:
+    """The model a serving plan is for: the shape of `init_from`'s weights if given, else config.model, unquantized."""
+    model = train_lm.run_model_config(config)
+    if config.init_from:
+        model = with_runtime(model, open_weights(str(config.init_from), model.vocab_pad_multiple))
+    return model.replace(quant_bits=0, quant_group_size=0, quant_targets=(), remat_policy="none")
+
+
+def _serve_row(model: GPTJConfig, partitioner: Partitioner, batch: int, context: int) -> ServeRow:
+    """Compiles a whole-context prefill and a decode step of `model` on abstract inputs; see ServeRow."""
+    boxed = nn.meta.unbox(abstract_params(model))
+    shardings = param_shardings(model, partitioner)
+    cache = jax.eval_shape(lambda: init_cache(model, batch, context))
+    cache_specs = jax.tree_util.tree_map(lambda axes: PartitionSpec(*axes), cache_logical_axes(cache),
+                                         is_leaf=lambda x: isinstance(x, tuple))
+    cache_shardings = partitioner.shardings_for(cache_specs, cache, optimizer_subtree=None)
+    decoder = GPTJ(model, decode=True)
+
+    def step(params, cache, tokens):  # the next token's logits only, as a server samples them
+        hidden, variables = decoder.apply({"params": params, "cache": cache}, tokens, return_hidden=True,
+                                          mutable=["cache"])
+        logits = output_logits(hidden[:, -1], params["lm_head_kernel"], params["lm_head_bias"], model)
+        return logits, variables["cache"]
+
+    program = partitioner.jit(step, in_shardings=(shardings, cache_shardings, partitioner.batch_sharding(2)),
+                              donate_argnums=(1,))
+    temporaries = peak = None
+    for length in (context, 1):  # the prefill of a whole context, then one decode step
+        tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+        analysis = program.lower(boxed, cache, tokens).compile(_cpu_options(partitioner)).memory_analysis()
+        if analysis is None:
+            continue
+        temp = int(analysis.temp_size_in_bytes)
+        high = int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+                   + temp)
+        temporaries, peak = max(temporaries or 0, temp), max(peak or 0, high)
+    return ServeRow(quantize.describe(model) or model.dtype, per_device_bytes(boxed, shardings),
+                    per_device_bytes(cache, cache_shardings), temporaries, peak)
+
+
+def make_serve_plan(config, batch: int, context: int, device_memory_gib: float | None = None) -> ServePlan:
+    """Per-device memory of serving `config`'s model to `batch` rows of `context` tokens, per weight format.
+
+    The weights are held in the compute dtype (`model.dtype`: inference keeps
+    no fp32 master copy) or quantized as `python -m gptj.convert quantize`
+    writes them by default (int8 per channel, int4 in groups of
+    `quantize.default_group_size`; every matrix); the KV cache is in the
+    compute dtype.
+    """
+    if batch <= 0 or context <= 0:
+        raise ConfigError(f"--batch_size and --context_len must be positive, got {batch} and {context}")
+    model = serve_model_config(config)
+    if context > model.max_len:
+        raise ConfigError(f"--context_len={context} exceeds the model's max_len={model.max_len}")
+    device_memory = _device_memory(device_memory_gib)
+    partitioner = _planning_partitioner(config.mesh)
+    if batch % partitioner.data_parallel_size:
+        raise ConfigError(f"--batch_size={batch} must be divisible by the data-parallel size "
+                         f"({partitioner.data_parallel_size}, from mesh.data and rule set {config.mesh.rules!r})")
+    served = model.replace(param_dtype=model.dtype)
+    rows = []
+    for bits in SERVE_BITS:
+        if bits:
+            served_format = served.replace(quant_bits=bits, quant_group_size=quantize.default_group_size(served, bits),
+                                           quant_targets=quantize.TARGETS)
+        else:
+            served_format = served
+        rows.append(_serve_row(served_format, partitioner, batch, context))
+    return ServePlan(num_params=count_params(nn.meta.unbox(abstract_params(served))),
+                     mesh=dict(partitioner.mesh.shape), rule_set=partitioner.rule_set.name, batch=batch,
+                     context=context, dtype=model.dtype, rows=tuple(rows), device_memory=device_memory)
+
+
+def format_serve_plan(plan: ServePlan) -> str:
+    """The table `--mode=plan --plan=serve` prints."""
+    def gib(n):
+        return "n/a" if n is None else f"{n / GIB:.3f} GiB"
+
+    mesh = " x ".join(f"{k}={v}" for k, v in plan.mesh.items())
+    devices = math.prod(plan.mesh.values())
+    memory = "" if plan.device_memory is None else f"fits {plan.device_memory / GIB:.2f} GiB"
+    lines = [
+        f"serve plan: {plan.num_params:,} parameters; mesh {mesh} ({devices} {jax.devices()[0].platform} devices), "
+        f"rule set {plan.rule_set}",
+        f"      batch {plan.batch} x {plan.context} tokens of context; prefill of the whole context and a decode "
+        f"step, compute {plan.dtype}",
+        f"  {'per device':<24}{'weights':>13}{'KV cache':>13}{'temporaries':>13}{'peak':>13}  {memory}",
+    ]
+    for row in plan.rows:
+        fits = plan.fits(row)
+        verdict = "" if fits is None else ("yes" if fits else "NO")
+        lines.append(f"  {row.weights_format:<24}{gib(row.weights):>13}{gib(row.kv_cache):>13}"
+                     f"{gib(row.temporaries):>13}{gib(row.peak):>13}  {verdict}")
+    if plan.device_memory is None:
+        lines.append("  fit: unknown device memory; pass --device_memory_gib to check")
+    lines.append("  quantize: python -m gptj.convert quantize --workdir=W --out=DIR --bits=8 (or --bits=4)")
+    return "\n".join(lines)
+
+
+def print_serve_plan(config, batch: int, context: int, device_memory_gib: float | None = None) -> ServePlan:
+    """Prints (and returns) the per-device memory plan of serving `config`'s model; see the module doc."""
+    plan = make_serve_plan(config, batch, context, device_memory_gib)
+    if jax.process_index() == 0:
+        print(format_serve_plan(plan), flush=True)
+    return plan

@@ -37,7 +37,8 @@ from gptj import losses
 from gptj import optimizer as optimizer_lib
 from gptj.config_validation import PEFT_PREFIX, ConfigError, validate
 from gptj.driver import RunSchedule, train_in_workdir
-from gptj.model import GPTJ, GPTJConfig, LoraConfig, count_params, resolve_dtype, train_flops_per_token
+from gptj.model import (GPTJ, GPTJConfig, HeadInputs, LoraConfig, count_params, output_logits, resolve_dtype,
+                        train_flops_per_token)
 from gptj.partitioning import Partitioner, place
 from gptj.trainer import Trainer, TrainableError, merge_params, param_paths, path_matcher, select_params
 from gptj.weights import BASE_WEIGHTS_KEY, RUNTIME_FIELDS, Weights, fingerprint, open_weights, with_runtime
@@ -109,20 +110,32 @@ def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Traine
     With LoRA or `train.trainable`, the Trainer freezes the other parameters
     (LoRA: kept in `lora.base_dtype`); a pattern that trains nothing, or no
     adapter of a LoRA run, is a ConfigError naming the parameter paths.
+
+    With `train.loss_chunk_tokens` > 0 the model returns its head's inputs
+    and the loss applies the head chunk by chunk (`losses.fused_next_token_loss`,
+    see `head_loss_fns`); with 0 it returns the full logits and the loss is
+    `losses.next_token_loss` over them.
     """
     from gptj.data import train_batch_spec
 
     optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer.to_dict())
     z_loss = float(config.train.z_loss)
+    chunk_tokens = int(config.train.loss_chunk_tokens)
+    if chunk_tokens < 0:
+        raise ConfigError(f"train.loss_chunk_tokens must be >= 0 (0: the full-logits loss), got {chunk_tokens}")
+    if chunk_tokens:
+        vocab_chunk = loss_vocab_chunk(int(config.train.loss_chunk_vocab), partitioner)
+        loss_fn, eval_loss_fn = head_loss_fns(model, chunk_tokens, vocab_chunk, z_loss)
+    else:
+        loss_fn = lambda logits, batch: losses.next_token_loss(logits, batch, z_loss, accuracy=False)  # noqa: E731
+        eval_loss_fn = lambda logits, batch: losses.next_token_loss(logits, batch, z_loss)  # noqa: E731
     lora = run_lora(config)
     trainable = lora_lib.trainable_pattern(str(config.train.trainable), lora)
     trainer = Trainer(
-        GPTJ(model, lora=lora), lambda logits, batch: losses.next_token_loss(logits, batch, z_loss, accuracy=False),
-        optimizer, partitioner, train_batch_spec(config), microbatches=int(config.train.microbatches),
-        summarize=losses.summarize, lr_schedule=schedule, on_nonfinite=config.train.on_nonfinite,
-        seed=int(config.train.seed),
-        eval_loss_fn=lambda logits, batch: losses.next_token_loss(logits, batch, z_loss),
-        rng_streams=("dropout",) if lora is not None and lora.dropout > 0 else (),
+        GPTJ(model, lora=lora, head_inputs=bool(chunk_tokens)), loss_fn, optimizer, partitioner,
+        train_batch_spec(config), microbatches=int(config.train.microbatches), summarize=losses.summarize,
+        lr_schedule=schedule, on_nonfinite=config.train.on_nonfinite, seed=int(config.train.seed),
+        eval_loss_fn=eval_loss_fn, rng_streams=("dropout",) if lora is not None and lora.dropout > 0 else (),
         trainable=trainable, frozen_dtype=config.lora.base_dtype if lora is not None else None)
     try:
         trained = param_paths(trainer.abstract_state["params"])
@@ -132,6 +145,53 @@ def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Traine
         raise ConfigError(f"train.trainable={trainable!r} trains no LoRA adapter (it trains {trained}); "
                           f"include {lora_lib.ADAPTER_PATTERN!r}")
     return trainer
+
+
+# Vocabulary entries per chunk of the fused loss on a CPU, when train.loss_chunk_vocab is -1 (auto): one
+# chunk's fp32 logits, LOSS_CHUNK_LOGITS_BYTES at most, then stay in cache (see benchmarks/train_kernels.py).
+LOSS_CHUNK_LOGITS_BYTES = 4 << 20
+
+
+def loss_vocab_chunk(requested: int, partitioner: Partitioner, backend: str | None = None) -> int:
+    """Vocabulary entries per chunk of the fused loss (0: the whole vocabulary at once).
+
+    `requested` is train.loss_chunk_vocab: >= 0 is taken as given; -1 (auto)
+    chunks the vocabulary only on a CPU, where it keeps each chunk's
+    element-wise work in cache, and only where the vocabulary axis is not
+    split over devices (slicing a sharded axis would serialise them); it
+    stays -1 then, for `head_loss_fns` to size once the batch shape is known.
+    """
+    import jax
+
+    if requested < -1:
+        raise ConfigError(f"train.loss_chunk_vocab must be -1 (auto), 0 (whole vocabulary) or positive, "
+                          f"got {requested}")
+    if requested >= 0:
+        return requested
+    vocab_split = partitioner.axis_size(dict(reversed(partitioner.rules)).get("act_vocab"))
+    return -1 if (backend or jax.default_backend()) == "cpu" and vocab_split == 1 else 0
+
+
+def head_loss_fns(model: GPTJConfig, chunk_tokens: int, vocab_chunk: int, z_loss: float):
+    """(train loss, eval loss) over `HeadInputs`: the fused, chunked head + cross-entropy (eval also counts accuracy).
+
+    vocab_chunk -1 sizes the vocabulary chunk so that one chunk's fp32 logits
+    (its tokens x vocabulary entries) take LOSS_CHUNK_LOGITS_BYTES at most.
+    """
+    def logits_fn(hidden, kernel, bias, first_id):
+        return output_logits(hidden, kernel, bias, model, first_id)
+
+    def loss(head: HeadInputs, batch, accuracy: bool):
+        width = vocab_chunk
+        if width < 0:
+            rows, length = batch["targets"].shape
+            tokens = min(chunk_tokens, rows * length)
+            width = max(1, LOSS_CHUNK_LOGITS_BYTES // (4 * tokens))
+        return losses.fused_next_token_loss(head.hidden, head.kernel, head.bias, batch, logits_fn,
+                                            chunk_tokens=chunk_tokens, vocab_chunk=width, z_loss=z_loss,
+                                            accuracy=accuracy)
+
+    return (lambda head, batch: loss(head, batch, False)), (lambda head, batch: loss(head, batch, True))
 
 
 def build_trainer_for_plan(config, partitioner: Partitioner) -> Trainer:

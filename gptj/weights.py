@@ -26,6 +26,13 @@ weights reads the base, checks it is the one trained over, puts the trained
 parameters in and merges LoRA adapters into their kernels, so every reader
 gets a plain GPT-J parameter tree that runs at full speed.
 
+Quantized weights (`python -m gptj.convert quantize`): a params directory
+whose config.json records `quant_bits` (and group size, targets). Opening it
+gives that config, so every reader builds the quantized model and reads the
+integer matrices as stored (`place` casts only the floating-point leaves);
+they are for inference: training refuses them (`gptj.config_validation`),
+and so do a PEFT adapter over them and the converters.
+
 Who calls what: training's `init_from` opens and places weights
 (`gptj.train_lm`); sampling, serving and evaluation call `load_for_inference`
 (the workdir's own weights, else `init_from`); the converters read `arrays()`.
@@ -45,7 +52,7 @@ import jax.numpy as jnp
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gptj import checkpoint, lora as lora_lib, params_io
+from gptj import checkpoint, lora as lora_lib, params_io, quantize
 from gptj.config_validation import PEFT_PREFIX, ConfigError, parse_init_from
 from gptj.model import GPTJConfig, LoraConfig, abstract_params, resolve_dtype
 from gptj.partitioning import Partitioner, place
@@ -109,8 +116,9 @@ class Weights:
         """The parameters laid out by `shardings` (a tree of NamedShardings), cast to `dtype` if given.
 
         Each process reads only the boxes its devices own, a layer at a time
-        for large stacked leaves, casting each box from the stored dtype
-        (`gptj.partitioning.place`); gptj weights are checked as they are read.
+        for large stacked leaves, casting each floating-point box from the
+        stored dtype (`gptj.partitioning.place`; quantized values stay
+        integers); gptj weights are checked as they are read.
         """
         if self.adapted is not None:
             return self.adapted.place(self.config, shardings, dtype)
@@ -283,6 +291,10 @@ def with_peft_adapter(weights: Weights, spec: str) -> Weights:
     from gptj.convert.peft import read_peft_config
 
     path = spec[len(PEFT_PREFIX):] if spec.startswith(PEFT_PREFIX) else spec
+    if weights.config.quant_bits:
+        raise ConfigError(f"lora.init_from={spec}: {weights.spec} holds {quantize.describe(weights.config)}-quantized "
+                          "weights, which an adapter cannot be merged into; merge it into the full-precision "
+                          "weights, then quantize the merged model")
     adapted = Adapted(base_spec=weights.spec, base_pad=weights.config.vocab_pad_multiple, source="peft", path=path,
                       lora=read_peft_config(path))
     return dataclasses.replace(weights, adapted=adapted)

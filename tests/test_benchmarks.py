@@ -81,7 +81,8 @@ def test_run_all_merges_scripts_and_notes_the_rest(tmp_path):
     report = json.loads((out / "results.json").read_text())
     status = {s["name"]: s["status"] for s in report["scripts"]}
     assert status == {"train_vs_hf": "ok", "lora_vs_peft": "missing", "decode_vs_hf": "no-contract",
-                      "eval_vs_hf": "failed", "prepare_data": "missing", "weights_memory": "missing"}
+                      "quantized_decode": "missing", "eval_vs_hf": "failed", "prepare_data": "missing",
+                      "weights_memory": "missing"}
     metrics = {r["metric"]: r for r in report["results"]}
     train = metrics["train tokens/s"]
     assert train["ratio"] == pytest.approx(1.5)
@@ -121,11 +122,25 @@ def test_gpu_sh_dry_run_end_to_end(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = {r["metric"].split(":")[0]: r for r in common.load_results(str(out))}
-    assert set(rows) == {"bf16 matmul 256^3", "train MFU", "decode batch 1", "decode batch 4"}
+    attention = {f"attention fwd+bwd {impl}" for impl in ("einsum", "dot_product", "blockwise")}
+    assert set(rows) == {"bf16 matmul 256^3", "train MFU", "decode batch 1", "decode batch 4", "decode batch 1 int8",
+                         "decode batch 1 int4"} | attention
+    for name in attention:  # every kernel ran, and (fp32 in a dry run) matched einsum
+        assert rows[name]["gptj"] > 0 and float(rows[name]["note"].split("fp32 ")[1].split(" ")[0]) < 1e-5
     train = rows["train MFU"]
     assert train["gptj"] > 0 and 0 < train["fraction_of_limit"] < 1.5
-    assert "remat dots_no_batch" in train["metric"] and "HFU" in train["note"]
+    assert "remat dots_no_batch" in train["metric"] and "loss chunk 16" in train["metric"] and "HFU" in train["note"]
     assert all(rows[k]["gptj"] > 0 for k in ("decode batch 1", "decode batch 4"))
+    for quantized in ("int8", "int4"):  # compared with the bf16 decode of the same shape
+        row = rows[f"decode batch 1 {quantized}"]
+        assert row["gptj"] > 0 and row["peer"] == rows["decode batch 1"]["gptj"], row
+
+
+def test_train_vs_hf_names_the_cpu_and_its_vector_extensions():
+    from benchmarks.train_vs_hf import cpu_description
+
+    text = cpu_description()
+    assert f"{os.cpu_count()} cores" in text and ("AVX-512" in text or "AVX2" in text or "no AVX2" in text)
 
 
 def test_flop_limits_match_the_scaling_model():

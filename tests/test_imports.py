@@ -16,8 +16,9 @@ PACKAGE = ROOT / "gptj"
 CORE = {"trainer", "train_hooks", "partitioning", "checkpoint", "integrity", "storage", "streaming", "metrics", "optimizer",
         "losses", "driver", "runtime"}
 # What makes it GPT-J: the model, its weights and formats, data, tokenizer, config checks.
-PIECES = {"model", "lora", "weights", "params_io", "data", "vocab", "vocab_seqio", "config_validation", "sampling_ops",
-          "eval_tasks", "tasks", "configs", "convert.hf", "convert.hf_files", "convert.mtj", "convert.slim", "convert.peft", "convert"}
+PIECES = {"model", "attention", "lora", "weights", "params_io", "data", "vocab", "vocab_seqio", "config_validation",
+          "sampling_ops", "eval_tasks", "tasks", "configs", "convert.hf", "convert.hf_files", "convert.mtj",
+          "convert.slim", "convert.peft", "convert", "quantize", "convert.quantize"}
 # Everything else is an application (train_lm, sampling, serve, eval_harness, evaluate, plan, ...).
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from gptj.model import GPTJ, GPTJConfig, REMAT_POLICIES
 
-BASE = GPTJConfig(vocab_size=64, num_layers=3, d_model=32, num_heads=4, rotary_dim=4, max_len=32)
+BASE = GPTJConfig(vocab_size=64, num_layers=3, d_model=32, num_heads=4, rotary_dim=4, max_len=32,
+                  attention_impl="einsum")
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,7 @@ def reference_grads(setup):
     dict(scan_layers=False),
     *[dict(remat_policy=name) for name in sorted(REMAT_POLICIES) if name != "none"],
     dict(attention_impl="dot_product"),
+    dict(attention_impl="blockwise"),
 ], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_option_keeps_loss_and_gradients(setup, reference_grads, changes):
     params, tokens = setup

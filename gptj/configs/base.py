@@ -40,6 +40,11 @@ def get_config() -> ml_collections.ConfigDict:
         eval_every=500,          # validation loss every N steps (0: never)
         val_batches=100,
         z_loss=0.0,
+        # The output head and cross-entropy fused and applied this many tokens at a time, so the
+        # [tokens, vocab] logits never exist whole (0: the full-logits loss). loss_chunk_vocab:
+        # vocabulary entries per chunk within that (0: all; -1: auto, cache-sized on a CPU).
+        loss_chunk_tokens=1024,
+        loss_chunk_vocab=-1,
         on_nonfinite="stop",     # stop | skip (skip the update, keep going)
         profile_steps="",        # e.g. "20:25" captures a jax.profiler trace of those steps
         peak_flops_per_device=0.0,  # for MFU; 0 = not reported

@@ -5,12 +5,15 @@
     python -m gptj.convert from_mtj --mtj_dir=step_383500 --out=params_dir [--mtj_config=6B_roto_256.json]
     python -m gptj.convert slim     --workdir=runs/tiny --out=slim_dir [--dtype=bfloat16]
     python -m gptj.convert to_peft  --workdir=runs/lora --out=peft_dir
+    python -m gptj.convert quantize --workdir=runs/tiny --out=int8_dir [--bits=8|4] [--group_size=128]
 
 `--workdir` takes a training workdir (its latest checkpoint), one of its checkpoint step
 directories (`runs/tiny/checkpoints/160`) or a params directory; the weights are checked
 against their checksums before anything is written. A LoRA or `train.trainable` workdir is
 read over its base weights with the adapters merged in (to_hf, slim); `to_peft` writes its
-adapters alone as a HuggingFace PEFT adapter directory. Bad input (a missing, damaged or
+adapters alone as a HuggingFace PEFT adapter directory. `quantize` writes int8 or int4 weights with
+bf16 scales for sampling, serving and evaluation (`gptj.convert.quantize`); a quantized directory
+is not converted further (convert the weights it was made from). Bad input (a missing, damaged or
 foreign checkpoint) and storage faults (no space, permission denied) print one line and exit
 with status 2 (`--verbosity=1`, before the command, also prints the trace); an existing output
 is never overwritten.
@@ -33,6 +36,7 @@ def _to_hf(args) -> str:
     from gptj.weights import open_weights
 
     weights = open_weights(args.workdir, base=args.base)
+    _refuse_quantized(weights, "to_hf")
     hf.write_hf(weights.arrays(), weights.config, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
     merged = " (base + trained parameters, adapters merged)" if weights.adapted is not None else ""
     return f"wrote HF GPTJForCausalLM ({args.dtype}) to {args.out}{merged}"
@@ -86,10 +90,36 @@ def _from_mtj(args) -> str:
 def _slim(args) -> str:
     from gptj.convert import slim
     from gptj.params_io import abstract_params_like
+    from gptj.weights import open_weights
 
-    config = slim.slim(args.workdir, args.out, dtype=args.dtype, base=args.base)
+    weights = open_weights(args.workdir, base=args.base)
+    _refuse_quantized(weights, "slim")
+    config = slim.slim(weights, args.out, dtype=args.dtype)
     size = slim.params_bytes(abstract_params_like(config, dtype=config.param_dtype))
     return f"wrote {args.dtype} params directory {args.out} ({size / 2**30:.2f} GiB of weights)"
+
+
+def _quantize(args) -> str:
+    from gptj import quantize
+    from gptj.convert import slim
+    from gptj.convert.quantize import write_quantized
+    from gptj.params_io import abstract_params_like
+
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    config = write_quantized(args.workdir, args.out, args.bits, args.group_size, targets, base=args.base)
+    size = slim.params_bytes(abstract_params_like(config))
+    return (f"wrote {quantize.describe(config)} params directory {args.out} ({', '.join(config.quant_targets)}; "
+            f"{size / 2**30:.2f} GiB of weights)")
+
+
+def _refuse_quantized(weights, command: str) -> None:
+    """A quantized directory is an end point: converting it would carry its rounding into the output."""
+    from gptj import quantize
+    from gptj.params_io import WeightsError
+
+    if weights.config.quant_bits:
+        raise WeightsError(f"{weights.path} holds {quantize.describe(weights.config)}-quantized weights; {command} "
+                           "needs the full-precision weights they were made from")
 
 
 def _size(text: str) -> int:
@@ -146,7 +176,27 @@ def build_parser() -> argparse.ArgumentParser:
     to_peft.add_argument("--workdir", required=True, help="a workdir trained with lora.rank > 0")
     to_peft.add_argument("--out", required=True, help="new adapter directory")
     to_peft.set_defaults(run=_to_peft)
+
+    quant = commands.add_parser("quantize", help="weights -> int8 / int4 params directory for inference")
+    quant.add_argument("--workdir", required=True,
+                       help="training workdir, checkpoint step or params directory (or hf:PATH, mtj:PATH)")
+    quant.add_argument("--out", required=True, help="new params directory")
+    quant.add_argument("--bits", type=int, default=8, help="8 (int8) or 4 (int4)")
+    quant.add_argument("--group_size", type=int, default=None,
+                       help="inputs per scale (0: one scale per output channel); default 0 for int8, and for int4 "
+                            "128 (or its largest divisor a small model's input dimensions allow)")
+    quant.add_argument("--targets", default=",".join(_quant_targets()),
+                       help="comma list of the matrices to quantize (default all; drop wte to keep the "
+                            "embedding in bf16)")
+    quant.add_argument("--base", default=None, help=_BASE_HELP)
+    quant.set_defaults(run=_quantize)
     return parser
+
+
+def _quant_targets() -> tuple[str, ...]:
+    from gptj.quantize import TARGETS
+
+    return TARGETS
 
 
 def main(argv: list[str] | None = None) -> int:

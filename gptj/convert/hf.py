@@ -234,7 +234,8 @@ def open_hf(hf_dir: str, vocab_pad_multiple: int = 1) -> tuple[dict[str, Any], G
             raise WeightsError(f"HF checkpoint is missing {plain!r}")
         if files.tensors[found[plain]].shape != shape:
             raise WeightsError(f"HF tensor {plain!r} has shape {files.tensors[found[plain]].shape}, expected {shape} "
-                               f"for {config}")
+                               f"for a model of d_model {config.d_model}, {config.num_layers} layers and "
+                               f"{config.vocab_size} tokens")
     unexpected = sorted(set(found) - set(expected))
     if unexpected:
         raise WeightsError(f"HF checkpoint has tensors GPT-J does not: {unexpected[:5]}"

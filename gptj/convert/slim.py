@@ -14,13 +14,15 @@ import jax
 
 from gptj.model import GPTJConfig
 from gptj.params_io import save_params
-from gptj.weights import open_weights
+from gptj.weights import Weights, open_weights
 
 SLIM_DTYPES = ("bfloat16", "float16")
 
 
-def slim(src: str, out: str, dtype: str = "bfloat16", base: str | None = None) -> GPTJConfig:
-    """Writes the params of `src` (a workdir or params directory) to `out` in `dtype`; returns its config.
+def slim(src: "str | Weights", out: str, dtype: str = "bfloat16", base: str | None = None) -> GPTJConfig:
+    """Writes the params of `src` (a workdir or params directory, or opened weights) to `out` in `dtype`.
+
+    Returns the output's config.
 
     The params are streamed: each block is read in its saved dtype (checked
     against its checksum, see `gptj.integrity`), cast and written before the
@@ -31,7 +33,7 @@ def slim(src: str, out: str, dtype: str = "bfloat16", base: str | None = None) -
     """
     if dtype not in SLIM_DTYPES:
         raise ValueError(f"slim dtype must be one of {SLIM_DTYPES}, got {dtype!r}")
-    weights = open_weights(src, base=base)
+    weights = open_weights(src, base=base) if isinstance(src, str) else src
     slim_config = weights.config.replace(param_dtype=dtype)
     save_params(out, jax.tree_util.tree_map(lambda x: x.astype(dtype), weights.arrays()), slim_config)
     return slim_config
