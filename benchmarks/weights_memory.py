@@ -55,7 +55,8 @@ SHAPES = {
     "2.7b": dict(n_embd=2560, n_layer=32, n_head=20, rotary_dim=64, vocab_size=50400),
     "6b": dict(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, vocab_size=50400),
 }
-PROMPT = "The quick brown fox"
+# Its tokens are all below 4096, so shapes with a small vocabulary sample it too.
+PROMPT = "The man and the dog"
 # Every child's path, in the order the table lists them.
 PATHS = ("from_hf", "to_hf", "slim", "load_hf", "load_params", "load_hf_bf16", "load_params_bf16", "sample_hf",
          "sample_params", "hf_from_pretrained", "hf_from_pretrained_bf16")
