@@ -11,6 +11,7 @@ wall time:
 - `from_hf`: `python -m gptj.convert from_hf` (HF dir -> params directory);
 - `to_hf`: `python -m gptj.convert to_hf` (params directory -> HF dir);
 - `slim`: `python -m gptj.convert slim` (params directory -> bf16 params directory);
+- `quantize`: `python -m gptj.convert quantize` (params directory -> int8 params directory);
 - `load hf:` / `load params`: the weights placed for inference on this machine's device
   (`Weights.place`, what sample/serve/eval do first), fp32 and, with `-bf16`, cast to
   bf16 on read;
@@ -58,9 +59,9 @@ SHAPES = {
 # Its tokens are all below 4096, so shapes with a small vocabulary sample it too.
 PROMPT = "The man and the dog"
 # Every child's path, in the order the table lists them.
-PATHS = ("from_hf", "to_hf", "slim", "load_hf", "load_params", "load_hf_bf16", "load_params_bf16", "sample_hf",
+PATHS = ("from_hf", "to_hf", "slim", "quantize", "load_hf", "load_params", "load_hf_bf16", "load_params_bf16", "sample_hf",
          "sample_params", "hf_from_pretrained", "hf_from_pretrained_bf16")
-QUICK_PATHS = ("from_hf", "to_hf", "load_hf", "load_params", "hf_from_pretrained")
+QUICK_PATHS = ("from_hf", "to_hf", "quantize", "load_hf", "load_params", "hf_from_pretrained")
 
 
 def _status(field: str) -> int:
@@ -148,7 +149,8 @@ def _child(path: str, work: str) -> dict:
 
         argv = {"from_hf": ["from_hf", f"--hf_dir={hf_dir}", f"--out={params_dir}"],
                 "to_hf": ["to_hf", f"--workdir={params_dir}", f"--out={out}"],
-                "slim": ["slim", f"--workdir={params_dir}", f"--out={out}"]}[path]
+                "slim": ["slim", f"--workdir={params_dir}", f"--out={out}"],
+                "quantize": ["quantize", f"--workdir={params_dir}", f"--out={out}", "--bits=8"]}[path]
 
         def run():
             if main(argv) != 0:
@@ -199,6 +201,7 @@ def rows_for(name: str, model_bytes: int, found: dict[str, dict]) -> list[dict]:
     peer = {"fp32": found.get("hf_from_pretrained"), "bf16": found.get("hf_from_pretrained_bf16")}
     rows = []
     titles = {"from_hf": "convert from_hf", "to_hf": "convert to_hf", "slim": "convert slim (bf16)",
+              "quantize": "convert quantize (int8)",
               "load_hf": "load hf: for inference", "load_params": "load params dir for inference",
               "load_hf_bf16": "load hf: as bf16", "load_params_bf16": "load params dir as bf16",
               "sample_hf": "--mode=sample init_from=hf:", "sample_params": "--mode=sample params dir"}

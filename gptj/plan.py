@@ -252,7 +252,7 @@ class HostMemory:
     """Peak host bytes, per process, of each path that reads or writes a model's weights (see `host_memory`)."""
 
     num_params: int
-    convert: int  # from_hf, from_mtj, slim (and, streamed the same way, quantize)
+    convert: int  # from_hf, from_mtj, slim, quantize
     to_hf: int
     load_accelerator: int  # init_from, sample, serve, eval onto GPU/TPU devices
     load_cpu: dict[str, int]  # the same on a CPU, whose devices are host memory: by weight dtype
@@ -263,8 +263,9 @@ def host_memory(model) -> HostMemory:
 
     Every path streams (gptj.streaming): a converter holds a few chunks plus
     the largest thing it must hold whole (mtj: one layer of one matrix,
-    merged from its shards in fp32, beside its parts; to_hf: the head's HF
-    tensor, whose rows are gptj's columns); a load holds a slab of this
+    merged from its shards in fp32, beside its parts; quantize: the scales
+    of one matrix, far less; to_hf: the head's HF tensor, whose rows are
+    gptj's columns); a load holds a slab of this
     process's shards, so on accelerators it needs no more than the overhead,
     and on a CPU the weights themselves in their dtype.
     """
@@ -285,10 +286,10 @@ def format_host_memory(host: HostMemory) -> list[str]:
     cpu = " / ".join(gib(host.load_cpu[k]) for k in _WEIGHT_BYTES)
     return [
         f"  host memory per process, weights streamed ({host.num_params:,} parameters):",
-        f"  {'  convert from_hf, from_mtj, slim':<34}{gib(host.convert):>10} GiB",
-        f"  {'  convert to_hf (fp32)':<34}{gib(host.to_hf):>10} GiB",
-        f"  {'  load onto GPUs/TPUs':<34}{gib(host.load_accelerator):>10} GiB   (init_from, sample, serve, eval)",
-        f"  {'  load on a CPU':<34}{cpu:>10} GiB   (fp32 / bf16 / int8 weights: the CPU is the device)",
+        f"  {'  convert from_hf, from_mtj, slim, quantize':<44}{gib(host.convert):>10} GiB",
+        f"  {'  convert to_hf (fp32)':<44}{gib(host.to_hf):>10} GiB",
+        f"  {'  load onto GPUs/TPUs':<44}{gib(host.load_accelerator):>10} GiB   (init_from, sample, serve, eval)",
+        f"  {'  load on a CPU':<44}{cpu:>10} GiB   (fp32 / bf16 / int8 weights: the CPU is the device)",
     ]
 
 
