@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 
@@ -36,29 +35,12 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train_vs_hf.py: spinning OpenMP threads starve peers
 
-from benchmarks.common import Timing, add_common_args, emit_results, matmul_peak_flops, result  # noqa: E402
+from benchmarks.common import (Timing, add_common_args, cpu_description, emit_results, matmul_peak_flops,  # noqa: E402
+                               result)
 from benchmarks.train_vs_hf import build_models  # noqa: E402
 
 LR, CLIP, ALPHA = 1e-3, 1.0, 32.0
 TARGETS = ("q_proj", "v_proj", "fc_in", "fc_out")
-
-
-def cpu_description() -> str:
-    """'<CPU model>, AVX-512 yes/no' from lscpu (or /proc/cpuinfo where lscpu is missing)."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        text = ""
-    if not text and os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    fields = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip().lower(), value.strip())
-    model = fields.get("model name", "unknown CPU")
-    flags = fields.get("flags", "").split()
-    return f"{model}, AVX-512 {'yes' if 'avx512f' in flags else 'no'}"
 
 
 def gptj_lora_trainer(config, params, batch: int, seq_len: int, rank: int):

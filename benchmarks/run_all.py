@@ -32,8 +32,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import (PEAK_ENV, ResultsError, format_pct, format_table, load_results,  # noqa: E402
-                               matmul_peak_flops, result, time_runs)
+from benchmarks.common import (PEAK_ENV, ResultsError, cpu_description, format_pct, format_table,  # noqa: E402
+                               load_results, matmul_peak_flops, result, time_runs)
 
 # (script, seconds allowed with --quick); a full run gets 4x. The quick budgets
 # add up to 21.5 minutes; TOTAL_QUICK_BUDGET_S caps the run at 20.5 (the scripts
@@ -41,6 +41,23 @@ from benchmarks.common import (PEAK_ENV, ResultsError, format_pct, format_table,
 SCRIPTS = (("train_vs_hf", 270), ("lora_vs_peft", 150), ("decode_vs_hf", 210), ("quantized_decode", 270),
            ("eval_vs_hf", 210), ("prepare_data", 90), ("weights_memory", 120))
 TOTAL_QUICK_BUDGET_S = 20.5 * 60
+# jnp and torch run the same fp32 matmul on the same cores, so they should tie; beyond this
+# either side lacks threads (a torch with half its threads once made every HF ratio 2x too kind).
+MATMUL_TIE_TOLERANCE = 0.2
+
+
+def matmul_tie_warning(jnp_flops: float, torch_flops: float | None) -> str:
+    """'' where jnp's and torch's fp32 matmul tie within MATMUL_TIE_TOLERANCE, else why the run is suspect."""
+    if torch_flops is None:
+        return ""
+    ratio = jnp_flops / torch_flops
+    if abs(ratio - 1) <= MATMUL_TIE_TOLERANCE:
+        return ""
+    import torch
+
+    return (f"jnp's fp32 matmul is {ratio:.2f}x torch's (they should tie within {MATMUL_TIE_TOLERANCE:.0%}; torch "
+            f"has {torch.get_num_threads()} threads on {os.cpu_count()} cores): one side was starved, so every "
+            f"ratio against a torch peer in this run is suspect")
 
 
 def measure_matmul_peaks(n: int = 2048, trials: int = 3) -> tuple[float, float | None]:
@@ -126,12 +143,12 @@ def run_script(name: str, bench_dir: str, out_dir: str, quick: bool, timeout: fl
     return record
 
 
-def markdown(rows: list[dict], command: str, date: str, peak: float, records: list[dict]) -> str:
+def markdown(rows: list[dict], command: str, date: str, peak: float, records: list[dict], warning: str = "") -> str:
     """The table as Markdown (for the README), with the command, date, machine and anything left out."""
     def num(v):
         return "-" if v is None else (f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}")
 
-    lines = [f"`{command}` on {date}, {os.cpu_count()} CPU cores, fp32 matmul peak {peak / 1e9:.0f} GFLOP/s", "",
+    lines = [f"`{command}` on {date}, {cpu_description()}, fp32 matmul peak {peak / 1e9:.0f} GFLOP/s", "",
              "| metric | gptj | peer | ratio | limit | of limit |", "|---|---|---|---|---|---|"]
     for r in rows:
         gptj = f"{num(r['gptj'])} {r['unit']}" + (f" ±{format_pct(50 * r['spread'])}" if r.get("spread") else "")
@@ -139,6 +156,8 @@ def markdown(rows: list[dict], command: str, date: str, peak: float, records: li
         ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}x"
         frac = "-" if r.get("fraction_of_limit") is None else f"{100 * r['fraction_of_limit']:.1f}%"
         lines.append(f"| {r['metric']} | {gptj} | {peer} | {ratio} | {num(r.get('limit'))} | {frac} |")
+    if warning:
+        lines.append(f"\n**Warning**: {warning}.")
     lines += [f"\nLeft out: {rec['name']} ({rec['status']}: {rec['note']})" for rec in records if rec["status"] != "ok"]
     return "\n".join(lines) + "\n"
 
@@ -199,7 +218,11 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     peak, torch_flops = measure_matmul_peaks() if not args.peak_flops else (args.peak_flops, None)
-    print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (load average {os.getloadavg()[0]:.1f})", flush=True)
+    print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (load average {os.getloadavg()[0]:.1f}); {cpu_description()}",
+          flush=True)
+    tie_warning = matmul_tie_warning(peak, torch_flops)
+    if tie_warning:
+        print(f"warning: {tie_warning}", flush=True)
     rows: list[dict] = []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -232,9 +255,10 @@ def main(argv=None) -> int:
     command = "python benchmarks/run_all.py" + (" --quick" if args.quick else "") + (
         f" --only={args.only}" if args.only else "")
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpu_count": os.cpu_count(), "fp32_matmul_peak_flops": peak,
+               "cpu": cpu_description(), "cpu_count": os.cpu_count(), "fp32_matmul_peak_flops": peak,
+               "torch_fp32_matmul_flops": torch_flops, "matmul_tie_warning": tie_warning,
                "fp32_matmul_peak_flops_after": peak_after, "load_average": os.getloadavg()}
-    print(f"\n{command}  ({date}, {os.cpu_count()} CPU cores, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s)\n")
+    print(f"\n{command}  ({date}, {cpu_description()}, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s)\n")
     print(format_table(rows))
     for r in rows:
         if r.get("note"):
@@ -251,7 +275,7 @@ def main(argv=None) -> int:
                    "results": rows}, f, indent=1)
     plot(rows, png_path, f"gptj vs peers on {os.cpu_count()} CPU cores ({date})")
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:
-        f.write(markdown(rows, command, date, peak, records))
+        f.write(markdown(rows, command, date, peak, records, tie_warning))
     print(f"\nwrote {os.path.relpath(json_path)} and {os.path.relpath(png_path)} "
           f"in {time.perf_counter() - started:.0f} s")
     broken = [rec["name"] for rec in records if rec["status"] in ("failed", "timeout", "bad-output", "no-output")]

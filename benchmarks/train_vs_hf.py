@@ -48,29 +48,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # them. Passive waiting keeps the peer at its fair speed (see decode_vs_hf.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from benchmarks.common import (BENCH_MODEL, Timing, add_common_args, emit_results, matmul_peak_flops,  # noqa: E402
-                               result, time_runs, train_tokens_per_s_limit)
+from benchmarks.common import (BENCH_MODEL, Timing, add_common_args, cpu_description, emit_results,  # noqa: E402
+                               matmul_peak_flops, result, time_runs, train_tokens_per_s_limit)
 
 LR, WEIGHT_DECAY, CLIP = 1e-4, 0.1, 1.0
-
-
-def cpu_description() -> str:
-    """`lscpu`'s model name, the core count and whether the CPU has AVX-512 (from /proc/cpuinfo's flags)."""
-    model, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and model == "unknown CPU":
-                    model = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    avx512 = sorted(f for f in flags if f.startswith("avx512"))
-    vector = f"AVX-512 ({', '.join(avx512[:4])}{', ...' if len(avx512) > 4 else ''})" if avx512 else (
-        "AVX2 only, no AVX-512" if "avx2" in flags else "no AVX2")
-    return f"{model}, {os.cpu_count()} cores, {vector}"
 
 
 def bench_config(seq_len: int):

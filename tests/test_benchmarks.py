@@ -101,6 +101,16 @@ def test_run_all_rejects_unknown_scripts(capsys):
     assert "unknown scripts ['nope']" in capsys.readouterr().err
 
 
+def test_run_all_flags_a_matmul_that_does_not_tie_with_torch():
+    assert run_all.matmul_tie_warning(100e9, 90e9) == ""  # within 20%: the peers are comparable
+    assert run_all.matmul_tie_warning(100e9, None) == ""
+    warning = run_all.matmul_tie_warning(213e9, 100e9)  # the run where torch had half its threads
+    assert "2.13x torch's" in warning and "threads" in warning
+    assert run_all.matmul_tie_warning(100e9, 130e9).startswith("jnp's fp32 matmul is 0.77x")
+    table = run_all.markdown([], "cmd", "today", 1e11, [], warning)
+    assert "**Warning**: jnp's fp32 matmul is 2.13x" in table and common.cpu_description() in table
+
+
 # Loaded at interpreter start-up (sitecustomize): the GPU machine has none of these packages.
 _BLOCK_IMPORTS = """
 import sys
