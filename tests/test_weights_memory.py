@@ -65,8 +65,8 @@ def test_plan_states_the_host_memory_of_gptj_6b():
 
     host = plan.host_memory(GPTJConfig.from_dict(gptj_6b.get_config().model.to_dict()))
     assert host.num_params == 6_050_882_784
-    assert host.convert < 1 * 2**30 and host.to_hf < 2 * 2**30  # converting GPT-J-6B fits any machine
+    assert host.convert < 1.5 * 2**30 and host.to_hf < 2 * 2**30  # converting GPT-J-6B fits any machine
     assert host.load_accelerator < 2**30
     assert host.load_cpu["fp32"] - host.num_params * 4 == host.load_cpu["int8"] - host.num_params
     text = "\n".join(plan.format_host_memory(host))
-    assert "convert from_hf, from_mtj, slim" in text and "22.9 / 11.6 / 6.0 GiB" in text, text
+    assert "convert from_hf, from_mtj, slim" in text and "23.1 / 11.8 / 6.2 GiB" in text, text
