@@ -44,19 +44,30 @@ class WeightsError(ValueError):
 
 
 def read_model_config(path: str) -> GPTJConfig:
-    """The model config of a params directory or workdir (its `config.json`), or of a checkpoint step directory."""
-    config_path = os.path.join(path, CONFIG_FILE)
+    """The model config of a params directory or workdir (its `config.json`), or of a checkpoint step directory.
+
+    A step directory holds the run config saved with it; where that has no
+    model (a checkpoint saved without one), the config.json of the workdir
+    around it (WORKDIR/checkpoints/N) is used.
+    """
     step_config = os.path.join(path, checkpoint.CONFIG_ITEM, integrity.JSON_FILE)  # the run config saved with a step
-    if not os.path.isfile(config_path) and os.path.isfile(step_config):
-        config_path = step_config
-    if not os.path.isfile(config_path):
+    parent = os.path.dirname(os.path.normpath(path))
+    workdir_config = (os.path.join(os.path.dirname(parent), CONFIG_FILE)
+                      if os.path.basename(parent) == CHECKPOINTS_SUBDIR else None)
+    candidates = [os.path.join(path, CONFIG_FILE), step_config, workdir_config]
+    for config_path in filter(None, candidates):
+        if not os.path.isfile(config_path):
+            continue
+        try:
+            with open(config_path) as f:
+                values = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise WeightsError(f"{config_path}: unreadable ({e})") from e
+        if config_path != step_config or values.get("model"):
+            break
+    else:
         raise WeightsError(f"{path}: no {CONFIG_FILE}; expected a gptj params directory, workdir or checkpoint "
                            "step directory")
-    try:
-        with open(config_path) as f:
-            values = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{config_path}: unreadable ({e})") from e
     values = values.get("model", values)  # a workdir's config.json holds the whole run config
     try:
         return GPTJConfig.from_dict(values)
