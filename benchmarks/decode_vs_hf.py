@@ -39,12 +39,14 @@ GOALS = {1: 2.0, 8: 3.0}  # issue 12: gptj / HF tokens/s at batch 1 and batch 8
 
 
 def build(seed: int = 0):
-    """A random HF GPTJForCausalLM (fp32, eval mode) and a gptj Sampler over the same weights."""
-    import numpy as np
+    """A random HF GPTJForCausalLM (fp32, eval mode) and a gptj Sampler over the same weights (saved by HF,
+    read by gptj.convert.hf as any HF checkpoint is)."""
+    import tempfile
+
     import torch
     import transformers
 
-    from gptj.convert.hf import hf_config_dict, hf_state_to_params
+    from gptj.convert.hf import hf_config_dict, read_hf
     from gptj.model import GPTJConfig
     from gptj.sampling import Sampler
 
@@ -53,8 +55,9 @@ def build(seed: int = 0):
     hf_config = transformers.GPTJConfig(**{k: v for k, v in hf_config_dict(config).items()
                                            if k not in ("architectures", "model_type", "torch_dtype", "dtype")})
     hf_model = transformers.GPTJForCausalLM(hf_config).eval()
-    state = {name: tensor.detach().numpy().astype(np.float32) for name, tensor in hf_model.state_dict().items()}
-    params = hf_state_to_params(state, config)
+    with tempfile.TemporaryDirectory(prefix="gptj-decode-bench-") as folder:
+        hf_model.save_pretrained(folder)
+        params, config = read_hf(folder, config.vocab_pad_multiple)
     return hf_model, Sampler(config, params, eos_id=None), config
 
 

@@ -51,13 +51,11 @@ QUALITY_STEPS, QUALITY_SEQ, QUALITY_BATCH = 300, 64, 8
 
 def quantized(params, config, bits: int, group_size: int | None):
     """(params, config) of `bits`-bit weights, as `python -m gptj.convert quantize` writes them."""
-    import jax
-
     from gptj.convert.quantize import quantize_params, quantized_config
+    from gptj.streaming import read_all
 
     config = quantized_config(config, bits, group_size)
-    host = jax.tree_util.tree_map(lambda x: x.copy(), params)  # quantize_params consumes its input
-    return quantize_params(host, config), config
+    return read_all(quantize_params(params, config)), config
 
 
 def samplers(fp32):

@@ -114,9 +114,14 @@ def _check_init_from(spec: str, problems: list[str]) -> None:
         problems.append(f"init_from={spec!r} names no path")
     elif not os.path.exists(path):
         problems.append(f"init_from={spec!r}: {path} does not exist")
-    elif kind == "gptj" and not os.path.isfile(os.path.join(path, "config.json")):
-        problems.append(f"init_from={spec!r}: {path} is not a gptj workdir or params directory (no config.json); "
-                        "use hf:PATH for HuggingFace or mtj:PATH for mesh-transformer-jax checkpoints")
+    elif kind == "gptj":
+        from gptj import params_io
+
+        try:  # a params directory, a workdir, or one step of it (workdir/checkpoints/N: an older step)
+            params_io.read_model_config(path)
+        except params_io.WeightsError as e:
+            problems.append(f"init_from={spec!r}: {e}; use hf:PATH for HuggingFace or mtj:PATH for "
+                            "mesh-transformer-jax checkpoints")
 
 
 def _check_lora(config, mode: str, problems: list[str]) -> None:

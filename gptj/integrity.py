@@ -38,10 +38,12 @@ verify only a restore onto the mesh that wrote it.)
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 import json
 import os
+import threading
 import zlib
 from typing import Any, Callable, Mapping
 
@@ -136,12 +138,16 @@ def _hash_block(block: jax.Array, offsets, global_shape: tuple[int, ...]) -> jax
         stride *= global_shape[axis]
     if per_element == 2:
         position = position + lax.broadcasted_iota(jnp.uint32, words.shape, block.ndim)
-    h = words ^ (position * jnp.uint32(_POSITION) + jnp.uint32(_SEED))
-    h = h * jnp.uint32(_M1)
+    return jnp.sum(_mix(words, position, jnp.uint32), dtype=jnp.uint32)
+
+
+def _mix(words, position, uint32):
+    """Each element's hash: murmur3's finaliser of its bits xor a key of its position (jnp or numpy uint32 arrays)."""
+    h = words ^ (position * uint32(_POSITION) + uint32(_SEED))
+    h = h * uint32(_M1)
     h = h ^ (h >> 15)
-    h = h * jnp.uint32(_M2)
-    h = h ^ (h >> 13)
-    return jnp.sum(h, dtype=jnp.uint32)
+    h = h * uint32(_M2)
+    return h ^ (h >> 13)
 
 
 def _whole(x: jax.Array) -> jax.Array:
@@ -237,10 +243,100 @@ def finish_digests(started: list[tuple[Any, bool]]) -> list[str]:
             partial.append(sum(int(np.asarray(shard.data)[0]) for shard in result.addressable_shards))
         else:  # the whole sum, which every process holds: counted once, by process 0
             partial.append(_value(result) if jax.process_index() == 0 and result is not None else 0)
+    return _summed_over_processes(partial)
+
+
+def _summed_over_processes(partial: list[int]) -> list[str]:
+    """Digests (8 hex digits) from each process's partial sums: the same list on every process (a collective)."""
     totals = np.array([p % 2**32 for p in partial], np.uint32)
     if jax.process_count() > 1:
         totals = np.asarray(multihost_utils.process_allgather(totals)).astype(np.uint64).sum(axis=0)
     return [f"{int(t) % 2**32:08x}" for t in totals]
+
+
+# Words hashed at once by `block_digest`: bounds its temporaries.
+_HOST_WORDS = 1 << 20
+
+
+def _host_words(x: np.ndarray) -> np.ndarray:
+    """`_words` of a host array: its bits as uint32 words (8-byte types: two per element, on a last axis)."""
+    if x.dtype == np.bool_:
+        x = x.astype(np.uint8)
+    bits = _bit_width(x.dtype)
+    if bits < 8:
+        return x.astype(np.int32 if jnp.issubdtype(x.dtype, jnp.integer) else np.float32).view(np.uint32)
+    if bits == 64:
+        return np.ascontiguousarray(x).view(np.uint32).reshape(x.shape + (2,))
+    return np.ascontiguousarray(x).view({8: np.uint8, 16: np.uint16, 32: np.uint32}[bits]).astype(np.uint32)
+
+
+def block_digest(block: np.ndarray, offsets: tuple[int, ...], global_shape: tuple[int, ...]) -> int:
+    """The part of an array's digest that one host block contributes: `block` sits at `offsets` in `global_shape`.
+
+    The digest is a sum over elements, so the parts of blocks that tile the
+    array (any blocking, any order, any process) add up, modulo 2**32, to the
+    digest `array_digests` gives the whole array: the same hash as
+    `_hash_block`, computed with numpy on the host (no compilation per block
+    shape), a bounded number of words at a time.
+    """
+    block = np.asarray(block)
+    if block.ndim == 0 or block.size == 0:
+        words = _host_words(block).reshape(1, -1)
+        return int(_mix(words, np.arange(words.size, dtype=np.uint32), np.uint32).sum(dtype=np.uint64) % 2**32)
+    per_element = 2 if _bit_width(block.dtype) == 64 else 1
+    strides, stride = [], per_element
+    for n in reversed(global_shape):
+        strides.insert(0, stride)
+        stride *= n
+    rows = max(1, _HOST_WORDS // max(1, block.size // block.shape[0] * per_element))
+    total = 0
+    for start in range(0, block.shape[0], rows):
+        words = _host_words(block[start:start + rows])
+        position = np.zeros(words.shape, np.uint32)
+        for axis in range(block.ndim):
+            index = np.arange(words.shape[axis], dtype=np.uint64) + offsets[axis] + (start if axis == 0 else 0)
+            shape = [1] * words.ndim
+            shape[axis] = -1
+            position += (index * strides[axis] % 2**32).astype(np.uint32).reshape(shape)
+        if per_element == 2:
+            position += np.arange(2, dtype=np.uint32)
+        total += int(_mix(words, position, np.uint32).sum(dtype=np.uint64))
+    return total % 2**32
+
+
+class StreamedDigests:
+    """The digests of arrays that are read or written block by block, in any order (`add`).
+
+    Every element must be added exactly once over all processes; `digests()`
+    sums the processes' parts (a collective) and gives what `array_digests`
+    gives for the whole arrays. Blocks are hashed in a background thread
+    (numpy releases the GIL) while the caller goes on reading; at most two
+    wait at once, and a block must not change once added.
+    """
+
+    def __init__(self, shapes: list[tuple[int, ...]]):
+        self.shapes = [tuple(shape) for shape in shapes]
+        self._partial = [0] * len(shapes)
+        self._lock = threading.Lock()
+        self._hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._pending: collections.deque = collections.deque()
+
+    def add(self, index: int, block: np.ndarray, offsets: tuple[int, ...]) -> None:
+        """Counts `block`, which sits at `offsets` in array `index`."""
+        while len(self._pending) >= 2:
+            self._pending.popleft().result()
+        self._pending.append(self._hasher.submit(self._count, index, block, offsets))
+
+    def _count(self, index: int, block: np.ndarray, offsets: tuple[int, ...]) -> None:
+        part = block_digest(block, offsets, self.shapes[index])
+        with self._lock:
+            self._partial[index] = (self._partial[index] + part) % 2**32
+
+    def digests(self) -> list[str]:
+        """Each array's digest (8 hex digits), the same on every process. Every process must call it."""
+        while self._pending:
+            self._pending.popleft().result()
+        return _summed_over_processes(self._partial)
 
 
 def array_digests(tree: Any) -> list[str]:
@@ -269,13 +365,19 @@ def _dtype_name(leaf: Any) -> str:
     return str(np.dtype(leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype))
 
 
-def build_manifest(arrays: Mapping[str, Any], json_items: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The manifest of array items {name: tree} and JSON items {name: value}. Every process must call it."""
+def build_manifest(arrays: Mapping[str, Any], json_items: Mapping[str, Any] | None = None,
+                   digests: Mapping[str, list[str]] | None = None) -> dict[str, Any]:
+    """The manifest of array items {name: tree} and JSON items {name: value}. Every process must call it.
+
+    `digests` {item: the digests of its leaves}: for items whose digests were
+    taken as they were written (`StreamedDigests`), instead of from the arrays.
+    """
     items: dict[str, Any] = {}
     for item, tree in arrays.items():
         leaves = jax.tree_util.tree_leaves(tree)
+        found = (digests or {}).get(item) or array_digests(tree)
         items[item] = {name: {"shape": list(np.shape(leaf)), "dtype": _dtype_name(leaf), "digest": digest}
-                       for name, leaf, digest in zip(leaf_names(tree, item + "/"), leaves, array_digests(tree))}
+                       for name, leaf, digest in zip(leaf_names(tree, item + "/"), leaves, found)}
     items.update({item: {"json": json_digest(value)} for item, value in (json_items or {}).items()})
     body = {"format": FORMAT, "algorithm": ALGORITHM, "items": items}
     return dict(body, digest=json_digest(body))
@@ -301,12 +403,12 @@ def manifest_path(directory: str) -> str:
 # --- checked reading ------------------------------------------------------------------------------------------
 
 
-class _Misfit(Exception):
+class Misfit(Exception):
     """The saved tree is intact but is not the target's (another model or optimizer)."""
 
 
 def _saved_layout(entries: Mapping[str, Any], target: Any, item: str) -> Any:
-    """`target` with the saved dtypes, once its structure and shapes match the manifest (else _Misfit).
+    """`target` with the saved dtypes, once its structure and shapes match the manifest (else Misfit).
 
     Reading in the saved dtype is what lets the digests be checked; the
     caller casts afterwards.
@@ -314,23 +416,27 @@ def _saved_layout(entries: Mapping[str, Any], target: Any, item: str) -> Any:
     names = leaf_names(target, item + "/")
     missing = [n for n in names if n not in entries]
     if missing:
-        raise _Misfit(f"the saved {item} has no {missing[0]}")
+        raise Misfit(f"the saved {item} has no {missing[0]}")
     extra = sorted(set(entries) - set(names))
     if extra:
-        raise _Misfit(f"the saved {item} has {extra[0]}, which this state lacks")
+        raise Misfit(f"the saved {item} has {extra[0]}, which this state lacks")
     leaves, treedef = jax.tree_util.tree_flatten(target)
     out = []
     for name, leaf in zip(names, leaves):
         shape = tuple(entries[name]["shape"])
         if tuple(leaf.shape) != shape:
-            raise _Misfit(f"{name} is saved with shape {shape}, expected {tuple(leaf.shape)}")
+            raise Misfit(f"{name} is saved with shape {shape}, expected {tuple(leaf.shape)}")
         out.append(jax.ShapeDtypeStruct(shape, jnp.dtype(entries[name]["dtype"]),
                                         sharding=getattr(leaf, "sharding", None)))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _open(directory: str, arrays: Mapping[str, Any], json_items: tuple[str, ...]):
-    """(manifest entries, {item: target in the saved dtypes}), as this process reads them."""
+def open_manifest(directory: str, arrays: Mapping[str, Any], json_items: tuple[str, ...] = ()):
+    """(manifest entries, {item: target in the saved dtypes}), as this process reads them.
+
+    IntegrityError for a missing, damaged or incomplete manifest; a target
+    whose structure or shapes differ from what was saved raises `Misfit`.
+    """
     try:
         entries = check_manifest(storage.read_json(manifest_path(directory)))
     except FileNotFoundError:
@@ -348,7 +454,7 @@ def _open(directory: str, arrays: Mapping[str, Any], json_items: tuple[str, ...]
 def _read_tree(path: str, target: Any) -> Any:
     """The Orbax tree at `path` as `target` (ShapeDtypeStructs; `ocp.PLACEHOLDER` leaves are skipped)."""
     # Orbax's handler, not its Checkpointer: the latter ends with a cross-process barrier that a process whose
-    # read failed never reaches. The processes agree on the outcome through `_agreed` instead.
+    # read failed never reaches. The processes agree on the outcome through `agreed` instead.
     handler = ocp.PyTreeCheckpointHandler()
     try:
         return handler.restore(epath.Path(os.path.abspath(path)), args=ocp.args.PyTreeRestore(
@@ -421,7 +527,7 @@ def _agree(error: tuple[str, str] | None) -> tuple[str, str] | None:
     return None
 
 
-def _agreed(directory: str, step: int | None, read: Callable[[], Any]) -> Any:
+def agreed(directory: str, step: int | None, read: Callable[[], Any]) -> Any:
     """Runs `read` (this process's part of a restore); then every process raises the same error, or none does.
 
     A read error may hit one process only (the one whose devices hold a bad
@@ -432,16 +538,16 @@ def _agreed(directory: str, step: int | None, read: Callable[[], Any]) -> Any:
         value = read()
     except IntegrityError as e:
         local = ("damaged", f"{e.what}\n{e.reason}")
-    except _Misfit as e:
+    except Misfit as e:
         local = ("misfit", f"{directory} does not fit this model/optimizer: {e}")
     except Exception as e:  # noqa: BLE001 - shared with the other processes as one line, below
         fault = storage.storage_fault(e)
         local = ("storage" if fault else "error", f"cannot read {directory}: {fault or storage.reason(e)}")
         logging.info("reading %s failed", directory, exc_info=True)
-    agreed = _agree(local)
-    if agreed is None:
+    outcome = _agree(local)
+    if outcome is None:
         return value
-    kind, message = agreed
+    kind, message = outcome
     if kind == "damaged":
         what, why = message.split("\n", 1)
         raise storage.CheckpointDamagedError(directory, what, why, step)
@@ -449,22 +555,20 @@ def _agreed(directory: str, step: int | None, read: Callable[[], Any]) -> Any:
 
 
 def restore_verified(directory: str, arrays: Mapping[str, Any], json_items: tuple[str, ...] = (),
-                     step: int | None = None, one_array_at_a_time: bool = False) -> dict[str, Any]:
+                     step: int | None = None) -> dict[str, Any]:
     """Reads the array items {name: target tree} and JSON items of a step or params directory, checked.
 
     Targets are trees of ShapeDtypeStructs: the arrays land on their
     shardings (any mesh) and in their dtypes (read in the saved dtype,
     checked, then cast). The items are read concurrently, and each is hashed
-    while the next one is still being read.
-    `one_array_at_a_time` reads, checks and casts array by array, so that at
-    most two arrays in their saved dtype are held at once (slower: many small
-    reads). Every process must call this,
-    and every process gets the same outcome: CheckpointDamagedError (checksum
+    while the next one is still being read. (Params directories are read box
+    by box instead: `gptj.params_io.open_params`.) Every process must call
+    this, and every process gets the same outcome: CheckpointDamagedError (checksum
     mismatch, unreadable or missing data, damaged manifest), StorageError
     (e.g. permission denied) or CheckpointError (the target is another model
     or optimizer, or an unexpected failure, which never counts as damage).
     """
-    entries, layouts = _agreed(directory, step, lambda: _open(directory, arrays, json_items))
+    entries, layouts = agreed(directory, step, lambda: open_manifest(directory, arrays, json_items))
     leaves = {item: [None] * len(jax.tree_util.tree_leaves(layout)) for item, layout in layouts.items()}
     pending = None  # the part read last, being hashed while the next one is read
 
@@ -477,9 +581,8 @@ def restore_verified(directory: str, arrays: Mapping[str, Any], json_items: tupl
                     directory, names[i], f"checksum mismatch (saved {saved}, read {digest})", step)
             leaves[item][i] = leaf if leaf.dtype == targets[i].dtype else leaf.astype(targets[i].dtype)
 
-    chunks = [(item, chunk) for item in layouts for chunk in (
-        [[i] for i in range(len(leaves[item]))] if one_array_at_a_time else [list(range(len(leaves[item])))])]
-    ahead = 1 if one_array_at_a_time else len(chunks)  # reads in flight: items together, arrays one by one
+    chunks = [(item, list(range(len(leaves[item])))) for item in layouts]
+    ahead = len(chunks)  # every item read at once
     reads: dict[int, Any] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=ahead) as pool:
 
@@ -493,7 +596,7 @@ def restore_verified(directory: str, arrays: Mapping[str, Any], json_items: tupl
         try:
             for k, (item, chunk) in enumerate(chunks):
                 try:
-                    read = _agreed(directory, step, reads.pop(k).result)
+                    read = agreed(directory, step, reads.pop(k).result)
                 finally:  # a bad array read before this one is named first, whatever happens here
                     if pending is not None:
                         finish(*pending)
@@ -507,5 +610,5 @@ def restore_verified(directory: str, arrays: Mapping[str, Any], json_items: tupl
         finish(*pending)
     restored = {item: jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(arrays[item]), leaves[item])
                 for item in layouts}
-    restored.update(_agreed(directory, step, lambda: _read_json_items(directory, entries, json_items)))
+    restored.update(agreed(directory, step, lambda: _read_json_items(directory, entries, json_items)))
     return restored

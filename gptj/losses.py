@@ -108,8 +108,9 @@ def fused_next_token_loss(hidden: jax.Array, kernel: jax.Array, bias: jax.Array,
     other sums (nll_sum, z_loss_sum, weight, correct) are metrics, returned
     under stop_gradient.
 
-    hidden: [B, T, D]; kernel: [D, V]; bias: [V]; batch: `targets` int32
-    [B, T], optionally `loss_mask` [B, T]. logits_fn(h, kernel_slice,
+    hidden: [B, T, D]; kernel: [D, V] (or, for the loss without its
+    gradient, a pytree of leaves ending in V: a quantized head); bias: [V];
+    batch: `targets` int32 [B, T], optionally `loss_mask` [B, T]. logits_fn(h, kernel_slice,
     bias_slice, first_id) -> fp32 logits [b, t, v] for vocabulary ids
     first_id.. (it masks padded ids itself).
     """
@@ -121,7 +122,7 @@ def fused_next_token_loss(hidden: jax.Array, kernel: jax.Array, bias: jax.Array,
     mask = batch.get("loss_mask")
     mask = jnp.ones((rows, length), jnp.float32) if mask is None else mask.astype(jnp.float32)
     spec = _FusedSpec(logits_fn, _positions_per_chunk(rows, length, chunk_tokens),
-                      _divisor_at_most(kernel.shape[-1], vocab_chunk), float(z_loss), bool(accuracy))
+                      _divisor_at_most(bias.shape[-1], vocab_chunk), float(z_loss), bool(accuracy))
     loss_sum, metrics = _fused_loss(hidden, kernel, bias, batch["targets"], mask, spec)
     return {"loss_sum": loss_sum, **jax.lax.stop_gradient(metrics)}
 
@@ -172,15 +173,19 @@ def _positions_per_chunk(rows: int, length: int, chunk_tokens: int) -> int:
 
 
 def _vocab_slice(kernel, bias, index, width: int):
-    """Vocabulary chunk `index` (traced) of the head: kernel [D, width], bias [width]."""
+    """Vocabulary chunk `index` (traced) of the head: kernel [D, width], bias [width].
+
+    The kernel may be a pytree whose every leaf ends in the vocabulary axis
+    (a quantized head's values and scales): each leaf is sliced alike.
+    """
     start = index * width
-    return (jax.lax.dynamic_slice_in_dim(kernel, start, width, axis=kernel.ndim - 1),
+    return (jax.tree_util.tree_map(lambda w: jax.lax.dynamic_slice_in_dim(w, start, width, axis=w.ndim - 1), kernel),
             jax.lax.dynamic_slice_in_dim(bias, start, width, axis=0))
 
 
 def _chunk_stats(h, kernel, bias, targets, spec: _FusedSpec, keep_logits: bool):
     """Pass 1 over one token chunk: (lse, target logit, argmax) [b, t] and, if asked, the logits chunks."""
-    vocab = kernel.shape[-1]
+    vocab = bias.shape[-1]
     width = spec.vocab_chunk
     if width == vocab:
         logits = spec.logits_fn(h, kernel, bias, 0)
@@ -226,7 +231,7 @@ def _chunk_grads(h, kernel, bias, targets, mask, lse, stored, d_kernel, d_bias, 
     pulled back through `logits_fn` by `jax.vjp`. The logits are the stored
     ones: the product vjp would recompute is unused and compiled away.
     """
-    vocab, width = kernel.shape[-1], spec.vocab_chunk
+    vocab, width = bias.shape[-1], spec.vocab_chunk
     scale = (mask * (1.0 + 2.0 * spec.z_loss * lse))[..., None]
 
     def pull_back(logits, w, b, first_id):

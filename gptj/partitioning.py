@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -27,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gptj.streaming import LazyArray, finish_reading
 
 MESH_AXES = ("data", "model")
 
@@ -315,10 +318,16 @@ class Partitioner:
 def place(tree, shardings, dtype=None):
     """Lays a tree of arrays out on the mesh: each leaf onto the matching sharding, cast to `dtype` if given.
 
-    Host (numpy) leaves must be held in full by every process; each process
-    copies only the slices its own devices own, so this works on several hosts.
-    Leaves that are already jax arrays are moved device to device (never through
-    the host). `tree` and `shardings` may also be a single array and sharding.
+    Host leaves (numpy, or LazyArrays read from disk: `gptj.streaming`) are
+    read box by box: each process reads only the boxes its own devices hold,
+    each distinct box once, cast to `dtype` as it is read (numpy leaves must be
+    held in full by every process). A leaf whose per-device shards are large
+    is filled in place a slab of rows at a time (a layer of a stacked leaf),
+    so that the host holds about one layer of this process's shards at once,
+    never a whole leaf. The LazyArrays' sources are then checked
+    (`streaming.finish_reading`: a collective where they are checked). Leaves
+    that are already jax arrays are moved device to device (never through the
+    host). `tree` and `shardings` may also be a single array and sharding.
     `dtype` applies to floating-point leaves: integer leaves (token ids, the
     values of quantized weights) keep their own.
     """
@@ -326,11 +335,79 @@ def place(tree, shardings, dtype=None):
         if isinstance(x, jax.Array):
             x = x.astype(dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x
             return x if x.sharding == sharding else jax.device_put(x, sharding)
-        x = np.asarray(x)
-        x = np.asarray(x, dtype=dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+        x = LazyArray.of(x)
+        return _place_lazy(x.astype(dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x,
+                           sharding)
 
-    return jax.tree_util.tree_map(one, tree, shardings)
+    error = None
+    try:
+        placed = jax.tree_util.tree_map(one, tree, shardings)
+    except Exception as e:  # noqa: BLE001 - a checked source shares it with the other processes first
+        error = e
+    finish_reading(tree, error)
+    return placed
+
+
+# Per-device shards larger than this are placed a slab of rows (leading-axis slices) at a time, each slab
+# at most this large or one row (one layer of a stacked leaf).
+_SLAB_BYTES = 16 << 20
+
+
+def _place_lazy(x: LazyArray, sharding) -> jax.Array:
+    """A LazyArray laid out by `sharding`, read box by box (see `place`).
+
+    A large one whose leading axis the layout does not split (every shard
+    holds all its rows) is filled in place a slab of rows at a time: the host
+    holds one slab of this process's shards, not the leaf.
+    """
+    shard_bytes = math.prod(sharding.shard_shape(x.shape)) * x.dtype.itemsize
+    if shard_bytes <= _SLAB_BYTES or x.ndim == 0 or sharding.shard_shape(x.shape)[0] != x.shape[0]:
+        return _from_boxes(x, sharding).block_until_ready()
+    rows = max(1, _SLAB_BYTES // (shard_bytes // x.shape[0]))
+    out = _zeros(sharding, x.shape, x.dtype)()
+    set_rows = _rows_setter(sharding)
+    for start in range(0, x.shape[0], rows):
+        # Each slab lands before the next is read: asynchronous dispatch would otherwise keep them all in flight.
+        out = set_rows(out, _from_boxes(x.rows(start, min(start + rows, x.shape[0])), sharding), start)
+        out.block_until_ready()
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros(sharding, shape: tuple[int, ...], dtype):
+    """A compiled function that allocates zeros of `shape` laid out by `sharding` (filled in place by slabs)."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_setter(sharding):
+    """A compiled function (whole, slab, start) -> whole with rows start.. replaced by slab, in place (donated)."""
+    return jax.jit(lambda whole, slab, start: jax.lax.dynamic_update_slice_in_dim(whole, slab, start, axis=0),
+                   donate_argnums=0, out_shardings=sharding)
+
+
+def _from_boxes(x: LazyArray, sharding) -> jax.Array:
+    """A LazyArray laid out by `sharding`: each distinct box this process's devices hold is read once.
+
+    A box counts for its source's checks (`primary`) in the process of the
+    first device, over all processes, that holds it: each element is counted
+    exactly once however the layout replicates it.
+    """
+    def key(index) -> tuple[tuple[int, int], ...]:
+        return tuple(s.indices(n)[:2] for s, n in zip(index, x.shape))
+
+    first_holder: dict[Any, Any] = {}
+    for device, index in sharding.devices_indices_map(x.shape).items():
+        first_holder.setdefault(key(index), device)
+    blocks: dict[Any, np.ndarray] = {}
+    shards = []
+    for device, index in sharding.addressable_devices_indices_map(x.shape).items():
+        k = key(index)
+        if k not in blocks:
+            box = tuple(slice(start, stop) for start, stop in k)
+            blocks[k] = x.read(box, primary=first_holder[k].process_index == jax.process_index())
+        shards.append(jax.device_put(blocks[k], device))
+    return jax.make_array_from_single_device_arrays(x.shape, sharding, shards)
 
 
 def per_device_bytes(abstract, shardings) -> int:

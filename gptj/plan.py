@@ -72,6 +72,7 @@ class Plan:
     frozen_expected: int = 0
     frozen_dtype: str = ""
     lora_params_expected: int = 0  # what a LoRA run's frozen bf16 base would take per device under these rules
+    host: "HostMemory | None" = None  # host memory of reading and writing this model's weights
 
     @property
     def fits(self) -> bool | None:
@@ -155,7 +156,7 @@ def make_plan(config, device_memory_gib: float | None = None) -> Plan:
         device_memory=device_memory, num_frozen=n_frozen, frozen=report.frozen,
         frozen_expected=0 if frozen_dtype is None else n_frozen * frozen_dtype.itemsize // params_ways,
         frozen_dtype="" if frozen_dtype is None else frozen_dtype.name,
-        lora_params_expected=(n + n_frozen) * 2 // params_ways)
+        lora_params_expected=(n + n_frozen) * 2 // params_ways, host=host_memory(trainer.model.config))
 
 
 def ways_out(plan: Plan, config) -> list[str]:
@@ -224,6 +225,8 @@ def format_plan(plan: Plan, config) -> str:
                      f"({'margin' if plan.fits else 'short by'} {abs(margin):.2f} GiB)")
         if not plan.fits:
             lines += ["  ways out:"] + [f"    - {way}" for way in ways_out(plan, config)]
+    if plan.host is not None:
+        lines += format_host_memory(plan.host)
     return "\n".join(lines)
 
 
@@ -233,6 +236,62 @@ def print_plan(config, device_memory_gib: float | None = None) -> Plan:
     if jax.process_index() == 0:
         print(format_plan(plan, config), flush=True)
     return plan
+
+
+# --- host memory of the weights ---------------------------------------------------------------------------------
+
+# What the runtime and the streaming buffers (a few 16 MiB chunks, slabs and blocks: gptj.streaming) add to the
+# weights a path holds, whatever the model: the largest such excess benchmarks/weights_memory.py measured on
+# 0.5B-2.7B shapes (README, "Host memory": slim and quantize, which read and write params directories in one
+# process, 0.53 GiB), rounded up.
+STREAMING_OVERHEAD = int(0.55 * GIB)
+_WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class HostMemory:
+    """Peak host bytes, per process, of each path that reads or writes a model's weights (see `host_memory`)."""
+
+    num_params: int
+    convert: int  # from_hf, from_mtj, slim, quantize
+    to_hf: int
+    load_accelerator: int  # init_from, sample, serve, eval onto GPU/TPU devices
+    load_cpu: dict[str, int]  # the same on a CPU, whose devices are host memory: by weight dtype
+
+
+def host_memory(model) -> HostMemory:
+    """The host memory each weights path needs for `model` (a GPTJConfig): the formula the measurements confirm.
+
+    Every path streams (gptj.streaming): a converter holds a few chunks plus
+    the largest thing it must hold whole (mtj: one layer of one matrix,
+    merged from its shards in fp32, beside its parts; quantize: the scales
+    of one matrix, far less; to_hf: the head's HF tensor, whose rows are
+    gptj's columns); a load holds a slab of this
+    process's shards, so on accelerators it needs no more than the overhead,
+    and on a CPU the weights themselves in their dtype.
+    """
+    n = count_params(nn.meta.unbox(abstract_params(model)))
+    layer_matrix = model.d_model * model.mlp_dim * 4  # fc_in of one layer, fp32: the largest merged layer
+    head = model.d_model * model.vocab_size * 4  # the head's HF tensor (fp32 export)
+    return HostMemory(
+        num_params=n, convert=STREAMING_OVERHEAD + 2 * layer_matrix, to_hf=STREAMING_OVERHEAD + head + layer_matrix,
+        load_accelerator=STREAMING_OVERHEAD,
+        load_cpu={name: n * size + STREAMING_OVERHEAD for name, size in _WEIGHT_BYTES.items()})
+
+
+def format_host_memory(host: HostMemory) -> list[str]:
+    """The plan's host-memory lines: what each weights path needs on the host, per process."""
+    def gib(n):
+        return f"{n / GIB:.1f}"
+
+    cpu = " / ".join(gib(host.load_cpu[k]) for k in _WEIGHT_BYTES)
+    return [
+        f"  host memory per process, weights streamed ({host.num_params:,} parameters):",
+        f"  {'  convert from_hf, from_mtj, slim, quantize':<44}{gib(host.convert):>10} GiB",
+        f"  {'  convert to_hf (fp32)':<44}{gib(host.to_hf):>10} GiB",
+        f"  {'  load onto GPUs/TPUs':<44}{gib(host.load_accelerator):>10} GiB   (init_from, sample, serve, eval)",
+        f"  {'  load on a CPU':<44}{cpu:>10} GiB   (fp32 / bf16 / int8 weights: the CPU is the device)",
+    ]
 
 
 # -- --plan=serve: inference ----------------------------------------------------------------------

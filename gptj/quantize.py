@@ -198,11 +198,20 @@ def quantize_matrix(w: np.ndarray, bits: int, group_size: int, spans: tuple[int,
         reduce = (hi,)
     else:
         grouped, reduce = w, tuple(range(lo, hi))
-    amax = np.max(np.abs(grouped), axis=reduce, keepdims=True)
-    scale = np.where(amax > 0, amax / qmax(bits), 1.0).astype(scale_dtype)
-    values = np.clip(np.rint(grouped / scale.astype(np.float32)), -qmax(bits), qmax(bits))  # clip: a guard only
-    values = values.astype(np.dtype(int_dtype(bits))).reshape(w.shape)
+    scale = scale_from_amax(np.max(np.abs(grouped), axis=reduce, keepdims=True), bits, scale_dtype)
+    values = round_to_scale(grouped, scale, bits).reshape(w.shape)
     return values, np.squeeze(scale, axis=reduce)
+
+
+def scale_from_amax(amax: np.ndarray, bits: int, scale_dtype=ml_dtypes.bfloat16) -> np.ndarray:
+    """The scales of channels or groups whose largest magnitude is `amax` (1 for an all-zero one)."""
+    return np.where(amax > 0, amax / qmax(bits), 1.0).astype(scale_dtype)
+
+
+def round_to_scale(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+    """The `bits`-bit values of fp32 `w` against `scale` (as stored; broadcast to `w`), as numpy int8 / int4."""
+    values = np.clip(np.rint(w / scale.astype(np.float32)), -qmax(bits), qmax(bits))  # clip: a guard only
+    return values.astype(np.dtype(int_dtype(bits)))
 
 
 def dequantize(w: Mapping[str, Any], spans: tuple[int, int], dtype) -> jax.Array:

@@ -7,8 +7,10 @@ A weights spec names where they are:
     PATH       a gptj workdir (its newest complete checkpoint) or params directory
 
 `open_weights(spec)` reads only the model config; `Weights.place(shardings)`
-then reads the arrays and lays them out on the mesh, and `Weights.numpy()`
-gives them to converters as host arrays.
+then reads the arrays and lays them out on the mesh (each process reading
+only what its devices hold, a layer at a time), `Weights.arrays()` gives
+them to converters as LazyArrays read box by box, and `Weights.numpy()` as
+host arrays.
 
 The weights fix the model's shape. A run chooses the runtime fields
 (`RUNTIME_FIELDS`: compute and storage dtypes, layer scan, remat, attention
@@ -33,7 +35,7 @@ and so do a PEFT adapter over them and the converters.
 
 Who calls what: training's `init_from` opens and places weights
 (`gptj.train_lm`); sampling, serving and evaluation call `load_for_inference`
-(the workdir's own weights, else `init_from`); the converters read `numpy()`.
+(the workdir's own weights, else `init_from`); the converters read `arrays()`.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from gptj import checkpoint, lora as lora_lib, params_io, quantize
 from gptj.config_validation import PEFT_PREFIX, ConfigError, parse_init_from
 from gptj.model import GPTJConfig, LoraConfig, abstract_params, resolve_dtype
 from gptj.partitioning import Partitioner, place
+from gptj.streaming import LazyArray, read_all
 from gptj.trainer import merge_params, param_paths, path_matcher, select_params
 
 # Model fields a run may choose whatever the weights were trained with (numerics
@@ -84,36 +87,44 @@ class Weights:
         """The weights spec that names them again (`hf:PATH`, `mtj:PATH` or PATH)."""
         return self.path if self.kind == "gptj" else f"{self.kind}:{self.path}"
 
+    def arrays(self) -> Any:
+        """The parameter tree as LazyArrays (`gptj.streaming`): nothing is read until a consumer reads their boxes.
+
+        Their dtype is float32 for foreign formats (HF, mtj; any dtype on
+        read: `astype` casts each box from the stored dtype), the stored one
+        for gptj's. Weights adapted over a base are merged on the host first.
+        """
+        if self.adapted is not None:
+            return jax.tree_util.tree_map(LazyArray.of, self.adapted.numpy(self.config))
+        if self.kind == "hf":
+            from gptj.convert.hf import open_hf
+
+            return open_hf(self.path, self.config.vocab_pad_multiple)[0]
+        if self.kind == "mtj":
+            from gptj.convert.mtj import open_mtj
+
+            return open_mtj(self.path, vocab_pad_multiple=self.config.vocab_pad_multiple)[0]
+        return params_io.open_params(self.path)[0]
+
     def numpy(self) -> Any:
-        """The parameter tree as host numpy arrays (fp32 for foreign formats, as stored for gptj's)."""
+        """The parameter tree as host numpy arrays (fp32 for foreign formats, as stored for gptj's), checked."""
         if self.adapted is not None:
             return self.adapted.numpy(self.config)
-        if self.kind == "hf":
-            from gptj.convert.hf import read_hf
-
-            return read_hf(self.path, self.config.vocab_pad_multiple)[0]
-        if self.kind == "mtj":
-            from gptj.convert.mtj import read_mtj
-
-            return read_mtj(self.path, vocab_pad_multiple=self.config.vocab_pad_multiple)[0]
-        return params_io.to_numpy(params_io.load_params(self.path)[0])
+        return read_all(self.arrays())
 
     def place(self, shardings, dtype=None) -> Any:
         """The parameters laid out by `shardings` (a tree of NamedShardings), cast to `dtype` if given.
 
-        gptj weights are restored straight into their shards (Orbax reshards on
-        read); foreign weights are converted on the host, then each process
-        copies the slices its devices own.
+        Each process reads only the boxes its devices own, a layer at a time
+        for large stacked leaves, casting each floating-point box from the
+        stored dtype (`gptj.partitioning.place`; quantized values stay
+        integers); gptj weights are checked as they are read.
         """
         if self.adapted is not None:
             return self.adapted.place(self.config, shardings, dtype)
-        if self.kind == "gptj" and self.config.quant_bits:
-            # Read as stored (integers, bf16 scales), then cast the small floating-point leaves only.
-            return place(params_io.load_params(self.path, shardings)[0], shardings,
-                         None if dtype is None else resolve_dtype(dtype))
         if self.kind == "gptj":
             return params_io.load_params(self.path, shardings, dtype=dtype)[0]
-        return place(self.numpy(), shardings, None if dtype is None else resolve_dtype(dtype))
+        return place(self.arrays(), shardings, None if dtype is None else resolve_dtype(dtype))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,3 +25,14 @@ def random_hf_model(vocab_size=101, n_embd=64, n_layer=3, n_head=4, rotary_dim=8
 def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.as_tensor(tokens)).logits.float().numpy()
+
+
+def assert_loads_as(path, model, tokens: np.ndarray) -> None:
+    """`GPTJForCausalLM.from_pretrained(path)` loads every key (none missing, unexpected or misshapen), each
+    tensor bit-identical to `model`'s, and gives the same logits on `tokens`."""
+    loaded, info = GPTJForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    original = model.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+    np.testing.assert_array_equal(hf_logits(loaded.eval(), tokens), hf_logits(model, tokens))

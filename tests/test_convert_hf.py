@@ -6,13 +6,11 @@ import os
 import jax
 import numpy as np
 import pytest
-import torch
-from transformers import GPTJForCausalLM
 
 from gptj.convert import hf
 from gptj.model import GPTJ
 from gptj.params_io import WeightsError, load_params, save_params
-from hf_utils import hf_logits, random_hf_model
+from hf_utils import assert_loads_as, random_hf_model
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +31,7 @@ def test_hf_to_gptj_to_hf_is_identical(hf_model, tmp_path, safe_serialization):
     assert restored_config == config
     hf.write_hf(jax.tree_util.tree_map(np.asarray, restored), restored_config, str(tmp_path / "out"))
 
-    loaded, info = GPTJForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    original = hf_model.state_dict()
-    for name, tensor in loaded.state_dict().items():
-        assert torch.equal(tensor, original[name]), name
-    tokens = np.random.RandomState(0).randint(0, 101, size=(2, 9))
-    np.testing.assert_array_equal(hf_logits(loaded.eval(), tokens), hf_logits(hf_model, tokens))
+    assert_loads_as(tmp_path / "out", hf_model, np.random.RandomState(0).randint(0, 101, size=(2, 9)))
 
 
 def test_gptj_to_hf_to_gptj_is_bit_identical(tmp_path):

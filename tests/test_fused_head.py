@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from gptj import losses, train_lm
+from gptj import losses, quantize, train_lm
 from gptj.config_validation import ConfigError, validate
 from gptj.model import GPTJ, GPTJConfig, output_logits, score_targets
 from gptj.partitioning import Partitioner, make_mesh
@@ -211,6 +211,21 @@ def test_train_step_temporaries_shrink_by_more_than_the_full_logits():
     full_logits_bytes = 8 * 1024 * 50400 * 4
     saved = reports[0].temporaries - reports[2048].temporaries
     assert saved >= full_logits_bytes, (reports[0], reports[2048])
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, 0), (4, 8)], ids=["int8-per-channel", "int4-groups"])
+def test_fused_loss_of_a_quantized_head_equals_the_dequantized_one(bits, group_size):
+    """A quantized head (values + scales, both ending in the vocabulary) is sliced per vocabulary chunk alike."""
+    hidden, kernel, bias, targets, mask = _head_inputs(seed=3)
+    values, scale = quantize.quantize_matrix(np.asarray(kernel), bits, group_size, (0, 1), np.float32)
+    packed = {quantize.VALUES: jnp.asarray(values), quantize.SCALE: jnp.asarray(scale)}
+    batch = {"targets": targets, "loss_mask": mask}
+    want = losses.next_token_loss(output_logits(hidden, quantize.dequantize(packed, (0, 1), jnp.float32), bias, HEAD),
+                                  batch)
+    got = jax.jit(lambda k: losses.fused_next_token_loss(hidden, k, bias, batch, _logits_fn, chunk_tokens=7,
+                                                         vocab_chunk=32))(packed)
+    for name in ("loss_sum", "correct", "weight"):
+        assert _relative(got[name], want[name]) < 1e-5, name
 
 
 def test_score_targets_equals_a_log_softmax_over_all_logits():

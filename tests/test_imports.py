@@ -13,12 +13,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "gptj"
 
 # The generic core: knows nothing of GPT-J, so any model or task can use it.
-CORE = {"trainer", "train_hooks", "partitioning", "checkpoint", "integrity", "storage", "metrics", "optimizer",
+CORE = {"trainer", "train_hooks", "partitioning", "checkpoint", "integrity", "storage", "streaming", "metrics", "optimizer",
         "losses", "driver", "runtime"}
 # What makes it GPT-J: the model, its weights and formats, data, tokenizer, config checks.
 PIECES = {"model", "attention", "lora", "weights", "params_io", "data", "vocab", "vocab_seqio", "config_validation",
-          "sampling_ops", "eval_tasks", "tasks", "configs", "convert.hf", "convert.mtj", "convert.slim", "convert.peft",
-          "convert", "quantize", "convert.quantize"}
+          "sampling_ops", "eval_tasks", "tasks", "configs", "convert.hf", "convert.hf_files", "convert.mtj",
+          "convert.slim", "convert.peft", "convert", "quantize", "convert.quantize"}
 # Everything else is an application (train_lm, sampling, serve, eval_harness, evaluate, plan, ...).
 
 

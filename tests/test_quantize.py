@@ -135,6 +135,39 @@ def test_default_groups_fit_the_model():
     assert quantized_config(TINY, 8).quant_group_size == 0  # int8: a scale per output channel
 
 
+@pytest.mark.parametrize("bits, group_size", [(8, 0), (4, 4)])
+@pytest.mark.parametrize("block_floats", [13, 500])
+def test_streamed_quantization_equals_whole_matrices(bits, group_size, block_floats, monkeypatch):
+    """The converter reads blocks of odd sizes (groups cut across blocks); every box equals the whole-matrix result.
+
+    The reference is `quantize_matrix` on each whole matrix (a layer at a
+    time for stacked ones), as the converter computed it before it streamed.
+    """
+    from gptj import streaming
+    from gptj.convert.quantize import quantize_params, quantized_config
+
+    monkeypatch.setattr(streaming, "BLOCK_BYTES", 4 * block_floats)
+    config = GPTJConfig(vocab_size=40, num_layers=2, d_model=48, num_heads=4, rotary_dim=4, max_len=16)
+    rng = np.random.default_rng(bits + block_floats)
+    params = jax.tree_util.tree_map(lambda a: rng.normal(0, 0.02, a.shape).astype(np.float32),
+                                    nn.meta.unbox(abstract_params(config)))
+    params["blocks"]["mlp"]["fc_in_kernel"][1, :, 5] = 0.0  # an all-zero channel
+    q_config = quantized_config(config, bits, group_size)
+    lazy = quantize_params(params, q_config)
+    for target in quantize.TARGETS:
+        matrix = quantize.MATRICES[target]
+        w, q = params, lazy
+        for key in matrix.path:
+            w, q = w[key], q[key]
+        layers = [quantize.quantize_matrix(x, bits, group_size, matrix.spans) for x in (w if matrix.stacked else [w])]
+        values, scale = (np.stack(part) if matrix.stacked else part[0] for part in zip(*layers))
+        np.testing.assert_array_equal(np.asarray(q[quantize.SCALE]).view(np.uint16), scale.view(np.uint16), target)
+        np.testing.assert_array_equal(np.asarray(q[quantize.VALUES]).astype(np.int8), values.astype(np.int8), target)
+        box = tuple(slice(n // 3, n - n // 4) for n in w.shape)  # any box, not aligned to groups or blocks
+        np.testing.assert_array_equal(q[quantize.VALUES].read(box).astype(np.int8), values[box].astype(np.int8))
+    assert lazy["blocks"]["ln"]["scale"].dtype == ml_dtypes.bfloat16
+
+
 def test_quantized_directories_are_small_and_recorded(dirs):
     fp32 = disk_bytes(dirs / "fp32" / "params")
     assert disk_bytes(dirs / "int8" / "params") <= 0.3 * fp32

@@ -8,7 +8,7 @@ import pytest
 
 from gptj import train_lm
 from gptj.checkpoint import Checkpointer, latest_step
-from gptj.config_validation import ConfigError
+from gptj.config_validation import ConfigError, validate
 from gptj.convert.hf import write_hf
 from gptj.model import GPTJConfig
 from trainer_utils import SyntheticIterator, cached_trainer, read_scalars, synthetic_eval_sets, tiny_config, to_numpy
@@ -76,6 +76,35 @@ def test_init_from_a_workdir_continues_or_starts_a_fresh_optimizer(tmp_path):
     with open(target / "config.json") as f:
         recorded = json.load(f)
     assert recorded["init_from"] == str(source) and recorded["model"]["d_model"] == 32
+
+
+def test_init_from_an_older_step_directory_takes_that_steps_params(tmp_path):
+    """init_from=WORKDIR/checkpoints/N (as the damaged-checkpoint error advises) passes validation and loads step N."""
+    trainer = cached_trainer("single")
+    source = tmp_path / "source"
+    state, data, saved = trainer.init_state(4), SyntheticIterator(tiny_config()), {}
+    saver = Checkpointer(str(source))
+    for _ in range(2):
+        state, _ = trainer.train_step(state, next(data))
+        saver.save(state)
+        saver.wait()
+        saved[int(state["step"])] = to_numpy(state["params"])
+    saver.close()
+    with open(source / "config.json", "w") as f:
+        json.dump(tiny_config().to_dict(), f)
+
+    config = tiny_config()
+    config.init_from = str(source / "checkpoints" / "1")
+    validate(config, "train", check_tasks=False)
+    older = train_lm.initial_state(trainer, TINY, train_lm.open_init_weights(config), fresh_optimizer=False)
+    assert int(older["step"]) == 0  # a step directory gives params only: the optimizer starts afresh
+    _leaves_equal(to_numpy(older["params"]), saved[1])
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(saved[1]),
+                                                      jax.tree_util.tree_leaves(saved[2])))
+
+    config.init_from = str(tmp_path)  # neither a workdir, a step nor a params directory
+    with pytest.raises(ConfigError, match=f"init_from='{tmp_path}': .*no config.json.*use hf:PATH"):
+        validate(config, "train", check_tasks=False)
 
 
 def test_init_from_a_mesh_transformer_jax_checkpoint(tmp_path):

@@ -1,6 +1,6 @@
 """Weight conversion tools: `python -m gptj.convert <command> ...`.
 
-    python -m gptj.convert to_hf    --workdir=runs/tiny --out=hf_dir [--dtype=float32]
+    python -m gptj.convert to_hf    --workdir=runs/tiny --out=hf_dir [--dtype=float32] [--max_shard_size=5GB]
     python -m gptj.convert from_hf  --hf_dir=hf_dir --out=params_dir [--vocab_pad_multiple=1]
     python -m gptj.convert from_mtj --mtj_dir=step_383500 --out=params_dir [--mtj_config=6B_roto_256.json]
     python -m gptj.convert slim     --workdir=runs/tiny --out=slim_dir [--dtype=bfloat16]
@@ -17,6 +17,10 @@ is not converted further (convert the weights it was made from). Bad input (a mi
 foreign checkpoint) and storage faults (no space, permission denied) print one line and exit
 with status 2 (`--verbosity=1`, before the command, also prints the trace); an existing output
 is never overwritten.
+
+Every command streams the weights: it reads and writes one block (about a layer of one
+tensor) at a time, so converting a model takes little more host memory than its largest
+tensor, whatever the model's size.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ def _to_hf(args) -> str:
 
     weights = open_weights(args.workdir, base=args.base)
     _refuse_quantized(weights, "to_hf")
-    hf.write_hf(weights.numpy(), weights.config, args.out, dtype=args.dtype)
+    hf.write_hf(weights.arrays(), weights.config, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
     merged = " (base + trained parameters, adapters merged)" if weights.adapted is not None else ""
     return f"wrote HF GPTJForCausalLM ({args.dtype}) to {args.out}{merged}"
 
@@ -70,7 +74,7 @@ def _from_hf(args) -> str:
 
     weights = open_weights(f"hf:{args.hf_dir}", args.vocab_pad_multiple)
     config = weights.config
-    save_params(args.out, weights.numpy(), config)
+    save_params(args.out, weights.arrays(), config)
     return f"wrote params directory {args.out} ({config.num_layers} layers, d_model {config.d_model})"
 
 
@@ -78,28 +82,19 @@ def _from_mtj(args) -> str:
     from gptj.convert import mtj
     from gptj.params_io import save_params
 
-    params, config = mtj.read_mtj(args.mtj_dir, config=args.mtj_config, vocab_pad_multiple=args.vocab_pad_multiple)
+    params, config = mtj.open_mtj(args.mtj_dir, config=args.mtj_config, vocab_pad_multiple=args.vocab_pad_multiple)
     save_params(args.out, params, config)
     return f"wrote params directory {args.out} ({config.num_layers} layers, d_model {config.d_model})"
 
 
 def _slim(args) -> str:
     from gptj.convert import slim
-    import jax
-    import numpy as np
-
-    from gptj.model import resolve_dtype
-    from gptj.params_io import abstract_params_like, save_params
+    from gptj.params_io import abstract_params_like
     from gptj.weights import open_weights
 
     weights = open_weights(args.workdir, base=args.base)
     _refuse_quantized(weights, "slim")
-    if weights.adapted is not None:  # the merged model: base, trained parameters and adapters
-        config = weights.config.replace(param_dtype=args.dtype)
-        cast = jax.tree_util.tree_map(lambda x: np.asarray(x, resolve_dtype(args.dtype)), weights.numpy())
-        save_params(args.out, cast, config)
-    else:
-        config = slim.slim(args.workdir, args.out, dtype=args.dtype)
+    config = slim.slim(weights, args.out, dtype=args.dtype)
     size = slim.params_bytes(abstract_params_like(config, dtype=config.param_dtype))
     return f"wrote {args.dtype} params directory {args.out} ({size / 2**30:.2f} GiB of weights)"
 
@@ -127,6 +122,16 @@ def _refuse_quantized(weights, command: str) -> None:
                            "needs the full-precision weights they were made from")
 
 
+def _size(text: str) -> int:
+    """argparse type of --max_shard_size: bytes, or a usage error."""
+    from gptj.convert.hf_files import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 _BASE_HELP = ("a LoRA or frozen-parameter workdir's base weights (hf:PATH, mtj:PATH or PATH), if they moved "
               "(default: where the workdir recorded them)")
 
@@ -140,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--workdir", required=True, help="training workdir or params directory")
     to_hf.add_argument("--out", required=True, help="new HF directory")
     to_hf.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    to_hf.add_argument("--max_shard_size", default=None, type=_size,
+                       help="largest safetensors shard, as HF writes sizes: 5GB (10^9 bytes), 500MB, 2GiB, or bytes "
+                            "(default: HF's, 5GB; a larger tensor gets a shard of its own)")
     to_hf.add_argument("--base", default=None, help=_BASE_HELP)
     to_hf.set_defaults(run=_to_hf)
 

@@ -68,7 +68,8 @@ import numpy as np
 from absl import logging
 
 from gptj.model import GPTJConfig
-from gptj.params_io import WeightsError
+from gptj.params_io import WeightsError, param_shapes, unflatten
+from gptj.streaming import LazyArray, read_all
 
 META_FILE = "meta.json"
 _PREFIX = "causal_transformer_shard/~/"
@@ -285,57 +286,88 @@ class _ShardedLeaves:
         self._files.clear()
 
 
-def _merge(parts: list[np.ndarray], merge: str, dtype) -> np.ndarray:
+def _merge(parts: list[np.ndarray], merge: str) -> np.ndarray:
+    """One reference leaf whole, in fp32, from its per-shard parts."""
     if merge == "first":
-        return parts[0].astype(dtype)
+        return parts[0].astype(np.float32)
     if merge == "sum":
-        return np.sum([p.astype(np.float32) for p in parts], axis=0).astype(dtype)
-    axis = 0 if merge == "concat0" else -1
-    return np.concatenate(parts, axis=axis).astype(dtype)
+        return np.sum([p.astype(np.float32) for p in parts], axis=0)
+    return np.concatenate(parts, axis=0 if merge == "concat0" else -1).astype(np.float32)
 
 
-def _to_gptj(merged: dict[str, np.ndarray], config: GPTJConfig, dtype) -> dict[str, Any]:
-    """gptj's params tree from the un-sharded reference leaves (keyed by _Leaf.path), consuming them.
+# gptj leaf -> the reference leaf (module, name) holding it; "{i}" is the layer of a stacked leaf. The
+# embedding ("wte") is the embedding Linear's w plus its summed biases (see the module docstring).
+_SOURCES = {
+    "blocks/ln/scale": ("layer_{i}/~/replicated_layer_norm", "scale"),
+    "blocks/ln/bias": ("layer_{i}/~/replicated_layer_norm", "offset"),
+    "blocks/attn/q_proj": ("layer_{i}/~/linear", "w"),
+    "blocks/attn/v_proj": ("layer_{i}/~/linear_1", "w"),
+    "blocks/attn/k_proj": ("layer_{i}/~/linear_2", "w"),
+    "blocks/attn/out_proj": ("layer_{i}/~/linear_3", "w"),
+    "blocks/mlp/fc_in_kernel": ("layer_{i}/~/linear_4", "w"),
+    "blocks/mlp/fc_in_bias": ("layer_{i}/~/linear_4", "b"),
+    "blocks/mlp/fc_out_kernel": ("layer_{i}/~/linear_5", "w"),
+    "blocks/mlp/fc_out_bias": ("layer_{i}/~/linear_5", "b"),
+    "ln_f/scale": ("projection_shard/~/replicated_layer_norm", "scale"),
+    "ln_f/bias": ("projection_shard/~/replicated_layer_norm", "offset"),
+    "lm_head_kernel": ("projection_shard/~/linear", "w"),
+    "lm_head_bias": ("projection_shard/~/linear", "b"),
+}
+# gptj leaves whose vocabulary axis is padded to padded_vocab_size with zeros.
+_VOCAB_AXIS = {"wte": 0, "lm_head_kernel": 1, "lm_head_bias": 0}
 
-    Each leaf is dropped from `merged` as it is used, so converting GPT-J-6B holds one
-    copy of the weights plus one stacked group at a time, not two copies.
+
+class _Reader:
+    """gptj leaves read from a checkpoint's shards, one reference leaf merged at a time.
+
+    The last merged value (one layer of a stacked leaf, or the embedding) is
+    kept for the next read, so the boxes of several devices cost one merge.
     """
-    d, h, k, pv = config.d_model, config.num_heads, config.head_dim, config.padded_vocab_size
 
-    def leaf(module, name):
-        return merged.pop(f"{_PREFIX}{module}/{name}")
+    def __init__(self, store: _ShardedLeaves, first: int, layout: list[_Leaf], config: GPTJConfig):
+        self.store, self.config = store, config
+        self.index = {(leaf.module, leaf.name): (first + k, leaf) for k, leaf in enumerate(layout)}
+        self._last: tuple[Any, np.ndarray] | None = None
 
-    def pad(x, axis):
-        widths = [(0, 0)] * x.ndim
-        widths[axis] = (0, pv - x.shape[axis])
-        return np.pad(x, widths)
+    def _merged(self, module: str, name: str) -> np.ndarray:
+        index, spec = self.index[(module, name)]
+        parts = [_as_float(self.store.get(shard, index), self.store.where(shard, index))
+                 for shard in range(len(self.store.shard_dirs))]
+        return _merge(parts, spec.merge)
 
-    def layers(name, param, reshape=None):
-        out = [leaf(f"layer_{i}/~/{name}", param) for i in range(config.num_layers)]
-        return np.stack([x.reshape(reshape) if reshape else x for x in out]).astype(dtype, copy=False)
+    def value(self, path: str, layer: int | None) -> np.ndarray:
+        """gptj leaf `path` (its layer `layer` if stacked) whole, in fp32 and with its gptj shape."""
+        if self._last is not None and self._last[0] == (path, layer):
+            return self._last[1]
+        self._last = None  # released before the next is merged
+        c = self.config
+        if path == "wte":  # every token's row plus the sum of the shard biases; padded rows stay zero
+            value = self._merged("embedding_shard/~/linear", "w") + self._merged("embedding_shard/~/linear", "b")
+        else:
+            module, name = _SOURCES[path]
+            value = self._merged(module.format(i=layer), name)
+        if path in ("blocks/attn/q_proj", "blocks/attn/k_proj", "blocks/attn/v_proj"):
+            value = value.reshape(c.d_model, c.num_heads, c.head_dim)
+        elif path == "blocks/attn/out_proj":
+            value = value.reshape(c.num_heads, c.head_dim, c.d_model)
+        if path in _VOCAB_AXIS:
+            widths = [(0, 0)] * value.ndim
+            widths[_VOCAB_AXIS[path]] = (0, c.padded_vocab_size - c.vocab_size)
+            value = np.pad(value, widths)
+        self._last = ((path, layer), value)
+        return value
 
-    # Every token's embedding is its row plus the sum of the shard biases; padded rows stay zero.
-    wte = leaf("embedding_shard/~/linear", "w") + leaf("embedding_shard/~/linear", "b")[None, :]
-    return {
-        "wte": pad(wte, 0).astype(dtype, copy=False),
-        "blocks": {
-            "ln": {"scale": layers("replicated_layer_norm", "scale"), "bias": layers("replicated_layer_norm", "offset")},
-            "attn": {
-                "q_proj": layers("linear", "w", (d, h, k)),
-                "v_proj": layers("linear_1", "w", (d, h, k)),
-                "k_proj": layers("linear_2", "w", (d, h, k)),
-                "out_proj": layers("linear_3", "w", (h, k, d)),
-            },
-            "mlp": {
-                "fc_in_kernel": layers("linear_4", "w"), "fc_in_bias": layers("linear_4", "b"),
-                "fc_out_kernel": layers("linear_5", "w"), "fc_out_bias": layers("linear_5", "b"),
-            },
-        },
-        "ln_f": {"scale": leaf("projection_shard/~/replicated_layer_norm", "scale").astype(dtype, copy=False),
-                 "bias": leaf("projection_shard/~/replicated_layer_norm", "offset").astype(dtype, copy=False)},
-        "lm_head_kernel": pad(leaf("projection_shard/~/linear", "w"), 1).astype(dtype, copy=False),
-        "lm_head_bias": pad(leaf("projection_shard/~/linear", "b"), 0).astype(dtype, copy=False),
-    }
+    def leaf(self, path: str, shape: tuple[int, ...]) -> LazyArray:
+        """gptj leaf `path` as a LazyArray (fp32; read in any dtype)."""
+        def read(box, dtype, primary):
+            if not path.startswith("blocks/"):
+                return np.array(self.value(path, None)[box], dtype)
+            out = np.empty(tuple(s.stop - s.start for s in box), dtype)
+            for j, layer in enumerate(range(box[0].start, box[0].stop)):
+                out[j] = self.value(path, layer)[box[1:]]
+            return out
+
+        return LazyArray(shape, np.float32, read)
 
 
 def _check_optimizer_state(store: _ShardedLeaves, layout: list[_Leaf], summary: str) -> int:
@@ -384,18 +416,20 @@ def read_mtj_model_config(path: str, config: str | Mapping[str, Any] | None = No
     return _checkpoint_config(find_step_dir(path), config, vocab_pad_multiple)[0]
 
 
-def read_mtj(path: str, config: str | Mapping[str, Any] | None = None, vocab_pad_multiple: int = 1,
-             dtype: Any = np.float32) -> tuple[dict[str, Any], GPTJConfig]:
-    """Reads a mesh-transformer-jax checkpoint into gptj params (numpy) and its GPTJConfig.
+def open_mtj(path: str, config: str | Mapping[str, Any] | None = None,
+             vocab_pad_multiple: int = 1) -> tuple[dict[str, Any], GPTJConfig]:
+    """A mesh-transformer-jax checkpoint as gptj params (LazyArrays, read a reference leaf at a time) and its config.
 
     `path` is a `step_N` directory or the model directory whose `meta.json` lists it (the
     newest is taken). `config` is the reference's config JSON (a path or dict); without it, a
     JSON with the reference's keys in `step_N/` or the model directory is used, and failing
     that GPT-J-6B's (`configs/6B_roto_256.json`), which the released weights were made with.
     Optimizer state, when present, is checked for shape and skipped (fine-tuning starts a
-    fresh optimizer, as the reference's `--fresh-opt` does). Raises WeightsError, naming the file, for a
-    truncated shard, a shard count other than the config's `cores_per_replica`, or leaves
-    whose count or shapes do not fit the config (another architecture).
+    fresh optimizer, as the reference's `--fresh-opt` does). Every leaf's shape is checked
+    here, from the .npy headers: WeightsError, naming the file, for a truncated shard, a
+    shard count other than the config's `cores_per_replica`, or leaves whose count or shapes
+    do not fit the config (another architecture). The values are read when the arrays are:
+    one layer of one leaf (or the embedding) merged from its shards at a time.
     """
     step_dir = find_step_dir(path)
     gptj_config, shards, source = _checkpoint_config(step_dir, config, vocab_pad_multiple)
@@ -408,25 +442,26 @@ def read_mtj(path: str, config: str | Mapping[str, Any] | None = None, vocab_pad
                            f"says cores_per_replica={shards} ({summary})")
     layout = param_leaves(gptj_config, shards)
     store = _ShardedLeaves(shard_dirs)
-    try:
-        first = _check_optimizer_state(store, layout, summary)
-        merged = {}
-        for offset, spec in enumerate(layout):
-            parts = []
-            for shard in range(shards):
-                x = store.get(shard, first + offset)
-                if x.shape != spec.shape:
-                    raise WeightsError(
-                        f"{store.where(shard, first + offset)} ({spec.module}/{spec.name}) has shape {x.shape}, "
-                        f"expected {spec.shape} for {summary}: another architecture or config")
-                parts.append(_as_float(x, store.where(shard, first + offset)))
-            merged[spec.path] = _merge(parts, spec.merge, np.float32)
-        step = store.get(0, len(store) - 1)
-        if step.shape != () or step.dtype.kind not in "iu":
-            raise WeightsError(f"{store.where(0, len(store) - 1)}: expected the scalar step counter, found "
-                               f"{step.dtype} {step.shape}: another architecture or config")
-    finally:
-        store.close()
-    logging.info("read mesh-transformer-jax step %d (%s; %s optimizer state)", int(step), summary,
+    first = _check_optimizer_state(store, layout, summary)
+    for offset, spec in enumerate(layout):
+        for shard in range(shards):
+            shape = store.shape(shard, first + offset)
+            if shape != spec.shape:
+                raise WeightsError(
+                    f"{store.where(shard, first + offset)} ({spec.module}/{spec.name}) has shape {shape}, "
+                    f"expected {spec.shape} for {summary}: another architecture or config")
+    step = store.get(0, len(store) - 1)
+    if step.shape != () or step.dtype.kind not in "iu":
+        raise WeightsError(f"{store.where(0, len(store) - 1)}: expected the scalar step counter, found "
+                           f"{step.dtype} {step.shape}: another architecture or config")
+    logging.info("mesh-transformer-jax step %d (%s; %s optimizer state)", int(step), summary,
                  "with" if first else "without")
-    return _to_gptj(merged, gptj_config, dtype), gptj_config
+    reader = _Reader(store, first, layout, gptj_config)
+    return unflatten({p: reader.leaf(p, shape) for p, shape in param_shapes(gptj_config).items()}), gptj_config
+
+
+def read_mtj(path: str, config: str | Mapping[str, Any] | None = None,
+             vocab_pad_multiple: int = 1) -> tuple[dict[str, Any], GPTJConfig]:
+    """A mesh-transformer-jax checkpoint as fp32 numpy params and its GPTJConfig (see `open_mtj`)."""
+    params, gptj_config = open_mtj(path, config, vocab_pad_multiple)
+    return read_all(params), gptj_config

@@ -7,21 +7,24 @@ its checksums), whose config records the quantization (`quant_bits`,
 LayerNorms and biases are stored in bf16. Every reader recognises it from its
 config: sample, serve and eval run it quantized; training refuses it.
 
-Matrices are quantized one at a time, and a stacked one a layer at a time, so
-the work needs about one layer's matrix in fp32 beside the weights; each
-source matrix is released once quantized.
+The weights are streamed (`gptj.streaming`): the source is read a block at a
+time and the output written a chunk at a time, so the host holds a few
+16 MiB blocks, never the model (full-precision or quantized). A matrix is
+read twice: once for its scales (the largest magnitude of each channel or
+group, accumulated block by block), once to round its values against them.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from typing import Iterable
 
-import ml_dtypes
+import jax
 import numpy as np
 
-from gptj import params_io, quantize
+from gptj import params_io, quantize, streaming
 from gptj.model import GPTJConfig
+from gptj.streaming import Box, LazyArray, box_shape, chunk_boxes, chunk_shape, full_box
 
 # What a quantized directory stores its scales, LayerNorms and biases in.
 STORAGE_DTYPE = "bfloat16"
@@ -48,41 +51,107 @@ def quantized_config(config: GPTJConfig, bits: int, group_size: int | None = Non
         raise ValueError(str(e).replace("invalid GPT-J config: ", "cannot quantize: ")) from None
 
 
-def _node(tree: dict, path: tuple[str, ...]) -> dict:
-    for key in path[:-1]:
-        tree = tree[key]
-    return tree
+class _Quantized:
+    """One source matrix quantized box by box: its scales from one pass over it, its values from any box.
+
+    `spans` are the matrix's absolute dims (the layer axis of a stacked one
+    counted) that one scale spans, in groups of `group_size` along the last.
+    The scales (small: a value per channel or group) are kept until every
+    value has been read.
+    """
+
+    def __init__(self, w: LazyArray, bits: int, group_size: int, spans: tuple[int, int]):
+        self.w, self.bits, self.group_size, self.spans = w.astype(np.float32), bits, group_size, spans
+        self.scale_shape = quantize.scale_shape(w.shape, spans, group_size)
+        self._scale: np.ndarray | None = None
+        self._values_left = w.size
+
+    def _scale_index(self, box: Box) -> tuple[Box, int]:
+        """(the box of the scales the values in `box` use, the offset of box's first input in its first group)."""
+        lo, hi = self.spans
+        if not self.group_size:
+            return box[:lo] + box[hi:], 0
+        g, axis = self.group_size, box[hi - 1]
+        return box[:hi - 1] + (slice(axis.start // g, (axis.stop - 1) // g + 1),) + box[hi:], axis.start % g
+
+    def scale(self) -> np.ndarray:
+        """The scales of the whole matrix (bf16), from one pass over it (each block read uncounted: not primary)."""
+        if self._scale is not None:
+            return self._scale
+        lo, hi = self.spans
+        amax = np.zeros(self.scale_shape, np.float32)
+        for box in _tiles(self.w.shape, full_box(self.w.shape)):
+            part = np.abs(self.w.read(box, primary=False))
+            index, offset = self._scale_index(box)
+            if self.group_size:  # the largest of each group (or part of one) the box holds
+                starts = [0] + list(range(self.group_size - offset, part.shape[hi - 1], self.group_size))
+                part = np.maximum.reduceat(part, starts, axis=hi - 1)
+            else:
+                part = np.max(part, axis=tuple(range(lo, hi)))
+            np.maximum(amax[index], part, out=amax[index])
+        self._scale = quantize.scale_from_amax(amax, self.bits)
+        return self._scale
+
+    def read_scale(self, box: Box, dtype, primary: bool) -> np.ndarray:
+        return np.asarray(self.scale()[box], dtype)
+
+    def read_values(self, box: Box, dtype, primary: bool) -> np.ndarray:
+        """The values in `box`, rounded a block of the source at a time (read as `primary`)."""
+        lo, hi = self.spans
+        scale = self.scale()
+        out = np.empty(box_shape(box), dtype)
+        for tile in _tiles(box_shape(box), box):
+            index, offset = self._scale_index(tile)
+            if self.group_size:  # each scale repeated over its group, cut to the tile's inputs
+                s = np.repeat(scale[index], self.group_size, axis=hi - 1)
+                s = s[(slice(None),) * (hi - 1) + (slice(offset, offset + tile[hi - 1].stop - tile[hi - 1].start),)]
+            else:
+                s = np.expand_dims(scale[index], tuple(range(lo, hi)))
+            within = tuple(slice(t.start - b.start, t.stop - b.start) for t, b in zip(tile, box))
+            out[within] = quantize.round_to_scale(self.w.read(tile, primary), s, self.bits)
+        if primary:
+            self._values_left -= out.size
+            if self._values_left <= 0:
+                self._scale = None  # every value written: the scales are on disk
+        return out
+
+
+def _tiles(shape: tuple[int, ...], box: Box):
+    """The boxes of fp32 blocks of at most `streaming.BLOCK_BYTES` that cover `box` (of `shape`), rows first."""
+    for tile in chunk_boxes(shape, chunk_shape(shape, 4, streaming.BLOCK_BYTES)):
+        yield tuple(slice(b.start + t.start, b.start + t.stop) for t, b in zip(tile, box))
 
 
 def quantize_params(params: dict, config: GPTJConfig) -> dict:
-    """`params` (host arrays of the full-precision model) quantized as `config` (a `quantized_config`) says.
+    """`params` (LazyArrays or host arrays of the full-precision model) quantized as `config` says, lazily.
 
-    Consumes `params`: each matrix is replaced in the tree as soon as it is
-    quantized, so the source arrays are freed one by one (when the caller
-    holds no other reference). Other floating-point leaves are cast to bf16.
+    `config` is a `quantized_config`. Returns a tree of LazyArrays: each
+    target matrix becomes {"values", "scale"}, other floating-point leaves
+    are cast to bf16; nothing is read until a consumer (`save_params`,
+    `place`, `read_all`) reads their boxes, and the values of any box are
+    exactly those `quantize.quantize_matrix` gives for the whole matrix.
     """
-    bits, group_size = config.quant_bits, config.quant_group_size
+    out = jax.tree_util.tree_map(lambda x: LazyArray.of(x).astype(STORAGE_DTYPE), params)
     for target in config.quant_targets:
         matrix = quantize.MATRICES[target]
-        node = _node(params, matrix.path)
-        w = node.pop(matrix.path[-1])
-        if matrix.stacked:  # one layer at a time: the fp32 temporaries are one layer's
-            layers = [quantize.quantize_matrix(w[i], bits, group_size, matrix.spans) for i in range(w.shape[0])]
-            values, scale = np.stack([v for v, _ in layers]), np.stack([s for _, s in layers])
-        else:
-            values, scale = quantize.quantize_matrix(w, bits, group_size, matrix.spans)
-        del w
-        node[matrix.path[-1]] = {quantize.VALUES: values, quantize.SCALE: scale}
-    return _cast_floats(params)
+        node = out
+        for key in matrix.path[:-1]:
+            node = node[key]
+        source = _leaf(params, matrix.path)
+        spans = tuple(d + matrix.stacked for d in matrix.spans)
+        q = _Quantized(source, config.quant_bits, config.quant_group_size, spans)
+        node[matrix.path[-1]] = {
+            quantize.VALUES: LazyArray(source.shape, quantize.int_dtype(config.quant_bits), q.read_values,
+                                       source.source),
+            quantize.SCALE: LazyArray(q.scale_shape, STORAGE_DTYPE, q.read_scale),
+        }
+    return out
 
 
-def _cast_floats(tree: Any) -> Any:
-    """Floating-point leaves (LayerNorms, biases, unquantized matrices) to bf16; integers and scales as they are."""
-    if quantize.is_quantized(tree):
-        return tree
-    if isinstance(tree, dict):
-        return {k: _cast_floats(v) for k, v in tree.items()}
-    return np.asarray(tree).astype(ml_dtypes.bfloat16)
+def _leaf(tree: dict, path: tuple[str, ...]) -> LazyArray:
+    for key in path:
+        tree = tree[key]
+    return LazyArray.of(tree)
 
 
 def write_quantized(spec: str, out: str, bits: int, group_size: int | None = None,
@@ -98,5 +167,5 @@ def write_quantized(spec: str, out: str, bits: int, group_size: int | None = Non
         raise params_io.WeightsError(f"{out} already holds params; choose a new output directory")
     weights = open_weights(spec, base=base)
     config = quantized_config(weights.config, bits, group_size, targets)
-    params_io.save_params(out, quantize_params(weights.numpy(), config), config)
+    params_io.save_params(out, quantize_params(weights.arrays(), config), config)
     return config

@@ -13,23 +13,29 @@ from __future__ import annotations
 import jax
 
 from gptj.model import GPTJConfig
-from gptj.params_io import load_params, save_params
+from gptj.params_io import save_params
+from gptj.weights import Weights, open_weights
 
 SLIM_DTYPES = ("bfloat16", "float16")
 
 
-def slim(src: str, out: str, dtype: str = "bfloat16") -> GPTJConfig:
-    """Writes the params of `src` (a workdir or params directory) to `out` in `dtype`; returns its config.
+def slim(src: "str | Weights", out: str, dtype: str = "bfloat16", base: str | None = None) -> GPTJConfig:
+    """Writes the params of `src` (a workdir or params directory, or opened weights) to `out` in `dtype`.
 
-    Each array is read in its saved dtype (so that its checksum is checked, see
-    `gptj.integrity`) and cast before the next is read, so the full-precision params are
-    never all held at once; damaged params stop it before anything is written.
+    Returns the output's config.
+
+    The params are streamed: each block is read in its saved dtype (checked
+    against its checksum, see `gptj.integrity`), cast and written before the
+    next is read, so neither the full-precision params nor the slim ones are
+    ever all held at once; damaged params leave nothing behind. A LoRA or
+    frozen-parameter workdir is read merged over its base (`base`: where that
+    is now, if it moved).
     """
     if dtype not in SLIM_DTYPES:
         raise ValueError(f"slim dtype must be one of {SLIM_DTYPES}, got {dtype!r}")
-    params, config = load_params(src, dtype=dtype)
-    slim_config = config.replace(param_dtype=dtype)
-    save_params(out, params, slim_config)
+    weights = open_weights(src, base=base) if isinstance(src, str) else src
+    slim_config = weights.config.replace(param_dtype=dtype)
+    save_params(out, jax.tree_util.tree_map(lambda x: x.astype(dtype), weights.arrays()), slim_config)
     return slim_config
 
 
