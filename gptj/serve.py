@@ -6,7 +6,8 @@ Endpoints:
   POST /v1/completions  OpenAI completions: prompt (string, list of strings, token ids or lists of them),
                         max_tokens, temperature, top_p, top_k, n, stop, seed, stream (server-sent events),
                         logprobs (<= 5), echo. echo + logprobs + max_tokens 0 returns the prompt tokens'
-                        log-probabilities (how lm-evaluation-harness's `local-completions` scores).
+                        log-probabilities (how lm-evaluation-harness's `local-completions` scores), from
+                        the head applied chunk by chunk of tokens (`model.score_targets`).
   POST /complete        mesh-transformer-jax's API: {"context", "top_p", "temp"} -> {"completion"}.
   GET  /v1/models, GET /health (engine state and counters), GET /metrics (Prometheus text).
   GET  /tokenizer_info, POST /tokenize, POST /detokenize: vLLM's tokenizer endpoints, so lm-eval's
