@@ -151,9 +151,6 @@ def _check_lora(config, mode: str, problems: list[str]) -> None:
     if mode == "train" and freezes and not config.init_from:
         problems.append("LoRA and train.trainable freeze base weights: set init_from to the weights to fine-tune "
                         "(hf:PATH, mtj:PATH or a gptj workdir / params directory)")
-    if mode == "train" and freezes and config.eval.during_training:
-        problems.append("eval.during_training is not available with LoRA or train.trainable yet; run --mode=eval "
-                        "on the workdir instead")
 
 
 def _recorded_quantization(path: str) -> str:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -379,11 +379,14 @@ class HarnessHook(Hook):
     The tasks and their data are checked when the hook is built, so a wrong
     name or missing data stops the run before its first step (EvalError).
     The LM (and its compiled programs) is built once and re-pointed at the
-    current params each time.
+    current params each time. `params_of(state)` gives the plain parameter
+    tree to score (default: state["params"]; a run that freezes parameters
+    or trains LoRA adapters passes one that joins the frozen base and merges
+    the adapters).
     """
 
     def __init__(self, config, model_config: GPTJConfig, partitioner: Partitioner, writer, workdir: str,
-                 every: int, throughput=None):
+                 every: int, throughput=None, params_of: Callable[[Any], Any] | None = None):
         from gptj import eval_tasks
 
         self.config = config
@@ -393,6 +396,7 @@ class HarnessHook(Hook):
         self.workdir = workdir
         self.every = int(every)
         self.throughput = throughput
+        self.params_of = params_of or (lambda state: state["params"])
         eval_tasks.load_tasks(list(config.eval.harness_tasks), str(config.eval.include_path or ""))
         self._lm: GPTJLM | None = None
         self.last_step: int | None = None
@@ -408,9 +412,9 @@ class HarnessHook(Hook):
     def _run(self, step: int, state) -> None:
         import contextlib
 
-        params = state["params"]
-        jax.block_until_ready(params)  # train steps in flight count as training time
+        jax.block_until_ready(state["params"])  # train steps in flight count as training time
         with self.throughput.paused() if self.throughput else contextlib.nullcontext():
+            params = self.params_of(state)
             if self._lm is None:
                 self._lm = GPTJLM(params, self.model_config, self.partitioner, get_tokenizer(),
                                   batch_size=int(self.config.eval.batch_size))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Iterable
 
@@ -253,6 +254,16 @@ def adapted_initial_state(trainer: Trainer, model: GPTJConfig, base: FrozenBase,
     return trainer.state_from_params(params)
 
 
+def inference_params(trainer: Trainer, lora: LoraConfig | None, state):
+    """The plain parameter tree of `state` that inference would load from its workdir.
+
+    The frozen base joined to what trains, LoRA adapters merged into their
+    kernels (a new copy of the adapted kernels; the state is untouched).
+    """
+    params = merge_params(trainer.frozen, state["params"]) if trainer.freezes else state["params"]
+    return lora_lib.merge(params, lora) if lora else params
+
+
 def check_resume_settings(workdir: str, trainer: Trainer, config):
     """On resume: the workdir trained the same parameters (adapters, train.trainable) as this run will.
 
@@ -335,7 +346,8 @@ def train_and_evaluate(config, workdir: str, *, explicit_model_fields: Iterable[
     def harness_hook(context):
         from gptj import eval_harness  # lm-eval is only needed when asked for
         return [eval_harness.HarnessHook(config, model, partitioner, context.writer, context.workdir,
-                                         every=config.train.eval_every, throughput=context.throughput)]
+                                         every=config.train.eval_every, throughput=context.throughput,
+                                         params_of=functools.partial(inference_params, trainer, lora))]
 
     result = train_in_workdir(
         trainer, workdir, train_iter_fn(config, partitioner), schedule=RunSchedule.from_config(config.train),

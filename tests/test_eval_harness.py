@@ -17,6 +17,7 @@ import os
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -289,8 +290,10 @@ def test_harness_hook_during_training(one_device, workspace, hf_results, tmp_pat
     config.eval.update(dict(harness_tasks=["tiny_choice"], include_path=str(workspace / "tasks"), bootstrap_iters=0,
                             batch_size=4))
     writer = Writer()
-    hook = HarnessHook(config, lm.model_config, lm.partitioner, writer, str(tmp_path), every=10)
-    state = {"params": lm.params}
+    # params_of picks what is scored (a LoRA run joins its frozen base and merges its adapters there).
+    hook = HarnessHook(config, lm.model_config, lm.partitioner, writer, str(tmp_path), every=10,
+                       params_of=lambda s: s["scored"])
+    state = {"params": jax.tree_util.tree_map(jnp.zeros_like, lm.params), "scored": lm.params}
     for step in (5, 10, 12):
         hook.on_step(step, state, {})
     hook.on_end(12, state, "completed")

@@ -161,6 +161,25 @@ def _hf_dir_of(base_spec, root):
 
 
 @pytest.mark.slow
+def test_harness_during_training_scores_what_inference_loads(all_run, trained_base):
+    """eval.during_training on a LoRA run: the hook's params are the frozen base joined and the adapters merged,
+    as `load_for_inference` reads the finished workdir (and the train state keeps its adapters)."""
+    config, workdir = all_run
+    model = _model(config)
+    trainer = train_lm.build_trainer(config, model, _single())
+    train_lm.load_frozen_base(trainer, model, open_weights(trained_base, 8), config.lora.base_dtype)
+    state, _ = Checkpointer(workdir).restore(trainer.abstract_state)
+    scored = _leaves(to_numpy(train_lm.inference_params(trainer, train_lm.resolve_lora(config), state)))
+    loaded = _leaves(to_numpy(load_for_inference(config, workdir, _single())[0]))
+    assert scored.keys() == loaded.keys() and not any(is_adapter(p) for p in scored)
+    for path in loaded:
+        np.testing.assert_allclose(scored[path], loaded[path], rtol=1e-6, atol=1e-7, err_msg=path)
+    assert all(is_adapter(p) for p in param_paths(state["params"]))
+    config.eval.update(dict(during_training=True, harness_tasks=["lambada_openai"]))
+    validate(config, "train", check_tasks=False)  # no longer refused with LoRA
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["qv_run", "all_run"])
 def test_to_peft_and_to_hf_give_gptjs_logits(run, request, root):
     from peft import PeftModel
