@@ -62,13 +62,32 @@ def bench_config(seq_len: int):
 
 
 def save_hf_weights(seq_len: int, path: str, seed: int = 0) -> None:
-    """Random HF GPT-J weights of the bench model (torch's own init) as a numpy .npz state dict."""
-    import numpy as np
+    """Random HF GPT-J weights of the bench model (torch's own init), saved as an HF directory at `path`."""
     import torch
 
     torch.manual_seed(seed)
-    model = hf_model(seq_len)
-    np.savez(path, **{name: t.detach().numpy().astype(np.float32) for name, t in model.state_dict().items()})
+    hf_model(seq_len).save_pretrained(path)
+
+
+def build_models(seq_len: int, seed: int = 0):
+    """(HF model in train mode, gptj params as numpy, gptj model config) with identical random weights.
+
+    The HF model goes through `save_pretrained` and gptj's own HF reader, as a user's weights would.
+    """
+    import tempfile
+
+    import torch
+    import transformers
+
+    from gptj.convert.hf import read_hf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf_weights(seq_len, tmp, seed)
+        config = bench_config(seq_len)
+        params, read_config = read_hf(tmp, config.vocab_pad_multiple)
+        assert read_config.padded_vocab_size == config.padded_vocab_size, (read_config, config)
+        model = transformers.GPTJForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).train()
+    return model, params, config
 
 
 def hf_model(seq_len: int):
@@ -122,7 +141,7 @@ def gptj_worker(conn, weights_path: str, seq_len: int, batch: int, runs: int) ->
 
     from gptj import train_lm
     from gptj.configs import base
-    from gptj.convert.hf import hf_state_to_params
+    from gptj.convert.hf import read_hf
     from gptj.partitioning import Partitioner, make_mesh
 
     config = bench_config(seq_len)
@@ -137,8 +156,7 @@ def gptj_worker(conn, weights_path: str, seq_len: int, batch: int, runs: int) ->
     start = time.perf_counter()
     trainer.compile()
     compile_s = time.perf_counter() - start
-    with np.load(weights_path) as f:
-        params = hf_state_to_params(dict(f), config)
+    params, _ = read_hf(weights_path, config.vocab_pad_multiple)
     box = {"state": trainer.state_from_params(params)}
     del params
     inputs, targets = make_batch(batch, seq_len, config.vocab_size)
@@ -182,11 +200,10 @@ def hf_worker(conn, weights_path: str, seq_len: int, batch: int, threads: int) -
     import numpy as np
     import torch
     import torch.nn.functional as F
+    import transformers
 
     torch.set_num_threads(threads)
-    model = hf_model(seq_len)
-    with np.load(weights_path) as f:
-        model.load_state_dict({name: torch.from_numpy(f[name]) for name in f.files})
+    model = transformers.GPTJForCausalLM.from_pretrained(weights_path, torch_dtype=torch.float32).train()
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
@@ -215,7 +232,7 @@ def compare(seq_len: int, batch: int, runs: int, threads: int, peak: float, brea
 
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
-        weights = os.path.join(tmp, "hf_weights.npz")
+        weights = os.path.join(tmp, "hf")
         save_hf_weights(seq_len, weights)
         sides = {}
         for name, target, extra in (("gptj", gptj_worker, runs), ("hf", hf_worker, threads)):

@@ -162,3 +162,19 @@ def test_flop_limits_match_the_scaling_model():
     model_flops = 3 * (2 * scaling.matmul_params(cfg) + 4 * 4 * 256 * 512)  # 6N + 12 L d T
     assert common.train_tokens_per_s_limit(cfg, 256, 1e12) == pytest.approx(1e12 / model_flops)
     assert common.forward_tokens_per_s_limit(cfg, 256, 1e12) == pytest.approx(3e12 / model_flops)
+
+
+def test_train_and_lora_benchmarks_give_both_sides_the_same_weights():
+    """train_vs_hf / lora_vs_peft start gptj and HF from one saved HF model: equal logits on the bench shape."""
+    import numpy as np
+    import torch
+    from benchmarks import lora_vs_peft, train_vs_hf
+    from gptj.model import GPTJ
+
+    assert lora_vs_peft.build_models is train_vs_hf.build_models
+    model, params, config = train_vs_hf.build_models(seq_len=16)
+    tokens = np.random.RandomState(0).randint(0, config.vocab_size, (1, 16))
+    with torch.no_grad():
+        want = model.eval()(torch.as_tensor(tokens)).logits.numpy()
+    got = np.asarray(GPTJ(config).apply({"params": params}, tokens))[..., :config.vocab_size]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
