@@ -106,6 +106,8 @@ def save_params(path: str, params: Any, config: GPTJConfig) -> None:
         except Exception as e:  # noqa: BLE001 - a full disk or a refused write, as one line
             if isinstance(e, (storage.CheckpointError, WeightsError)):
                 raise
+            if isinstance(e, integrity.IntegrityError):  # the source is damaged, not the output
+                streaming.finish_reading(params, e)
             raise storage.as_storage_error(e, path, "cannot write params to") from e
         streaming.finish_reading(params)
     except BaseException:
@@ -276,19 +278,21 @@ def load_params(path: str, shardings=None, dtype=None) -> tuple[Any, GPTJConfig]
             shardings = jax.tree_util.tree_map(lambda _: local, arrays)
         return place(arrays, shardings, None if dtype is None else resolve_dtype(dtype)), config
     except storage.CheckpointDamagedError as e:
-        raise WeightsError(f"{e}; {_intact_alternative(path, e.path)}") from e
+        raise WeightsError(f"{e}; {intact_alternative(path, e.path)}") from e
     except storage.CheckpointError as e:
         raise WeightsError(str(e)) from e
 
 
-def _intact_alternative(path: str, damaged: str) -> str:
+def intact_alternative(path: str, damaged: str) -> str:
     """What to use instead of the damaged `damaged`: the newest older checkpoint of workdir `path` that is intact.
 
-    Inference never falls back on its own; this names the way out. Older
-    steps are checked newest first (read block by block), until one passes.
+    Inference and the converters never fall back on their own; this names the
+    way out. Older steps are checked newest first (read block by block),
+    until one passes.
     """
-    if not os.path.isdir(os.path.join(path, CHECKPOINTS_SUBDIR)):
-        return "nothing was read from it"
+    checkpoints = os.path.join(path, CHECKPOINTS_SUBDIR)
+    if os.path.dirname(os.path.abspath(damaged)) != os.path.abspath(checkpoints):
+        return "nothing was read from it"  # a params directory, or a damaged base of a LoRA workdir
     damaged_step = int(os.path.basename(damaged))
     older = [s for s in reversed(checkpoint.all_steps(path)) if s < damaged_step]
     for i, step in enumerate(older):

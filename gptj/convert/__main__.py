@@ -202,12 +202,18 @@ def _quant_targets() -> tuple[str, ...]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from gptj.storage import quiet_storage_noise
+    from gptj.storage import CheckpointDamagedError, quiet_storage_noise
 
     if args.verbosity < 1:
         quiet_storage_noise()
     try:
-        print(args.run(args))
+        try:
+            print(args.run(args))
+        except CheckpointDamagedError as e:  # damage found while streaming: name the intact step to use instead
+            from gptj.params_io import WeightsError, intact_alternative
+
+            raise WeightsError(f"{e}; {intact_alternative(args.workdir, e.path)}" if getattr(args, "workdir", None)
+                               else str(e)) from e
     except (ValueError, OSError) as e:  # WeightsError, CheckpointError, bad values; refused files
         if args.verbosity >= 1:
             traceback.print_exc()

@@ -311,6 +311,7 @@ def write_hf(params: dict[str, Any], config: GPTJConfig, out_dir: str, dtype: st
     present = hf_files.weight_files_present(out_dir)
     if present:
         raise WeightsError(f"{out_dir} already holds a model ({', '.join(present[:3])}); choose a new output directory")
+    created = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     out_dtype = np.dtype(resolve_dtype(dtype))
     flat = {"/".join(str(k.key) for k in key): LazyArray.of(leaf)
@@ -339,6 +340,8 @@ def write_hf(params: dict[str, Any], config: GPTJConfig, out_dir: str, dtype: st
         writer.commit()
     except BaseException:
         writer.abort()
+        if created and not os.listdir(out_dir):  # a failed export leaves nothing behind
+            os.rmdir(out_dir)
         raise
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config_dict(config, dtype), f, indent=2)
