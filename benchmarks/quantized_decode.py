@@ -97,7 +97,7 @@ def speed_rows(args, runs: int, peak: float) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        prompts = rng.integers(0, config.vocab_size, (batch, args.prompt_len)).tolist()
+        prompts = rng.integers(0, gptj["fp32"].runner.vocab_limit, (batch, args.prompt_len)).tolist()
         ids = torch.tensor(prompts)
 
         def hf_run(model):

@@ -12,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # benchmarks/ is a folder of scripts at the repository root
 
 from benchmarks import common, run_all  # noqa: E402
+from xla_env import xla_flags  # noqa: E402
 
 
 def test_time_runs_warms_up_then_times():
@@ -126,7 +127,7 @@ sys.meta_path.insert(0, Block())
 def test_gpu_sh_dry_run_end_to_end(tmp_path):
     out = tmp_path / "gpu.json"
     (tmp_path / "sitecustomize.py").write_text(_BLOCK_IMPORTS)
-    env = dict(os.environ, PYTHON=sys.executable, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, PYTHON=sys.executable, XLA_FLAGS=xla_flags(8),
                PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
     proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh"), "--dry-run", "--json", str(out)],
                           env=env, capture_output=True, text=True, timeout=300)

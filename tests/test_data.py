@@ -16,6 +16,7 @@ from data_utils import make_config, tfrecord_dir
 from gptj import tasks
 from gptj.data import build_eval_iterators, build_train_iterator, host_dataset, train_batch_spec
 from gptj.partitioning import Partitioner, make_mesh
+from xla_env import xla_flags
 
 SEQ = 16
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,7 +102,7 @@ def test_epochs_reshuffle_and_stop(tmp_path):
 
 RESUME_SCRIPT = """
 import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = {xla_flags!r}
 import numpy as np
 sys.path.insert(0, os.path.join({root!r}, "tests"))
 from data_utils import make_config
@@ -139,7 +140,7 @@ def test_resume_in_fresh_process_gives_batch_8(tmp_path):
         jobs.append([name, kwargs, state])
     assert jobs[0][2]["positions"] == [[2, 1]] and jobs[0][2]["batches"] == 7
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    subprocess.run([sys.executable, "-c", RESUME_SCRIPT.format(root=ROOT), str(tmp_path / "jobs.json"),
+    subprocess.run([sys.executable, "-c", RESUME_SCRIPT.format(root=ROOT, xla_flags=xla_flags(8)), str(tmp_path / "jobs.json"),
                     str(tmp_path / "out.json")], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
     got = json.loads((tmp_path / "out.json").read_text())
     for name in cases:

@@ -13,6 +13,7 @@ import seqio
 from data_utils import make_config, numbered_records, write_records
 from gptj import tasks
 from gptj.data import build_train_iterator
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 16
@@ -20,7 +21,7 @@ SEQ = 16
 HOST_SCRIPT = """
 import json, os, sys
 pid, port, tmp = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = {xla_flags!r}
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize("127.0.0.1:" + port, num_processes=2, process_id=pid)
@@ -80,7 +81,7 @@ def test_two_processes(tmp_path):
     write_records(str(tmp_path / "train_0.tfrecords"), records[:12])
     write_records(str(tmp_path / "train_1.tfrecords"), records[12:16])
     write_records(str(tmp_path / "val.tfrecords"), records[16:])
-    port, script = free_port(), HOST_SCRIPT.format(root=ROOT, seq=SEQ)
+    port, script = free_port(), HOST_SCRIPT.format(root=ROOT, seq=SEQ, xla_flags=xla_flags(4))
     env = {**os.environ, "PYTHONPATH": ROOT}
     procs = [subprocess.Popen([sys.executable, "-c", script, str(pid), str(port), str(tmp_path)], cwd=ROOT,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _WORDS = ("the value of a target occurring in an assignment is evaluated before the exception clause "
@@ -76,7 +77,7 @@ def test_two_hosts_get_the_same_answers_as_one(tmp_path):
     params_io.save_params(str(tmp_path / "params"), jax.tree_util.tree_map(np.asarray, params), config)
 
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+               XLA_FLAGS=xla_flags(4))
     port = str(_free_port())
     procs = [subprocess.Popen([sys.executable, __file__, port, str(i), str(tmp_path / "params"),
                                str(tmp_path / f"answers_{i}.json")], env=env, stdout=subprocess.PIPE,

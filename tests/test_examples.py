@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from trainer_utils import read_scalars
+from xla_env import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
@@ -99,7 +100,7 @@ def test_instruction_tuning_config_learns_its_pairs_and_greedy_sampling_reproduc
                       "--config.optimizer.anneal_steps=50"]
     sample = common + ["--mode=sample", f"--prompt_file={tmp_path / 'prompts.txt'}", f"--output={tmp_path / 'out.jsonl'}"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               XLA_FLAGS=xla_flags(1))
     for cmd in (train, sample):
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
         assert done.returncode == 0, done.stderr[-3000:]

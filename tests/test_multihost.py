@@ -7,10 +7,17 @@ float-summation noise. Then each run's checkpoint is resumed by the other proces
 (a 2-process checkpoint in 1 process, a 1-process checkpoint in 2 processes) for a sixth
 step, and the two continuations must agree too; the 2-process checkpoint is also restored
 in this (single) test process and compared leaf by leaf with the single-process one.
+
+Last, a copy of the 2-process run resumes past a checkpoint shard that process 1 wrote and
+rot: 4 KiB in the middle of process 1's largest train_state data file of step 5 are zeroed.
+Only process 1's devices read that shard, yet both processes must name the same step and
+array, set it aside once, and resume from step 4 together (a disagreement would hang the run
+or crash it).
 """
 
 import glob
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,7 +28,11 @@ import jax
 import numpy as np
 import pytest
 
+from checkpoint_utils import damage
+from xla_env import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # several multi-process training runs
 
 CONFIG = """
 from gptj.configs import tiny
@@ -33,14 +44,14 @@ def get_config():
     config.mesh.update(dict(data=-1, model=2, rules="zero3"))
     config.data.update(dict(train_task="gptj_text", text_pattern={corpus!r}, val_tasks=[], seq_len=32,
                             shuffle_buffer=1))
-    config.train.update(dict(batch_size=8, total_steps=5, log_every=1, ckpt_every=5, eval_every=0))
+    config.train.update(dict(batch_size=8, total_steps=5, log_every=1, ckpt_every=2, eval_every=0))
     return config
 """
 
 
 def _env(devices: int) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     return env
 
 
@@ -139,6 +150,26 @@ def test_checkpoints_move_between_process_counts(runs):
     state_b, _ = _restore(runs["pod_then_single"], runs["config"], 6)
     assert int(state_a["step"]) == int(state_b["step"]) == 6
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state_a, state_b)
+
+
+def test_both_processes_agree_on_the_fallback_step(runs, tmp_path):
+    workdir = tmp_path / "pod"
+    shutil.copytree(runs["pod"], workdir)  # checkpoints 4 and 5 (every 2 steps, the last two kept, and the end)
+    step_5 = os.path.join(workdir, "checkpoints", "5")
+    shards = glob.glob(os.path.join(step_5, "train_state", "ocdbt.process_1", "d", "*"))
+    assert shards, "process 1 wrote no train_state shard"
+    damage(step_5, "zeroed", data_file=max(shards, key=os.path.getsize))
+
+    log = _train(str(workdir), runs["config"], 6, processes=2)
+    verdicts = {}
+    for line in log.splitlines():
+        found = re.match(r"\[(\d)\] .*checkpoints/5 is damaged: (train_state/\S+): .*resuming from step (\d+)$", line)
+        if found:
+            verdicts[found.group(1)] = (found.group(2), found.group(3))
+    assert set(verdicts) == {"0", "1"}, log[-5000:]
+    assert verdicts["0"] == verdicts["1"] and verdicts["0"][1] == "4", verdicts
+    # The damaged step stays, set aside; step 6 is saved at the end beside 4.
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "5.damaged", "6"]
 
 
 def _free_port() -> int:

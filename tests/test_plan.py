@@ -9,6 +9,7 @@ import pytest
 
 from gptj import plan as plan_lib
 from gptj.configs import tiny
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
@@ -70,7 +71,7 @@ def test_gptj_6b_plan_on_8_fake_cpu_devices_allocates_nothing(tmp_path):
                    "open('/proc/self/status') if l.startswith('VmHWM')][0], file=sys.stderr)); "
                    "sys.argv = ['main.py'] + sys.argv[1:]; runpy.run_path('main.py', run_name='__main__')")
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+               XLA_FLAGS=xla_flags(8))
     proc = subprocess.run([sys.executable, "-c", report_peak, *flags], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

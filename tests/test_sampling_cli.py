@@ -14,6 +14,7 @@ import pytest
 from gptj.params_io import load_params
 from gptj.sampling import Sampler, get_tokenizer
 from tests.sampling_utils import gpt2_vocab_config, write_params_dir
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "gptj", "configs", "tiny.py")
@@ -21,7 +22,7 @@ TINY = os.path.join(ROOT, "gptj", "configs", "tiny.py")
 
 def env():
     values = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    values["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    values["XLA_FLAGS"] = xla_flags(1)
     return values
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from hf_utils import random_hf_model
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENS = np.random.RandomState(0).randint(0, 250, size=(4, 12)).astype(np.int32)
@@ -85,7 +86,7 @@ def test_each_process_reads_only_its_own_slices(tmp_path):
     script.write_text(textwrap.dedent(CHILD.format(coordinator=f"127.0.0.1:{_free_port()}", hf_dir=str(hf_dir),
                                                    tokens=TOKENS.tolist(), logits_path=logits_path)))
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+               XLA_FLAGS=xla_flags(4))
     children = [subprocess.Popen([sys.executable, str(script), str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
     reports = []
