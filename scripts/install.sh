@@ -10,5 +10,7 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 # The CPU build of torch first, pinned, so that nothing pulls a multi-GB CUDA build.
-python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[train,hf,eval,serve,test]"
+# --no-compile: Python compiles the modules that are imported on first use; compiling
+# every file of torch and tensorflow up front took over a minute of a fresh install.
+python -m pip install -q --no-compile "torch==2.13.0"
+python -m pip install -q --no-compile -e ".[train,hf,eval,serve,test]"
