@@ -106,14 +106,14 @@ def _parse_flags(argv):
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that describe bad input or a storage fault: one line and exit status 1 (--verbosity=1: the trace too)."""
-    from gptj.checkpoint import CheckpointError
-    from gptj.config_validation import ConfigError
-    from gptj.eval_tasks import EvalError
-    from gptj.params_io import WeightsError
-    from gptj.partitioning import PartitioningError
-    from gptj.runtime import DistributedInitError
-    from gptj.tasks.files import DataError
-    from gptj.trainer import NonFiniteLossError
+    from gptj.core.checkpoint import CheckpointError
+    from gptj.settings import ConfigError
+    from gptj.evaluation.harness_tasks import EvalError
+    from gptj.weights.params_dir import WeightsError
+    from gptj.core.partitioning import PartitioningError
+    from gptj.core.runtime import DistributedInitError
+    from gptj.data.tasks.files import DataError
+    from gptj.core.trainer import NonFiniteLossError
 
     return (CheckpointError, ConfigError, EvalError, WeightsError, PartitioningError, DistributedInitError,
             DataError, NonFiniteLossError)
@@ -122,8 +122,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from gptj import runtime
-    from gptj.storage import quiet_storage_noise
+    from gptj.core import runtime
+    from gptj.core.storage import quiet_storage_noise
 
     runtime.configure_console(FLAGS.verbosity)  # --verbosity=1 shows every library's log lines
     if FLAGS.verbosity < 1:  # and the background threads' traces behind a storage error
@@ -137,7 +137,8 @@ def main(argv):
 
 
 def _run(config, mode):
-    from gptj import config_validation, runtime
+    from gptj import settings as config_validation
+    from gptj.core import runtime
 
     if mode not in MODES:
         raise config_validation.ConfigError(f"unknown --mode={mode!r}; choose one of {', '.join(MODES)}")
@@ -150,24 +151,24 @@ def _run(config, mode):
     config_validation.validate(config, mode, workdir=FLAGS.workdir)
 
     if mode == "train":
-        from gptj import train_lm
+        from gptj import train
         explicit = [k.split(".", 1)[1] for k in config_flags.get_override_values(FLAGS["config"])
                     if k.startswith("model.")]
-        train_lm.train_and_evaluate(config, FLAGS.workdir, explicit_model_fields=explicit)
+        train.train_and_evaluate(config, FLAGS.workdir, explicit_model_fields=explicit)
     elif mode == "eval":
-        from gptj import evaluate
+        from gptj.evaluation import evaluate
         _override(config.eval, num_fewshot=FLAGS.num_fewshot, limit=FLAGS.limit, include_path=FLAGS.include_path)
         if FLAGS.tasks is not None:
             _override(config.eval, harness_tasks=list(FLAGS.tasks))
         evaluate.evaluate(config, FLAGS.workdir)
     elif mode == "sample":
-        from gptj import sampling
+        from gptj.inference import sampler as sampling
         _override(config.sample, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                   top_p=FLAGS.top_p, top_k=FLAGS.top_k, seed=FLAGS.seed)
         sampling.sample_main(config, FLAGS.workdir, prompt=FLAGS.prompt, prompt_file=FLAGS.prompt_file,
                              output=FLAGS.output)
     elif mode == "serve":
-        from gptj import serve
+        from gptj.inference import server as serve
         _override(config.serve, host=FLAGS.host, port=FLAGS.port)
         serve.serve(config, FLAGS.workdir)
     elif mode == "plan":

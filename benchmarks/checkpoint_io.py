@@ -1,4 +1,4 @@
-"""Checkpoint save and restore with the integrity checks (gptj.integrity) against Orbax alone, on 8 CPU devices.
+"""Checkpoint save and restore with the integrity checks (gptj.core.integrity) against Orbax alone, on 8 CPU devices.
 
     python benchmarks/checkpoint_io.py [--quick] [--json PATH] [--models=tiny,1b] [--state=full|params]
                                        [--dtype=float32] [--mesh=2x4] [--rules=megatron] [--runs=N] [--dir=DIR]
@@ -55,10 +55,11 @@ def build_state(model: dict, mesh: str, rules: str, params_only: bool, dtype: st
     import jax
     import optax
 
-    from gptj import losses, optimizer
-    from gptj.model import GPTJ, GPTJConfig, count_params
-    from gptj.partitioning import Partitioner, make_mesh
-    from gptj.trainer import Trainer
+    from gptj.core import losses
+    from gptj.core import optimizer
+    from gptj.model.transformer import GPTJ, GPTJConfig, count_params
+    from gptj.core.partitioning import Partitioner, make_mesh
+    from gptj.core.trainer import Trainer
 
     data, tensor = (int(n) for n in mesh.split("x"))
     config = GPTJConfig(**model, dtype=dtype, param_dtype=dtype, scan_layers=True, remat_policy="none")
@@ -103,9 +104,9 @@ def measure(name: str, model: dict, args, workdir: str) -> list[dict]:
     """Save, restore and digest timings of one model; the result rows."""
     import jax
 
-    from gptj import integrity
-    from gptj.checkpoint import Checkpointer
-    from gptj.storage import tree_bytes
+    from gptj.core import integrity
+    from gptj.core.checkpoint import Checkpointer
+    from gptj.core.storage import tree_bytes
 
     state, abstract, n_params = build_state(model, args.mesh, args.rules, args.state == "params", args.dtype)
     size = tree_bytes(state)
@@ -177,7 +178,7 @@ def main() -> None:
                         help="full: params + AdamW moments; params: the params alone")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="params dtype")
     parser.add_argument("--mesh", default="2x4", help="DATAxMODEL devices")
-    parser.add_argument("--rules", default="megatron", help="rule set (gptj.partitioning)")
+    parser.add_argument("--rules", default="megatron", help="rule set (gptj.core.partitioning)")
     parser.add_argument("--runs", type=int, default=0, help="timed runs of each (default: 3)")
     parser.add_argument("--dir", default="", help="where to write the checkpoints (default: a temporary directory)")
     args = parser.parse_args()

@@ -4,7 +4,7 @@
 
 Both hold the same random weights (the CPU bench model of benchmarks/common.py:
 4 layers, d_model 512, 8 heads, vocab 50400; fp32), built once in torch and
-converted with gptj.convert.hf, and run in this process on the same cores
+converted with gptj.weights.formats.hf, and run in this process on the same cores
 (torch gets as many threads as XLA:CPU uses: every core; OMP_WAIT_POLICY=PASSIVE
 so a busy machine does not starve torch's spinning threads). Each batch size
 (1 and 8) decodes `new_tokens` greedy tokens after a `prompt_len`-token prompt;
@@ -40,15 +40,15 @@ GOALS = {1: 2.0, 8: 3.0}  # issue 12: gptj / HF tokens/s at batch 1 and batch 8
 
 def build(seed: int = 0):
     """A random HF GPTJForCausalLM (fp32, eval mode) and a gptj Sampler over the same weights (saved by HF,
-    read by gptj.convert.hf as any HF checkpoint is)."""
+    read by gptj.weights.formats.hf as any HF checkpoint is)."""
     import tempfile
 
     import torch
     import transformers
 
-    from gptj.convert.hf import hf_config_dict, read_hf
-    from gptj.model import GPTJConfig
-    from gptj.sampling import Sampler
+    from gptj.weights.formats.hf import hf_config_dict, read_hf
+    from gptj.model.transformer import GPTJConfig
+    from gptj.inference.sampler import Sampler
 
     config = GPTJConfig(**BENCH_MODEL)
     torch.manual_seed(seed)

@@ -4,7 +4,7 @@
 
 Both models hold the same random weights (the CPU bench model of
 benchmarks/common.py: 4 layers, d_model 512, vocab 50400, context 256; gptj
-params exported with gptj.convert.hf.write_hf for HFLM), run on the same cores
+params exported with gptj.weights.formats.hf.write_hf for HFLM), run on the same cores
 in the same process, one after the other, with the same batch size. The
 requests are LAMBADA-shaped: a context of 48 to 240 tokens of English text and
 a one-word continuation, scored through the harness's public
@@ -70,11 +70,11 @@ def _build(workdir: str, batch_size: int):
     import flax.linen as nn
     from transformers import GPT2TokenizerFast
 
-    from gptj.convert.hf import write_hf
-    from gptj.eval_harness import GPTJLM, get_tokenizer
-    from gptj.model import GPTJ, GPTJConfig
-    from gptj.partitioning import Partitioner, make_mesh
-    from gptj.vocab import default_vocab_dir
+    from gptj.weights.formats.hf import write_hf
+    from gptj.evaluation.harness import GPTJLM, get_tokenizer
+    from gptj.model.transformer import GPTJ, GPTJConfig
+    from gptj.core.partitioning import Partitioner, make_mesh
+    from gptj.data.vocab import default_vocab_dir
     from lm_eval.models.huggingface import HFLM
 
     config = GPTJConfig(**BENCH_MODEL)

@@ -11,23 +11,23 @@
     / peak dense bf16 FLOP/s (989 TFLOP/s on H100 SXM and H200).
 (a') Attention alone: forward + backward of one causal attention call of the
     1.3B shape (batch 8 x 2048, 16 heads of 128, bf16) with each kernel of
-    gptj.attention (einsum, dot_product, blockwise, cudnn), MFU from the
+    gptj.model.attention (einsum, dot_product, blockwise, cudnn), MFU from the
     causal attention FLOPs (3.5 x 2 B H T^2 D: forward and the recomputing
     backward, half the square), and each kernel's error against einsum in fp32.
 (b) Decode: a GPT-J-6B-shaped model in bf16 (random weights made on the
-    device), greedy, prompt 128, through `gptj.sampling.Sampler`, at batch 1
+    device), greedy, prompt 128, through `gptj.inference.sampler.Sampler`, at batch 1
     and 64. Decode tokens/s comes from the difference of two generations
     (128 and 64 new tokens: same compiled programs, so prefill cancels). The
     limit is reading every weight and the KV cache (at the mean context
     length) once per step at the HBM bandwidth (3.35 TB/s H100 SXM, 4.8 TB/s
     H200), or the FLOPs at peak if that is slower.
 (c) Quantized decode: the same GPT-J-6B shape with int8 (per channel) and
-    int4 (groups of 128) weights and bf16 scales (`gptj.quantize`; every
+    int4 (groups of 128) weights and bf16 scales (`gptj.model.quantized`; every
     matrix, embedding included), batch 1, against the same bandwidth limit
     with the quantized bytes (goal: >= 75% of it, i.e. int8 >= 1.6x the bf16
     tokens/s of (b), which the row's ratio gives when (b) ran).
 (d) Serving load: the same 6B-shaped model in the continuous-batching engine
-    (`gptj.engine.Engine`, 32 slots, chunked prefill), fed open-loop Poisson
+    (`gptj.inference.engine.Engine`, 32 slots, chunked prefill), fed open-loop Poisson
     arrivals with lognormal prompt / output lengths (benchmarks/serve_load.py's
     workload, in process: the GPU machine has no HTTP stack) at a few rates:
     output tokens/s over the run (at a rate it cannot keep up with, its
@@ -64,11 +64,13 @@ import flax.linen as nn  # noqa: E402
 
 from benchmarks.common import (emit_results, matmul_peak_flops, measure_matmul_flops, result, time_runs,  # noqa: E402
                                write_results)
-from gptj import losses, quantize, scaling  # noqa: E402
-from gptj.attention import causal_attention, einsum_attention  # noqa: E402
-from gptj.model import GPTJ, GPTJConfig, output_logits  # noqa: E402
-from gptj.partitioning import Partitioner, make_mesh  # noqa: E402
-from gptj.sampling import Sampler  # noqa: E402
+from gptj.core import losses
+from gptj.model import quantized as quantize
+from gptj import scaling  # noqa: E402
+from gptj.model.attention import causal_attention, einsum_attention  # noqa: E402
+from gptj.model.transformer import GPTJ, GPTJConfig, output_logits  # noqa: E402
+from gptj.core.partitioning import Partitioner, make_mesh  # noqa: E402
+from gptj.inference.sampler import Sampler  # noqa: E402
 
 # Shapes for --dry-run: the same code path, small enough for a CPU.
 DRY_TRAIN = GPTJConfig(vocab_size=500, vocab_pad_multiple=128, num_layers=2, d_model=64, num_heads=4, rotary_dim=8,
@@ -177,7 +179,7 @@ def bench_train(cfg: GPTJConfig, batch: int, seq_len: int, steps: int, limits: L
         def loss_fn(params):
             out = model.apply({"params": params}, tokens[:, :-1])
             batch_ = {"targets": tokens[:, 1:]}
-            if loss_chunk_tokens:  # as gptj.train_lm.head_loss_fns builds it, without its config machinery
+            if loss_chunk_tokens:  # as gptj.recipe.head_loss_fns builds it, without its config machinery
                 sums = losses.fused_next_token_loss(out.hidden, out.kernel, out.bias, batch_, logits_fn,
                                                     chunk_tokens=loss_chunk_tokens, accuracy=False)
             else:
@@ -376,7 +378,7 @@ def run_quant_decode(args, limits: Limits, bf16_rows: list[dict]) -> list[dict]:
 def run_load(args, limits: Limits) -> list[dict]:
     """Output tokens/s and latency percentiles of the engine under open-loop Poisson load, per rate."""
     from benchmarks.serve_load import run_engine_load, workload
-    from gptj.engine import Engine
+    from gptj.inference.engine import Engine
 
     cfg = DRY_DECODE if args.dry_run else scaling.MODEL_SHAPES["gptj_6b"].replace(
         param_dtype="bfloat16", dtype="bfloat16", remat_policy="none")

@@ -4,11 +4,11 @@
 
 Both fine-tune the same random weights (the CPU bench model of benchmarks/common.py:
 4 layers, d_model 512, 8 heads, vocab 50400; fp32, built once in torch and converted
-with gptj.convert.hf, as benchmarks/train_vs_hf.py does) with LoRA adapters of the same
+with gptj.weights.formats.hf, as benchmarks/train_vs_hf.py does) with LoRA adapters of the same
 rank, alpha and targets (q_proj, v_proj, fc_in, fc_out; no dropout) over the frozen
 base, on the same batches, with the same optimizer on the adapters alone: global-norm
 clipping at 1, Adam(W) (betas 0.9/0.999, eps 1e-8, no weight decay), the same learning
-rate. gptj runs its real train step (gptj.train_lm.build_trainer with lora.rank > 0:
+rate. gptj runs its real train step (gptj.recipe.build_trainer with lora.rank > 0:
 the base is a frozen, non-donated argument; jitted, AOT-compiled) on one XLA:CPU
 device; HF runs `peft.get_peft_model(GPTJForCausalLM)`, `loss.backward()`,
 `clip_grad_norm_`, `AdamW.step()` with torch using every core. The first step's
@@ -47,9 +47,9 @@ def gptj_lora_trainer(config, params, batch: int, seq_len: int, rank: int):
     """gptj's LoRA train step for the bench model on one device: the base frozen (fp32), the adapters trained."""
     import jax
 
-    from gptj import train_lm
+    from gptj import recipe
     from gptj.configs import base
-    from gptj.partitioning import Partitioner, make_mesh
+    from gptj.core.partitioning import Partitioner, make_mesh
 
     run = base.get_config()
     run.model.update(config.to_dict())
@@ -58,7 +58,7 @@ def gptj_lora_trainer(config, params, batch: int, seq_len: int, rank: int):
                               b1=0.9, b2=0.999, eps=1e-8))
     run.train.update(dict(batch_size=batch))
     run.data.update(dict(seq_len=seq_len))
-    trainer = train_lm.build_trainer(run, config, Partitioner(make_mesh(1, 1, devices=jax.devices()[:1]), "megatron"))
+    trainer = recipe.build_trainer(run, config, Partitioner(make_mesh(1, 1, devices=jax.devices()[:1]), "megatron"))
     trainer.set_frozen(params)  # with LoRA every base parameter is frozen
     start = time.perf_counter()
     trainer.compile()
@@ -132,7 +132,7 @@ def main(argv=None) -> None:
             times[name].append(time.perf_counter() - start)
     gptj_t, peft_t = Timing(tuple(times["gptj"])), Timing(tuple(times["peft"]))
 
-    from gptj.model import count_params, matmul_params, train_flops_per_token
+    from gptj.model.transformer import count_params, matmul_params, train_flops_per_token
 
     n_adapters = count_params(trainer.abstract_state["params"])
     per_token = train_flops_per_token(config, seq_len) - 2 * matmul_params(config) + 6 * n_adapters

@@ -6,7 +6,7 @@ Corpus: the Python standard library's own source files (real, varied text
 present on every machine), written as JSON-lines shards (one document per
 module) up to --mb megabytes.
 
-- gptj: `gptj.prepare_data.prepare_data` end to end: read and parse the files,
+- gptj: `gptj.data.prepare.prepare_data` end to end: read and parse the files,
   tokenize in one worker process per core, shuffle, append EOT, pack into
   2049-token records and write TFRecords (worker start-up included).
 - peer: HF `tokenizers` GPT-2 `ByteLevelBPETokenizer.encode_batch` over the
@@ -68,9 +68,9 @@ def main() -> None:
 
     from tokenizers import ByteLevelBPETokenizer
 
-    from gptj.prepare_data import prepare_data
-    from gptj.tasks.files import read_documents
-    from gptj.vocab import default_vocab_dir
+    from gptj.data.prepare import prepare_data
+    from gptj.data.tasks.files import read_documents
+    from gptj.data.vocab import default_vocab_dir
 
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,7 +4,7 @@
 
 Speed: the CPU bench model of benchmarks/common.py (4 layers, d_model 512,
 vocab 50400) with random weights built in torch, converted with
-gptj.convert.hf and quantized with gptj.convert.quantize's own functions
+gptj.weights.formats.hf and quantized with gptj.convert.quantize's own functions
 (int8 per channel, int4 in groups of 64, every matrix). Each batch size (1
 and 8) decodes `new_tokens` greedy tokens after a `prompt_len`-token prompt
 with gptj's Sampler in fp32, bf16, int8 and int4, HF `generate` in fp32, and
@@ -52,7 +52,7 @@ QUALITY_STEPS, QUALITY_SEQ, QUALITY_BATCH = 300, 64, 8
 def quantized(params, config, bits: int, group_size: int | None):
     """(params, config) of `bits`-bit weights, as `python -m gptj.convert quantize` writes them."""
     from gptj.convert.quantize import quantize_params, quantized_config
-    from gptj.streaming import read_all
+    from gptj.core.streaming import read_all
 
     config = quantized_config(config, bits, group_size)
     return read_all(quantize_params(params, config)), config
@@ -60,8 +60,8 @@ def quantized(params, config, bits: int, group_size: int | None):
 
 def samplers(fp32):
     """{format name: Sampler} over the weights of the fp32 Sampler `fp32` (bf16: cast; int8, int4: quantized)."""
-    from gptj.params_io import to_numpy
-    from gptj.sampling import Sampler
+    from gptj.weights.params_dir import to_numpy
+    from gptj.inference.sampler import Sampler
 
     params, config = to_numpy(fp32.params), fp32.config
     out = {}
@@ -144,10 +144,10 @@ def train_quality_model():
     """(run config, partitioner, fp32 params) of the tiny trunk trained on the demo corpus's bytes."""
     import jax
 
-    from gptj import train_lm
+    from gptj import recipe
     from gptj.configs import base, tiny
-    from gptj.partitioning import Partitioner, make_mesh
-    from gptj.tasks.demo import demo_byte_batches
+    from gptj.core.partitioning import Partitioner, make_mesh
+    from gptj.data.tasks.demo import demo_byte_batches
 
     config = base.get_config()
     config.model.update(dict(tiny.get_config().model.to_dict(), vocab_size=256, vocab_pad_multiple=1, max_len=128))
@@ -155,7 +155,7 @@ def train_quality_model():
     config.train.batch_size = QUALITY_BATCH
     config.data.seq_len = QUALITY_SEQ
     partitioner = Partitioner(make_mesh(1, 1, devices=jax.devices()[:1]), "megatron")
-    trainer = train_lm.build_trainer(config, train_lm.run_model_config(config), partitioner)
+    trainer = recipe.build_trainer(config, recipe.run_model_config(config), partitioner)
     state = trainer.init_state(0)
     for batch in demo_byte_batches("train", QUALITY_STEPS, QUALITY_BATCH, QUALITY_SEQ, seed=0):
         state, _ = trainer.train_step(state, batch)
@@ -166,12 +166,13 @@ def quality_rows() -> list[dict]:
     """Validation perplexity (the Trainer's eval step, as --mode=eval) and greedy agreement of int8 / int4 vs fp32."""
     import numpy as np
 
-    from gptj import params_io, train_lm
-    from gptj.sampling import Sampler
-    from gptj.tasks.demo import demo_byte_batches
+    from gptj.weights import params_dir as params_io
+    from gptj import recipe
+    from gptj.inference.sampler import Sampler
+    from gptj.data.tasks.demo import demo_byte_batches
 
     config, partitioner, trained = train_quality_model()
-    model = train_lm.run_model_config(config)
+    model = recipe.run_model_config(config)
     params = params_io.to_numpy(trained)
     validation = demo_byte_batches("validation", 8, QUALITY_BATCH, QUALITY_SEQ)
     prompts = [list(row[:16]) for row in validation[0]["inputs"]]
@@ -179,7 +180,7 @@ def quality_rows() -> list[dict]:
     for name, bits, group_size in (("fp32", 0, 0), ("int8", 8, 0), ("int4", 4, 32)):
         p, c = quantized(params, model, bits, group_size) if bits else (params, model)
         c = c.replace(param_dtype="float32")
-        perplexity[name] = train_lm.build_trainer(config, c, partitioner).evaluate(p, validation)["perplexity"]
+        perplexity[name] = recipe.build_trainer(config, c, partitioner).evaluate(p, validation)["perplexity"]
         sampler = Sampler(c, p, partitioner, eos_id=None)
         tokens[name] = np.array([g.tokens for g in sampler.generate(prompts, max_new_tokens=32, temperature=0.0)])
     rows = []

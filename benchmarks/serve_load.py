@@ -195,8 +195,8 @@ def summarize(outcomes: list[Outcome], seconds: float, offered_span: float) -> d
 
 
 def run_engine_load(engine, requests: list[Request]) -> dict:
-    """The same open-loop load straight into a running `gptj.engine.Engine` (no HTTP), as gpu_bench uses it."""
-    from gptj.engine import GENERATE, Job
+    """The same open-loop load straight into a running `gptj.inference.engine.Engine` (no HTTP), as gpu_bench uses it."""
+    from gptj.inference.engine import GENERATE, Job
 
     outcomes = [Outcome(r) for r in requests]
 
@@ -243,8 +243,8 @@ def bench_weights(folder: str, seed: int = 0) -> str:
     import torch
     import transformers
 
-    from gptj.convert.hf import hf_config_dict
-    from gptj.model import GPTJConfig
+    from gptj.weights.formats.hf import hf_config_dict
+    from gptj.model.transformer import GPTJConfig
 
     config = GPTJConfig(**BENCH_MODEL)
     torch.manual_seed(seed)

@@ -4,7 +4,7 @@
 
 attention: forward + backward of one attention call (the CPU bench model's
 8 heads x 64; B x T = 2048 tokens: batch 8 x 256, 2 x 1024, 1 x 2048) for
-each kernel of gptj.attention (einsum, dot_product, blockwise at block
+each kernel of gptj.model.attention (einsum, dot_product, blockwise at block
 sizes 64/128/256), checked against einsum (fp32, max relative error).
 loss: forward + backward of the output head and cross-entropy at vocabulary
 50400, d_model 512, batch 8 x 256 (and 8 x 1024 unless --quick): the
@@ -83,7 +83,7 @@ def bench_attention(lengths, trials: int, peak: float) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from gptj.attention import blockwise_attention, einsum_attention
+    from gptj.model.attention import blockwise_attention, einsum_attention
 
     rows = []
     for length in lengths:
@@ -131,9 +131,10 @@ def bench_loss(lengths, trials: int, peak: float) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from gptj import losses, train_lm
-    from gptj.model import GPTJConfig, HeadInputs, output_logits
-    from gptj.partitioning import Partitioner, make_mesh
+    from gptj.core import losses
+    from gptj import recipe
+    from gptj.model.transformer import GPTJConfig, HeadInputs, output_logits
+    from gptj.core.partitioning import Partitioner, make_mesh
 
     config = GPTJConfig(vocab_size=VOCAB, num_layers=1, d_model=D_MODEL, num_heads=HEADS, rotary_dim=32)
     partitioner = Partitioner(make_mesh(1, 1, devices=jax.devices()[:1]), "megatron")
@@ -149,7 +150,7 @@ def bench_loss(lengths, trials: int, peak: float) -> list[dict]:
         variants = {"full logits": lambda h, k, b: losses.next_token_loss(output_logits(h, k, b, config), batch,
                                                                           accuracy=False)["loss_sum"]}
         for tokens, vocab_chunk in LOSS_CHUNKS:
-            loss_fn = train_lm.head_loss_fns(config, tokens, train_lm.loss_vocab_chunk(vocab_chunk, partitioner),
+            loss_fn = recipe.head_loss_fns(config, tokens, recipe.loss_vocab_chunk(vocab_chunk, partitioner),
                                              0.0)[0]
             variants[f"fused {tokens} x {'auto' if vocab_chunk < 0 else vocab_chunk or 'all'}"] = functools.partial(
                 lambda h, k, b, fn: fn(HeadInputs(h, k, b), batch)["loss_sum"], fn=loss_fn)

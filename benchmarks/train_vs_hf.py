@@ -5,10 +5,10 @@
 
 Both train the same random weights (the CPU bench model of benchmarks/common.py:
 4 layers, d_model 512, 8 heads, rotary_dim 32, vocab 50400; fp32), built once
-in torch and converted with gptj.convert.hf, on the same batches, with the same
+in torch and converted with gptj.weights.formats.hf, on the same batches, with the same
 optimizer: global-norm clipping at 1, AdamW (betas 0.9/0.999, eps 1e-8, weight
 decay 0.1 on matrices only), the same learning rate. gptj runs its real train
-step (gptj.train_lm.build_trainer with the run defaults: fused chunked loss,
+step (gptj.recipe.build_trainer with the run defaults: fused chunked loss,
 the backend's attention kernel; jitted, donated state, AOT-compiled) on one
 XLA:CPU device; HF runs `loss.backward()`, `clip_grad_norm_`, `AdamW.step()`
 with torch on every core (its thread counts are printed).
@@ -22,7 +22,7 @@ Figures are medians of the timed steps. The CPU model and whether it has
 AVX-512 are printed with the results (the balance between matmuls and
 element-wise work, and so the ratio, depends on it).
 
-MFU is gptj's model FLOPs per token (6 N + 12 L H Q T, PaLM; gptj.metrics)
+MFU is gptj's model FLOPs per token (6 N + 12 L H Q T, PaLM; gptj.core.metrics)
 times tokens/s over the machine's measured fp32 matmul peak
 (benchmarks/common.matmul_peak_flops). With --breakdown, gptj's forward,
 forward+backward and full step are also timed alone to show where time goes.
@@ -56,7 +56,7 @@ LR, WEIGHT_DECAY, CLIP = 1e-4, 0.1, 1.0
 
 def bench_config(seq_len: int):
     """The bench model's GPTJConfig, long enough for `seq_len`."""
-    from gptj.model import GPTJConfig
+    from gptj.model.transformer import GPTJConfig
 
     return GPTJConfig(**dict(BENCH_MODEL, max_len=max(seq_len, BENCH_MODEL["max_len"])))
 
@@ -79,7 +79,7 @@ def build_models(seq_len: int, seed: int = 0):
     import torch
     import transformers
 
-    from gptj.convert.hf import read_hf
+    from gptj.weights.formats.hf import read_hf
 
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_weights(seq_len, tmp, seed)
@@ -94,7 +94,7 @@ def hf_model(seq_len: int):
     """An HF GPTJForCausalLM (train mode) of the bench model's shape, randomly initialised."""
     import transformers
 
-    from gptj.convert.hf import hf_config_dict
+    from gptj.weights.formats.hf import hf_config_dict
 
     hf_config = transformers.GPTJConfig(**{k: v for k, v in hf_config_dict(bench_config(seq_len)).items()
                                            if k not in ("architectures", "model_type", "torch_dtype", "dtype")})
@@ -135,14 +135,14 @@ def serve_steps(conn, step, info: dict, breakdown=None) -> None:
 
 
 def gptj_worker(conn, weights_path: str, seq_len: int, batch: int, runs: int) -> None:
-    """gptj's train step (gptj.train_lm.build_trainer, the run defaults) for the bench model on one device."""
+    """gptj's train step (gptj.recipe.build_trainer, the run defaults) for the bench model on one device."""
     import jax
     import numpy as np
 
-    from gptj import train_lm
+    from gptj import recipe
     from gptj.configs import base
-    from gptj.convert.hf import read_hf
-    from gptj.partitioning import Partitioner, make_mesh
+    from gptj.weights.formats.hf import read_hf
+    from gptj.core.partitioning import Partitioner, make_mesh
 
     config = bench_config(seq_len)
     run = base.get_config()
@@ -152,7 +152,7 @@ def gptj_worker(conn, weights_path: str, seq_len: int, batch: int, runs: int) ->
     run.train.update(dict(batch_size=batch))
     run.data.update(dict(seq_len=seq_len))
     partitioner = Partitioner(make_mesh(1, 1, devices=jax.devices()[:1]), "megatron")
-    trainer = train_lm.build_trainer(run, config, partitioner)
+    trainer = recipe.build_trainer(run, config, partitioner)
     start = time.perf_counter()
     trainer.compile()
     compile_s = time.perf_counter() - start
@@ -167,7 +167,7 @@ def gptj_worker(conn, weights_path: str, seq_len: int, batch: int, runs: int) ->
         box["state"], metrics = trainer.train_step(box["state"], device_batch)
         return float(metrics["loss"])  # waits for the step
 
-    from gptj.attention import resolve_attention_impl
+    from gptj.model.attention import resolve_attention_impl
 
     info = {"compile_s": compile_s, "attention": resolve_attention_impl(config.attention_impl),
             "loss_chunk_tokens": int(run.train.loss_chunk_tokens), "loss_chunk_vocab": int(run.train.loss_chunk_vocab),
@@ -227,8 +227,8 @@ def hf_worker(conn, weights_path: str, seq_len: int, batch: int, threads: int) -
 
 def compare(seq_len: int, batch: int, runs: int, threads: int, peak: float, breakdown: bool) -> dict:
     """One row: both sides started in their own processes, warmed up, then stepped in turn `runs` times."""
-    from gptj.metrics import mfu
-    from gptj.model import train_flops_per_token
+    from gptj.core.metrics import mfu
+    from gptj.model.transformer import train_flops_per_token
 
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:

@@ -77,8 +77,9 @@ def write_random_checkpoint(out_dir: str, shape: dict, seed: int = 0, max_shard_
     """A random HF GPT-J checkpoint (fp32 safetensors + config.json) written a tensor at a time; returns its bytes."""
     import numpy as np
 
-    from gptj.convert import hf, hf_files
-    from gptj.model import GPTJConfig
+    from gptj.weights.formats import hf
+    from gptj.weights.formats import hf_files
+    from gptj.model.transformer import GPTJConfig
 
     config = GPTJConfig(vocab_size=shape["vocab_size"], num_layers=shape["n_layer"], d_model=shape["n_embd"],
                         num_heads=shape["n_head"], rotary_dim=shape["rotary_dim"],
@@ -119,8 +120,8 @@ def _child(path: str, work: str) -> dict:
             with torch.no_grad():
                 sum(float(p.sum()) for p in model.parameters())
     elif path.startswith("load"):
-        from gptj.partitioning import Partitioner, make_mesh
-        from gptj.weights import open_weights, param_shardings
+        from gptj.core.partitioning import Partitioner, make_mesh
+        from gptj.weights.source import open_weights, param_shardings
 
         def run():
             weights = open_weights(f"hf:{hf_dir}" if "hf" in path else params_dir)
@@ -129,7 +130,7 @@ def _child(path: str, work: str) -> dict:
             params = weights.place(param_shardings(config, Partitioner(make_mesh(1, 1), "megatron")), dtype=dtype)
             jax.block_until_ready(params)
     elif path.startswith("sample"):
-        for module in ("gptj.sampling", "gptj.weights"):  # before the baseline, as main.py's run has them
+        for module in ("gptj.inference.sampler", "gptj.weights.source"):  # before the baseline, as main.py's run has them
             importlib.import_module(module)
 
         weights = f"--config.init_from=hf:{hf_dir}" if path == "sample_hf" else ""

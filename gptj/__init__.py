@@ -8,18 +8,23 @@ The public API, for building new tasks on the trainer (see examples/):
     trainer = Trainer(model, loss_fn, optimizer, partitioner, batch_spec, model_inputs=("inputs", "mask"))
     result = train_in_workdir(trainer, "runs/mine", batches, schedule=RunSchedule(total_steps=500))
 
-The generic core (knows nothing of GPT-J): `Trainer`, `Hook`, `MemoryReport`
-(gptj.trainer); `Partitioner`, `make_mesh`, `RULE_SETS`, `place`
-(gptj.partitioning); `Checkpointer` (gptj.checkpoint); `train_in_workdir`,
-`RunSchedule`, `RunContext`, `RunResult` (gptj.driver); `make_optimizer`
-(gptj.optimizer); `next_token_loss` (gptj.losses).
+The generic core (gptj.core, knows nothing of GPT-J): `Trainer`, `Hook`,
+`MemoryReport` (trainer); `Partitioner`, `make_mesh`, `RULE_SETS`, `place`
+(partitioning); `Checkpointer` (checkpoint); `train_in_workdir`,
+`RunSchedule`, `RunContext`, `RunResult` (driver); `make_optimizer`
+(optimizer); `next_token_loss` (losses).
 
-GPT-J: `GPTJ`, `GPTJConfig`, `LoraConfig` (gptj.model); `open_weights` (gptj.weights: hf:,
-mtj: and gptj weights); `load_config` (gptj.configs: the built-in run configs);
-`train_and_evaluate` (gptj.train_lm: language-model training as `main.py`
-runs it); `Sampler`, `build_sampler` (gptj.sampling).
+GPT-J: `GPTJ`, `GPTJConfig`, `LoraConfig` (gptj.model.transformer);
+`open_weights` (gptj.weights.source: hf:, mtj: and gptj weights);
+`load_config` (gptj.configs: the built-in run configs); `RunSettings`
+(gptj.settings: a run config checked and typed); `train_and_evaluate`
+(gptj.train: language-model training as `main.py` runs it); `Sampler`,
+`build_sampler` (gptj.inference.sampler).
 
-Names are imported on first use, so `import gptj.trainer` (or this package)
+Errors (gptj.errors): `GptjError`, the base of everything gptj raises about
+bad input, and the kinds a caller may want to tell apart.
+
+Names are imported on first use, so `import gptj.core.trainer` (or this package)
 pulls in nothing it does not need: the model, TensorFlow and lm-eval stay
 unloaded until asked for.
 """
@@ -27,29 +32,41 @@ unloaded until asked for.
 import importlib
 
 _EXPORTS = {
-    "Trainer": "gptj.trainer",
-    "Hook": "gptj.trainer",
-    "MemoryReport": "gptj.trainer",
-    "NonFiniteLossError": "gptj.trainer",
-    "Partitioner": "gptj.partitioning",
-    "make_mesh": "gptj.partitioning",
-    "RULE_SETS": "gptj.partitioning",
-    "place": "gptj.partitioning",
-    "Checkpointer": "gptj.checkpoint",
-    "train_in_workdir": "gptj.driver",
-    "RunSchedule": "gptj.driver",
-    "RunContext": "gptj.driver",
-    "RunResult": "gptj.driver",
-    "make_optimizer": "gptj.optimizer",
-    "next_token_loss": "gptj.losses",
-    "GPTJ": "gptj.model",
-    "GPTJConfig": "gptj.model",
-    "LoraConfig": "gptj.model",
-    "open_weights": "gptj.weights",
+    "Trainer": "gptj.core.trainer",
+    "Hook": "gptj.core.trainer",
+    "MemoryReport": "gptj.core.trainer",
+    "Partitioner": "gptj.core.partitioning",
+    "make_mesh": "gptj.core.partitioning",
+    "RULE_SETS": "gptj.core.partitioning",
+    "place": "gptj.core.partitioning",
+    "Checkpointer": "gptj.core.checkpoint",
+    "train_in_workdir": "gptj.core.driver",
+    "RunSchedule": "gptj.core.driver",
+    "RunContext": "gptj.core.driver",
+    "RunResult": "gptj.core.driver",
+    "make_optimizer": "gptj.core.optimizer",
+    "next_token_loss": "gptj.core.losses",
+    "GPTJ": "gptj.model.transformer",
+    "GPTJConfig": "gptj.model.transformer",
+    "LoraConfig": "gptj.model.transformer",
+    "open_weights": "gptj.weights.source",
     "load_config": "gptj.configs",
-    "train_and_evaluate": "gptj.train_lm",
-    "Sampler": "gptj.sampling",
-    "build_sampler": "gptj.sampling",
+    "train_and_evaluate": "gptj.train",
+    "Sampler": "gptj.inference.sampler",
+    "build_sampler": "gptj.inference.sampler",
+    "RunSettings": "gptj.settings",
+    "GptjError": "gptj.errors",
+    "ConfigError": "gptj.errors",
+    "PartitioningError": "gptj.errors",
+    "WeightsError": "gptj.errors",
+    "CheckpointError": "gptj.errors",
+    "CheckpointDamagedError": "gptj.errors",
+    "StorageError": "gptj.errors",
+    "DataError": "gptj.errors",
+    "VocabularyError": "gptj.errors",
+    "EvalError": "gptj.errors",
+    "NonFiniteLossError": "gptj.errors",
+    "DistributedInitError": "gptj.errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -22,7 +22,7 @@ the plan names the ways out: LoRA over the frozen base, zero3 over enough device
 estimate, to be planned on that many), full rematerialisation, smaller microbatches.
 
 `--plan=serve` plans inference instead (`make_serve_plan`): the weights in the
-compute dtype, in int8 and in int4 (`gptj.quantize`), each with the KV cache
+compute dtype, in int8 and in int4 (`gptj.model.quantized`), each with the KV cache
 for `--batch_size` rows of `--context_len` tokens, and the temporaries of a
 prefill of the whole context and of one decode step, compiled the same way:
 
@@ -41,12 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from gptj import quantize, train_lm
-from gptj.config_validation import ConfigError
-from gptj.model import (GPTJ, GPTJConfig, abstract_params, cache_logical_axes, count_params, init_cache,
+from gptj.model import quantized as quantize
+from gptj import recipe
+from gptj.errors import ConfigError
+from gptj.model.transformer import (GPTJ, GPTJConfig, abstract_params, cache_logical_axes, count_params, init_cache,
                         output_logits)
-from gptj.partitioning import Partitioner, PartitioningError, make_mesh, per_device_bytes
-from gptj.weights import open_weights, param_shardings, with_runtime
+from gptj.core.partitioning import Partitioner, make_mesh, per_device_bytes
+from gptj.errors import PartitioningError
+from gptj.weights.source import open_weights, param_shardings, with_runtime
 
 GIB = 2**30
 # Adam keeps two fp32 moments per parameter (mu and nu).
@@ -138,7 +140,7 @@ def make_plan(config, device_memory_gib: float | None = None) -> Plan:
     """Compiles `config`'s train step on abstract inputs and measures what one device holds."""
     device_memory = _device_memory(device_memory_gib)
     partitioner = _planning_partitioner(config.mesh)
-    trainer = train_lm.build_trainer_for_plan(config, partitioner)
+    trainer = recipe.build_trainer_for_plan(config, partitioner)
     abstract, frozen = trainer.abstract_state, trainer.abstract_frozen
     n, n_frozen = count_params(abstract["params"]), count_params(frozen)
     weight_bytes = np.dtype(jax.tree_util.tree_leaves(abstract["params"])[0].dtype).itemsize
@@ -240,7 +242,7 @@ def print_plan(config, device_memory_gib: float | None = None) -> Plan:
 
 # --- host memory of the weights ---------------------------------------------------------------------------------
 
-# What the runtime and the streaming buffers (a few 16 MiB chunks, slabs and blocks: gptj.streaming) add to the
+# What the runtime and the streaming buffers (a few 16 MiB chunks, slabs and blocks: gptj.core.streaming) add to the
 # weights a path holds, whatever the model: the largest such excess benchmarks/weights_memory.py measured on
 # 0.5B-2.7B shapes (README, "Host memory": slim and quantize, which read and write params directories in one
 # process, 0.53 GiB), rounded up.
@@ -262,7 +264,7 @@ class HostMemory:
 def host_memory(model) -> HostMemory:
     """The host memory each weights path needs for `model` (a GPTJConfig): the formula the measurements confirm.
 
-    Every path streams (gptj.streaming): a converter holds a few chunks plus
+    Every path streams (gptj.core.streaming): a converter holds a few chunks plus
     the largest thing it must hold whole (mtj: one layer of one matrix,
     merged from its shards in fp32, beside its parts; quantize: the scales
     of one matrix, far less; to_hf: the head's HF tensor, whose rows are
@@ -333,7 +335,7 @@ class ServePlan:
 
 def serve_model_config(config) -> GPTJConfig:
     """The model a serving plan is for: the shape of `init_from`'s weights if given, else config.model, unquantized."""
-    model = train_lm.run_model_config(config)
+    model = recipe.run_model_config(config)
     if config.init_from:
         model = with_runtime(model, open_weights(str(config.init_from), model.vocab_pad_multiple))
     return model.replace(quant_bits=0, quant_group_size=0, quant_targets=(), remat_policy="none")

@@ -81,8 +81,8 @@ import dataclasses
 import sys
 from typing import Any, Sequence
 
-from gptj import model as gptj_model
-from gptj.model import GPTJConfig, matmul_params
+from gptj.model import transformer as gptj_model
+from gptj.model.transformer import GPTJConfig, matmul_params
 
 GB = 1e9
 GIB = 2.0**30
@@ -173,7 +173,7 @@ def total_params(cfg: GPTJConfig) -> int:
 
 def forward_flops_per_token(cfg: GPTJConfig, seq_len: int) -> float:
     """Forward FLOPs per token: 2 per matmul parameter plus the attention scores and mix (4 * T * d per layer),
-    a third of the training FLOPs (`gptj.model.train_flops_per_token`)."""
+    a third of the training FLOPs (`gptj.model.transformer.train_flops_per_token`)."""
     return gptj_model.train_flops_per_token(cfg, seq_len) / 3.0
 
 
@@ -404,7 +404,7 @@ def estimate_from_config(config: Any, num_devices: int, hardware: str | Hardware
     `config` is the ml_collections run config (or any object with those
     attributes); `mesh.data` / `mesh.model` may be -1 as in the config files.
     """
-    from gptj.partitioning import resolve_mesh_shape
+    from gptj.core.partitioning import resolve_mesh_shape
 
     model = GPTJConfig.from_dict(dict(config.model))
     data, model_parallel = resolve_mesh_shape(int(config.mesh.data), int(config.mesh.model), num_devices)
@@ -565,7 +565,7 @@ def _cmd_estimate(args) -> int:
     hw = _hardware(args.hardware)
     if args.efficiency:
         hw = dataclasses.replace(hw, compute_efficiency=args.efficiency)
-    from gptj.partitioning import resolve_mesh_shape
+    from gptj.core.partitioning import resolve_mesh_shape
 
     data, model_parallel = resolve_mesh_shape(-1, args.model_parallel, args.devices)
     workload = Workload(cfg, seq_len=args.seq_len, global_batch=args.batch, data=data, model_parallel=model_parallel,

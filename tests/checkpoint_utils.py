@@ -7,7 +7,7 @@ import shutil
 import jax
 import numpy as np
 
-from gptj.driver import RunSchedule, train_in_workdir
+from gptj.core.driver import RunSchedule, train_in_workdir
 from trainer_utils import SyntheticIterator, cached_trainer, tiny_config, to_numpy
 
 

@@ -1,6 +1,6 @@
 """Writes tiny checkpoints exactly as mesh-transformer-jax does, and runs its forward pass in numpy.
 
-Independent of gptj.convert.mtj on purpose: the checkpoint is built as the reference's train
+Independent of gptj.weights.formats.mtj on purpose: the checkpoint is built as the reference's train
 state (a haiku params dict with a leading shard axis, plus `step` and, for full checkpoints,
 the optax 0.0.9 chain state), flattened with jax.tree_util (sorted dict keys), cut into 16
 chunks with the reference's `split` and saved with `np.savez(*chunk)` per shard. The numpy

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from gptj.model import GPTJConfig
+from gptj.model.transformer import GPTJConfig
 
 GPT2_VOCAB_SIZE = 50257
 
@@ -47,7 +47,7 @@ def random_params(config: GPTJConfig, seed: int = 0, std: float = 0.1, pad_bias:
     import jax
     import flax.linen as nn
 
-    from gptj.model import abstract_params
+    from gptj.model.transformer import abstract_params
 
     abstract = nn.meta.unbox(abstract_params(config))
     rng = np.random.default_rng(seed)
@@ -71,7 +71,7 @@ def gpt2_vocab_config(**changes) -> GPTJConfig:
 
 def write_params_dir(path: str, config: GPTJConfig, seed: int = 0, pad_bias: float = 0.0) -> str:
     """A gptj params directory with random weights (see `random_params`); returns its path."""
-    from gptj.params_io import save_params
+    from gptj.weights.params_dir import save_params
 
     save_params(path, random_params(config, seed, pad_bias=pad_bias), config)
     return os.path.abspath(path)

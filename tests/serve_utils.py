@@ -10,7 +10,7 @@ import threading
 import time
 import types
 
-from gptj.sampling import Sampler, get_tokenizer
+from gptj.inference.sampler import Sampler, get_tokenizer
 from tests.sampling_utils import GPT2_VOCAB_SIZE, gpt2_vocab_config, random_hf_gptj, random_params
 
 # The HF-parity model of the engine tests: GPT-J-6B's padded vocabulary, a context long enough for
@@ -42,7 +42,7 @@ def padded_vocab_pair():
     """
     import torch
 
-    from gptj.convert.hf import read_hf
+    from gptj.weights.formats.hf import read_hf
 
     torch.set_num_threads(1)
     hf_dir = tempfile.mkdtemp(prefix="gptj-parity-")

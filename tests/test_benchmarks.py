@@ -157,7 +157,7 @@ def test_train_vs_hf_names_the_cpu_and_its_vector_extensions():
 
 def test_flop_limits_match_the_scaling_model():
     from gptj import scaling
-    from gptj.model import GPTJConfig
+    from gptj.model.transformer import GPTJConfig
 
     cfg = GPTJConfig(**common.BENCH_MODEL)
     model_flops = 3 * (2 * scaling.matmul_params(cfg) + 4 * 4 * 256 * 512)  # 6N + 12 L d T
@@ -170,7 +170,7 @@ def test_train_and_lora_benchmarks_give_both_sides_the_same_weights():
     import numpy as np
     import torch
     from benchmarks import lora_vs_peft, train_vs_hf
-    from gptj.model import GPTJ
+    from gptj.model.transformer import GPTJ
 
     assert lora_vs_peft.build_models is train_vs_hf.build_models
     model, params, config = train_vs_hf.build_models(seq_len=16)

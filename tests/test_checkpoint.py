@@ -7,8 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from gptj import checkpoint, params_io, train_lm
-from gptj.checkpoint import CheckpointError, Checkpointer, latest_params_path, latest_step
+from gptj.core import checkpoint
+from gptj.weights import params_dir as params_io
+from gptj import train
+from gptj.core.checkpoint import CheckpointError, Checkpointer, latest_params_path, latest_step
 from trainer_utils import (SyntheticIterator, cached_trainer, read_scalars, synthetic_batch, synthetic_eval_sets,
                            tiny_config, to_numpy)
 
@@ -63,7 +65,7 @@ def test_latest_params_path_and_load_params_read_a_workdir(tmp_path):
 
 def _run(workdir, **iter_kwargs):
     config = tiny_config(total_steps=20, log_every=1, seed=7)
-    return train_lm.train_and_evaluate(
+    return train.train_and_evaluate(
         config, str(workdir), train_iter_fn=functools.partial(SyntheticIterator, **iter_kwargs),
         eval_iters_fn=synthetic_eval_sets)
 

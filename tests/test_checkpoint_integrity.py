@@ -1,6 +1,6 @@
 """Checkpoints that survive the disk: damage is named and set aside, a full disk is one line, nothing is lost.
 
-Every run here is the generic driver (`train_in_workdir`, what train_lm runs) on the
+Every run here is the generic driver (`train_in_workdir`, what gptj.train runs) on the
 cached tiny trainer and synthetic data, checkpointing every 2 steps. The module's
 fixture trains to step 4 (checkpoints 2 and 4) and, as the reference, resumes an
 undamaged copy holding only step 2 to step 6: a damaged step 4 must end in exactly
@@ -20,11 +20,13 @@ import pytest
 from orbax.checkpoint._src.serialization import serialization
 
 from checkpoint_utils import assert_same, damage, train
-from gptj import checkpoint, integrity, params_io
-from gptj.model import GPTJConfig
-from gptj.params_io import WeightsError, load_params, save_params
-from gptj.storage import CheckpointDamagedError, CheckpointError, StorageError
-from gptj.trainer import Hook
+from gptj.core import checkpoint
+from gptj.core import integrity
+from gptj.weights import params_dir as params_io
+from gptj.model.transformer import GPTJConfig
+from gptj.weights.params_dir import WeightsError, load_params, save_params
+from gptj.core.storage import CheckpointDamagedError, CheckpointError, StorageError
+from gptj.core.trainer import Hook
 from trainer_utils import cached_trainer, tiny_config, to_numpy
 
 

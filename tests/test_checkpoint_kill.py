@@ -14,8 +14,8 @@ import textwrap
 import jax
 import numpy as np
 
-from gptj.checkpoint import Checkpointer, latest_params_path, latest_step
-from gptj.train_hooks import CheckpointHook
+from gptj.core.checkpoint import Checkpointer, latest_params_path, latest_step
+from gptj.core.hooks import CheckpointHook
 from trainer_utils import SyntheticIterator, cached_trainer, tiny_config, to_numpy
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -25,9 +25,9 @@ ROOT = os.path.dirname(TESTS)
 # save of step 4 has started (the arrays are on the host, the files not yet final).
 CHILD = textwrap.dedent("""
     import os, signal, sys
-    from gptj.checkpoint import Checkpointer
-    from gptj.train_hooks import CheckpointHook
-    from gptj.trainer import Hook
+    from gptj.core.checkpoint import Checkpointer
+    from gptj.core.hooks import CheckpointHook
+    from gptj.core.trainer import Hook
     from trainer_utils import SyntheticIterator, cached_trainer, tiny_config
 
     class KillDuringSave(Hook):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import GPTJForCausalLM
 
-from gptj.convert import mtj
+from gptj.weights.formats import mtj
 from gptj.convert.__main__ import main
-from gptj.params_io import load_params
+from gptj.weights.params_dir import load_params
 from hf_utils import hf_logits, random_hf_model
 from mtj_utils import TINY, random_shards, reference_logits, write_checkpoint
 

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from gptj.convert import hf, hf_files
+from gptj.weights.formats import hf
+from gptj.weights.formats import hf_files
 from gptj.convert.__main__ import main
-from gptj.params_io import WeightsError
+from gptj.weights.params_dir import WeightsError
 from hf_utils import assert_loads_as, random_hf_model
 
 

@@ -13,9 +13,9 @@ import pytest
 import seqio
 
 from data_utils import make_config, tfrecord_dir
-from gptj import tasks
-from gptj.data import build_eval_iterators, build_train_iterator, host_dataset, train_batch_spec
-from gptj.partitioning import Partitioner, make_mesh
+from gptj.data import tasks
+from gptj.data.pipeline import build_eval_iterators, build_train_iterator, host_dataset, train_batch_spec
+from gptj.core.partitioning import Partitioner, make_mesh
 from xla_env import xla_flags
 
 SEQ = 16
@@ -106,9 +106,9 @@ os.environ["XLA_FLAGS"] = {xla_flags!r}
 import numpy as np
 sys.path.insert(0, os.path.join({root!r}, "tests"))
 from data_utils import make_config
-from gptj import tasks
-from gptj.data import build_train_iterator
-from gptj.partitioning import Partitioner, make_mesh
+from gptj.data import tasks
+from gptj.data.pipeline import build_train_iterator
+from gptj.core.partitioning import Partitioner, make_mesh
 out = {{}}
 for name, kwargs, state in json.load(open(sys.argv[1])):
     config = make_config(**kwargs)

@@ -11,8 +11,8 @@ import numpy as np
 import seqio
 
 from data_utils import make_config, numbered_records, write_records
-from gptj import tasks
-from gptj.data import build_train_iterator
+from gptj.data import tasks
+from gptj.data.pipeline import build_train_iterator
 from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,9 +28,9 @@ jax.distributed.initialize("127.0.0.1:" + port, num_processes=2, process_id=pid)
 import numpy as np
 sys.path.insert(0, os.path.join({root!r}, "tests"))
 from data_utils import make_config
-from gptj import tasks
-from gptj.data import build_eval_iterators, build_train_iterator
-from gptj.partitioning import Partitioner, make_mesh
+from gptj.data import tasks
+from gptj.data.pipeline import build_eval_iterators, build_train_iterator
+from gptj.core.partitioning import Partitioner, make_mesh
 
 def local_rows(array):
     shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start)

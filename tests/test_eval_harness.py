@@ -2,7 +2,7 @@
 
 One tiny random-weight GPT-J (real GPT-2 vocabulary, d_model 32, 2 layers,
 context 32) is saved as a gptj params directory and exported with
-`gptj.convert.hf.write_hf` (plus a GPT-2 tokenizer) for `HFLM`. Four local
+`gptj.weights.formats.hf.write_hf` (plus a GPT-2 tokenizer) for `HFLM`. Four local
 tasks written here exercise every request type: a LAMBADA-style last word
 (loglikelihood, contexts longer than the context window), a multiple-choice
 task, a rolling-perplexity task (documents several windows long) and a
@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptj import params_io
-from gptj.convert.hf import write_hf
-from gptj.eval_harness import load_lm
-from gptj.eval_tasks import run_tasks
-from gptj.model import GPTJConfig, abstract_params
-from gptj.partitioning import Partitioner, make_mesh
+from gptj.weights import params_dir as params_io
+from gptj.weights.formats.hf import write_hf
+from gptj.evaluation.harness import load_lm
+from gptj.evaluation.harness_tasks import run_tasks
+from gptj.model.transformer import GPTJConfig, abstract_params
+from gptj.core.partitioning import Partitioner, make_mesh
 
 TASKS = ["tiny_lastword", "tiny_choice", "tiny_rolling", "tiny_generate"]
 MODEL = GPTJConfig(vocab_size=50257, vocab_pad_multiple=64, num_layers=2, d_model=32, num_heads=4, rotary_dim=4,
@@ -127,7 +127,7 @@ def _random_params(config, seed=0):
 
 def _build_workspace(root):
     from transformers import GPT2TokenizerFast
-    from gptj.vocab import default_vocab_dir
+    from gptj.data.vocab import default_vocab_dir
 
     params = _random_params(MODEL)
     params_io.save_params(str(root / "params"), params, MODEL)
@@ -261,7 +261,7 @@ def test_greedy_flags_match_hf(one_device, hflm):
 def test_run_harness_returns_flat_metrics(one_device, workspace, hf_results, tmp_path):
     """The trainer's entry point: live LM in, `harness/<task>/<metric>` out, results JSON in workdir/eval."""
     from gptj.configs import base
-    from gptj.eval_harness import run_harness
+    from gptj.evaluation.harness import run_harness
 
     _, lm = one_device
     config = base.get_config()
@@ -275,8 +275,8 @@ def test_run_harness_returns_flat_metrics(one_device, workspace, hf_results, tmp
 def test_harness_hook_during_training(one_device, workspace, hf_results, tmp_path):
     """The trainer's hook: at every `every` steps and at the end, harness scores go to the metric writer."""
     from gptj.configs import base
-    from gptj.eval_harness import HarnessHook
-    from gptj.eval_tasks import EvalError
+    from gptj.evaluation.harness import HarnessHook
+    from gptj.evaluation.harness_tasks import EvalError
 
     class Writer:
         def __init__(self):
@@ -312,9 +312,10 @@ def test_evaluate_end_to_end(workspace, hf_results, tmp_path):
     import torch
     from transformers import GPTJForCausalLM
 
-    from gptj import data, tasks
+    from gptj.data import pipeline as data
+    from gptj.data import tasks
     from gptj.configs import base
-    from gptj.evaluate import evaluate
+    from gptj.evaluation.evaluate import evaluate
 
     config = base.get_config()
     config.init_from = str(workspace / "params")

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from gptj.eval_tasks import EvalError, flatten_metrics, load_tasks
+from gptj.evaluation.harness_tasks import EvalError, flatten_metrics, load_tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,8 +101,8 @@ def test_flatten_metrics_names():
 
 def test_validation_longer_than_context_is_refused():
     from gptj.configs import base
-    from gptj.evaluate import validation_metrics
-    from gptj.model import GPTJConfig
+    from gptj.evaluation.evaluate import validation_metrics
+    from gptj.model.transformer import GPTJConfig
 
     config = base.get_config()
     config.data.update(dict(val_tasks=["gptj_demo_validation"], seq_len=64))
@@ -113,7 +113,7 @@ def test_validation_longer_than_context_is_refused():
 
 def test_harness_tasks_during_training_are_checked_before_anything_is_built(tmp_path):
     """A wrong task name with eval.during_training stops `--mode=train` at validation, not at step N."""
-    from gptj.config_validation import ConfigError, validate
+    from gptj.settings import ConfigError, validate
     from gptj.configs import tiny
 
     config = tiny.get_config()

@@ -14,10 +14,12 @@ import numpy as np
 import optax
 import pytest
 
-from gptj import losses, quantize, train_lm
-from gptj.config_validation import ConfigError, validate
-from gptj.model import GPTJ, GPTJConfig, output_logits, score_targets
-from gptj.partitioning import Partitioner, make_mesh
+from gptj.core import losses
+from gptj.model import quantized as quantize
+from gptj import recipe
+from gptj.settings import ConfigError, validate
+from gptj.model.transformer import GPTJ, GPTJConfig, output_logits, score_targets
+from gptj.core.partitioning import Partitioner, make_mesh
 from trainer_utils import synthetic_batch, tiny_config, to_numpy
 
 # A padded vocabulary (120 real ids of 128), so chunks must mask padded ids themselves.
@@ -119,7 +121,7 @@ def _fused_trainer(mesh: str):
     data, model, rules = MESHES[mesh][:3]
     config = _run_config(mesh)
     partitioner = Partitioner(make_mesh(data, model, devices=jax.devices()[:data * model]), rules)
-    return train_lm.build_trainer(config, GPTJConfig.from_dict(config.model.to_dict()), partitioner)
+    return recipe.build_trainer(config, GPTJConfig.from_dict(config.model.to_dict()), partitioner)
 
 
 @functools.lru_cache(maxsize=None)
@@ -206,7 +208,7 @@ def test_train_step_temporaries_shrink_by_more_than_the_full_logits():
                                  rotary_dim=8, max_len=1024))
         config.data.seq_len = 1024
         partitioner = Partitioner(make_mesh(1, 1, devices=jax.devices()[:1]), "megatron")
-        trainer = train_lm.build_trainer(config, GPTJConfig.from_dict(config.model.to_dict()), partitioner)
+        trainer = recipe.build_trainer(config, GPTJConfig.from_dict(config.model.to_dict()), partitioner)
         reports[chunk] = trainer.compile()
     full_logits_bytes = 8 * 1024 * 50400 * 4
     saved = reports[0].temporaries - reports[2048].temporaries
@@ -260,6 +262,6 @@ def test_bad_chunk_settings_fail_on_one_line():
     assert "\n" not in message
     partitioner = Partitioner(make_mesh(1, 1, devices=jax.devices()[:1]), "megatron")
     with pytest.raises(ConfigError, match="train.loss_chunk_tokens must be >= 0"):
-        train_lm.build_trainer(config, GPTJConfig.from_dict(config.model.to_dict()), partitioner)
+        recipe.build_trainer(config, GPTJConfig.from_dict(config.model.to_dict()), partitioner)
     with pytest.raises(ValueError, match="chunk_tokens must be positive"):
         losses.fused_next_token_loss(*_head_inputs()[:3], {"targets": _head_inputs()[3]}, _logits_fn, chunk_tokens=0)

@@ -1,4 +1,4 @@
-"""Array checksums (gptj.integrity): independent of the layout, sensitive to any change; storage error lines."""
+"""Array checksums (gptj.core.integrity): independent of the layout, sensitive to any change; storage error lines."""
 
 import errno
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from gptj import integrity, storage
+from gptj.core import integrity
+from gptj.core import storage
 
 
 @pytest.fixture(scope="module")

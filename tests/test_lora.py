@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from gptj import train_lm
-from gptj.checkpoint import Checkpointer, latest_step
-from gptj.config_validation import ConfigError, validate
+from gptj import recipe, train
+from gptj.core.checkpoint import Checkpointer, latest_step
+from gptj.settings import ConfigError, validate
 from gptj.convert.__main__ import main as convert
-from gptj.convert.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_config_from_peft
-from gptj.lora import is_adapter, split_adapters
-from gptj.model import GPTJ, LORA_TARGETS, GPTJConfig, LoraConfig
-from gptj.params_io import WeightsError
-from gptj.partitioning import Partitioner, make_mesh
-from gptj.trainer import merge_params, param_paths
-from gptj.weights import load_for_inference, open_weights
+from gptj.weights.formats.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_config_from_peft
+from gptj.model.lora import is_adapter, split_adapters
+from gptj.model.transformer import GPTJ, LORA_TARGETS, GPTJConfig, LoraConfig
+from gptj.weights.params_dir import WeightsError
+from gptj.core.partitioning import Partitioner, make_mesh
+from gptj.core.param_tree import merge_params, param_paths
+from gptj.weights.source import load_for_inference, open_weights
 from hf_utils import hf_logits, random_hf_model
 from trainer_utils import SyntheticIterator, read_scalars, synthetic_eval_sets, tiny_config, to_numpy, VOCAB
 
@@ -34,7 +34,7 @@ HF_SHAPE = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, 
 
 
 def _train(config, workdir, **iter_kwargs):
-    return train_lm.train_and_evaluate(config, str(workdir), eval_iters_fn=synthetic_eval_sets,
+    return train.train_and_evaluate(config, str(workdir), eval_iters_fn=synthetic_eval_sets,
                                        train_iter_fn=functools.partial(SyntheticIterator, **iter_kwargs))
 
 
@@ -98,7 +98,7 @@ def test_lora_learns_trains_only_adapters_and_keeps_the_base(qv_run, all_run, hf
         losses = read_scalars(os.path.join(workdir, "tensorboard"), "val/synthetic_val/loss")
         assert losses[config.train.total_steps] < losses[0] - 0.01, losses
         # The checkpoint holds the adapters and their Adam moments, nothing else.
-        trainer = train_lm.build_trainer(config, _model(config), _single())
+        trainer = recipe.build_trainer(config, _model(config), _single())
         assert all(is_adapter(p) for p in param_paths(trainer.abstract_state["params"]))
         moments = [(jax.tree_util.keystr(path), leaf) for path, leaf
                    in jax.tree_util.tree_leaves_with_path(trainer.abstract_state["opt_state"])]
@@ -126,7 +126,7 @@ def test_lora_checkpoint_is_under_5_percent_of_a_full_one(tmp_path):
     for name, rank in (("full", 0), ("lora", 4)):
         config = tiny.get_config()
         config.lora.rank = rank
-        trainer = train_lm.build_trainer(config, _model(config), _single())
+        trainer = recipe.build_trainer(config, _model(config), _single())
         saver = Checkpointer(str(tmp_path / name), async_save=False)
         saver.save(trainer.init_state(0))
         saver.close()
@@ -145,7 +145,7 @@ def test_lora_resume_after_sigterm_is_bitwise_exact(root, qv_run):
     losses_straight = read_scalars(os.path.join(straight, "tensorboard"), "train/loss")
     losses_resumed = read_scalars(str(resumed / "tensorboard"), "train/loss")
     assert [losses_resumed[s] for s in range(11, 21)] == [losses_straight[s] for s in range(11, 21)]
-    trainer = train_lm.build_trainer(config, _model(config), _single())
+    trainer = recipe.build_trainer(config, _model(config), _single())
     final = [to_numpy(Checkpointer(str(w)).restore(trainer.abstract_state)[0]) for w in (straight, resumed)]
     jax.tree_util.tree_map(np.testing.assert_array_equal, final[0], final[1])
 
@@ -166,10 +166,10 @@ def test_harness_during_training_scores_what_inference_loads(all_run, trained_ba
     as `load_for_inference` reads the finished workdir (and the train state keeps its adapters)."""
     config, workdir = all_run
     model = _model(config)
-    trainer = train_lm.build_trainer(config, model, _single())
-    train_lm.load_frozen_base(trainer, model, open_weights(trained_base, 8), config.lora.base_dtype)
+    trainer = recipe.build_trainer(config, model, _single())
+    recipe.load_frozen_base(trainer, model, open_weights(trained_base, 8), config.lora.base_dtype)
     state, _ = Checkpointer(workdir).restore(trainer.abstract_state)
-    scored = _leaves(to_numpy(train_lm.inference_params(trainer, train_lm.resolve_lora(config), state)))
+    scored = _leaves(to_numpy(recipe.inference_params(trainer, recipe.resolve_lora(config), state)))
     loaded = _leaves(to_numpy(load_for_inference(config, workdir, _single())[0]))
     assert scored.keys() == loaded.keys() and not any(is_adapter(p) for p in scored)
     for path in loaded:
@@ -225,10 +225,10 @@ def test_to_peft_and_to_hf_give_gptjs_logits(run, request, root):
     assert np.abs(np.asarray(again)[..., :VOCAB] - reference).max() <= 1e-4
     start = _lora_config(config.init_from, 1, **config.lora)
     start.lora.init_from = f"peft:{peft_dir}"
-    start = train_lm.resolved_config(start, model, train_lm.resolve_lora(start))
-    trainer = train_lm.build_trainer(start, model, _single())
-    base = train_lm.load_frozen_base(trainer, model, open_weights(config.init_from, 8), "float32")
-    state = train_lm.adapted_initial_state(trainer, model, base, start)
+    start = recipe.resolved_config(start, model, recipe.resolve_lora(start))
+    trainer = recipe.build_trainer(start, model, _single())
+    base = recipe.load_frozen_base(trainer, model, open_weights(config.init_from, 8), "float32")
+    state = recipe.adapted_initial_state(trainer, model, base, start)
     jax.tree_util.tree_map(np.testing.assert_array_equal, to_numpy(state["params"]), split_adapters(trained)[1])
 
 
@@ -240,9 +240,9 @@ def test_same_lora_run_on_one_device_2x4_zero3_and_4x2_megatron(hf_base):
     losses = {}
     for data, size, rules in ((1, 1, "megatron"), (2, 4, "zero3"), (4, 2, "megatron")):
         partitioner = Partitioner(make_mesh(data, size, devices=jax.devices()[:data * size]), rules)
-        trainer = train_lm.build_trainer(config, model, partitioner)
-        base = train_lm.load_frozen_base(trainer, model, open_weights(f"hf:{hf_base}", 8), "bfloat16")
-        state = train_lm.adapted_initial_state(trainer, model, base, config)
+        trainer = recipe.build_trainer(config, model, partitioner)
+        base = recipe.load_frozen_base(trainer, model, open_weights(f"hf:{hf_base}", 8), "bfloat16")
+        state = recipe.adapted_initial_state(trainer, model, base, config)
         run = []
         for i, batch in zip(range(5), SyntheticIterator(config)):
             state, metrics = trainer.train_step(state, batch)
@@ -267,7 +267,7 @@ def test_trainable_without_lora_changes_only_the_matching_parameters(root, hf_ba
     config.init_from = f"hf:{hf_base}"
     config.train.trainable = "blocks/mlp/.*|ln_f/.*"
     assert _train(config, root / "mlp") == "completed"
-    trainer = train_lm.build_trainer(config, _model(config), _single())
+    trainer = recipe.build_trainer(config, _model(config), _single())
     assert param_paths(trainer.abstract_state["params"]) == [
         "blocks/mlp/fc_in_bias", "blocks/mlp/fc_in_kernel", "blocks/mlp/fc_out_bias", "blocks/mlp/fc_out_kernel",
         "ln_f/bias", "ln_f/scale"]
@@ -286,14 +286,14 @@ def test_a_trainable_pattern_that_matches_nothing_names_the_parameters():
     config = tiny_config()
     config.train.trainable = "blocks/mlp/fc_in"  # a module, not a parameter: matches no whole path
     with pytest.raises(ConfigError) as error:
-        train_lm.build_trainer(config, _model(config), _single())
+        recipe.build_trainer(config, _model(config), _single())
     message = str(error.value)
     assert "matches no parameter" in message and "blocks/mlp/fc_in_kernel" in message and "wte" in message
     assert "\n" not in message
     config.train.trainable = "ln_f/.*"
     config.lora.rank = 2
     with pytest.raises(ConfigError, match="trains no LoRA adapter"):
-        train_lm.build_trainer(config, _model(config), _single())
+        recipe.build_trainer(config, _model(config), _single())
 
 
 @pytest.mark.parametrize("change, message", [

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from gptj import train_lm
-from gptj.config_validation import ConfigError, validate
+from gptj import train
+from gptj.settings import ConfigError, validate
 from trainer_utils import SyntheticIterator, synthetic_eval_sets, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +53,7 @@ def test_training_refuses_a_bad_config_before_building_anything(tmp_path):
     config = tiny_config()
     config.optimizer.lr = -1.0
     with pytest.raises(ConfigError, match="optimizer.lr"):
-        train_lm.train_and_evaluate(config, str(tmp_path / "run"), train_iter_fn=SyntheticIterator,
+        train.train_and_evaluate(config, str(tmp_path / "run"), train_iter_fn=SyntheticIterator,
                                     eval_iters_fn=synthetic_eval_sets)
     assert not (tmp_path / "run").exists()  # no config.json, no checkpoints: nothing was built
 
@@ -83,7 +83,7 @@ def test_main_trains_on_the_demo_corpus_and_exits_0_on_sigterm(tmp_path):
     import signal
     import threading
 
-    from gptj.checkpoint import latest_step
+    from gptj.core.checkpoint import latest_step
     from trainer_utils import read_scalars
 
     workdir = tmp_path / "run"
@@ -126,7 +126,7 @@ def test_console_keeps_gptj_lines_and_verbosity_brings_back_the_rest():
 
     from absl import logging
 
-    from gptj import runtime
+    from gptj.core import runtime
 
     handler = logging.get_absl_handler()
     before = list(handler.filters)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from gptj.convert import hf
-from gptj.model import GPTJ
+from gptj.weights.formats import hf
+from gptj.model.transformer import GPTJ
 from hf_utils import hf_logits, random_hf_model
 
 # One config with rotary_dim < head_dim, one with an odd layer count and full-width rotary.

@@ -9,9 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from gptj.convert import hf, mtj
-from gptj.model import GPTJ, count_params, abstract_params
-from gptj.params_io import WeightsError
+from gptj.weights.formats import hf
+from gptj.weights.formats import mtj
+from gptj.model.transformer import GPTJ, count_params, abstract_params
+from gptj.weights.params_dir import WeightsError
 from mtj_utils import TINY, random_shards, reference_logits, write_checkpoint
 
 TOKENS = np.array([[5, 17, 126, 64, 33, 0, 99, 100, 15, 127, 80, 81]])

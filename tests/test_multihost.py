@@ -123,15 +123,16 @@ def _restore(workdir, config_path, step):
     """The train state of `workdir` at `step`, restored onto this single process's 8 devices."""
     import importlib.util
 
-    from gptj import checkpoint, train_lm
-    from gptj.params_io import read_model_config
-    from gptj.partitioning import Partitioner
+    from gptj.core import checkpoint
+    from gptj import recipe
+    from gptj.weights.params_dir import read_model_config
+    from gptj.core.partitioning import Partitioner
 
     spec = importlib.util.spec_from_file_location("pod_config", config_path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    trainer = train_lm.build_trainer(config, read_model_config(workdir), Partitioner.from_config(config.mesh))
+    trainer = recipe.build_trainer(config, read_model_config(workdir), Partitioner.from_config(config.mesh))
     state, data_state = checkpoint.Checkpointer(workdir, read_only=True).restore(trainer.abstract_state, step=step)
     return jax.device_get(state), data_state
 

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from gptj.optimizer import decay_mask, gpt3_schedule, make_optimizer
+from gptj.core.optimizer import decay_mask, gpt3_schedule, make_optimizer
 
 OPT = dict(lr=1e-2, end_lr=1e-3, warmup_steps=3, anneal_steps=10, weight_decay=0.1, b1=0.9, b2=0.999, eps=1e-8,
            clip_norm=1.0)

@@ -8,8 +8,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from gptj.configs import gptj_6b
-from gptj.model import GPTJ, GPTJConfig, abstract_params, count_params
-from gptj.partitioning import (RULE_SETS, Partitioner, PartitioningError, make_mesh, per_device_bytes,
+from gptj.model.transformer import GPTJ, GPTJConfig, abstract_params, count_params
+from gptj.core.partitioning import (RULE_SETS, Partitioner, PartitioningError, make_mesh, per_device_bytes,
                                resolve_mesh_shape)
 
 CONFIG = GPTJConfig(vocab_size=120, vocab_pad_multiple=8, num_layers=2, d_model=32, num_heads=4, rotary_dim=4,

@@ -12,9 +12,10 @@ import pytest
 import zstandard
 
 from data_utils import read_records
-from gptj.prepare_data import main, prepare_data
-from gptj.tasks.files import DataError
-from gptj.vocab import EOT_ID, get_tokenizer
+from gptj.data.prepare import prepare_data
+from gptj.prepare_data import main
+from gptj.data.tasks.files import DataError
+from gptj.data.vocab import EOT_ID, get_tokenizer
 
 SEQ = 16
 

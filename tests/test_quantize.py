@@ -1,4 +1,4 @@
-"""Quantized inference: int8 / int4 weights with bf16 scales (gptj.quantize, `python -m gptj.convert quantize`).
+"""Quantized inference: int8 / int4 weights with bf16 scales (gptj.model.quantized, `python -m gptj.convert quantize`).
 
 Checked against independent references: a numpy dequantization written
 here (np.repeat of the scales, not gptj's reshape), the fp32 model fed the
@@ -16,14 +16,15 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from gptj import params_io, quantize
-from gptj.config_validation import ConfigError, validate
+from gptj.weights import params_dir as params_io
+from gptj.model import quantized as quantize
+from gptj.settings import ConfigError, validate
 from gptj.configs import base
 from gptj.convert.__main__ import main as convert
-from gptj.model import GPTJ, GPTJConfig, abstract_params, init_cache
-from gptj.partitioning import Partitioner, make_mesh
-from gptj.tasks.demo import demo_byte_batches
-from gptj.weights import load_for_inference, open_weights, with_peft_adapter
+from gptj.model.transformer import GPTJ, GPTJConfig, abstract_params, init_cache
+from gptj.core.partitioning import Partitioner, make_mesh
+from gptj.data.tasks.demo import demo_byte_batches
+from gptj.weights.source import load_for_inference, open_weights, with_peft_adapter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The shape of gptj/configs/tiny.py (its 50k-row embedding and head dominate its bytes).
@@ -143,7 +144,7 @@ def test_streamed_quantization_equals_whole_matrices(bits, group_size, block_flo
     The reference is `quantize_matrix` on each whole matrix (a layer at a
     time for stacked ones), as the converter computed it before it streamed.
     """
-    from gptj import streaming
+    from gptj.core import streaming
     from gptj.convert.quantize import quantize_params, quantized_config
 
     monkeypatch.setattr(streaming, "BLOCK_BYTES", 4 * block_floats)
@@ -226,7 +227,7 @@ def test_meshes_and_rule_sets_give_the_single_device_logits(small_dirs, name):
 
 def test_evaluation_harness_scores_with_the_quantized_head(small_dirs):
     """--mode=eval's harness applies the head itself (to the scored positions): it must get the scales too."""
-    from gptj import eval_harness
+    from gptj.evaluation import harness as eval_harness
 
     params, model = _loaded(small_dirs / "int4", 2, 4, "megatron")
     lm = eval_harness.GPTJLM(params, model, _partitioner(2, 4, "megatron"), tokenizer=None, batch_size=8)
@@ -355,16 +356,16 @@ def trained(tmp_path_factory):
     trained (a few hundred steps barely move a 50k-row embedding).
     benchmarks/quantized_decode.py trains and measures the same model.
     """
-    from gptj import train_lm
+    from gptj import recipe
 
     config = base.get_config()
     config.model.update(TINY.replace(vocab_size=256, vocab_pad_multiple=1, max_len=128).to_dict())
     config.optimizer.update(dict(lr=3e-3, end_lr=3e-4, warmup_steps=20, anneal_steps=TRAIN_STEPS, weight_decay=0.1))
     config.train.batch_size = BATCH
     config.data.seq_len = SEQ
-    model = train_lm.run_model_config(config)
+    model = recipe.run_model_config(config)
     partitioner = Partitioner(make_mesh(1, 1, devices=jax.devices()[:1]), "megatron")
-    trainer = train_lm.build_trainer(config, model, partitioner)
+    trainer = recipe.build_trainer(config, model, partitioner)
     state = trainer.init_state(0)
     for batch in demo_byte_batches("train", TRAIN_STEPS, BATCH, SEQ, seed=0):
         state, _ = trainer.train_step(state, batch)
@@ -375,8 +376,8 @@ def trained(tmp_path_factory):
 @pytest.mark.slow
 def test_quantized_quality_on_a_trained_model(trained):
     """Validation perplexity (as --mode=eval computes it) and greedy tokens of int8 / int4 against fp32."""
-    from gptj import train_lm
-    from gptj.sampling import Sampler
+    from gptj import recipe
+    from gptj.inference.sampler import Sampler
 
     config, partitioner, root = trained
     validation = demo_byte_batches("validation", 4, BATCH, SEQ)
@@ -384,7 +385,7 @@ def test_quantized_quality_on_a_trained_model(trained):
     perplexity, tokens = {}, {}
     for name in ("fp32", "int8", "int4"):
         params, model = load_for_inference(config, str(root / name), partitioner)
-        perplexity[name] = train_lm.build_trainer(config, model, partitioner).evaluate(params, validation)["perplexity"]
+        perplexity[name] = recipe.build_trainer(config, model, partitioner).evaluate(params, validation)["perplexity"]
         sampler = Sampler(model, params, partitioner, eos_id=None)
         if name != "fp32":  # the sampler holds the integers, not a floating-point copy of them
             assert sampler.params["blocks"]["mlp"]["fc_in_kernel"]["values"].dtype == quantize.int_dtype(int(name[3:]))

@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 from scipy import stats
 
-from gptj.model import GPTJ, GPTJConfig, init_cache
-from gptj.partitioning import Partitioner, make_mesh
-from gptj.runner import ROW_FIELDS, ModelRunner
-from gptj.sampling import Sampler
-from gptj.sampling_ops import bucket, draw_from, sample_tokens
+from gptj.model.transformer import GPTJ, GPTJConfig, init_cache
+from gptj.core.partitioning import Partitioner, make_mesh
+from gptj.inference.runner import ROW_FIELDS, ModelRunner
+from gptj.inference.sampler import Sampler
+from gptj.inference.sampling_ops import bucket, draw_from, sample_tokens
 from tests.sampling_utils import gpt2_vocab_config, random_hf_gptj, random_params
 
 torch = pytest.importorskip("torch")
@@ -24,7 +24,7 @@ NEW_TOKENS = 32
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
     """A random HF GPT-J and a gptj Sampler over the same weights (fp32)."""
-    from gptj.convert.hf import read_hf
+    from gptj.weights.formats.hf import read_hf
 
     hf_dir = str(tmp_path_factory.mktemp("hf"))
     hf_model = random_hf_gptj(hf_dir)
@@ -317,7 +317,7 @@ def test_padding_ids_past_the_tokenizer_are_never_sampled_or_reported():
     """GPT-J-6B pads GPT-2's 50257 ids to 50400. With the padding ids' output bias raised so that they are
     the raw argmax, 8 rows x 200 tokens at temperature 2 (plain, top-k, top-p) and greedy never produce one,
     top log-probs never list one, and the text always decodes (it raised VocabularyError before)."""
-    from gptj.sampling import get_tokenizer
+    from gptj.inference.sampler import get_tokenizer
 
     config = gpt2_vocab_config(vocab_size=50400, max_len=256)
     params = random_params(config, seed=5, std=0.2, pad_bias=4.0)

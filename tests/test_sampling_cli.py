@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from gptj.params_io import load_params
-from gptj.sampling import Sampler, get_tokenizer
+from gptj.weights.params_dir import load_params
+from gptj.inference.sampler import Sampler, get_tokenizer
 from tests.sampling_utils import gpt2_vocab_config, write_params_dir
 from xla_env import xla_flags
 

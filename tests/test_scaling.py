@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from gptj import scaling
-from gptj.model import GPTJConfig, abstract_params, count_params
+from gptj.model.transformer import GPTJConfig, abstract_params, count_params
 
 # vocab 100, 2 layers, d_model 8, 2 heads, d_ff 32.
 TINY = GPTJConfig(vocab_size=100, num_layers=2, d_model=8, num_heads=2, rotary_dim=2, max_len=16, d_ff=32,
@@ -144,8 +144,8 @@ def _collective_operands(rules: str, mesh: tuple[int, int], layers: int, batch: 
     import jax
     import jax.numpy as jnp
 
-    from gptj.model import GPTJ
-    from gptj.partitioning import Partitioner, make_mesh
+    from gptj.model.transformer import GPTJ
+    from gptj.core.partitioning import Partitioner, make_mesh
 
     cfg = GPTJConfig(vocab_size=256, num_layers=layers, d_model=64, num_heads=4, rotary_dim=8, max_len=32,
                      scan_layers=False, remat_policy="full")

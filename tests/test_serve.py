@@ -7,7 +7,7 @@ import httpx
 import numpy as np
 import pytest
 
-from gptj.serve import build_app
+from gptj.inference.server import build_app
 from tests.serve_utils import running, serve_config, tiny_sampler
 
 openai = pytest.importorskip("openai")

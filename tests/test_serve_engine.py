@@ -10,8 +10,8 @@ import httpx
 import numpy as np
 import pytest
 
-from gptj.engine import GENERATE, Job
-from gptj.serve import build_app
+from gptj.inference.engine import GENERATE, Job
+from gptj.inference.server import build_app
 from tests.serve_utils import GPT2_VOCAB_SIZE, PARITY_MAX_LEN, hf_greedy, padded_vocab_pair, running, serve_config
 
 pytest.importorskip("torch")

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from gptj.serve import build_app
+from gptj.inference.server import build_app
 from tests.serve_utils import running, serve_config, tiny_sampler
 
 lm_eval = pytest.importorskip("lm_eval")

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 
 from gptj.convert import slim
-from gptj.model import GPTJ, GPTJConfig
-from gptj.params_io import load_params, save_params
+from gptj.model.transformer import GPTJ, GPTJConfig
+from gptj.weights.params_dir import load_params, save_params
 
 CONFIG = GPTJConfig(vocab_size=100, num_layers=2, d_model=64, num_heads=4, rotary_dim=8, max_len=32,
                     vocab_pad_multiple=8)

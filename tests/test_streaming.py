@@ -1,4 +1,4 @@
-"""Streaming weights (gptj.streaming): box reads, checksums taken block by block, placement box by box.
+"""Streaming weights (gptj.core.streaming): box reads, checksums taken block by block, placement box by box.
 
 Every element a consumer reads counts exactly once for its source's checks, on any layout:
 a counting source sees each element of each array read as primary once, whether the layout
@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from gptj import integrity, partitioning, streaming
-from gptj.model import GPTJConfig
-from gptj.params_io import load_params, open_params, save_params
-from gptj.streaming import LazyArray
+from gptj.core import integrity
+from gptj.core import partitioning
+from gptj.core import streaming
+from gptj.model.transformer import GPTJConfig
+from gptj.weights.params_dir import load_params, open_params, save_params
+from gptj.core.streaming import LazyArray
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +115,7 @@ CONFIG = GPTJConfig(vocab_size=100, num_layers=3, d_model=32, num_heads=4, rotar
 
 
 def _random_params(config, seed=0):
-    from gptj.params_io import param_shapes, unflatten
+    from gptj.weights.params_dir import param_shapes, unflatten
 
     rng = np.random.default_rng(seed)
     return unflatten({p: rng.normal(size=s).astype(np.float32) for p, s in param_shapes(config).items()})
@@ -154,7 +156,7 @@ def test_a_damaged_source_leaves_no_output(tmp_path):
     arrays, _ = open_params(str(tmp_path / "p"))
     checked = jax.tree_util.tree_leaves(arrays)[0].source
     checked.digests.add(0, np.ones((1,), np.float32), (0,) * len(checked.digests.shapes[0]))  # a read gone wrong
-    from gptj.storage import CheckpointDamagedError
+    from gptj.core.storage import CheckpointDamagedError
 
     with pytest.raises(CheckpointDamagedError, match="checksum mismatch"):
         save_params(str(tmp_path / "copy"), arrays, CONFIG)

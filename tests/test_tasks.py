@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from data_utils import make_config, numbered_records, read_records, tfrecord_dir, write_records
-from gptj import tasks
-from gptj.data import host_dataset
-from gptj.prepare_data import prepare_data
-from gptj.tasks.files import DataError
-from gptj.vocab import EOT_ID, get_tokenizer
+from gptj.data import tasks
+from gptj.data.pipeline import host_dataset
+from gptj.data.prepare import prepare_data
+from gptj.data.tasks.files import DataError
+from gptj.data.vocab import EOT_ID, get_tokenizer
 
 SEQ = 16
 
@@ -35,7 +35,7 @@ def test_registration_is_explicit_and_unknown_names_fail():
 
 
 def test_demo_splits_do_not_overlap():
-    from gptj.tasks.demo import demo_documents
+    from gptj.data.tasks.demo import demo_documents
 
     train, val = demo_documents("train"), demo_documents("validation")
     assert len(val) >= 5 and len(train) >= 8 * len(val) and not set(train) & set(val)
@@ -62,7 +62,7 @@ def test_tfrecord_task_reads_reference_format(tmp_path):
 
 
 def test_text_task_packs_like_prepare_data(tmp_path):
-    from gptj.tasks.demo import demo_documents
+    from gptj.data.tasks.demo import demo_documents
 
     docs = demo_documents("validation")[:4]
     (tmp_path / "a.txt").write_text(docs[0])
@@ -81,7 +81,7 @@ def test_text_task_packs_like_prepare_data(tmp_path):
 
 
 def read_all(name):
-    from gptj.data import translate_errors
+    from gptj.data.pipeline import translate_errors
 
     with translate_errors(name):
         return list(host_dataset(name, "train").as_numpy_iterator())

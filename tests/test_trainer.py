@@ -7,13 +7,13 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from gptj import losses
-from gptj.data import train_batch_spec
-from gptj.checkpoint import Checkpointer
-from gptj.model import GPTJ, GPTJConfig
-from gptj.partitioning import Partitioner, make_mesh
-from gptj.train_hooks import CheckpointHook
-from gptj.trainer import NonFiniteLossError, Trainer
+from gptj.core import losses
+from gptj.data.pipeline import train_batch_spec
+from gptj.core.checkpoint import Checkpointer
+from gptj.model.transformer import GPTJ, GPTJConfig
+from gptj.core.partitioning import Partitioner, make_mesh
+from gptj.core.hooks import CheckpointHook
+from gptj.core.trainer import NonFiniteLossError, Trainer
 from trainer_utils import SyntheticIterator, cached_trainer, synthetic_batch, tiny_config, to_numpy
 
 
@@ -128,8 +128,8 @@ def test_batch_not_divisible_by_microbatches_is_refused():
 
 
 def test_flops_mfu_and_progress_line():
-    from gptj import metrics
-    from gptj.model import abstract_params, count_params
+    from gptj.core import metrics
+    from gptj.model.transformer import abstract_params, count_params
 
     # GPT-J-6B has 6,050,882,784 unique parameters (the reference's 6,053,381,344 counts per-shard
     # replicas), of which 50400 x 4096 are the input embedding, a gather rather than a matmul.
@@ -145,7 +145,7 @@ def test_flops_mfu_and_progress_line():
 
 
 def test_profile_hook_writes_a_trace(tmp_path):
-    from gptj.train_hooks import ProfileHook, parse_profile_steps
+    from gptj.core.hooks import ProfileHook, parse_profile_steps
 
     trainer = cached_trainer("single")
     trainer.fit(trainer.init_state(0), SyntheticIterator(tiny_config()), 3,

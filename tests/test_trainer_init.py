@@ -6,11 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from gptj import train_lm
-from gptj.checkpoint import Checkpointer, latest_step
-from gptj.config_validation import ConfigError, validate
-from gptj.convert.hf import write_hf
-from gptj.model import GPTJConfig
+from gptj import recipe, train
+from gptj.core.checkpoint import Checkpointer, latest_step
+from gptj.settings import ConfigError, validate
+from gptj.weights.formats.hf import write_hf
+from gptj.model.transformer import GPTJConfig
 from trainer_utils import SyntheticIterator, cached_trainer, read_scalars, synthetic_eval_sets, tiny_config, to_numpy
 
 TINY = GPTJConfig.from_dict(tiny_config().model.to_dict())
@@ -28,21 +28,21 @@ def test_init_from_hf_takes_shape_and_values_from_the_weights(tmp_path):
     config.init_from = f"hf:{tmp_path / 'hf'}"
     config.model.update(dict(d_model=64, num_layers=3))  # the config file's shape loses to the weights'
 
-    source = train_lm.open_init_weights(config)
-    model = train_lm.resolve_model_config(config, init_weights=source)
+    source = recipe.open_init_weights(config)
+    model = recipe.resolve_model_config(config, init_weights=source)
     assert (model.d_model, model.num_layers, model.vocab_size) == (32, 2, 128)
     trainer = cached_trainer("single")
-    state = train_lm.initial_state(trainer, model, source, fresh_optimizer=True)
+    state = recipe.initial_state(trainer, model, source, fresh_optimizer=True)
     assert int(state["step"]) == 0
     _leaves_equal(to_numpy(state["params"]), weights)
     assert all(not np.asarray(x).any() for x in jax.tree_util.tree_leaves(to_numpy(state["opt_state"][1].mu)))
 
     # A shape given on the command line that contradicts the weights is an error, not silently dropped.
     with pytest.raises(ConfigError, match="model.d_model=64 but the weights have 32"):
-        train_lm.resolve_model_config(config, explicit_model_fields=["d_model"], init_weights=source)
+        recipe.resolve_model_config(config, explicit_model_fields=["d_model"], init_weights=source)
     # Runtime choices (compute dtype, remat) stay the run's.
     config.model.update(dict(dtype="bfloat16", remat_policy="full"))
-    model = train_lm.resolve_model_config(config, explicit_model_fields=["dtype"], init_weights=source)
+    model = recipe.resolve_model_config(config, explicit_model_fields=["dtype"], init_weights=source)
     assert (model.dtype, model.remat_policy, model.d_model) == ("bfloat16", "full", 32)
 
 
@@ -62,14 +62,14 @@ def test_init_from_a_workdir_continues_or_starts_a_fresh_optimizer(tmp_path):
 
     config = tiny_config(total_steps=5)
     config.init_from = str(source)
-    fresh = train_lm.initial_state(trainer, TINY, train_lm.open_init_weights(config),
+    fresh = recipe.initial_state(trainer, TINY, recipe.open_init_weights(config),
                                             fresh_optimizer=True)
     assert int(fresh["step"]) == 0
     _leaves_equal(to_numpy(fresh["params"]), saved["params"])
 
     # Without a fresh optimizer the whole train state carries on: steps 4 and 5 are trained.
     target = tmp_path / "finetune"
-    status = train_lm.train_and_evaluate(config, str(target), train_iter_fn=SyntheticIterator,
+    status = train.train_and_evaluate(config, str(target), train_iter_fn=SyntheticIterator,
                                          eval_iters_fn=synthetic_eval_sets)
     assert status == "completed" and latest_step(str(target)) == 5
     assert sorted(read_scalars(str(target / "tensorboard"), "train/loss")) == [4, 5]
@@ -96,7 +96,7 @@ def test_init_from_an_older_step_directory_takes_that_steps_params(tmp_path):
     config = tiny_config()
     config.init_from = str(source / "checkpoints" / "1")
     validate(config, "train", check_tasks=False)
-    older = train_lm.initial_state(trainer, TINY, train_lm.open_init_weights(config), fresh_optimizer=False)
+    older = recipe.initial_state(trainer, TINY, recipe.open_init_weights(config), fresh_optimizer=False)
     assert int(older["step"]) == 0  # a step directory gives params only: the optimizer starts afresh
     _leaves_equal(to_numpy(older["params"]), saved[1])
     assert not all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(saved[1]),
@@ -108,18 +108,18 @@ def test_init_from_an_older_step_directory_takes_that_steps_params(tmp_path):
 
 
 def test_init_from_a_mesh_transformer_jax_checkpoint(tmp_path):
-    from gptj.partitioning import Partitioner, make_mesh
+    from gptj.core.partitioning import Partitioner, make_mesh
     from mtj_utils import TINY as MTJ_TINY, random_shards, write_checkpoint
 
     write_checkpoint(str(tmp_path / "mtj"), random_shards(MTJ_TINY, seed=3), MTJ_TINY, step=7, with_opt=True,
                      bf16=False)
     config = tiny_config()
     config.init_from = f"mtj:{tmp_path / 'mtj'}"
-    source = train_lm.open_init_weights(config)
-    model = train_lm.resolve_model_config(config, init_weights=source)
+    source = recipe.open_init_weights(config)
+    model = recipe.resolve_model_config(config, init_weights=source)
     assert (model.d_model, model.num_heads, model.rotary_dim, model.vocab_size) == (64, 8, 4, 128)
-    trainer = train_lm.build_trainer(train_lm.resolved_config(config, model), model,
+    trainer = recipe.build_trainer(recipe.resolved_config(config, model), model,
                                      Partitioner(make_mesh(1, 1, devices=jax.devices()[:1]), "megatron"))
-    state = train_lm.initial_state(trainer, model, source, fresh_optimizer=False)
+    state = recipe.initial_state(trainer, model, source, fresh_optimizer=False)
     assert int(state["step"]) == 0  # a reference checkpoint's optimizer state is not carried over
     _leaves_equal(to_numpy(state["params"]), source.numpy())

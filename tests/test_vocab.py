@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from gptj.vocab import EOT_ID, GPT2_VOCAB_SIZE, VocabularyError, default_vocab_dir, get_tokenizer
+from gptj.data.vocab import EOT_ID, GPT2_VOCAB_SIZE, VocabularyError, default_vocab_dir, get_tokenizer
 
 MIXED = [
     "Hello world",
@@ -69,7 +69,7 @@ def test_decode_roundtrip():
 def test_tf_path_equals_python_path():
     import tensorflow as tf
 
-    from gptj.vocab_seqio import GPT2Vocabulary
+    from gptj.data.vocab_seqio import GPT2Vocabulary
 
     vocab = GPT2Vocabulary()
     assert vocab.vocab_size == GPT2_VOCAB_SIZE and vocab.eos_id == EOT_ID
@@ -113,7 +113,7 @@ def test_other_vocabulary_paths(tmp_path):
 
 
 def test_light_tokenizer_needs_no_tensorflow_or_seqio():
-    code = ("import sys; from gptj.vocab import get_tokenizer; t = get_tokenizer(); "
+    code = ("import sys; from gptj.data.vocab import get_tokenizer; t = get_tokenizer(); "
             "assert t.decode(t.encode('Hello world')) == 'Hello world'; "
             "bad = [m for m in ('tensorflow', 'seqio', 'jax') if m in sys.modules]; assert not bad, bad")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

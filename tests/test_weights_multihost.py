@@ -31,13 +31,13 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from gptj import runtime
+from gptj.core import runtime
 runtime.initialize({coordinator!r}, 2, int(sys.argv[1]), timeout_s=120)
 
-from gptj.convert import hf
-from gptj.model import GPTJ
-from gptj.partitioning import Partitioner, make_mesh, place
-from gptj.weights import param_shardings
+from gptj.weights.formats import hf
+from gptj.model.transformer import GPTJ
+from gptj.core.partitioning import Partitioner, make_mesh, place
+from gptj.weights.source import param_shardings
 
 partitioner = Partitioner(make_mesh(data=2, model=4), "zero3")
 params, config, files = hf.open_hf({hf_dir!r}, vocab_pad_multiple=8)
@@ -101,10 +101,10 @@ def test_each_process_reads_only_its_own_slices(tmp_path):
         # About half: all but the small vectors that zero3 leaves whole (biases of the mlp and vocabulary).
         assert 0.45 < report["bytes_read"] / report["checkpoint"] < 0.6, report
 
-    from gptj.convert import hf
-    from gptj.model import GPTJ
-    from gptj.partitioning import Partitioner, make_mesh
-    from gptj.weights import open_weights, param_shardings
+    from gptj.weights.formats import hf
+    from gptj.model.transformer import GPTJ
+    from gptj.core.partitioning import Partitioner, make_mesh
+    from gptj.weights.source import open_weights, param_shardings
 
     partitioner = Partitioner(make_mesh(data=2, model=4), "zero3")
     weights = open_weights(f"hf:{hf_dir}", 8)

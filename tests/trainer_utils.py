@@ -42,7 +42,7 @@ def synthetic_batch(index: int, seed: int = 0, batch: int = BATCH, seq: int = SE
 
 
 class SyntheticIterator:
-    """gptj.data's train-iterator protocol over `synthetic_batch`: next(), get_state(), set_state().
+    """gptj.data.pipeline's train-iterator protocol over `synthetic_batch`: next(), get_state(), set_state().
 
     `sigterm_at`: send this process SIGTERM while producing that batch number
     (1-based), i.e. during the step that the run should stop after.
@@ -81,7 +81,7 @@ class SyntheticIterator:
 
 
 def synthetic_eval_sets(config, partitioner=None):
-    """gptj.data's eval protocol: {name: callable -> finite iterator}."""
+    """gptj.data.pipeline's eval protocol: {name: callable -> finite iterator}."""
     def make():
         return iter([synthetic_batch(10_000 + i, 0, int(config.train.batch_size), int(config.data.seq_len))
                      for i in range(2)])
@@ -99,15 +99,15 @@ MESHES = {  # name -> (data, model, rule set)
 @functools.lru_cache(maxsize=None)
 def cached_trainer(mesh: str = "single", microbatches: int = 1, warmup_steps: int = 2):
     """A Trainer for `tiny_config()` on one of MESHES, compiled once per test process."""
-    from gptj import train_lm
-    from gptj.model import GPTJConfig
-    from gptj.partitioning import Partitioner, make_mesh
+    from gptj import recipe
+    from gptj.model.transformer import GPTJConfig
+    from gptj.core.partitioning import Partitioner, make_mesh
 
     data, model, rules = MESHES[mesh]
     config = tiny_config(microbatches=microbatches)
     config.optimizer.warmup_steps = warmup_steps
     partitioner = Partitioner(make_mesh(data, model, devices=jax.devices()[:data * model]), rules)
-    trainer = train_lm.build_trainer(config, GPTJConfig.from_dict(config.model.to_dict()), partitioner)
+    trainer = recipe.build_trainer(config, GPTJConfig.from_dict(config.model.to_dict()), partitioner)
     trainer.compile()
     return trainer
 

@@ -8,13 +8,13 @@ import dataclasses
 
 import ml_collections
 
-from gptj.model import GPTJConfig
+from gptj.model.transformer import GPTJConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
-    # The model: exactly the fields of gptj.model.GPTJConfig.
+    # The model: exactly the fields of gptj.model.transformer.GPTJConfig.
     config.model = ml_collections.ConfigDict(dataclasses.asdict(GPTJConfig()))
 
     # Device mesh `data` x `model` (-1: the rest of the devices) and the rule set
@@ -67,7 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
         rank=0, alpha=16.0, dropout=0.0, targets=("q_proj", "v_proj"), base_dtype="bfloat16", init_from="",
     ))
 
-    # seqio task names (gptj.tasks registers them by explicit function calls; see gptj/tasks/__init__.py).
+    # seqio task names (gptj.data.tasks registers them by explicit function calls; see gptj/tasks/__init__.py).
     config.data = ml_collections.ConfigDict(dict(
         train_task="",
         val_tasks=(),            # named validation sets (a tuple: overridable as --config.data.val_tasks="('a',)")
@@ -88,7 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
     # "hf:PATH", "mtj:PATH", or a gptj workdir / params directory.
     config.init_from = ""
 
-    # lm-evaluation-harness (gptj.eval_harness), offline: tasks whose data is not on
+    # lm-evaluation-harness (gptj.evaluation.harness), offline: tasks whose data is not on
     # the machine need local files (a folder of task YAMLs passed as include_path).
     config.eval = ml_collections.ConfigDict(dict(
         harness_tasks=(),

@@ -32,8 +32,8 @@ import traceback
 
 
 def _to_hf(args) -> str:
-    from gptj.convert import hf
-    from gptj.weights import open_weights
+    from gptj.weights.formats import hf
+    from gptj.weights.source import open_weights
 
     weights = open_weights(args.workdir, base=args.base)
     _refuse_quantized(weights, "to_hf")
@@ -43,12 +43,12 @@ def _to_hf(args) -> str:
 
 
 def _to_peft(args) -> str:
-    from gptj.config_validation import parse_init_from
-    from gptj.convert import peft
-    from gptj.lora import split_adapters
-    from gptj.params_io import WeightsError
-    from gptj.trainer import param_paths
-    from gptj.weights import open_weights
+    from gptj.weights.spec import parse_init_from
+    from gptj.weights.formats import peft
+    from gptj.model.lora import split_adapters
+    from gptj.errors import WeightsError
+    from gptj.core.param_tree import param_paths
+    from gptj.weights.source import open_weights
 
     weights = open_weights(args.workdir)
     adapted = weights.adapted
@@ -69,8 +69,8 @@ def _to_peft(args) -> str:
 
 
 def _from_hf(args) -> str:
-    from gptj.params_io import save_params
-    from gptj.weights import open_weights
+    from gptj.weights.params_dir import save_params
+    from gptj.weights.source import open_weights
 
     weights = open_weights(f"hf:{args.hf_dir}", args.vocab_pad_multiple)
     config = weights.config
@@ -79,8 +79,8 @@ def _from_hf(args) -> str:
 
 
 def _from_mtj(args) -> str:
-    from gptj.convert import mtj
-    from gptj.params_io import save_params
+    from gptj.weights.formats import mtj
+    from gptj.weights.params_dir import save_params
 
     params, config = mtj.open_mtj(args.mtj_dir, config=args.mtj_config, vocab_pad_multiple=args.vocab_pad_multiple)
     save_params(args.out, params, config)
@@ -89,8 +89,8 @@ def _from_mtj(args) -> str:
 
 def _slim(args) -> str:
     from gptj.convert import slim
-    from gptj.params_io import abstract_params_like
-    from gptj.weights import open_weights
+    from gptj.weights.params_dir import abstract_params_like
+    from gptj.weights.source import open_weights
 
     weights = open_weights(args.workdir, base=args.base)
     _refuse_quantized(weights, "slim")
@@ -100,10 +100,10 @@ def _slim(args) -> str:
 
 
 def _quantize(args) -> str:
-    from gptj import quantize
+    from gptj.model import quantized as quantize
     from gptj.convert import slim
     from gptj.convert.quantize import write_quantized
-    from gptj.params_io import abstract_params_like
+    from gptj.weights.params_dir import abstract_params_like
 
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     config = write_quantized(args.workdir, args.out, args.bits, args.group_size, targets, base=args.base)
@@ -114,8 +114,8 @@ def _quantize(args) -> str:
 
 def _refuse_quantized(weights, command: str) -> None:
     """A quantized directory is an end point: converting it would carry its rounding into the output."""
-    from gptj import quantize
-    from gptj.params_io import WeightsError
+    from gptj.model import quantized as quantize
+    from gptj.errors import WeightsError
 
     if weights.config.quant_bits:
         raise WeightsError(f"{weights.path} holds {quantize.describe(weights.config)}-quantized weights; {command} "
@@ -124,7 +124,7 @@ def _refuse_quantized(weights, command: str) -> None:
 
 def _size(text: str) -> int:
     """argparse type of --max_shard_size: bytes, or a usage error."""
-    from gptj.convert.hf_files import parse_size
+    from gptj.weights.formats.hf_files import parse_size
 
     try:
         return parse_size(text)
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quant_targets() -> tuple[str, ...]:
-    from gptj.quantize import TARGETS
+    from gptj.model.quantized import TARGETS
 
     return TARGETS
 
@@ -202,7 +202,8 @@ def _quant_targets() -> tuple[str, ...]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from gptj.storage import CheckpointDamagedError, quiet_storage_noise
+    from gptj.core.storage import quiet_storage_noise
+    from gptj.errors import CheckpointDamagedError
 
     if args.verbosity < 1:
         quiet_storage_noise()
@@ -210,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(args.run(args))
         except CheckpointDamagedError as e:  # damage found while streaming: name the intact step to use instead
-            from gptj.params_io import WeightsError, intact_alternative
+            from gptj.weights.params_dir import intact_alternative
+            from gptj.errors import WeightsError
 
             raise WeightsError(f"{e}; {intact_alternative(args.workdir, e.path)}" if getattr(args, "workdir", None)
                                else str(e)) from e

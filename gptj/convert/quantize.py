@@ -2,12 +2,12 @@
 
 The output is a params directory like any other (config.json, an Orbax tree,
 its checksums), whose config records the quantization (`quant_bits`,
-`quant_group_size`, `quant_targets`; see `gptj.quantize` for the layout) and
+`quant_group_size`, `quant_targets`; see `gptj.model.quantized` for the layout) and
 `param_dtype` bfloat16: the matrices are integers with bf16 scales, and
 LayerNorms and biases are stored in bf16. Every reader recognises it from its
 config: sample, serve and eval run it quantized; training refuses it.
 
-The weights are streamed (`gptj.streaming`): the source is read a block at a
+The weights are streamed (`gptj.core.streaming`): the source is read a block at a
 time and the output written a chunk at a time, so the host holds a few
 16 MiB blocks, never the model (full-precision or quantized). A matrix is
 read twice: once for its scales (the largest magnitude of each channel or
@@ -22,9 +22,11 @@ from typing import Iterable
 import jax
 import numpy as np
 
-from gptj import params_io, quantize, streaming
-from gptj.model import GPTJConfig
-from gptj.streaming import Box, LazyArray, box_shape, chunk_boxes, chunk_shape, full_box
+from gptj.weights import params_dir as params_io
+from gptj.model import quantized as quantize
+from gptj.core import streaming
+from gptj.model.transformer import GPTJConfig
+from gptj.core.streaming import Box, LazyArray, box_shape, chunk_boxes, chunk_shape, full_box
 
 # What a quantized directory stores its scales, LayerNorms and biases in.
 STORAGE_DTYPE = "bfloat16"
@@ -161,7 +163,7 @@ def write_quantized(spec: str, out: str, bits: int, group_size: int | None = Non
     Everything is checked before a weight is read (the source's config, the
     settings, the output not existing); returns the output's config.
     """
-    from gptj.weights import open_weights
+    from gptj.weights.source import open_weights
 
     if os.path.exists(os.path.join(out, params_io.PARAMS_SUBDIR)):
         raise params_io.WeightsError(f"{out} already holds params; choose a new output directory")

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import jax
 
-from gptj.model import GPTJConfig
-from gptj.params_io import save_params
-from gptj.weights import Weights, open_weights
+from gptj.model.transformer import GPTJConfig
+from gptj.weights.params_dir import save_params
+from gptj.weights.source import Weights, open_weights
 
 SLIM_DTYPES = ("bfloat16", "float16")
 
@@ -25,7 +25,7 @@ def slim(src: "str | Weights", out: str, dtype: str = "bfloat16", base: str | No
     Returns the output's config.
 
     The params are streamed: each block is read in its saved dtype (checked
-    against its checksum, see `gptj.integrity`), cast and written before the
+    against its checksum, see `gptj.core.integrity`), cast and written before the
     next is read, so neither the full-precision params nor the slim ones are
     ever all held at once; damaged params leave nothing behind. A LoRA or
     frozen-parameter workdir is read merged over its base (`base`: where that

@@ -1,0 +1,602 @@
+"""Checksums of saved arrays: a manifest written with every checkpoint and params directory, checked on every read.
+
+`build_manifest` digests the arrays being saved; `restore_verified` reads a
+saved directory with Orbax and checks every array against the manifest, on
+whatever mesh it lands, with every process reaching the same verdict.
+
+A manifest is a JSON object
+
+    {"format": "gptj-integrity/1", "algorithm": "fmix32-sum",
+     "items": {"params": {"params/blocks/attn/q_proj": {"shape": [...], "dtype": "float32",
+                                                        "digest": "89ab01ef"}, ...},
+               "train_state": {...},
+               "data": {"json": "1c2d3e4f"}},
+     "digest": "<crc32 of the rest>"}
+
+with one entry per array (named by the item and its path in the tree) and
+one per JSON item. Its own `digest` makes a damaged manifest read as damaged
+rather than blame an array. It is written with the arrays: as an item of the
+Orbax step (so a step is never complete without it), or last into a params
+directory; a missing manifest reads as damage.
+
+An array's digest does not depend on how the array is sharded: it is the sum,
+modulo 2**32, of a 32-bit hash of every element mixed with that element's
+position in the whole array. Each device hashes the shard it holds (one
+replica per distinct shard), each process sums its devices' parts, and one
+small allgather adds the processes' sums. So a checkpoint written on one mesh
+verifies on any other, each process hashes only the data its devices hold,
+and every process receives the same digests: the verdict is identical
+everywhere. The sum is integer arithmetic, exact in any order. A damaged
+element changes its term pseudo-randomly, so damage goes unnoticed with
+probability about 2**-32 per array (as for a CRC-32), and values moved to
+other positions are caught because the position is part of the hash. It runs
+where the arrays are, as one pass over memory: no copy to the host, no
+per-shard bookkeeping that would tie a checkpoint to the mesh that wrote it.
+(A CRC of each written shard's bytes would be quicker on a CPU, but would
+verify only a restore onto the mesh that wrote it.)
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import functools
+import json
+import os
+import threading
+import zlib
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax import lax
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
+
+from gptj.core import storage
+from gptj.errors import IntegrityError
+
+FORMAT = "gptj-integrity/1"
+ALGORITHM = "fmix32-sum"
+MANIFEST_ITEM = "integrity"  # the directory beside the array items that holds the manifest
+JSON_FILE = "metadata"  # the file inside a JSON item's directory (what Orbax's JsonCheckpointHandler writes)
+_MAX_MESSAGE = 2048  # bytes of an error message shared between processes
+
+# Odd multipliers of murmur3's 32-bit finaliser and a golden-ratio constant that spreads positions.
+_M1, _M2, _POSITION, _SEED = 0x85EBCA6B, 0xC2B2AE35, 0x9E3779B1, 0x7F4A7C15
+
+
+def _key_name(key) -> str:
+    """A tree path entry as text: a dict key, an attribute (namedtuple field) or a sequence index."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def leaf_names(tree: Any, prefix: str = "") -> list[str]:
+    """Each leaf's path as 'a/b/0/c' (prefixed by `prefix/`), in flattening order."""
+    return [prefix + "/".join(_key_name(k) for k in path) if path else prefix.rstrip("/")
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _bit_width(dtype) -> int:
+    """Bits per element (4 for int4/float4, whose numpy itemsize says 1 byte)."""
+    if jnp.issubdtype(dtype, jnp.integer):
+        return jnp.iinfo(dtype).bits
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jnp.finfo(dtype).bits
+    return jnp.dtype(dtype).itemsize * 8
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The array's bits as uint32 words (8-byte types give two words per element, on a last axis)."""
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    bits = _bit_width(x.dtype)
+    if bits < 8:  # int4, float4 and the like cannot be bitcast; their values are exact in 32 bits
+        wide = jnp.int32 if jnp.issubdtype(x.dtype, jnp.integer) else jnp.float32
+        return lax.bitcast_convert_type(x.astype(wide), jnp.uint32)
+    unsigned = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint32}[bits]
+    return lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _hash_block(block: jax.Array, offsets, global_shape: tuple[int, ...]) -> jax.Array:
+    """Sum over the block's elements of mix(bits ^ key(position in the global array)), mod 2**32.
+
+    `mix` is murmur3's 32-bit finaliser (two odd multiplies and xor-shifts): a
+    bijection, so two different values at one position never hash alike.
+
+    `offsets` place the block in the global array (per axis; traced values
+    inside shard_map). uint32 position arithmetic wraps for arrays of more
+    than 2**32 words, which only stops it telling apart positions exactly
+    2**32 words apart.
+    """
+    words = _words(block)
+    per_element = 2 if words.ndim > block.ndim else 1  # 8-byte types: two words per element, on a last axis
+    position = jnp.zeros(words.shape, jnp.uint32)
+    stride = per_element
+    for axis in reversed(range(block.ndim)):
+        index = lax.broadcasted_iota(jnp.uint32, words.shape, axis) + jnp.asarray(offsets[axis]).astype(jnp.uint32)
+        position = position + index * jnp.uint32(stride % 2**32)
+        stride *= global_shape[axis]
+    if per_element == 2:
+        position = position + lax.broadcasted_iota(jnp.uint32, words.shape, block.ndim)
+    return jnp.sum(_mix(words, position, jnp.uint32), dtype=jnp.uint32)
+
+
+def _mix(words, position, uint32):
+    """Each element's hash: murmur3's finaliser of its bits xor a key of its position (jnp or numpy uint32 arrays)."""
+    h = words ^ (position * uint32(_POSITION) + uint32(_SEED))
+    h = h * uint32(_M1)
+    h = h ^ (h >> 15)
+    h = h * uint32(_M2)
+    return h ^ (h >> 13)
+
+
+def _whole(x: jax.Array) -> jax.Array:
+    """The digest of an array computed as one block (one device, or XLA's own partitioning)."""
+    x = jnp.asarray(x)
+    return _hash_block(x, (0,) * x.ndim, x.shape)
+
+
+def _by_shard(x: jax.Array, mesh: jax.sharding.Mesh, spec: tuple) -> jax.Array:
+    """Per-device partial digests of an array laid out by (mesh, spec), one per device (a 1-D array over the mesh).
+
+    Each distinct shard is hashed once, by the first of its replicas; the
+    other replicas give 0. Hashing the global array under jit instead would
+    make every replica hash all of a replicated array (a data-parallel copy
+    of the params on each device): free on an accelerator, but CPU devices
+    share cores. No collective runs inside: the partials are summed on the
+    host (see `array_digests`).
+    """
+    shape = x.shape
+    axes_of = [() if d is None else (d,) if isinstance(d, str) else tuple(d) for d in spec]
+    replica_axes = [a for a in mesh.axis_names if not any(a in axes for axes in axes_of)]
+
+    def local(block):  # one device's shard: its partial sum, or 0 on a replica that is not the first
+        offsets = []
+        for axes, size in zip(axes_of, block.shape):
+            index = jnp.uint32(0)
+            for axis in axes:
+                index = index * jnp.uint32(mesh.shape[axis]) + lax.axis_index(axis).astype(jnp.uint32)
+            offsets.append(index * jnp.uint32(size))
+        primary = jnp.bool_(True)
+        for axis in replica_axes:
+            primary = primary & (lax.axis_index(axis) == 0)
+        h = lax.cond(primary, lambda b: _hash_block(b, offsets, shape), lambda b: jnp.uint32(0), block)
+        return h.reshape(1)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(*spec),), out_specs=P(tuple(mesh.axis_names)),
+                         check_vma=False)(x)
+
+
+def _layout(x: jax.Array) -> tuple:
+    """How `_tree_digests` hashes `x`: ("shards", mesh, spec) for an evenly sharded NamedSharding array, else ()."""
+    sharding = x.sharding
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return ()
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    for size, axes in zip(x.shape, spec):
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        if size % int(np.prod([sharding.mesh.shape[a] for a in names])):
+            return ()  # uneven shards: shard_map cannot take them
+    return ("shards", sharding.mesh, spec)
+
+
+@functools.lru_cache(maxsize=64)
+def _tree_digests(layouts: tuple[tuple, ...]):
+    """One compiled program hashing a list of device arrays with these layouts (see `_layout`)."""
+    def run(leaves):  # one digest (or per-device partials) per leaf
+        return [_by_shard(x, layout[1], layout[2]) if layout else _whole(x) for x, layout in zip(leaves, layouts)]
+    return jax.jit(run)
+
+
+_host_digest = jax.jit(_whole)
+
+
+def _value(x: jax.Array) -> int:
+    """A scalar result's value, from this process's own copy."""
+    return int(np.asarray(x.addressable_data(0)))
+
+
+def start_digests(tree: Any) -> list[tuple[Any, bool]]:
+    """Starts hashing a tree's leaves and returns at once (JAX runs the work in the background).
+
+    One (result, by_shard) per leaf: `by_shard` results hold one partial sum
+    per device; the others, the whole sum on every process (None on processes
+    other than 0 for host arrays, which process 0 alone hashes).
+    """
+    leaves = jax.tree_util.tree_leaves(tree)
+    on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    layouts = tuple(_layout(leaves[i]) for i in on_device)
+    started: list[tuple[Any, bool]] = [(None, False)] * len(leaves)
+    for i, layout, result in zip(on_device, layouts, _tree_digests(layouts)([leaves[i] for i in on_device])):
+        started[i] = (result, bool(layout))
+    if jax.process_index() == 0:
+        for i in sorted(set(range(len(leaves))) - set(on_device)):
+            started[i] = (_host_digest(leaves[i]), False)
+    return started
+
+
+def finish_digests(started: list[tuple[Any, bool]]) -> list[str]:
+    """The digests `start_digests` started, 8 hex digits each, the same on every process (a collective)."""
+    partial = []
+    for result, by_shard in started:
+        if by_shard:  # this process's devices' partial sums
+            partial.append(sum(int(np.asarray(shard.data)[0]) for shard in result.addressable_shards))
+        else:  # the whole sum, which every process holds: counted once, by process 0
+            partial.append(_value(result) if jax.process_index() == 0 and result is not None else 0)
+    return _summed_over_processes(partial)
+
+
+def _summed_over_processes(partial: list[int]) -> list[str]:
+    """Digests (8 hex digits) from each process's partial sums: the same list on every process (a collective)."""
+    totals = np.array([p % 2**32 for p in partial], np.uint32)
+    if jax.process_count() > 1:
+        totals = np.asarray(multihost_utils.process_allgather(totals)).astype(np.uint64).sum(axis=0)
+    return [f"{int(t) % 2**32:08x}" for t in totals]
+
+
+# Words hashed at once by `block_digest`: bounds its temporaries.
+_HOST_WORDS = 1 << 20
+
+
+def _host_words(x: np.ndarray) -> np.ndarray:
+    """`_words` of a host array: its bits as uint32 words (8-byte types: two per element, on a last axis)."""
+    if x.dtype == np.bool_:
+        x = x.astype(np.uint8)
+    bits = _bit_width(x.dtype)
+    if bits < 8:
+        return x.astype(np.int32 if jnp.issubdtype(x.dtype, jnp.integer) else np.float32).view(np.uint32)
+    if bits == 64:
+        return np.ascontiguousarray(x).view(np.uint32).reshape(x.shape + (2,))
+    return np.ascontiguousarray(x).view({8: np.uint8, 16: np.uint16, 32: np.uint32}[bits]).astype(np.uint32)
+
+
+def block_digest(block: np.ndarray, offsets: tuple[int, ...], global_shape: tuple[int, ...]) -> int:
+    """The part of an array's digest that one host block contributes: `block` sits at `offsets` in `global_shape`.
+
+    The digest is a sum over elements, so the parts of blocks that tile the
+    array (any blocking, any order, any process) add up, modulo 2**32, to the
+    digest `array_digests` gives the whole array: the same hash as
+    `_hash_block`, computed with numpy on the host (no compilation per block
+    shape), a bounded number of words at a time.
+    """
+    block = np.asarray(block)
+    if block.ndim == 0 or block.size == 0:
+        words = _host_words(block).reshape(1, -1)
+        return int(_mix(words, np.arange(words.size, dtype=np.uint32), np.uint32).sum(dtype=np.uint64) % 2**32)
+    per_element = 2 if _bit_width(block.dtype) == 64 else 1
+    strides, stride = [], per_element
+    for n in reversed(global_shape):
+        strides.insert(0, stride)
+        stride *= n
+    rows = max(1, _HOST_WORDS // max(1, block.size // block.shape[0] * per_element))
+    total = 0
+    for start in range(0, block.shape[0], rows):
+        words = _host_words(block[start:start + rows])
+        position = np.zeros(words.shape, np.uint32)
+        for axis in range(block.ndim):
+            index = np.arange(words.shape[axis], dtype=np.uint64) + offsets[axis] + (start if axis == 0 else 0)
+            shape = [1] * words.ndim
+            shape[axis] = -1
+            position += (index * strides[axis] % 2**32).astype(np.uint32).reshape(shape)
+        if per_element == 2:
+            position += np.arange(2, dtype=np.uint32)
+        total += int(_mix(words, position, np.uint32).sum(dtype=np.uint64))
+    return total % 2**32
+
+
+class StreamedDigests:
+    """The digests of arrays that are read or written block by block, in any order (`add`).
+
+    Every element must be added exactly once over all processes; `digests()`
+    sums the processes' parts (a collective) and gives what `array_digests`
+    gives for the whole arrays. Blocks are hashed in a background thread
+    (numpy releases the GIL) while the caller goes on reading; at most two
+    wait at once, and a block must not change once added.
+    """
+
+    def __init__(self, shapes: list[tuple[int, ...]]):
+        self.shapes = [tuple(shape) for shape in shapes]
+        self._partial = [0] * len(shapes)
+        self._lock = threading.Lock()
+        self._hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._pending: collections.deque = collections.deque()
+
+    def add(self, index: int, block: np.ndarray, offsets: tuple[int, ...]) -> None:
+        """Counts `block`, which sits at `offsets` in array `index`."""
+        while len(self._pending) >= 2:
+            self._pending.popleft().result()
+        self._pending.append(self._hasher.submit(self._count, index, block, offsets))
+
+    def _count(self, index: int, block: np.ndarray, offsets: tuple[int, ...]) -> None:
+        part = block_digest(block, offsets, self.shapes[index])
+        with self._lock:
+            self._partial[index] = (self._partial[index] + part) % 2**32
+
+    def digests(self) -> list[str]:
+        """Each array's digest (8 hex digits), the same on every process. Every process must call it."""
+        while self._pending:
+            self._pending.popleft().result()
+        return _summed_over_processes(self._partial)
+
+
+def array_digests(tree: Any) -> list[str]:
+    """Each leaf's digest (8 hex digits) in flattening order; every process gets the same.
+
+    Every process must call it: the per-process sums meet in one small
+    allgather. Device arrays are hashed by one compiled program for the
+    whole tree, each process hashing the shards its devices hold; host
+    (numpy) arrays, which every process holds whole, are hashed by process 0
+    alone, one at a time (a converter's tree is never on the device at once).
+    """
+    return finish_digests(start_digests(tree))
+
+
+def json_digest(value: Any) -> str:
+    """CRC-32 of a JSON value's canonical text (what a JSON item restores to, whatever its key order)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return f"{zlib.crc32(text.encode()):08x}"
+
+
+# --- the manifest ---------------------------------------------------------------------------------------------
+
+
+def _dtype_name(leaf: Any) -> str:
+    """The dtype a leaf is saved in, by name ("float32", "bfloat16", ...)."""
+    return str(np.dtype(leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype))
+
+
+def build_manifest(arrays: Mapping[str, Any], json_items: Mapping[str, Any] | None = None,
+                   digests: Mapping[str, list[str]] | None = None) -> dict[str, Any]:
+    """The manifest of array items {name: tree} and JSON items {name: value}. Every process must call it.
+
+    `digests` {item: the digests of its leaves}: for items whose digests were
+    taken as they were written (`StreamedDigests`), instead of from the arrays.
+    """
+    items: dict[str, Any] = {}
+    for item, tree in arrays.items():
+        leaves = jax.tree_util.tree_leaves(tree)
+        found = (digests or {}).get(item) or array_digests(tree)
+        items[item] = {name: {"shape": list(np.shape(leaf)), "dtype": _dtype_name(leaf), "digest": digest}
+                       for name, leaf, digest in zip(leaf_names(tree, item + "/"), leaves, found)}
+    items.update({item: {"json": json_digest(value)} for item, value in (json_items or {}).items()})
+    body = {"format": FORMAT, "algorithm": ALGORITHM, "items": items}
+    return dict(body, digest=json_digest(body))
+
+
+def check_manifest(manifest: Any) -> dict[str, Any]:
+    """The manifest's items, after checking its format and its own digest (IntegrityError if either fails)."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IntegrityError("checksum manifest", f"not a {FORMAT} manifest")
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    if json_digest(body) != manifest.get("digest"):
+        raise IntegrityError("checksum manifest", "damaged (its own checksum does not match)")
+    if manifest.get("algorithm") != ALGORITHM:
+        raise IntegrityError("checksum manifest", f"unknown checksum algorithm {manifest.get('algorithm')!r}")
+    return manifest["items"]
+
+
+def manifest_path(directory: str) -> str:
+    """The checksum manifest of a checkpoint step or params directory (beside its array items)."""
+    return os.path.join(directory, MANIFEST_ITEM, JSON_FILE)
+
+
+# --- checked reading ------------------------------------------------------------------------------------------
+
+
+class Misfit(Exception):
+    """The saved tree is intact but is not the target's (another model or optimizer)."""
+
+
+def _saved_layout(entries: Mapping[str, Any], target: Any, item: str) -> Any:
+    """`target` with the saved dtypes, once its structure and shapes match the manifest (else Misfit).
+
+    Reading in the saved dtype is what lets the digests be checked; the
+    caller casts afterwards.
+    """
+    names = leaf_names(target, item + "/")
+    missing = [n for n in names if n not in entries]
+    if missing:
+        raise Misfit(f"the saved {item} has no {missing[0]}")
+    extra = sorted(set(entries) - set(names))
+    if extra:
+        raise Misfit(f"the saved {item} has {extra[0]}, which this state lacks")
+    leaves, treedef = jax.tree_util.tree_flatten(target)
+    out = []
+    for name, leaf in zip(names, leaves):
+        shape = tuple(entries[name]["shape"])
+        if tuple(leaf.shape) != shape:
+            raise Misfit(f"{name} is saved with shape {shape}, expected {tuple(leaf.shape)}")
+        out.append(jax.ShapeDtypeStruct(shape, jnp.dtype(entries[name]["dtype"]),
+                                        sharding=getattr(leaf, "sharding", None)))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def open_manifest(directory: str, arrays: Mapping[str, Any], json_items: tuple[str, ...] = ()):
+    """(manifest entries, {item: target in the saved dtypes}), as this process reads them.
+
+    IntegrityError for a missing, damaged or incomplete manifest; a target
+    whose structure or shapes differ from what was saved raises `Misfit`.
+    """
+    try:
+        entries = check_manifest(storage.read_json(manifest_path(directory)))
+    except FileNotFoundError:
+        raise IntegrityError("checksum manifest", "missing") from None
+    except (OSError, ValueError) as e:
+        if isinstance(e, IntegrityError) or storage.storage_fault(e):
+            raise
+        raise IntegrityError("checksum manifest", f"unreadable ({storage.reason(e)})") from e
+    missing = [item for item in (*arrays, *json_items) if item not in entries]
+    if missing:
+        raise IntegrityError(missing[0], "not in the checksum manifest")
+    return entries, {item: _saved_layout(entries[item], target, item) for item, target in arrays.items()}
+
+
+def _read_tree(path: str, target: Any) -> Any:
+    """The Orbax tree at `path` as `target` (ShapeDtypeStructs; `ocp.PLACEHOLDER` leaves are skipped)."""
+    # Orbax's handler, not its Checkpointer: the latter ends with a cross-process barrier that a process whose
+    # read failed never reaches. The processes agree on the outcome through `agreed` instead.
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        return handler.restore(epath.Path(os.path.abspath(path)), args=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+    finally:
+        handler.close()
+
+
+def _only(layout: Any, indices: list[int]) -> Any:
+    """`layout` with every leaf not in `indices` replaced by Orbax's PLACEHOLDER (not read)."""
+    leaves, treedef = jax.tree_util.tree_flatten(layout)
+    keep = set(indices)
+    return jax.tree_util.tree_unflatten(treedef, [x if i in keep else ocp.PLACEHOLDER for i, x in enumerate(leaves)])
+
+
+def _read_leaves(directory: str, layout: Any, item: str, indices: list[int]) -> list[Any]:
+    """Leaves `indices` of item `item`; a read failure is an IntegrityError naming the first array that fails."""
+    path = os.path.join(directory, item)
+    if not os.path.isdir(path):
+        raise IntegrityError(item, "missing")
+    whole = len(indices) == len(jax.tree_util.tree_leaves(layout))
+    try:
+        leaves = jax.tree_util.tree_leaves(_read_tree(path, layout if whole else _only(layout, indices)))
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged data
+        if storage.storage_fault(e):
+            raise
+        names = leaf_names(layout, item + "/")
+        for i in indices if len(indices) > 1 else ():  # which one? each alone, in tree order
+            try:
+                _read_tree(path, _only(layout, [i]))
+            except Exception as single:  # noqa: BLE001
+                raise IntegrityError(names[i], f"unreadable ({storage.reason(single)})") from e
+        raise IntegrityError(names[indices[0]] if len(indices) == 1 else item,
+                             f"unreadable ({storage.reason(e)})") from e
+    if whole:
+        return leaves
+    return [leaf for leaf in leaves if leaf is not ocp.PLACEHOLDER]
+
+
+def _read_json_items(directory: str, entries: Mapping[str, Any], items: tuple[str, ...]) -> dict[str, Any]:
+    """{item: value} of JSON items, each checked against its manifest entry."""
+    values = {}
+    for item in items:
+        try:
+            values[item] = storage.read_json(os.path.join(directory, item, JSON_FILE))
+        except FileNotFoundError:
+            raise IntegrityError(item, "missing") from None
+        except (OSError, ValueError) as e:
+            if storage.storage_fault(e):
+                raise
+            raise IntegrityError(item, f"unreadable ({storage.reason(e)})") from e
+        if entries[item].get("json") != json_digest(values[item]):
+            raise IntegrityError(item, "checksum mismatch")
+    return values
+
+
+def _agree(error: tuple[str, str] | None) -> tuple[str, str] | None:
+    """The first process's (kind, message) error, or None: the same answer on every process (a collective)."""
+    if jax.process_count() == 1:
+        return error
+    text = "" if error is None else f"{error[0]}\n{error[1]}"
+    buffer = np.zeros(_MAX_MESSAGE, np.uint8)
+    encoded = text.encode()[:_MAX_MESSAGE]
+    buffer[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+    for row in np.asarray(multihost_utils.process_allgather(buffer)):
+        found = bytes(row).rstrip(b"\0").decode(errors="replace")
+        if found:
+            kind, message = found.split("\n", 1)
+            return kind, message
+    return None
+
+
+def agreed(directory: str, step: int | None, read: Callable[[], Any]) -> Any:
+    """Runs `read` (this process's part of a restore); then every process raises the same error, or none does.
+
+    A read error may hit one process only (the one whose devices hold a bad
+    shard); the others must not carry on alone into the next collective.
+    """
+    local = value = None
+    try:
+        value = read()
+    except IntegrityError as e:
+        local = ("damaged", f"{e.what}\n{e.reason}")
+    except Misfit as e:
+        local = ("misfit", f"{directory} does not fit this model/optimizer: {e}")
+    except Exception as e:  # noqa: BLE001 - shared with the other processes as one line, below
+        fault = storage.storage_fault(e)
+        local = ("storage" if fault else "error", f"cannot read {directory}: {fault or storage.reason(e)}")
+        logging.info("reading %s failed", directory, exc_info=True)
+    outcome = _agree(local)
+    if outcome is None:
+        return value
+    kind, message = outcome
+    if kind == "damaged":
+        what, why = message.split("\n", 1)
+        raise storage.CheckpointDamagedError(directory, what, why, step)
+    raise (storage.StorageError if kind == "storage" else storage.CheckpointError)(message)
+
+
+def restore_verified(directory: str, arrays: Mapping[str, Any], json_items: tuple[str, ...] = (),
+                     step: int | None = None) -> dict[str, Any]:
+    """Reads the array items {name: target tree} and JSON items of a step or params directory, checked.
+
+    Targets are trees of ShapeDtypeStructs: the arrays land on their
+    shardings (any mesh) and in their dtypes (read in the saved dtype,
+    checked, then cast). The items are read concurrently, and each is hashed
+    while the next one is still being read. (Params directories are read box
+    by box instead: `gptj.weights.params_dir.open_params`.) Every process must call
+    this, and every process gets the same outcome: CheckpointDamagedError (checksum
+    mismatch, unreadable or missing data, damaged manifest), StorageError
+    (e.g. permission denied) or CheckpointError (the target is another model
+    or optimizer, or an unexpected failure, which never counts as damage).
+    """
+    entries, layouts = agreed(directory, step, lambda: open_manifest(directory, arrays, json_items))
+    leaves = {item: [None] * len(jax.tree_util.tree_leaves(layout)) for item, layout in layouts.items()}
+    pending = None  # the part read last, being hashed while the next one is read
+
+    def finish(item, chunk, read, started):  # compares a part's digests with the manifest, then casts it
+        names, targets = leaf_names(layouts[item], item + "/"), jax.tree_util.tree_leaves(arrays[item])
+        for i, leaf, digest in zip(chunk, read, finish_digests(started)):
+            saved = entries[item][names[i]]["digest"]
+            if saved != digest:
+                raise storage.CheckpointDamagedError(
+                    directory, names[i], f"checksum mismatch (saved {saved}, read {digest})", step)
+            leaves[item][i] = leaf if leaf.dtype == targets[i].dtype else leaf.astype(targets[i].dtype)
+
+    chunks = [(item, list(range(len(leaves[item])))) for item in layouts]
+    ahead = len(chunks)  # every item read at once
+    reads: dict[int, Any] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=ahead) as pool:
+
+        def submit(k):  # starts reading part k in the background
+            if k < len(chunks):
+                item, chunk = chunks[k]
+                reads[k] = pool.submit(_read_leaves, directory, layouts[item], item, chunk)
+
+        for k in range(ahead):
+            submit(k)
+        try:
+            for k, (item, chunk) in enumerate(chunks):
+                try:
+                    read = agreed(directory, step, reads.pop(k).result)
+                finally:  # a bad array read before this one is named first, whatever happens here
+                    if pending is not None:
+                        finish(*pending)
+                        pending = None
+                submit(k + ahead)
+                pending = (item, chunk, read, start_digests(read))
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+    if pending is not None:
+        finish(*pending)
+    restored = {item: jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(arrays[item]), leaves[item])
+                for item in layouts}
+    restored.update(agreed(directory, step, lambda: _read_json_items(directory, entries, json_items)))
+    return restored

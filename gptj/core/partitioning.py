@@ -1,0 +1,418 @@
+"""The device mesh, the rule sets that map logical axis names onto it, and sharded state.
+
+A rule set is an ordered table of `(logical_name, mesh_axis_or_None)`; the
+first row naming a logical axis wins. Changing the rule set changes the
+parallelism; model code never mentions `data` or `model`.
+
+| rule set   | params over   | optimizer state over | activations' batch over |
+|------------|---------------|----------------------|-------------------------|
+| `megatron` | model         | model                | data                    |
+| `zero3`    | data x model  | data x model         | data                    |
+| `zero1`    | model         | data x model         | data                    |
+| `dp`       | (replicated)  | (replicated)         | data x model            |
+
+Every logical name used by a parameter must appear in the table (mapping to
+None is fine); a name no row resolves is an error naming the parameter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gptj.core.streaming import LazyArray, finish_reading
+from gptj.errors import PartitioningError
+
+MESH_AXES = ("data", "model")
+
+Rules = tuple[tuple[str, Any], ...]
+
+# Activations: batch over data, tensor-parallel dims over model, the residual
+# stream replicated over model (Megatron's layout).
+_TENSOR_PARALLEL_ACTIVATIONS: Rules = (
+    ("act_batch", "data"),
+    ("act_length", None),
+    ("act_kv_length", None),
+    ("act_embed", None),
+    ("act_heads", "model"),
+    ("act_mlp", "model"),
+    ("act_vocab", "model"),
+    ("head_dim", None),
+    ("layers", None),
+    ("lora_rank", None),  # LoRA adapters' rank: small, never split
+)
+
+_MEGATRON_PARAMS: Rules = (
+    ("vocab", "model"),
+    ("embed", None),
+    ("heads", "model"),
+    ("mlp", "model"),
+)
+
+# ZeRO-3 / 2D FSDP: the megatron split plus each weight's embed dimension over data.
+_ZERO3_PARAMS: Rules = (
+    ("vocab", "model"),
+    ("embed", "data"),
+    ("heads", "model"),
+    ("mlp", "model"),
+)
+
+_DATA_PARALLEL: Rules = (
+    ("act_batch", ("data", "model")),
+    ("act_length", None),
+    ("act_kv_length", None),
+    ("act_embed", None),
+    ("act_heads", None),
+    ("act_mlp", None),
+    ("act_vocab", None),
+    ("head_dim", None),
+    ("layers", None),
+    ("lora_rank", None),
+    ("vocab", None),
+    ("embed", None),
+    ("heads", None),
+    ("mlp", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleSet:
+    """A named mapping from logical axis names to mesh axes.
+
+    `rules` covers parameters and activations; `opt_state_rules`, when set,
+    replaces it for the optimizer state (ZeRO-1 shards only the optimizer).
+    """
+
+    name: str
+    description: str
+    rules: Rules
+    opt_state_rules: Rules | None = None
+
+    @property
+    def optimizer_rules(self) -> Rules:
+        return self.opt_state_rules or self.rules
+
+
+RULE_SETS: dict[str, RuleSet] = {
+    "megatron": RuleSet("megatron", "tensor parallel over model, data parallel over data",
+                        _MEGATRON_PARAMS + _TENSOR_PARALLEL_ACTIVATIONS),
+    "zero3": RuleSet("zero3", "megatron plus params and optimizer state split over data (2D FSDP)",
+                     _ZERO3_PARAMS + _TENSOR_PARALLEL_ACTIVATIONS),
+    "zero1": RuleSet("zero1", "megatron params; optimizer state also split over data",
+                     _MEGATRON_PARAMS + _TENSOR_PARALLEL_ACTIVATIONS,
+                     opt_state_rules=_ZERO3_PARAMS + _TENSOR_PARALLEL_ACTIVATIONS),
+    "dp": RuleSet("dp", "pure data parallel over both mesh axes; everything replicated", _DATA_PARALLEL),
+}
+
+
+def get_rule_set(name: str | RuleSet) -> RuleSet:
+    """Looks up a rule set by name (`megatron`, `zero3`, `zero1`, `dp`)."""
+    if isinstance(name, RuleSet):
+        return name
+    if name not in RULE_SETS:
+        raise PartitioningError(f"unknown rule set {name!r}; choose one of {sorted(RULE_SETS)}")
+    return RULE_SETS[name]
+
+
+def resolve_mesh_shape(data: int, model: int, num_devices: int) -> tuple[int, int]:
+    """Resolves a (data, model) request where one entry may be -1 ("the rest of the devices")."""
+    if data == -1 and model == -1:
+        raise PartitioningError("mesh: only one of data and model may be -1")
+    for name, size in (("data", data), ("model", model)):
+        if size == 0 or size < -1:
+            raise PartitioningError(f"mesh: {name} must be a positive size or -1, got {size}")
+    known = (data if data != -1 else 1) * (model if model != -1 else 1)
+    if num_devices % known:
+        raise PartitioningError(f"mesh: data={data} x model={model} does not divide the {num_devices} available devices")
+    if data == -1:
+        data = num_devices // known
+    if model == -1:
+        model = num_devices // known
+    if data * model != num_devices:
+        raise PartitioningError(
+            f"mesh: data={data} x model={model} = {data * model} devices, but {num_devices} are available; "
+            "use -1 for one axis to take the rest")
+    return data, model
+
+
+def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 2D (`data`, `model`) mesh over all (or the given) devices, across every host.
+
+    The model axis is the fast-varying one, so a model-parallel group sits on
+    neighbouring devices of one host whenever model <= local device count.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    data, model = resolve_mesh_shape(data, model, len(devices))
+    if devices[0].platform in ("tpu", "gpu", "cuda", "rocm") and len(devices) == jax.device_count():
+        from jax.experimental import mesh_utils
+        try:
+            grid = mesh_utils.create_device_mesh((data, model), devices, allow_split_physical_axes=True)
+        except (ValueError, NotImplementedError, AssertionError):
+            grid = np.asarray(devices).reshape(data, model)
+    else:
+        grid = np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id))).reshape(data, model)
+    return Mesh(grid, MESH_AXES)
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, PartitionSpec)
+
+
+class Partitioner:
+    """Owns the mesh and the rule set; turns logical axes into shardings and jits under them.
+
+    Usage:
+        partitioner = Partitioner(make_mesh(data=2, model=4), "megatron")
+        abstract, specs, shardings = partitioner.abstract_state(init_fn, rng)
+        state = partitioner.jit(init_fn, out_shardings=shardings)(rng)
+    """
+
+    def __init__(self, mesh: Mesh, rule_set: str | RuleSet = "megatron"):
+        self.mesh = mesh
+        self.rule_set = get_rule_set(rule_set)
+
+    @classmethod
+    def from_config(cls, mesh_config) -> "Partitioner":
+        """The mesh and rule set a run config's `mesh` section names (data, model, rules), over every device."""
+        return cls(make_mesh(int(mesh_config.data), int(mesh_config.model)), str(mesh_config.rules))
+
+    @property
+    def rules(self) -> Rules:
+        return self.rule_set.rules
+
+    def axis_size(self, mesh_axes) -> int:
+        if mesh_axes is None:
+            return 1
+        if isinstance(mesh_axes, str):
+            mesh_axes = (mesh_axes,)
+        return math.prod(self.mesh.shape[a] for a in mesh_axes)
+
+    # -- logical names -> shardings ------------------------------------------------
+
+    def mesh_spec(self, logical: PartitionSpec | Sequence[str | None], rules: Rules | None = None, *, where: str = "",
+                  shape: Sequence[int] | None = None) -> PartitionSpec:
+        """Resolves one logical spec to a mesh PartitionSpec, checking names and divisibility."""
+        table = dict(reversed(rules or self.rules))  # reversed: the first row of a name wins
+        mesh_axes = []
+        for dim, name in enumerate(logical):
+            if name is None:
+                mesh_axes.append(None)
+                continue
+            if name not in table:
+                raise PartitioningError(
+                    f"{where or 'array'}: logical axis {name!r} is not resolved by rule set "
+                    f"{self.rule_set.name!r} (known axes: {sorted(table)})")
+            axis = table[name]
+            if shape is not None and axis is not None and shape[dim] % self.axis_size(axis):
+                raise PartitioningError(
+                    f"{where or 'array'}: dimension {dim} ({name}={shape[dim]}) is not divisible by mesh axis "
+                    f"{axis!r} of size {self.axis_size(axis)} under rule set {self.rule_set.name!r}")
+            mesh_axes.append(axis)
+        # A mesh axis may shard only one dimension; a later repeat is replicated.
+        used, resolved = set(), []
+        for axis in mesh_axes:
+            names = set((axis,) if isinstance(axis, str) else (axis or ()))
+            if names & used:
+                resolved.append(None)
+            else:
+                used |= names
+                resolved.append(axis)
+        return PartitionSpec(*resolved)
+
+    def shardings_for(self, logical_specs, abstract=None, *, optimizer_subtree: str | None = "opt_state"):
+        """NamedShardings for a tree of logical PartitionSpecs.
+
+        Leaves under a key named `optimizer_subtree` use the rule set's optimizer
+        rules (which differ for zero1). `abstract`, a tree of arrays or
+        ShapeDtypeStructs of the same structure, enables divisibility checks.
+        """
+        def one(path, spec, leaf=None):
+            keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+            rules = self.rule_set.optimizer_rules if optimizer_subtree in keys else self.rules
+            spec = self.mesh_spec(spec, rules, where=_path_str(path), shape=None if leaf is None else leaf.shape)
+            return NamedSharding(self.mesh, spec)
+
+        if abstract is None:
+            return jax.tree_util.tree_map_with_path(one, logical_specs, is_leaf=_is_spec)
+        return jax.tree_util.tree_map_with_path(one, logical_specs, abstract, is_leaf=_is_spec)
+
+    def abstract_state(self, init_fn: Callable[..., Any], *args, optimizer_subtree: str | None = "opt_state"):
+        """Abstract state, logical specs and mesh shardings of whatever `init_fn(*args)` builds.
+
+        `init_fn` returns a pytree whose parameters are boxed with logical axis
+        names (flax's `nn.Partitioned`, as `with_logical_partitioning` creates).
+        Nothing is allocated: the shapes come from `jax.eval_shape`.
+        Returns `(abstract, logical_specs, shardings)`, the first unboxed.
+        """
+        boxed = jax.eval_shape(init_fn, *args)
+        logical_specs = nn.get_partition_spec(boxed)
+        abstract = nn.meta.unbox(boxed)
+        shardings = self.shardings_for(logical_specs, abstract, optimizer_subtree=optimizer_subtree)
+        return abstract, logical_specs, shardings
+
+    def sharding(self, logical: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
+        """The NamedSharding of one array with the given logical axes (e.g. a batch)."""
+        return NamedSharding(self.mesh, self.mesh_spec(logical, shape=shape))
+
+    def batch_sharding(self, ndim: int = 2) -> NamedSharding:
+        """Sharding of an input batch [batch, ...]: batch split as the rule set splits activations."""
+        return self.sharding(("act_batch",) + (None,) * (ndim - 1))
+
+    @property
+    def data_parallel_size(self) -> int:
+        """How many ways the rule set splits the batch."""
+        return self.axis_size(dict(reversed(self.rules)).get("act_batch"))
+
+    # -- running under the mesh -----------------------------------------------------
+
+    @contextlib.contextmanager
+    def activate(self):
+        """Mesh and logical-axis rules active, so `with_logical_constraint` resolves inside traced code."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    def jit(self, fn: Callable, *, in_shardings=None, out_shardings=None, static_argnums=(), donate_argnums=()):
+        """jax.jit of `fn` with the given shardings, traced and run under this mesh and rule set."""
+        def traced(*args, **kwargs):
+            with nn.logical_axis_rules(self.rules):
+                return fn(*args, **kwargs)
+
+        kwargs = dict(static_argnums=static_argnums, donate_argnums=donate_argnums)
+        if in_shardings is not None:
+            kwargs["in_shardings"] = in_shardings
+        if out_shardings is not None:
+            kwargs["out_shardings"] = out_shardings
+        jitted = jax.jit(traced, **kwargs)
+        partitioner = self
+
+        class _Partitioned:
+            """The jitted callable; `.lower(...)` is exposed for ahead-of-time compilation."""
+
+            def __call__(self, *args, **kw):
+                with partitioner.activate():
+                    return jitted(*args, **kw)
+
+            def lower(self, *args, **kw):
+                with partitioner.activate():
+                    return jitted.lower(*args, **kw)
+
+        return _Partitioned()
+
+
+def place(tree, shardings, dtype=None):
+    """Lays a tree of arrays out on the mesh: each leaf onto the matching sharding, cast to `dtype` if given.
+
+    Host leaves (numpy, or LazyArrays read from disk: `gptj.core.streaming`) are
+    read box by box: each process reads only the boxes its own devices hold,
+    each distinct box once, cast to `dtype` as it is read (numpy leaves must be
+    held in full by every process). A leaf whose per-device shards are large
+    is filled in place a slab of rows at a time (a layer of a stacked leaf),
+    so that the host holds about one layer of this process's shards at once,
+    never a whole leaf. The LazyArrays' sources are then checked
+    (`streaming.finish_reading`: a collective where they are checked). Leaves
+    that are already jax arrays are moved device to device (never through the
+    host). `tree` and `shardings` may also be a single array and sharding.
+    `dtype` applies to floating-point leaves: integer leaves (token ids, the
+    values of quantized weights) keep their own.
+    """
+    def one(x, sharding):
+        if isinstance(x, jax.Array):
+            x = x.astype(dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x
+            return x if x.sharding == sharding else jax.device_put(x, sharding)
+        x = LazyArray.of(x)
+        return _place_lazy(x.astype(dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x,
+                           sharding)
+
+    error = None
+    try:
+        placed = jax.tree_util.tree_map(one, tree, shardings)
+    except Exception as e:  # noqa: BLE001 - a checked source shares it with the other processes first
+        error = e
+    finish_reading(tree, error)
+    return placed
+
+
+# Per-device shards larger than this are placed a slab of rows (leading-axis slices) at a time, each slab
+# at most this large or one row (one layer of a stacked leaf).
+_SLAB_BYTES = 16 << 20
+
+
+def _place_lazy(x: LazyArray, sharding) -> jax.Array:
+    """A LazyArray laid out by `sharding`, read box by box (see `place`).
+
+    A large one whose leading axis the layout does not split (every shard
+    holds all its rows) is filled in place a slab of rows at a time: the host
+    holds one slab of this process's shards, not the leaf.
+    """
+    shard_bytes = math.prod(sharding.shard_shape(x.shape)) * x.dtype.itemsize
+    if shard_bytes <= _SLAB_BYTES or x.ndim == 0 or sharding.shard_shape(x.shape)[0] != x.shape[0]:
+        return _from_boxes(x, sharding).block_until_ready()
+    rows = max(1, _SLAB_BYTES // (shard_bytes // x.shape[0]))
+    out = _zeros(sharding, x.shape, x.dtype)()
+    set_rows = _rows_setter(sharding)
+    for start in range(0, x.shape[0], rows):
+        # Each slab lands before the next is read: asynchronous dispatch would otherwise keep them all in flight.
+        out = set_rows(out, _from_boxes(x.rows(start, min(start + rows, x.shape[0])), sharding), start)
+        out.block_until_ready()
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros(sharding, shape: tuple[int, ...], dtype):
+    """A compiled function that allocates zeros of `shape` laid out by `sharding` (filled in place by slabs)."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_setter(sharding):
+    """A compiled function (whole, slab, start) -> whole with rows start.. replaced by slab, in place (donated)."""
+    return jax.jit(lambda whole, slab, start: jax.lax.dynamic_update_slice_in_dim(whole, slab, start, axis=0),
+                   donate_argnums=0, out_shardings=sharding)
+
+
+def _from_boxes(x: LazyArray, sharding) -> jax.Array:
+    """A LazyArray laid out by `sharding`: each distinct box this process's devices hold is read once.
+
+    A box counts for its source's checks (`primary`) in the process of the
+    first device, over all processes, that holds it: each element is counted
+    exactly once however the layout replicates it.
+    """
+    def key(index) -> tuple[tuple[int, int], ...]:
+        return tuple(s.indices(n)[:2] for s, n in zip(index, x.shape))
+
+    first_holder: dict[Any, Any] = {}
+    for device, index in sharding.devices_indices_map(x.shape).items():
+        first_holder.setdefault(key(index), device)
+    blocks: dict[Any, np.ndarray] = {}
+    shards = []
+    for device, index in sharding.addressable_devices_indices_map(x.shape).items():
+        k = key(index)
+        if k not in blocks:
+            box = tuple(slice(start, stop) for start, stop in k)
+            blocks[k] = x.read(box, primary=first_holder[k].process_index == jax.process_index())
+        shards.append(jax.device_put(blocks[k], device))
+    return jax.make_array_from_single_device_arrays(x.shape, sharding, shards)
+
+
+def per_device_bytes(abstract, shardings) -> int:
+    """Bytes one device holds for a tree of arrays laid out by `shardings` (int4: two values to a byte)."""
+    total = 0
+    for leaf, sharding in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(shardings)):
+        shard_shape = sharding.shard_shape(leaf.shape)
+        dtype = np.dtype(leaf.dtype)
+        bits = jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else 8 * dtype.itemsize
+        total += -(-int(np.prod(shard_shape, dtype=np.int64)) * bits // 8)
+    return total

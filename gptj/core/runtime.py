@@ -1,0 +1,107 @@
+"""Process start-up shared by every mode: a quiet console, joining the other hosts, quieting all but process 0."""
+
+from __future__ import annotations
+
+import logging as pylogging
+import os
+import threading
+
+import jax
+from absl import logging
+from gptj.errors import DistributedInitError
+
+# The gptj package (this file is gptj/core/runtime.py): records from any of its modules pass.
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _OwnLinesOnly(pylogging.Filter):
+    """Passes the records of code under `roots` at every level, everyone else's only at ERROR and above.
+
+    Libraries log dozens of INFO lines per checkpoint (Orbax), per backend
+    probe (jax) and per metric write (clu); a user wants the run's own
+    progress, validation, checkpoint and error lines.
+    """
+
+    def __init__(self, roots: tuple[str, ...]):
+        super().__init__()
+        self.roots = roots
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.ERROR or os.path.abspath(record.pathname).startswith(self.roots)
+
+
+def configure_console(verbosity: int = 0) -> None:
+    """Keeps the console to gptj's own lines unless `verbosity` >= 1 (absl's --verbosity flag).
+
+    Quiet mode drops other libraries' INFO and WARNING log records and Python
+    warnings (and TensorFlow's C++ start-up chatter, when called before
+    TensorFlow is imported); errors always show.
+    """
+    if verbosity >= 1:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _OwnLinesOnly) for f in handler.filters):
+        handler.addFilter(_OwnLinesOnly((_PACKAGE_DIR,)))
+    pylogging.captureWarnings(True)  # warnings become records of the 'py.warnings' logger, filtered above
+
+
+# jax's own initialization timeout is set this much later than ours, so ours fires first.
+_JAX_TIMEOUT_MARGIN_S = 30
+
+
+def _give_up(message: str) -> None:
+    """Ends a process stuck joining the run: one line on stderr, exit status 1 (from a watchdog thread)."""
+    os.write(2, f"error: {message}\n".encode())
+    os._exit(1)
+
+
+def _cluster_detected() -> bool:
+    """True when the environment describes a multi-host job that jax can join on its own."""
+    markers = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE")
+    if os.environ.get("SLURM_NTASKS", "1") == "1" and not any(os.environ.get(m) for m in markers[1:]):
+        return False
+    return any(os.environ.get(m) for m in markers)
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, timeout_s: int = 300) -> None:
+    """Joins a multi-host run when one is described, then limits logging to process 0.
+
+    Explicit flags (coordinator, process count and id) win; otherwise a cluster
+    that jax recognises (TPU pod, SLURM, Open MPI) is joined automatically; a
+    plain single-process run does nothing. CPU processes use gloo collectives.
+    """
+    explicit = coordinator_address is not None or num_processes is not None or process_id is not None
+    if explicit:
+        missing = [n for n, v in (("coordinator_address", coordinator_address), ("num_processes", num_processes),
+                                  ("process_id", process_id)) if v is None]
+        if missing:
+            raise DistributedInitError(f"an explicit multi-host launch needs all of --coordinator_address, "
+                                       f"--num_processes and --process_id; missing {missing}")
+    if explicit or _cluster_detected():
+        if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        where = coordinator_address or "the cluster's coordinator"
+        failure = (f"could not join the multi-host run at {where} within {timeout_s}s "
+                   f"(process {process_id} of {num_processes})")
+        # When the coordinator never answers (or a process never starts), jax's runtime
+        # aborts the process from C++ with a stack trace. A watchdog that fires first
+        # turns that into one line and exit status 1, like every other user error.
+        watchdog = threading.Timer(timeout_s, _give_up, args=(
+            f"{failure}: the coordinator did not answer or not every process started; check that all "
+            "processes run with the same --coordinator_address and --num_processes",))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                       process_id=process_id, initialization_timeout=timeout_s + _JAX_TIMEOUT_MARGIN_S)
+        except Exception as e:  # the runtime raises several unrelated types for the same failures
+            raise DistributedInitError(f"{failure}: {e}") from e
+        finally:
+            watchdog.cancel()
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.WARNING)
+    devices = jax.devices()
+    logging.info("devices: %d x %s (%s) over %d process(es)", len(devices), devices[0].platform,
+                 devices[0].device_kind, jax.process_count())

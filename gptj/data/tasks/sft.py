@@ -1,0 +1,172 @@
+"""Prompt/completion pairs for instruction tuning: JSON lines -> token records with a loss mask.
+
+Input: .jsonl / .json files (optionally .gz / .zst), one JSON object per line
+with string fields "prompt" and "completion" (other keys are ignored, blank
+lines skipped).
+
+Each example is tokens(prompt) + tokens(completion) + EOS, the prompt and the
+completion tokenized separately (as `--mode=sample` tokenizes a prompt, so the
+boundary the model learns is the one it sees when sampling). Records hold
+`seq_len + 1` tokens like every gptj task, with a second feature:
+
+    {"text": int32 [seq_len + 1], "loss_mask": int32 [seq_len + 1]}
+
+`loss_mask` is 1 on completion tokens and the EOS, 0 on prompt tokens and
+padding; `gptj.data.pipeline` gives the model `loss_mask[1:]`, so the loss counts
+exactly the predictions of completion tokens and of the EOS.
+
+Layouts (`pack`, config.data.sft_pack):
+- padded (default): one example per record, starting at position 0 (where
+  sampling puts a prompt), right-padded with token 0, mask 0;
+- packed: examples joined back to back and cut into full records, masks
+  travelling with their tokens (the tail shorter than a record is dropped,
+  a different one each epoch when shuffled). Fewer wasted tokens, but an
+  example may straddle two records and attends to the ones before it.
+
+Too long: an example longer than a record keeps its completion and EOS and
+the end of its prompt (the prompt is cut from the left: the words nearest the
+completion matter most). If the completion and EOS alone exceed `seq_len`
+tokens, leaving no prompt token to predict the completion from, the example is
+skipped. The same rule holds in both layouts; cuts and skips are counted and
+logged once per task as a warning naming the first skipped row.
+An empty prompt is allowed (plain continuation training); in the padded
+layout its first completion token then has nothing before it and is no target.
+
+Bad input is a one-line `DataError` naming the file and row (the line
+number): a row that is not JSON, lacks "prompt" or "completion", holds a
+non-string there, or has an empty completion (it would only teach the model
+to stop at once: almost always a broken export). A missing file or a pattern
+matching nothing fails when the task is registered.
+
+As in `gptj.data.tasks.text`, every host reads and lays out the same stream (same
+files, same seed) and keeps every host-count-th record, so the hosts' records
+partition the single-host set.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator, Sequence
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from gptj.data.tasks.files import ERROR_TAG, expand_patterns, read_json_rows, text_format
+from gptj.errors import DataError
+
+TEXT = "text"
+MASK = "loss_mask"
+FIELDS = ("prompt", "completion")
+# Examples held for shuffling before they are laid out (the task shuffles records too).
+EXAMPLE_SHUFFLE_BUFFER = 1024
+
+
+def encode_example(prompt_ids: Sequence[int], completion_ids: Sequence[int], eos_id: int,
+                   seq_len: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(tokens, mask) int32 of one example cut to at most `seq_len + 1` tokens, or None to skip it.
+
+    tokens = prompt + completion + EOS, mask 1 on completion and EOS; a long
+    prompt loses tokens from its left; None when completion + EOS is longer
+    than `seq_len` (see the module docstring).
+    """
+    target = [*completion_ids, eos_id]
+    if len(target) > seq_len:
+        return None
+    prompt = list(prompt_ids)[max(0, len(prompt_ids) - (seq_len + 1 - len(target))):]
+    tokens = np.asarray(prompt + target, np.int32)
+    mask = np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(target), np.int32)])
+    return tokens, mask
+
+
+class SFTSource(seqio.DataSource):
+    """Prompt/completion JSON-lines files as {"text", "loss_mask"} records of `seq_len + 1` tokens,
+    padded (one example per record) or packed; one split; hosts split the records."""
+
+    def __init__(self, files: Sequence[str], vocabulary, seq_len: int, pack: bool = False,
+                 split: str = "train"):
+        super().__init__(splits=(split,), caching_permitted=False)
+        self.files = list(files)
+        self.vocabulary = vocabulary
+        self.seq_len = int(seq_len)
+        self.pack = bool(pack)
+        self._reported = False
+
+    @property
+    def supports_arbitrary_sharding(self) -> bool:
+        return True
+
+    def list_shards(self, split: str) -> Sequence[str]:
+        return [split]
+
+    def examples(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(tokens, mask) of every example in file order, cut or skipped by the length rule.
+
+        Raises `DataError` naming the file and row on bad input.
+        """
+        eos = self.vocabulary.eos_id
+        total = cut = skipped = 0
+        first_skipped = ""
+        for path in self.files:
+            for row, (prompt, completion) in read_json_rows(path, FIELDS):
+                if not completion:
+                    raise DataError(f"{path}: row {row}: field 'completion' is empty")
+                prompt_ids = self.vocabulary.encode(prompt)
+                example = encode_example(prompt_ids, self.vocabulary.encode(completion), eos, self.seq_len)
+                total += 1
+                if example is None:
+                    skipped += 1
+                    first_skipped = first_skipped or f" (first: {path} row {row})"
+                    continue
+                tokens, mask = example
+                cut += int(len(tokens) - int(mask.sum()) < len(prompt_ids))
+                yield tokens, mask
+        if (cut or skipped) and not self._reported:
+            # Once per task: every epoch (and every host) reads the same rows again.
+            self._reported = True
+            logging.warning("prompt/completion data %s: of %d examples, %d had their prompt cut from the left and "
+                            "%d were skipped because completion + EOS is longer than seq_len=%d tokens%s",
+                            ",".join(self.files), total, cut, skipped, self.seq_len, first_skipped)
+
+    def _tagged_examples(self):
+        try:
+            yield from self.examples()
+        except DataError as e:
+            # Re-raised inside tf.data; the tag lets the iterator recover this line.
+            raise DataError(ERROR_TAG + str(e)) from None
+
+    def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None, shard_info=None,
+                    *, sequence_length=None, use_cached: bool = False, num_epochs: int | None = 1) -> tf.data.Dataset:
+        """One pass over the records (this host's share under `shard_info`), examples shuffled with
+        the seed before layout when asked."""
+        del split, sequence_length, use_cached, num_epochs  # one split; records are laid out at seq_len; seqio repeats
+        length = self.seq_len + 1
+        spec = tf.TensorSpec([None], tf.int32)
+        examples = tf.data.Dataset.from_generator(self._tagged_examples, output_signature=(spec, spec))
+        if shuffle:
+            examples = examples.shuffle(EXAMPLE_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=False)
+        if self.pack:
+            records = examples.unbatch().batch(length, drop_remainder=True)
+        else:
+            def pad(tokens, mask):
+                padding = [[0, length - tf.shape(tokens)[0]]]
+                return tf.pad(tokens, padding), tf.pad(mask, padding)
+            records = examples.map(pad)
+        records = records.map(lambda t, m: {TEXT: tf.ensure_shape(t, [length]), MASK: tf.ensure_shape(m, [length])})
+        if shard_info and shard_info.num_shards > 1:
+            records = records.shard(shard_info.num_shards, shard_info.index)
+        return records
+
+
+def sft_files_source(pattern: str | Sequence[str], vocabulary, seq_len: int, pack: bool = False) -> SFTSource:
+    """An `SFTSource` over the .jsonl / .json (.gz / .zst) files the glob(s) name (one split, "train")."""
+    files = expand_patterns(pattern, what="prompt/completion")
+    for path in files:
+        try:
+            fmt = text_format(path)
+        except DataError:  # its message offers .txt, which this task does not read
+            fmt = None
+        if fmt != "jsonl":
+            raise DataError(f"{path}: prompt/completion data must be JSON lines (.jsonl or .json, "
+                            "optionally .gz or .zst)")
+    return SFTSource(files, vocabulary, seq_len, pack)

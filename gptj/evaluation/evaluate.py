@@ -1,0 +1,94 @@
+"""`python main.py --mode=eval`: validation loss and perplexity, then lm-evaluation-harness tasks.
+
+Validation runs through the Trainer's own eval step (`Trainer.evaluate`, what
+the training loop's EvalHook calls), so `--mode=eval` on a checkpoint reports
+exactly the number training logged for it. The harness tasks run through
+`gptj.evaluation.harness.GPTJLM`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+from absl import logging
+
+from gptj.evaluation import harness as eval_harness
+from gptj.evaluation import harness_tasks as eval_tasks
+from gptj import recipe
+from gptj.errors import EvalError
+from gptj.model.transformer import GPTJConfig
+from gptj.core.partitioning import Partitioner
+from gptj.weights.source import has_own_weights, load_for_inference
+
+
+def validation_metrics(config, params, model_config: GPTJConfig, partitioner: Partitioner) -> dict[str, dict]:
+    """Loss, perplexity and next-token accuracy on each of `config.data.val_tasks`.
+
+    Reads at most `config.train.val_batches` batches of `config.train.batch_size`
+    rows per set (gptj.data.pipeline.build_eval_iterators). Collective: every host calls it.
+    """
+    names = [n for n in config.data.val_tasks if n]
+    if not names:
+        return {}
+    from gptj.data import pipeline as data
+    from gptj.data import tasks
+
+    if int(config.data.seq_len) > model_config.max_len:
+        raise EvalError(f"validation sequences of data.seq_len={config.data.seq_len} tokens exceed the model's "
+                        f"context of {model_config.max_len}; pass --config.data.seq_len={model_config.max_len} "
+                        "(or less)")
+    # Register only the validation sets: an eval run need not have the training data.
+    eval_only = config.copy_and_resolve_references()
+    with eval_only.unlocked():
+        eval_only.data.train_task = ""
+    tasks.register_tasks_for_config(eval_only)
+    trainer = recipe.build_trainer(eval_only, model_config, partitioner)
+    results = {}
+    for name, make_iterator in data.build_eval_iterators(eval_only, partitioner).items():
+        summary = trainer.evaluate(params, make_iterator())
+        results[name] = {k: v for k, v in summary.items() if k not in ("z_loss", "batches", "weight")}
+        results[name]["tokens"] = int(summary["weight"])
+        logging.info("validation %s: loss %.4f perplexity %.3f (%d tokens)", name, results[name]["loss"],
+                     results[name]["perplexity"], results[name]["tokens"])
+    return results
+
+
+def evaluate(config, workdir: str) -> dict[str, Any]:
+    """Validation loss/perplexity, then the harness tasks, on the workdir's weights (else `init_from`).
+
+    Harness tasks are resolved and their data found before any weights are
+    read, so a wrong name or missing data fails in seconds with an EvalError
+    whose message is one paragraph (main.py prints it, not a traceback).
+    Process 0 writes `workdir/eval/results_<UTC time>.json` (harness results
+    plus a "validation" section) and prints the harness's table. Returns
+    `{"validation": {...}, "harness": {...}}`.
+    """
+    names = list(config.eval.harness_tasks)
+    include_path = str(config.eval.include_path or "")
+    loaded = eval_tasks.load_tasks(names, include_path) if names else None
+    if not has_own_weights(workdir) and not config.get("init_from"):
+        raise EvalError(f"nothing to evaluate: {workdir} holds no checkpoint and config.init_from is empty "
+                        "(pass --config.init_from=hf:PATH, mtj:PATH or a params directory)")
+    partitioner = Partitioner.from_config(config.mesh)
+    params, model_config = load_for_inference(config, workdir, partitioner)
+    started = time.time()
+    validation = validation_metrics(config, params, model_config, partitioner)
+    harness: dict[str, Any] = {}
+    if loaded is not None:
+        lm = eval_harness.GPTJLM(params, model_config, partitioner, eval_harness.get_tokenizer(),
+                                 batch_size=int(config.eval.batch_size))
+        harness = eval_tasks.run_tasks(
+            lm, names, include_path=include_path, loaded=loaded, num_fewshot=int(config.eval.num_fewshot),
+            limit=int(config.eval.limit), bootstrap_iters=int(config.eval.get("bootstrap_iters", 100000)),
+            log_samples=bool(config.eval.get("log_samples", False)))
+    if jax.process_index() == 0:
+        if harness:
+            from lm_eval.utils import make_table
+
+            print(make_table(harness), flush=True)
+        record = dict(harness, validation=validation, eval_seconds=round(time.time() - started, 3))
+        eval_tasks.write_results(record, os.path.join(workdir, "eval"))
+    return {"validation": validation, "harness": harness}

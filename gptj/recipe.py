@@ -1,0 +1,262 @@
+"""The GPT-J language-model recipe: a run config bound to the generic Trainer.
+
+What `--mode=train` (gptj.train), `--mode=eval` (gptj.evaluation) and
+`--mode=plan` (gptj.plan) build the same way:
+
+- the model config: the resumed workdir's, else that of the weights
+  `init_from` names (`gptj.weights.source`), else `config.model`; the run keeps
+  its runtime fields (dtype, remat, ...) (`resolve_model_config`);
+- the LoRA adapters: `config.lora`, or the PEFT adapter `lora.init_from`
+  names (`resolve_lora`);
+- the Trainer: the GPT-J module, the next-token loss (fused with the output
+  head, optional z-loss) and the reference's optimizer (`build_trainer`);
+- the first train state from `init_from` (`initial_state`), or, for LoRA and
+  `train.trainable`, the frozen base read in `lora.base_dtype` and handed to
+  the Trainer as its frozen tree (`load_frozen_base`, `adapted_initial_state`);
+- the plain parameters inference would load (`inference_params`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import os
+from typing import Any, Callable, Iterable
+
+import jax
+from absl import logging
+
+from gptj.core import checkpoint as ckpt_lib
+from gptj.model import lora as lora_lib
+from gptj.core import losses
+from gptj.core import optimizer as optimizer_lib
+from gptj.errors import ConfigError
+from gptj.core.driver import RunSchedule, train_in_workdir
+from gptj.model.transformer import (GPTJ, GPTJConfig, HeadInputs, LoraConfig, count_params, output_logits, resolve_dtype,
+                        train_flops_per_token)
+from gptj.core.partitioning import Partitioner, place
+from gptj.core.param_tree import merge_params, param_paths, path_matcher, select_params
+from gptj.core.trainer import Trainer
+from gptj.errors import TrainableError
+from gptj.weights.spec import peft_adapter_dir
+from gptj.weights.source import BASE_WEIGHTS_KEY, RUNTIME_FIELDS, Weights, fingerprint, open_weights, with_runtime
+
+# Resuming keeps the checkpoint's master-weight dtype (its optimizer state was saved in it).
+RESUME_FIELDS = tuple(f for f in RUNTIME_FIELDS if f != "param_dtype")
+
+
+def run_model_config(config) -> GPTJConfig:
+    """The model section of a run config as a GPTJConfig."""
+    return GPTJConfig.from_dict(config.model.to_dict())
+
+
+def open_init_weights(config) -> Weights:
+    """The weights `config.init_from` names, opened (model config read; arrays not yet)."""
+    return open_weights(config.init_from, int(config.model.vocab_pad_multiple))
+
+
+def resolve_model_config(config, workdir: str | None = None, explicit_model_fields: Iterable[str] = (),
+                         init_weights: Weights | None = None) -> GPTJConfig:
+    """The model to train: the resumed workdir's, else the init_from weights', else config.model (see module doc)."""
+    run = run_model_config(config)
+    if workdir and ckpt_lib.latest_step(workdir) is not None:
+        return with_runtime(run, open_weights(workdir), explicit_model_fields, keep=RESUME_FIELDS)
+    if init_weights is not None:
+        return with_runtime(run, init_weights, explicit_model_fields)
+    return run
+
+
+def resolved_config(config, model: GPTJConfig, lora: LoraConfig | None = None):
+    """A copy of the run config whose model section is `model` (and lora section's shape `lora`'s)."""
+    resolved = copy.deepcopy(config)
+    with resolved.unlocked():
+        resolved.model.update(model.to_dict())
+        if lora is not None:
+            resolved.lora.update(dict(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets)))
+    return resolved
+
+
+def run_lora(config) -> LoraConfig | None:
+    """The run's LoRA adapters (None: no LoRA) as `config.lora` says; no file is read."""
+    lora = LoraConfig.from_dict(config.lora.to_dict())
+    return lora if lora.rank > 0 else None
+
+
+def resolve_lora(config) -> LoraConfig | None:
+    """The run's LoRA adapters, the PEFT adapter's shape (rank, alpha, targets) when `lora.init_from` names one.
+
+    The adapter's shape wins over the config's (a warning names what differs);
+    dropout is a training choice and stays the config's.
+    """
+    lora = run_lora(config)
+    if not config.lora.init_from:
+        return lora
+    from gptj.weights.formats.peft import read_peft_config
+
+    adapter = read_peft_config(peft_adapter_dir(config.lora.init_from))
+    adapter = dataclasses.replace(adapter, dropout=float(config.lora.dropout))
+    if lora is not None and lora != adapter:
+        logging.warning("lora.init_from=%s has rank %d, alpha %g, targets %s: they replace the config's "
+                        "(rank %d, alpha %g, targets %s)", config.lora.init_from, adapter.rank, adapter.alpha,
+                        list(adapter.targets), lora.rank, lora.alpha, list(lora.targets))
+    return adapter
+
+
+def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Trainer:
+    """The Trainer for a GPT-J model under `config`'s optimizer, train and LoRA settings.
+
+    With LoRA or `train.trainable`, the Trainer freezes the other parameters
+    (LoRA: kept in `lora.base_dtype`); a pattern that trains nothing, or no
+    adapter of a LoRA run, is a ConfigError naming the parameter paths.
+
+    With `train.loss_chunk_tokens` > 0 the model returns its head's inputs
+    and the loss applies the head chunk by chunk (`losses.fused_next_token_loss`,
+    see `head_loss_fns`); with 0 it returns the full logits and the loss is
+    `losses.next_token_loss` over them.
+    """
+    from gptj.data.pipeline import train_batch_spec
+
+    optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer.to_dict())
+    z_loss = float(config.train.z_loss)
+    chunk_tokens = int(config.train.loss_chunk_tokens)
+    if chunk_tokens < 0:
+        raise ConfigError(f"train.loss_chunk_tokens must be >= 0 (0: the full-logits loss), got {chunk_tokens}")
+    if chunk_tokens:
+        vocab_chunk = loss_vocab_chunk(int(config.train.loss_chunk_vocab), partitioner)
+        loss_fn, eval_loss_fn = head_loss_fns(model, chunk_tokens, vocab_chunk, z_loss)
+    else:
+        loss_fn = lambda logits, batch: losses.next_token_loss(logits, batch, z_loss, accuracy=False)  # noqa: E731
+        eval_loss_fn = lambda logits, batch: losses.next_token_loss(logits, batch, z_loss)  # noqa: E731
+    lora = run_lora(config)
+    trainable = lora_lib.trainable_pattern(str(config.train.trainable), lora)
+    trainer = Trainer(
+        GPTJ(model, lora=lora, head_inputs=bool(chunk_tokens)), loss_fn, optimizer, partitioner,
+        train_batch_spec(config), microbatches=int(config.train.microbatches), summarize=losses.summarize,
+        lr_schedule=schedule, on_nonfinite=config.train.on_nonfinite, seed=int(config.train.seed),
+        eval_loss_fn=eval_loss_fn, rng_streams=("dropout",) if lora is not None and lora.dropout > 0 else (),
+        trainable=trainable, frozen_dtype=config.lora.base_dtype if lora is not None else None)
+    try:
+        trained = param_paths(trainer.abstract_state["params"])
+    except TrainableError as e:
+        raise ConfigError(f"train.trainable: {e}") from None
+    if lora is not None and not any(lora_lib.is_adapter(p) for p in trained):
+        raise ConfigError(f"train.trainable={trainable!r} trains no LoRA adapter (it trains {trained}); "
+                          f"include {lora_lib.ADAPTER_PATTERN!r}")
+    return trainer
+
+
+# Vocabulary entries per chunk of the fused loss on a CPU, when train.loss_chunk_vocab is -1 (auto): one
+# chunk's fp32 logits, LOSS_CHUNK_LOGITS_BYTES at most, then stay in cache (see benchmarks/train_kernels.py).
+LOSS_CHUNK_LOGITS_BYTES = 4 << 20
+
+
+def loss_vocab_chunk(requested: int, partitioner: Partitioner, backend: str | None = None) -> int:
+    """Vocabulary entries per chunk of the fused loss (0: the whole vocabulary at once).
+
+    `requested` is train.loss_chunk_vocab: >= 0 is taken as given; -1 (auto)
+    chunks the vocabulary only on a CPU, where it keeps each chunk's
+    element-wise work in cache, and only where the vocabulary axis is not
+    split over devices (slicing a sharded axis would serialise them); it
+    stays -1 then, for `head_loss_fns` to size once the batch shape is known.
+    """
+    import jax
+
+    if requested < -1:
+        raise ConfigError(f"train.loss_chunk_vocab must be -1 (auto), 0 (whole vocabulary) or positive, "
+                          f"got {requested}")
+    if requested >= 0:
+        return requested
+    vocab_split = partitioner.axis_size(dict(reversed(partitioner.rules)).get("act_vocab"))
+    return -1 if (backend or jax.default_backend()) == "cpu" and vocab_split == 1 else 0
+
+
+def head_loss_fns(model: GPTJConfig, chunk_tokens: int, vocab_chunk: int, z_loss: float):
+    """(train loss, eval loss) over `HeadInputs`: the fused, chunked head + cross-entropy (eval also counts accuracy).
+
+    vocab_chunk -1 sizes the vocabulary chunk so that one chunk's fp32 logits
+    (its tokens x vocabulary entries) take LOSS_CHUNK_LOGITS_BYTES at most.
+    """
+    def logits_fn(hidden, kernel, bias, first_id):
+        return output_logits(hidden, kernel, bias, model, first_id)
+
+    def loss(head: HeadInputs, batch, accuracy: bool):
+        width = vocab_chunk
+        if width < 0:
+            rows, length = batch["targets"].shape
+            tokens = min(chunk_tokens, rows * length)
+            width = max(1, LOSS_CHUNK_LOGITS_BYTES // (4 * tokens))
+        return losses.fused_next_token_loss(head.hidden, head.kernel, head.bias, batch, logits_fn,
+                                            chunk_tokens=chunk_tokens, vocab_chunk=width, z_loss=z_loss,
+                                            accuracy=accuracy)
+
+    return (lambda head, batch: loss(head, batch, False)), (lambda head, batch: loss(head, batch, True))
+
+
+def build_trainer_for_plan(config, partitioner: Partitioner) -> Trainer:
+    """The Trainer `train_and_evaluate` would build, without reading any weights (for --mode=plan).
+
+    The model config follows init_from's config.json for gptj and hf weights
+    (and the reference config for mtj).
+    """
+    init_weights = open_init_weights(config) if config.init_from else None
+    config = resolved_config(config, resolve_model_config(config, init_weights=init_weights), resolve_lora(config))
+    return build_trainer(config, run_model_config(config), partitioner)
+
+
+def initial_state(trainer: Trainer, model: GPTJConfig, weights: Weights, fresh_optimizer: bool):
+    """The train state `init_from` gives: params (+ optimizer and step from a gptj workdir unless fresh_optimizer)."""
+    resumable = weights.kind == "gptj" and weights.adapted is None
+    if resumable and not fresh_optimizer and ckpt_lib.latest_step(weights.path) is not None:
+        state, _ = ckpt_lib.Checkpointer(weights.path, read_only=True).restore(trainer.abstract_state)
+        logging.info("init_from %s: params, optimizer state and step %d", weights.path, int(state["step"]))
+        return state
+    params = weights.place(trainer.state_shardings["params"], dtype=model.param_dtype)
+    logging.info("init_from %s: params with a fresh optimizer at step 0", weights.spec)
+    return trainer.state_from_params(params)
+
+
+@dataclasses.dataclass
+class FrozenBase:
+    """The base weights of a LoRA / train.trainable run, read and split: what the Trainer keeps frozen is set."""
+
+    trainable: Any  # the base's values of parameters that train (fp32), for a fresh start
+    identity: dict  # what config.json records under BASE_WEIGHTS_KEY
+
+
+def load_frozen_base(trainer: Trainer, model: GPTJConfig, weights: Weights, base_dtype: str) -> FrozenBase:
+    """Reads the base weights onto the mesh in `base_dtype`, gives the frozen ones to `trainer`, fingerprints them."""
+    shardings = lora_lib.split_adapters(merge_params(trainer.state_shardings["params"], trainer.frozen_shardings))[0]
+    base = weights.place(shardings, dtype=base_dtype)
+    identity = {"spec": weights.spec, "fingerprint": fingerprint(base), "trained": trainer.trainable}
+    trainable, frozen = select_params(base, path_matcher(trainer.trainable))
+    trainer.set_frozen(frozen)
+    # Parameters that train keep fp32 master copies (they were read in base_dtype with the rest).
+    trainable = jax.tree_util.tree_map(lambda x: x.astype(resolve_dtype(model.param_dtype)), trainable)
+    logging.info("frozen base %s (fingerprint %s): training %s", weights.spec, identity["fingerprint"],
+                 param_paths(trainer.abstract_state["params"]))
+    return FrozenBase(trainable, identity)
+
+
+def adapted_initial_state(trainer: Trainer, model: GPTJConfig, base: FrozenBase, config):
+    """The first state of a run over a frozen base: fresh adapters (or lora.init_from's), the base's trained values."""
+    params = merge_params(trainer.init_params(int(config.train.seed)), base.trainable)
+    base.trainable = {}  # handed to the state, not kept beside it for the whole run
+    if config.lora.init_from:
+        from gptj.weights.formats.peft import read_peft
+
+        adapters = read_peft(peft_adapter_dir(config.lora.init_from), model)[1]
+        shardings = lora_lib.split_adapters(trainer.state_shardings["params"])[1]
+        params = merge_params(params, place(adapters, shardings))
+        logging.info("adapters from %s", config.lora.init_from)
+    return trainer.state_from_params(params)
+
+
+def inference_params(trainer: Trainer, lora: LoraConfig | None, state):
+    """The plain parameter tree of `state` that inference would load from its workdir.
+
+    The frozen base joined to what trains, LoRA adapters merged into their
+    kernels (a new copy of the adapted kernels; the state is untouched).
+    """
+    params = merge_params(trainer.frozen, state["params"]) if trainer.freezes else state["params"]
+    return lora_lib.merge(params, lora) if lora else params
