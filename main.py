@@ -49,14 +49,6 @@ flags.DEFINE_integer("context_len", None, "--plan=serve: tokens of context per r
 flags.mark_flags_as_required(["config"])
 
 
-def _override(section, **values):
-    """Command-line flags that were given override the config section's defaults."""
-    with section.unlocked():
-        for key, value in values.items():
-            if value is not None:
-                section[key] = value
-
-
 def _config_file_and_overrides(argv):
     """(config file path, dotted override names) as written on the command line."""
     path, overrides = None, []
@@ -104,80 +96,68 @@ def _parse_flags(argv):
         sys.exit(f"error: {_unknown_override(argv) or f'bad --config override ({type(e).__name__}: {e})'}")
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors that describe bad input or a storage fault: one line and exit status 1 (--verbosity=1: the trace too)."""
-    from gptj.core.checkpoint import CheckpointError
-    from gptj.settings import ConfigError
-    from gptj.evaluation.harness_tasks import EvalError
-    from gptj.weights.params_dir import WeightsError
-    from gptj.core.partitioning import PartitioningError
-    from gptj.core.runtime import DistributedInitError
-    from gptj.data.tasks.files import DataError
-    from gptj.core.trainer import NonFiniteLossError
-
-    return (CheckpointError, ConfigError, EvalError, WeightsError, PartitioningError, DistributedInitError,
-            DataError, NonFiniteLossError)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from gptj.core import runtime
     from gptj.core.storage import quiet_storage_noise
+    from gptj.errors import GptjError
 
     runtime.configure_console(FLAGS.verbosity)  # --verbosity=1 shows every library's log lines
     if FLAGS.verbosity < 1:  # and the background threads' traces behind a storage error
         quiet_storage_noise()
     try:
         _run(FLAGS.config, FLAGS.mode)
-    except (*_user_errors(), OSError) as e:  # OSError: a file or directory the filesystem refused
+    except (GptjError, OSError) as e:  # bad input or a refused run; OSError: what the filesystem refused
         if FLAGS.verbosity >= 1:
             traceback.print_exc()
         sys.exit(f"error: {e}")
 
 
 def _run(config, mode):
-    from gptj import settings as config_validation
     from gptj.core import runtime
+    from gptj.errors import ConfigError
+    from gptj.settings import RunSettings, validate
 
     if mode not in MODES:
-        raise config_validation.ConfigError(f"unknown --mode={mode!r}; choose one of {', '.join(MODES)}")
+        raise ConfigError(f"unknown --mode={mode!r}; choose one of {', '.join(MODES)}")
     if mode != "plan" and not FLAGS.workdir:
-        raise config_validation.ConfigError("--workdir is required")
+        raise ConfigError("--workdir is required")
     runtime.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                        FLAGS.initialization_timeout)
-    # Every mode's config is checked before anything is built or compiled; train
-    # mode also checks the optimizer, batch split and data tasks.
-    config_validation.validate(config, mode, workdir=FLAGS.workdir)
+    # The mode's own flags override their config section; then the settings are checked
+    # before anything is built or compiled (train mode: also the optimizer, batch split, data tasks).
+    settings = RunSettings.from_config(config)
+    settings = settings.override("eval", num_fewshot=FLAGS.num_fewshot, limit=FLAGS.limit,
+                                 include_path=FLAGS.include_path,
+                                 harness_tasks=None if FLAGS.tasks is None else tuple(FLAGS.tasks))
+    settings = settings.override("sample", max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                                 top_p=FLAGS.top_p, top_k=FLAGS.top_k, seed=FLAGS.seed)
+    settings = settings.override("serve", host=FLAGS.host, port=FLAGS.port)
+    settings = validate(settings, mode, workdir=FLAGS.workdir)
 
     if mode == "train":
         from gptj import train
         explicit = [k.split(".", 1)[1] for k in config_flags.get_override_values(FLAGS["config"])
                     if k.startswith("model.")]
-        train.train_and_evaluate(config, FLAGS.workdir, explicit_model_fields=explicit)
+        train.train_and_evaluate(settings, FLAGS.workdir, explicit_model_fields=explicit)
     elif mode == "eval":
         from gptj.evaluation import evaluate
-        _override(config.eval, num_fewshot=FLAGS.num_fewshot, limit=FLAGS.limit, include_path=FLAGS.include_path)
-        if FLAGS.tasks is not None:
-            _override(config.eval, harness_tasks=list(FLAGS.tasks))
-        evaluate.evaluate(config, FLAGS.workdir)
+        evaluate.evaluate(settings, FLAGS.workdir)
     elif mode == "sample":
-        from gptj.inference import sampler as sampling
-        _override(config.sample, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                  top_p=FLAGS.top_p, top_k=FLAGS.top_k, seed=FLAGS.seed)
-        sampling.sample_main(config, FLAGS.workdir, prompt=FLAGS.prompt, prompt_file=FLAGS.prompt_file,
-                             output=FLAGS.output)
+        from gptj.inference import sampler
+        sampler.sample_main(settings, FLAGS.workdir, prompt=FLAGS.prompt, prompt_file=FLAGS.prompt_file,
+                            output=FLAGS.output)
     elif mode == "serve":
-        from gptj.inference import server as serve
-        _override(config.serve, host=FLAGS.host, port=FLAGS.port)
-        serve.serve(config, FLAGS.workdir)
+        from gptj.inference import server
+        server.serve(settings, FLAGS.workdir)
     elif mode == "plan":
         from gptj import plan
         if FLAGS.plan == "serve":
-            plan.print_serve_plan(config, FLAGS.batch_size or int(config.serve.max_batch_size),
-                                  FLAGS.context_len or int(config.model.max_len), FLAGS.device_memory_gib)
+            plan.print_serve_plan(settings, FLAGS.batch_size or settings.serve.max_batch_size,
+                                  FLAGS.context_len or settings.model.max_len, FLAGS.device_memory_gib)
         else:
-            plan.print_plan(config, device_memory_gib=FLAGS.device_memory_gib)
+            plan.print_plan(settings, device_memory_gib=FLAGS.device_memory_gib)
 
 
 if __name__ == "__main__":

@@ -55,11 +55,10 @@ def build_state(model: dict, mesh: str, rules: str, params_only: bool, dtype: st
     import jax
     import optax
 
-    from gptj.core import losses
-    from gptj.core import optimizer
-    from gptj.model.transformer import GPTJ, GPTJConfig, count_params
+    from gptj.core import losses, optimizer
     from gptj.core.partitioning import Partitioner, make_mesh
     from gptj.core.trainer import Trainer
+    from gptj.model.transformer import GPTJ, GPTJConfig, count_params
 
     data, tensor = (int(n) for n in mesh.split("x"))
     config = GPTJConfig(**model, dtype=dtype, param_dtype=dtype, scan_layers=True, remat_policy="none")

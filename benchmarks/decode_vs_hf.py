@@ -46,9 +46,9 @@ def build(seed: int = 0):
     import torch
     import transformers
 
-    from gptj.weights.formats.hf import hf_config_dict, read_hf
-    from gptj.model.transformer import GPTJConfig
     from gptj.inference.sampler import Sampler
+    from gptj.model.transformer import GPTJConfig
+    from gptj.weights.formats.hf import hf_config_dict, read_hf
 
     config = GPTJConfig(**BENCH_MODEL)
     torch.manual_seed(seed)

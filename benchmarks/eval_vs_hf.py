@@ -44,9 +44,10 @@ from gptj.scaling import forward_flops_per_token  # noqa: E402
 
 def _requests(count: int, tokenizer, seed: int = 0):
     """LAMBADA-shaped Instances: English context of 48..240 tokens, then ' <word>'."""
+    from pydoc_data.topics import topics
+
     import numpy as np
     from lm_eval.api.instance import Instance
-    from pydoc_data.topics import topics
 
     words = " ".join(topics[k] for k in sorted(topics)).split()
     words = [w for w in words if w.isascii() and w.isalpha()]
@@ -65,17 +66,17 @@ def _requests(count: int, tokenizer, seed: int = 0):
 
 def _build(workdir: str, batch_size: int):
     """The same random weights as a GPTJLM (one device) and as an HFLM (CPU, fp32)."""
+    import flax.linen as nn
     import jax
     import numpy as np
-    import flax.linen as nn
+    from lm_eval.models.huggingface import HFLM
     from transformers import GPT2TokenizerFast
 
-    from gptj.weights.formats.hf import write_hf
-    from gptj.evaluation.harness import GPTJLM, get_tokenizer
-    from gptj.model.transformer import GPTJ, GPTJConfig
     from gptj.core.partitioning import Partitioner, make_mesh
     from gptj.data.vocab import default_vocab_dir
-    from lm_eval.models.huggingface import HFLM
+    from gptj.evaluation.harness import GPTJLM, get_tokenizer
+    from gptj.model.transformer import GPTJ, GPTJConfig
+    from gptj.weights.formats.hf import write_hf
 
     config = GPTJConfig(**BENCH_MODEL)
     params = nn.meta.unbox(jax.jit(lambda: GPTJ(config).init(jax.random.PRNGKey(0),

@@ -56,21 +56,21 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-import flax.linen as nn  # noqa: E402
 
 from benchmarks.common import (emit_results, matmul_peak_flops, measure_matmul_flops, result, time_runs,  # noqa: E402
                                write_results)
-from gptj.core import losses
-from gptj.model import quantized as quantize
 from gptj import scaling  # noqa: E402
-from gptj.model.attention import causal_attention, einsum_attention  # noqa: E402
-from gptj.model.transformer import GPTJ, GPTJConfig, output_logits  # noqa: E402
+from gptj.core import losses
 from gptj.core.partitioning import Partitioner, make_mesh  # noqa: E402
 from gptj.inference.sampler import Sampler  # noqa: E402
+from gptj.model import quantized as quantize
+from gptj.model.attention import causal_attention, einsum_attention  # noqa: E402
+from gptj.model.transformer import GPTJ, GPTJConfig, output_logits  # noqa: E402
 
 # Shapes for --dry-run: the same code path, small enough for a CPU.
 DRY_TRAIN = GPTJConfig(vocab_size=500, vocab_pad_multiple=128, num_layers=2, d_model=64, num_heads=4, rotary_dim=8,

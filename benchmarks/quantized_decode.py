@@ -39,8 +39,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see decode_vs_hf.py
 
-from benchmarks.common import (add_common_args, cpu_description, emit_results,  # noqa: E402
-                               forward_tokens_per_s_limit, matmul_peak_flops, result)
+from benchmarks.common import (add_common_args, cpu_description, emit_results, forward_tokens_per_s_limit,  # noqa: E402
+                               matmul_peak_flops, result)
 from benchmarks.decode_vs_hf import build, interleaved  # noqa: E402
 
 # (name, bits, group size) of each gptj weight format timed; 0 bits: the model's own dtype; None: the
@@ -60,8 +60,8 @@ def quantized(params, config, bits: int, group_size: int | None):
 
 def samplers(fp32):
     """{format name: Sampler} over the weights of the fp32 Sampler `fp32` (bf16: cast; int8, int4: quantized)."""
-    from gptj.weights.params_dir import to_numpy
     from gptj.inference.sampler import Sampler
+    from gptj.weights.params_dir import to_numpy
 
     params, config = to_numpy(fp32.params), fp32.config
     out = {}
@@ -166,10 +166,10 @@ def quality_rows() -> list[dict]:
     """Validation perplexity (the Trainer's eval step, as --mode=eval) and greedy agreement of int8 / int4 vs fp32."""
     import numpy as np
 
-    from gptj.weights import params_dir as params_io
     from gptj import recipe
-    from gptj.inference.sampler import Sampler
     from gptj.data.tasks.demo import demo_byte_batches
+    from gptj.inference.sampler import Sampler
+    from gptj.weights import params_dir as params_io
 
     config, partitioner, trained = train_quality_model()
     model = recipe.run_model_config(config)

@@ -243,8 +243,8 @@ def bench_weights(folder: str, seed: int = 0) -> str:
     import torch
     import transformers
 
-    from gptj.weights.formats.hf import hf_config_dict
     from gptj.model.transformer import GPTJConfig
+    from gptj.weights.formats.hf import hf_config_dict
 
     config = GPTJConfig(**BENCH_MODEL)
     torch.manual_seed(seed)

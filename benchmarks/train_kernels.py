@@ -131,10 +131,10 @@ def bench_loss(lengths, trials: int, peak: float) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from gptj.core import losses
     from gptj import recipe
-    from gptj.model.transformer import GPTJConfig, HeadInputs, output_logits
+    from gptj.core import losses
     from gptj.core.partitioning import Partitioner, make_mesh
+    from gptj.model.transformer import GPTJConfig, HeadInputs, output_logits
 
     config = GPTJConfig(vocab_size=VOCAB, num_layers=1, d_model=D_MODEL, num_heads=HEADS, rotary_dim=32)
     partitioner = Partitioner(make_mesh(1, 1, devices=jax.devices()[:1]), "megatron")

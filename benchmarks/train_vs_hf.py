@@ -141,8 +141,8 @@ def gptj_worker(conn, weights_path: str, seq_len: int, batch: int, runs: int) ->
 
     from gptj import recipe
     from gptj.configs import base
-    from gptj.weights.formats.hf import read_hf
     from gptj.core.partitioning import Partitioner, make_mesh
+    from gptj.weights.formats.hf import read_hf
 
     config = bench_config(seq_len)
     run = base.get_config()

@@ -77,9 +77,8 @@ def write_random_checkpoint(out_dir: str, shape: dict, seed: int = 0, max_shard_
     """A random HF GPT-J checkpoint (fp32 safetensors + config.json) written a tensor at a time; returns its bytes."""
     import numpy as np
 
-    from gptj.weights.formats import hf
-    from gptj.weights.formats import hf_files
     from gptj.model.transformer import GPTJConfig
+    from gptj.weights.formats import hf, hf_files
 
     config = GPTJConfig(vocab_size=shape["vocab_size"], num_layers=shape["n_layer"], d_model=shape["n_embd"],
                         num_heads=shape["n_head"], rotary_dim=shape["rotary_dim"],

@@ -41,13 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from gptj.model import quantized as quantize
 from gptj import recipe
-from gptj.errors import ConfigError
-from gptj.model.transformer import (GPTJ, GPTJConfig, abstract_params, cache_logical_axes, count_params, init_cache,
-                        output_logits)
 from gptj.core.partitioning import Partitioner, make_mesh, per_device_bytes
-from gptj.errors import PartitioningError
+from gptj.errors import ConfigError, PartitioningError
+from gptj.model import quantized as quantize
+from gptj.model.transformer import (GPTJ, GPTJConfig, abstract_params, cache_logical_axes, count_params, init_cache,
+                                    output_logits)
+from gptj.settings import RunSettings
 from gptj.weights.source import open_weights, param_shardings, with_runtime
 
 GIB = 2**30
@@ -105,11 +105,11 @@ def _device_memory(device_memory_gib: float | None) -> int | None:
 
 def _partitioner(mesh_config) -> Partitioner:
     """The config's mesh and rule set; sizes given in full use the first data x model devices."""
-    data, model = int(mesh_config.data), int(mesh_config.model)
+    data, model = mesh_config.data, mesh_config.model
     devices = jax.devices()
     if data > 0 and model > 0 and data * model < len(devices):
         devices = devices[:data * model]
-    return Partitioner(make_mesh(data, model, devices=devices), str(mesh_config.rules))
+    return Partitioner(make_mesh(data, model, devices=devices), mesh_config.rules)
 
 
 def _planning_partitioner(mesh_config) -> Partitioner:
@@ -137,10 +137,11 @@ def _cpu_options(partitioner: Partitioner) -> dict | None:
 
 
 def make_plan(config, device_memory_gib: float | None = None) -> Plan:
-    """Compiles `config`'s train step on abstract inputs and measures what one device holds."""
+    """Compiles the train step of `config` (a ConfigDict or RunSettings) on abstract inputs; what one device holds."""
+    settings = RunSettings.from_config(config)
     device_memory = _device_memory(device_memory_gib)
-    partitioner = _planning_partitioner(config.mesh)
-    trainer = recipe.build_trainer_for_plan(config, partitioner)
+    partitioner = _planning_partitioner(settings.mesh)
+    trainer = recipe.build_trainer_for_plan(settings, partitioner)
     abstract, frozen = trainer.abstract_state, trainer.abstract_frozen
     n, n_frozen = count_params(abstract["params"]), count_params(frozen)
     weight_bytes = np.dtype(jax.tree_util.tree_leaves(abstract["params"])[0].dtype).itemsize
@@ -182,7 +183,7 @@ def ways_out(plan: Plan, config) -> list[str]:
                     "train.batch_size a multiple of the data-parallel size")
     if config.model.remat_policy != "full":
         ways.append("rematerialise every layer: --config.model.remat_policy=full")
-    if int(config.train.batch_size) // int(config.train.microbatches) > 1:
+    if config.train.batch_size // config.train.microbatches > 1:
         ways.append("smaller microbatches: raise --config.train.microbatches (same batch, less activation memory)")
     if not ways:
         ways.append("shorten data.seq_len: the activations of one sequence do not fit")
@@ -196,7 +197,7 @@ def format_plan(plan: Plan, config) -> str:
 
     mesh = " x ".join(f"{k}={v}" for k, v in plan.mesh.items())
     devices = math.prod(plan.mesh.values())
-    batch, micro, seq = int(config.train.batch_size), int(config.train.microbatches), int(config.data.seq_len)
+    batch, micro, seq = config.train.batch_size, config.train.microbatches, config.data.seq_len
     if plan.num_frozen:
         count = (f"{plan.num_params + plan.num_frozen:,} parameters ({plan.num_params:,} trained, "
                  f"{plan.num_frozen:,} frozen in {plan.frozen_dtype})")
@@ -335,9 +336,10 @@ class ServePlan:
 
 def serve_model_config(config) -> GPTJConfig:
     """The model a serving plan is for: the shape of `init_from`'s weights if given, else config.model, unquantized."""
-    model = recipe.run_model_config(config)
-    if config.init_from:
-        model = with_runtime(model, open_weights(str(config.init_from), model.vocab_pad_multiple))
+    settings = RunSettings.from_config(config)
+    model = settings.model
+    if settings.init_from:
+        model = with_runtime(model, open_weights(settings.init_from, model.vocab_pad_multiple))
     return model.replace(quant_bits=0, quant_group_size=0, quant_targets=(), remat_policy="none")
 
 
@@ -388,7 +390,7 @@ def make_serve_plan(config, batch: int, context: int, device_memory_gib: float |
     if context > model.max_len:
         raise ConfigError(f"--context_len={context} exceeds the model's max_len={model.max_len}")
     device_memory = _device_memory(device_memory_gib)
-    partitioner = _planning_partitioner(config.mesh)
+    partitioner = _planning_partitioner(RunSettings.from_config(config).mesh)
     if batch % partitioner.data_parallel_size:
         raise ConfigError(f"--batch_size={batch} must be divisible by the data-parallel size "
                          f"({partitioner.data_parallel_size}, from mesh.data and rule set {config.mesh.rules!r})")

@@ -18,42 +18,38 @@ What `--mode=train` (gptj.train), `--mode=eval` (gptj.evaluation) and
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
-import os
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import jax
 from absl import logging
 
 from gptj.core import checkpoint as ckpt_lib
-from gptj.model import lora as lora_lib
 from gptj.core import losses
 from gptj.core import optimizer as optimizer_lib
-from gptj.errors import ConfigError
-from gptj.core.driver import RunSchedule, train_in_workdir
-from gptj.model.transformer import (GPTJ, GPTJConfig, HeadInputs, LoraConfig, count_params, output_logits, resolve_dtype,
-                        train_flops_per_token)
-from gptj.core.partitioning import Partitioner, place
 from gptj.core.param_tree import merge_params, param_paths, path_matcher, select_params
+from gptj.core.partitioning import Partitioner, place
 from gptj.core.trainer import Trainer
-from gptj.errors import TrainableError
+from gptj.errors import ConfigError, TrainableError
+from gptj.model import lora as lora_lib
+from gptj.model.transformer import GPTJ, GPTJConfig, HeadInputs, LoraConfig, output_logits, resolve_dtype
+from gptj.settings import RunSettings
+from gptj.weights.source import RUNTIME_FIELDS, Weights, fingerprint, open_weights, with_runtime
 from gptj.weights.spec import peft_adapter_dir
-from gptj.weights.source import BASE_WEIGHTS_KEY, RUNTIME_FIELDS, Weights, fingerprint, open_weights, with_runtime
 
 # Resuming keeps the checkpoint's master-weight dtype (its optimizer state was saved in it).
 RESUME_FIELDS = tuple(f for f in RUNTIME_FIELDS if f != "param_dtype")
 
 
 def run_model_config(config) -> GPTJConfig:
-    """The model section of a run config as a GPTJConfig."""
-    return GPTJConfig.from_dict(config.model.to_dict())
+    """The model section of a run config (a ConfigDict or RunSettings) as a GPTJConfig."""
+    return RunSettings.from_config(config).model
 
 
 def open_init_weights(config) -> Weights:
-    """The weights `config.init_from` names, opened (model config read; arrays not yet)."""
-    return open_weights(config.init_from, int(config.model.vocab_pad_multiple))
+    """The weights `init_from` names, opened (model config read; arrays not yet)."""
+    settings = RunSettings.from_config(config)
+    return open_weights(settings.init_from, settings.model.vocab_pad_multiple)
 
 
 def resolve_model_config(config, workdir: str | None = None, explicit_model_fields: Iterable[str] = (),
@@ -67,20 +63,17 @@ def resolve_model_config(config, workdir: str | None = None, explicit_model_fiel
     return run
 
 
-def resolved_config(config, model: GPTJConfig, lora: LoraConfig | None = None):
-    """A copy of the run config whose model section is `model` (and lora section's shape `lora`'s)."""
-    resolved = copy.deepcopy(config)
-    with resolved.unlocked():
-        resolved.model.update(model.to_dict())
-        if lora is not None:
-            resolved.lora.update(dict(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets)))
-    return resolved
+def resolved_config(config, model: GPTJConfig, lora: LoraConfig | None = None) -> RunSettings:
+    """The run's settings with `model` as their model section (and `lora`'s shape in the lora section)."""
+    settings = RunSettings.from_config(config).replace(model=model)
+    if lora is None:
+        return settings
+    return settings.override("lora", rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets))
 
 
 def run_lora(config) -> LoraConfig | None:
-    """The run's LoRA adapters (None: no LoRA) as `config.lora` says; no file is read."""
-    lora = LoraConfig.from_dict(config.lora.to_dict())
-    return lora if lora.rank > 0 else None
+    """The run's LoRA adapters (None: no LoRA) as the lora section says; no file is read."""
+    return RunSettings.from_config(config).lora.adapters
 
 
 def resolve_lora(config) -> LoraConfig | None:
@@ -89,16 +82,17 @@ def resolve_lora(config) -> LoraConfig | None:
     The adapter's shape wins over the config's (a warning names what differs);
     dropout is a training choice and stays the config's.
     """
-    lora = run_lora(config)
-    if not config.lora.init_from:
+    section = RunSettings.from_config(config).lora
+    lora = section.adapters
+    if not section.init_from:
         return lora
     from gptj.weights.formats.peft import read_peft_config
 
-    adapter = read_peft_config(peft_adapter_dir(config.lora.init_from))
-    adapter = dataclasses.replace(adapter, dropout=float(config.lora.dropout))
+    adapter = read_peft_config(peft_adapter_dir(section.init_from))
+    adapter = dataclasses.replace(adapter, dropout=section.dropout)
     if lora is not None and lora != adapter:
         logging.warning("lora.init_from=%s has rank %d, alpha %g, targets %s: they replace the config's "
-                        "(rank %d, alpha %g, targets %s)", config.lora.init_from, adapter.rank, adapter.alpha,
+                        "(rank %d, alpha %g, targets %s)", section.init_from, adapter.rank, adapter.alpha,
                         list(adapter.targets), lora.rank, lora.alpha, list(lora.targets))
     return adapter
 
@@ -117,25 +111,27 @@ def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Traine
     """
     from gptj.data.pipeline import train_batch_spec
 
-    optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer.to_dict())
-    z_loss = float(config.train.z_loss)
-    chunk_tokens = int(config.train.loss_chunk_tokens)
+    settings = RunSettings.from_config(config)
+    train = settings.train
+    optimizer, schedule = optimizer_lib.make_optimizer(dataclasses.asdict(settings.optimizer))
+    z_loss = train.z_loss
+    chunk_tokens = train.loss_chunk_tokens
     if chunk_tokens < 0:
         raise ConfigError(f"train.loss_chunk_tokens must be >= 0 (0: the full-logits loss), got {chunk_tokens}")
     if chunk_tokens:
-        vocab_chunk = loss_vocab_chunk(int(config.train.loss_chunk_vocab), partitioner)
+        vocab_chunk = loss_vocab_chunk(train.loss_chunk_vocab, partitioner)
         loss_fn, eval_loss_fn = head_loss_fns(model, chunk_tokens, vocab_chunk, z_loss)
     else:
         loss_fn = lambda logits, batch: losses.next_token_loss(logits, batch, z_loss, accuracy=False)  # noqa: E731
         eval_loss_fn = lambda logits, batch: losses.next_token_loss(logits, batch, z_loss)  # noqa: E731
-    lora = run_lora(config)
-    trainable = lora_lib.trainable_pattern(str(config.train.trainable), lora)
+    lora = settings.lora.adapters
+    trainable = lora_lib.trainable_pattern(train.trainable, lora)
     trainer = Trainer(
         GPTJ(model, lora=lora, head_inputs=bool(chunk_tokens)), loss_fn, optimizer, partitioner,
-        train_batch_spec(config), microbatches=int(config.train.microbatches), summarize=losses.summarize,
-        lr_schedule=schedule, on_nonfinite=config.train.on_nonfinite, seed=int(config.train.seed),
+        train_batch_spec(settings), microbatches=train.microbatches, summarize=losses.summarize,
+        lr_schedule=schedule, on_nonfinite=train.on_nonfinite, seed=train.seed,
         eval_loss_fn=eval_loss_fn, rng_streams=("dropout",) if lora is not None and lora.dropout > 0 else (),
-        trainable=trainable, frozen_dtype=config.lora.base_dtype if lora is not None else None)
+        trainable=trainable, frozen_dtype=settings.lora.base_dtype if lora is not None else None)
     try:
         trained = param_paths(trainer.abstract_state["params"])
     except TrainableError as e:
@@ -199,9 +195,11 @@ def build_trainer_for_plan(config, partitioner: Partitioner) -> Trainer:
     The model config follows init_from's config.json for gptj and hf weights
     (and the reference config for mtj).
     """
-    init_weights = open_init_weights(config) if config.init_from else None
-    config = resolved_config(config, resolve_model_config(config, init_weights=init_weights), resolve_lora(config))
-    return build_trainer(config, run_model_config(config), partitioner)
+    settings = RunSettings.from_config(config)
+    init_weights = open_init_weights(settings) if settings.init_from else None
+    settings = resolved_config(settings, resolve_model_config(settings, init_weights=init_weights),
+                               resolve_lora(settings))
+    return build_trainer(settings, settings.model, partitioner)
 
 
 def initial_state(trainer: Trainer, model: GPTJConfig, weights: Weights, fresh_optimizer: bool):
@@ -221,7 +219,7 @@ class FrozenBase:
     """The base weights of a LoRA / train.trainable run, read and split: what the Trainer keeps frozen is set."""
 
     trainable: Any  # the base's values of parameters that train (fp32), for a fresh start
-    identity: dict  # what config.json records under BASE_WEIGHTS_KEY
+    identity: dict  # what config.json records under gptj.weights.source.BASE_WEIGHTS_KEY
 
 
 def load_frozen_base(trainer: Trainer, model: GPTJConfig, weights: Weights, base_dtype: str) -> FrozenBase:
@@ -240,15 +238,16 @@ def load_frozen_base(trainer: Trainer, model: GPTJConfig, weights: Weights, base
 
 def adapted_initial_state(trainer: Trainer, model: GPTJConfig, base: FrozenBase, config):
     """The first state of a run over a frozen base: fresh adapters (or lora.init_from's), the base's trained values."""
-    params = merge_params(trainer.init_params(int(config.train.seed)), base.trainable)
+    settings = RunSettings.from_config(config)
+    params = merge_params(trainer.init_params(settings.train.seed), base.trainable)
     base.trainable = {}  # handed to the state, not kept beside it for the whole run
-    if config.lora.init_from:
+    if settings.lora.init_from:
         from gptj.weights.formats.peft import read_peft
 
-        adapters = read_peft(peft_adapter_dir(config.lora.init_from), model)[1]
+        adapters = read_peft(peft_adapter_dir(settings.lora.init_from), model)[1]
         shardings = lora_lib.split_adapters(trainer.state_shardings["params"])[1]
         params = merge_params(params, place(adapters, shardings))
-        logging.info("adapters from %s", config.lora.init_from)
+        logging.info("adapters from %s", settings.lora.init_from)
     return trainer.state_from_params(params)
 
 

@@ -401,16 +401,18 @@ def estimate_from_config(config: Any, num_devices: int, hardware: str | Hardware
                          overlap: bool = False) -> StepEstimate:
     """The `--mode=plan` hook: estimates a run config (sections model, mesh, train, data) on `num_devices`.
 
-    `config` is the ml_collections run config (or any object with those
-    attributes); `mesh.data` / `mesh.model` may be -1 as in the config files.
+    `config` is the run config (a ConfigDict or gptj.settings.RunSettings);
+    `mesh.data` / `mesh.model` may be -1 as in the config files.
     """
     from gptj.core.partitioning import resolve_mesh_shape
+    from gptj.settings import RunSettings
 
-    model = GPTJConfig.from_dict(dict(config.model))
-    data, model_parallel = resolve_mesh_shape(int(config.mesh.data), int(config.mesh.model), num_devices)
-    workload = Workload(model=model, seq_len=int(config.data.seq_len), global_batch=int(config.train.batch_size),
-                        data=data, model_parallel=model_parallel, rules=str(config.mesh.rules),
-                        microbatches=int(config.train.microbatches),
+    settings = RunSettings.from_config(config)
+    model = settings.model
+    data, model_parallel = resolve_mesh_shape(settings.mesh.data, settings.mesh.model, num_devices)
+    workload = Workload(model=model, seq_len=settings.data.seq_len, global_batch=settings.train.batch_size,
+                        data=data, model_parallel=model_parallel, rules=settings.mesh.rules,
+                        microbatches=settings.train.microbatches,
                         compute_bytes=2 if model.dtype in ("bfloat16", "float16") else 4,
                         grad_bytes=2 if model.dtype in ("bfloat16", "float16") else 4, overlap=overlap)
     return estimate(workload, hardware)

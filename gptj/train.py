@@ -1,6 +1,6 @@
 """`--mode=train`: GPT-J language-model training, the recipe (gptj.recipe) run by the generic driver.
 
-`train_and_evaluate(config, workdir)` is what `main.py --mode=train` runs on
+`train_and_evaluate(config, workdir)` (config: a ConfigDict or gptj.settings.RunSettings) is what `main.py --mode=train` runs on
 every host:
 
 1. the model config: the workdir's own (when it holds a checkpoint to resume),
@@ -37,11 +37,11 @@ from gptj.core.trainer import Trainer
 from gptj.errors import ConfigError
 from gptj.model import lora as lora_lib
 from gptj.model.transformer import count_params, train_flops_per_token
-from gptj.settings import validate
+from gptj.settings import RunSettings, validate
 from gptj.weights.source import BASE_WEIGHTS_KEY, open_weights, with_runtime
 
 
-def check_resume_settings(workdir: str, trainer: Trainer, config):
+def check_resume_settings(workdir: str, trainer: Trainer, settings: RunSettings):
     """On resume: the workdir trained the same parameters (adapters, train.trainable) as this run will.
 
     Returns what it recorded of its base (None for a run that trained everything).
@@ -55,7 +55,7 @@ def check_resume_settings(workdir: str, trainer: Trainer, config):
     if not trainer.freezes:
         raise ConfigError(f"{workdir} was trained over frozen base weights {recorded.base_spec} (trained "
                           f"{recorded.trained!r}); resume it with the same lora and train.trainable settings")
-    lora = recipe.run_lora(config)
+    lora = settings.lora.adapters
     shape = (lambda l: None if l is None else (l.rank, l.alpha, tuple(sorted(l.targets))))
     if recorded.trained != trainer.trainable or shape(recorded.lora) != shape(lora):
         raise ConfigError(f"{workdir} trained {recorded.trained!r} with LoRA {shape(recorded.lora)} (rank, alpha, "
@@ -85,50 +85,51 @@ def train_and_evaluate(config, workdir: str, *, explicit_model_fields: Iterable[
     `build_eval_iterators` (same signature and protocol) for in-memory data.
     Raises ConfigError, WeightsError, NonFiniteLossError.
     """
-    validate(config, "train", check_tasks=train_iter_fn is None)
+    settings = validate(config, "train", check_tasks=train_iter_fn is None)
     if train_iter_fn is None:
-        from gptj.data import pipeline as data
-        train_iter_fn, eval_iters_fn = data.build_train_iterator, data.build_eval_iterators
+        from gptj.data import pipeline
+        train_iter_fn, eval_iters_fn = pipeline.build_train_iterator, pipeline.build_eval_iterators
     workdir = os.path.abspath(workdir)
     resuming = ckpt_lib.latest_step(workdir) is not None
-    lora = recipe.resolve_lora(config)
-    freezes = lora_lib.trainable_pattern(str(config.train.trainable), lora) is not None
-    init_weights = recipe.open_init_weights(config) if config.init_from and (freezes or not resuming) else None
-    model = recipe.resolve_model_config(config, workdir, explicit_model_fields, init_weights)
-    if config.data.seq_len > model.max_len:
-        raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds the model's max_len={model.max_len}")
-    config = recipe.resolved_config(config, model, lora)
+    lora = recipe.resolve_lora(settings)
+    freezes = lora_lib.trainable_pattern(settings.train.trainable, lora) is not None
+    init_weights = recipe.open_init_weights(settings) if settings.init_from and (freezes or not resuming) else None
+    model = recipe.resolve_model_config(settings, workdir, explicit_model_fields, init_weights)
+    if settings.data.seq_len > model.max_len:
+        raise ConfigError(f"data.seq_len={settings.data.seq_len} exceeds the model's max_len={model.max_len}")
+    settings = recipe.resolved_config(settings, model, lora)
 
-    partitioner = Partitioner.from_config(config.mesh)
-    trainer = recipe.build_trainer(config, model, partitioner)
-    run_config = config.to_dict()
-    recorded = check_resume_settings(workdir, trainer, config) if resuming else None
+    partitioner = Partitioner.from_config(settings.mesh)
+    trainer = recipe.build_trainer(settings, model, partitioner)
+    run_config = settings.to_dict()
+    recorded = check_resume_settings(workdir, trainer, settings) if resuming else None
     init_state = None
     if trainer.freezes:
         if resuming and with_runtime(model, init_weights) != model:
             raise ConfigError(f"init_from={init_weights.spec} has another shape ({init_weights.config}) than the "
                               f"model {workdir} trained ({model})")
-        base = recipe.load_frozen_base(trainer, model, init_weights, config.lora.base_dtype if lora else model.param_dtype)
+        base = recipe.load_frozen_base(trainer, model, init_weights,
+                                       settings.lora.base_dtype if lora else model.param_dtype)
         run_config[BASE_WEIGHTS_KEY] = base.identity
         if resuming:
             check_resume_base(workdir, recorded, base)
             base.trainable = {}  # the checkpoint holds what trains
-        init_state = lambda: recipe.adapted_initial_state(trainer, model, base, config)
+        init_state = lambda: recipe.adapted_initial_state(trainer, model, base, settings)
     elif init_weights is not None:
-        init_state = lambda: recipe.initial_state(trainer, model, init_weights, bool(config.train.fresh_optimizer))
+        init_state = lambda: recipe.initial_state(trainer, model, init_weights, settings.train.fresh_optimizer)
     logging.info("model: %s parameters (%s trained), %s",
                  f"{count_params(trainer.abstract_state['params']) + count_params(trainer.abstract_frozen):,}",
                  f"{count_params(trainer.abstract_state['params']):,}", model)
 
     def harness_hook(context):
         from gptj.evaluation import harness as eval_harness  # lm-eval is only needed when asked for
-        return [eval_harness.HarnessHook(config, model, partitioner, context.writer, context.workdir,
-                                         every=config.train.eval_every, throughput=context.throughput,
+        return [eval_harness.HarnessHook(settings, model, partitioner, context.writer, context.workdir,
+                                         every=settings.train.eval_every, throughput=context.throughput,
                                          params_of=functools.partial(recipe.inference_params, trainer, lora))]
 
     result = train_in_workdir(
-        trainer, workdir, train_iter_fn(config, partitioner), schedule=RunSchedule.from_config(config.train),
-        init_state=init_state, eval_sets=eval_iters_fn(config, partitioner) if eval_iters_fn else {},
-        run_config=run_config, flops_per_token=train_flops_per_token(model, int(config.data.seq_len)),
-        extra_hooks=harness_hook if config.eval.during_training else None)
+        trainer, workdir, train_iter_fn(settings, partitioner), schedule=RunSchedule.from_config(settings.train),
+        init_state=init_state, eval_sets=eval_iters_fn(settings, partitioner) if eval_iters_fn else {},
+        run_config=run_config, flops_per_token=train_flops_per_token(model, settings.data.seq_len),
+        extra_hooks=harness_hook if settings.eval.during_training else None)
     return result.status

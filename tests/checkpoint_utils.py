@@ -6,9 +6,9 @@ import shutil
 
 import jax
 import numpy as np
+from trainer_utils import SyntheticIterator, cached_trainer, tiny_config, to_numpy
 
 from gptj.core.driver import RunSchedule, train_in_workdir
-from trainer_utils import SyntheticIterator, cached_trainer, tiny_config, to_numpy
 
 
 def train(workdir, total_steps, extra_hooks=None, **schedule):

@@ -2,7 +2,8 @@
 
 import numpy as np
 import torch
-from transformers import GPTJConfig as HFGPTJConfig, GPTJForCausalLM
+from transformers import GPTJConfig as HFGPTJConfig
+from transformers import GPTJForCausalLM
 
 
 def random_hf_model(vocab_size=101, n_embd=64, n_layer=3, n_head=4, rotary_dim=8, n_positions=64, seed=0):

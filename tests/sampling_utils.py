@@ -44,8 +44,8 @@ def random_params(config: GPTJConfig, seed: int = 0, std: float = 0.1, pad_bias:
     `pad_bias` is added to the output bias of every id past GPT-2's 50257, so
     that a sampler which did not mask those padding ids would pick them.
     """
-    import jax
     import flax.linen as nn
+    import jax
 
     from gptj.model.transformer import abstract_params
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gptj.model.attention import (ATTENTION_IMPLS, DEFAULT_ATTENTION, blockwise_attention, einsum_attention,
-                            resolve_attention_impl)
+                                  resolve_attention_impl)
 from gptj.model.transformer import GPTJ, GPTJConfig
 
 BATCH, HEADS, HEAD_DIM, SCALE = 2, 3, 8, 0.35

@@ -11,8 +11,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # benchmarks/ is a folder of scripts at the repository root
 
-from benchmarks import common, run_all  # noqa: E402
 from xla_env import xla_flags  # noqa: E402
+
+from benchmarks import common, run_all  # noqa: E402
 
 
 def test_time_runs_warms_up_then_times():
@@ -169,6 +170,7 @@ def test_train_and_lora_benchmarks_give_both_sides_the_same_weights():
     """train_vs_hf / lora_vs_peft start gptj and HF from one saved HF model: equal logits on the bench shape."""
     import numpy as np
     import torch
+
     from benchmarks import lora_vs_peft, train_vs_hf
     from gptj.model.transformer import GPTJ
 

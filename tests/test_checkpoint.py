@@ -6,13 +6,13 @@ import os
 import jax
 import numpy as np
 import pytest
-
-from gptj.core import checkpoint
-from gptj.weights import params_dir as params_io
-from gptj import train
-from gptj.core.checkpoint import CheckpointError, Checkpointer, latest_params_path, latest_step
 from trainer_utils import (SyntheticIterator, cached_trainer, read_scalars, synthetic_batch, synthetic_eval_sets,
                            tiny_config, to_numpy)
+
+from gptj import train
+from gptj.core import checkpoint
+from gptj.core.checkpoint import Checkpointer, CheckpointError, latest_params_path, latest_step
+from gptj.weights import params_dir as params_io
 
 
 def _leaves_equal(a, b):

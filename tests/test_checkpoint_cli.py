@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from checkpoint_utils import damage, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,17 +17,16 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from orbax.checkpoint._src.serialization import serialization
-
 from checkpoint_utils import assert_same, damage, train
-from gptj.core import checkpoint
-from gptj.core import integrity
-from gptj.weights import params_dir as params_io
-from gptj.model.transformer import GPTJConfig
-from gptj.weights.params_dir import WeightsError, load_params, save_params
+from orbax.checkpoint._src.serialization import serialization
+from trainer_utils import cached_trainer, tiny_config, to_numpy
+
+from gptj.core import checkpoint, integrity
 from gptj.core.storage import CheckpointDamagedError, CheckpointError, StorageError
 from gptj.core.trainer import Hook
-from trainer_utils import cached_trainer, tiny_config, to_numpy
+from gptj.model.transformer import GPTJConfig
+from gptj.weights import params_dir as params_io
+from gptj.weights.params_dir import WeightsError, load_params, save_params
 
 
 def _warnings(caplog, text):

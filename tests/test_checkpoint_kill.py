@@ -13,10 +13,10 @@ import textwrap
 
 import jax
 import numpy as np
+from trainer_utils import SyntheticIterator, cached_trainer, tiny_config, to_numpy
 
 from gptj.core.checkpoint import Checkpointer, latest_params_path, latest_step
 from gptj.core.hooks import CheckpointHook
-from trainer_utils import SyntheticIterator, cached_trainer, tiny_config, to_numpy
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)

@@ -8,13 +8,13 @@ import jax
 import numpy as np
 import pytest
 import torch
-from transformers import GPTJForCausalLM
-
-from gptj.weights.formats import mtj
-from gptj.convert.__main__ import main
-from gptj.weights.params_dir import load_params
 from hf_utils import hf_logits, random_hf_model
 from mtj_utils import TINY, random_shards, reference_logits, write_checkpoint
+from transformers import GPTJForCausalLM
+
+from gptj.convert.__main__ import main
+from gptj.weights.formats import mtj
+from gptj.weights.params_dir import load_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENS = np.array([[3, 77, 127, 64, 10, 0, 42]])

@@ -6,11 +6,11 @@ import os
 import jax
 import numpy as np
 import pytest
-
-from gptj.weights.formats import hf
-from gptj.model.transformer import GPTJ
-from gptj.weights.params_dir import WeightsError, load_params, save_params
 from hf_utils import assert_loads_as, random_hf_model
+
+from gptj.model.transformer import GPTJ
+from gptj.weights.formats import hf
+from gptj.weights.params_dir import WeightsError, load_params, save_params
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,9 @@ def test_hf_to_gptj_to_hf_is_identical(hf_model, tmp_path, safe_serialization):
 
 
 def test_gptj_to_hf_to_gptj_is_bit_identical(tmp_path):
-    from gptj.model.transformer import GPTJConfig
     import flax.linen as nn
+
+    from gptj.model.transformer import GPTJConfig
 
     config = GPTJConfig(vocab_size=90, num_layers=3, d_model=32, num_heads=2, rotary_dim=8, max_len=32,
                         vocab_pad_multiple=8)

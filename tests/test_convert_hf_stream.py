@@ -11,12 +11,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-
-from gptj.weights.formats import hf
-from gptj.weights.formats import hf_files
-from gptj.convert.__main__ import main
-from gptj.weights.params_dir import WeightsError
 from hf_utils import assert_loads_as, random_hf_model
+
+from gptj.convert.__main__ import main
+from gptj.weights.formats import hf, hf_files
+from gptj.weights.params_dir import WeightsError
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,12 @@ import jax
 import numpy as np
 import pytest
 import seqio
-
 from data_utils import make_config, tfrecord_dir
+from xla_env import xla_flags
+
+from gptj.core.partitioning import Partitioner, make_mesh
 from gptj.data import tasks
 from gptj.data.pipeline import build_eval_iterators, build_train_iterator, host_dataset, train_batch_spec
-from gptj.core.partitioning import Partitioner, make_mesh
-from xla_env import xla_flags
 
 SEQ = 16
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,11 +9,11 @@ import sys
 
 import numpy as np
 import seqio
-
 from data_utils import make_config, numbered_records, write_records
+from xla_env import xla_flags
+
 from gptj.data import tasks
 from gptj.data.pipeline import build_train_iterator
-from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 16

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from gptj.inference.engine import GENERATE, SCORE, Engine, Job, QueueFull
-from gptj.model.transformer import GPTJConfig
 from gptj.inference.runner import MAX_TOP_LOGPROBS, ModelRunner
+from gptj.model.transformer import GPTJConfig
 from tests.sampling_utils import random_params
 from tests.serve_utils import PARITY_MAX_LEN, hf_greedy, padded_vocab_pair
 

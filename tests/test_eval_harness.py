@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptj.weights import params_dir as params_io
-from gptj.weights.formats.hf import write_hf
+from gptj.core.partitioning import Partitioner, make_mesh
 from gptj.evaluation.harness import load_lm
 from gptj.evaluation.harness_tasks import run_tasks
 from gptj.model.transformer import GPTJConfig, abstract_params
-from gptj.core.partitioning import Partitioner, make_mesh
+from gptj.weights import params_dir as params_io
+from gptj.weights.formats.hf import write_hf
 
 TASKS = ["tiny_lastword", "tiny_choice", "tiny_rolling", "tiny_generate"]
 MODEL = GPTJConfig(vocab_size=50257, vocab_pad_multiple=64, num_layers=2, d_model=32, num_heads=4, rotary_dim=4,
@@ -127,6 +127,7 @@ def _random_params(config, seed=0):
 
 def _build_workspace(root):
     from transformers import GPT2TokenizerFast
+
     from gptj.data.vocab import default_vocab_dir
 
     params = _random_params(MODEL)
@@ -312,9 +313,9 @@ def test_evaluate_end_to_end(workspace, hf_results, tmp_path):
     import torch
     from transformers import GPTJForCausalLM
 
+    from gptj.configs import base
     from gptj.data import pipeline as data
     from gptj.data import tasks
-    from gptj.configs import base
     from gptj.evaluation.evaluate import evaluate
 
     config = base.get_config()

@@ -44,8 +44,8 @@ def _answers(lm) -> dict:
 def _worker(port: str, process_id: str, params_dir: str, out: str) -> None:
     sys.path.insert(0, ROOT)
     from gptj.core import runtime
-    from gptj.evaluation.harness import load_lm
     from gptj.core.partitioning import Partitioner, make_mesh
+    from gptj.evaluation.harness import load_lm
 
     runtime.initialize(f"127.0.0.1:{port}", 2, int(process_id), timeout_s=120)
     import jax
@@ -66,10 +66,10 @@ def test_two_hosts_get_the_same_answers_as_one(tmp_path):
     import flax.linen as nn
     import jax
 
-    from gptj.weights import params_dir as params_io
+    from gptj.core.partitioning import Partitioner, make_mesh
     from gptj.evaluation.harness import load_lm
     from gptj.model.transformer import GPTJ, GPTJConfig
-    from gptj.core.partitioning import Partitioner, make_mesh
+    from gptj.weights import params_dir as params_io
 
     config = GPTJConfig(vocab_size=50257, vocab_pad_multiple=64, num_layers=2, d_model=32, num_heads=4,
                         rotary_dim=4, max_len=32, init_std=0.3)

@@ -113,8 +113,8 @@ def test_validation_longer_than_context_is_refused():
 
 def test_harness_tasks_during_training_are_checked_before_anything_is_built(tmp_path):
     """A wrong task name with eval.during_training stops `--mode=train` at validation, not at step N."""
-    from gptj.settings import ConfigError, validate
     from gptj.configs import tiny
+    from gptj.settings import ConfigError, validate
 
     config = tiny.get_config()
     config.eval.during_training = True

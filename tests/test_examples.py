@@ -8,7 +8,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from trainer_utils import read_scalars
 from xla_env import xla_flags
 

@@ -13,14 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-from gptj.core import losses
-from gptj.model import quantized as quantize
-from gptj import recipe
-from gptj.settings import ConfigError, validate
-from gptj.model.transformer import GPTJ, GPTJConfig, output_logits, score_targets
-from gptj.core.partitioning import Partitioner, make_mesh
 from trainer_utils import synthetic_batch, tiny_config, to_numpy
+
+from gptj import recipe
+from gptj.core import losses
+from gptj.core.partitioning import Partitioner, make_mesh
+from gptj.model import quantized as quantize
+from gptj.model.transformer import GPTJ, GPTJConfig, output_logits, score_targets
+from gptj.settings import ConfigError, validate
 
 # A padded vocabulary (120 real ids of 128), so chunks must mask padded ids themselves.
 HEAD = GPTJConfig(vocab_size=120, vocab_pad_multiple=64, num_layers=1, d_model=16, num_heads=2, rotary_dim=4,

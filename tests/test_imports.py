@@ -149,7 +149,7 @@ def test_a_planted_upward_import_and_cycle_are_caught(tmp_path):
 
     partitioning = copy / "core" / "partitioning.py"  # a cycle inside one layer: the trainer imports partitioning
     partitioning.write_text(partitioning.read_text() + "\n\ndef _planted():\n    from gptj.core import trainer\n")
-    assert import_cycle(copy) == ["core.partitioning", "core.trainer", "core.partitioning"]
+    assert set(import_cycle(copy)) == {"core.partitioning", "core.trainer"}
 
     data = copy / "data" / "pipeline.py"  # a piece reaching into a sibling it does not build on
     data.write_text(data.read_text() + "\n\ndef _planted():\n    from gptj.model import transformer\n")

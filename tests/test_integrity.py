@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from gptj.core import integrity
-from gptj.core import storage
+from gptj.core import integrity, storage
 
 
 @pytest.fixture(scope="module")

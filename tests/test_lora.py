@@ -13,21 +13,21 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from hf_utils import hf_logits, random_hf_model
 from jax.sharding import PartitionSpec as P
+from trainer_utils import VOCAB, SyntheticIterator, read_scalars, synthetic_eval_sets, tiny_config, to_numpy
 
 from gptj import recipe, train
-from gptj.core.checkpoint import Checkpointer, latest_step
-from gptj.settings import ConfigError, validate
 from gptj.convert.__main__ import main as convert
-from gptj.weights.formats.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_config_from_peft
+from gptj.core.checkpoint import Checkpointer, latest_step
+from gptj.core.param_tree import merge_params, param_paths
+from gptj.core.partitioning import Partitioner, make_mesh
 from gptj.model.lora import is_adapter, split_adapters
 from gptj.model.transformer import GPTJ, LORA_TARGETS, GPTJConfig, LoraConfig
+from gptj.settings import ConfigError, validate
+from gptj.weights.formats.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_config_from_peft
 from gptj.weights.params_dir import WeightsError
-from gptj.core.partitioning import Partitioner, make_mesh
-from gptj.core.param_tree import merge_params, param_paths
 from gptj.weights.source import load_for_inference, open_weights
-from hf_utils import hf_logits, random_hf_model
-from trainer_utils import SyntheticIterator, read_scalars, synthetic_eval_sets, tiny_config, to_numpy, VOCAB
 
 TOKENS = np.array([[3, 77, 127, 64, 10, 0, 42, 5, 9, 100, 31]])
 HF_SHAPE = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=32)

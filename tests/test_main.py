@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
+from trainer_utils import SyntheticIterator, synthetic_eval_sets, tiny_config
 
 from gptj import train
 from gptj.settings import ConfigError, validate
-from trainer_utils import SyntheticIterator, synthetic_eval_sets, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,8 +83,9 @@ def test_main_trains_on_the_demo_corpus_and_exits_0_on_sigterm(tmp_path):
     import signal
     import threading
 
-    from gptj.core.checkpoint import latest_step
     from trainer_utils import read_scalars
+
+    from gptj.core.checkpoint import latest_step
 
     workdir = tmp_path / "run"
     cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config=gptj/configs/tiny.py", f"--workdir={workdir}",

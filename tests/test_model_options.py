@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptj.model.transformer import GPTJ, GPTJConfig, REMAT_POLICIES
+from gptj.model.transformer import GPTJ, REMAT_POLICIES, GPTJConfig
 
 BASE = GPTJConfig(vocab_size=64, num_layers=3, d_model=32, num_heads=4, rotary_dim=4, max_len=32,
                   attention_impl="einsum")

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-
-from gptj.weights.formats import hf
-from gptj.model.transformer import GPTJ
 from hf_utils import hf_logits, random_hf_model
+
+from gptj.model.transformer import GPTJ
+from gptj.weights.formats import hf
 
 # One config with rotary_dim < head_dim, one with an odd layer count and full-width rotary.
 HF_SHAPES = {

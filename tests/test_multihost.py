@@ -28,7 +28,6 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-
 from checkpoint_utils import damage
 from xla_env import xla_flags
 
@@ -123,10 +122,10 @@ def _restore(workdir, config_path, step):
     """The train state of `workdir` at `step`, restored onto this single process's 8 devices."""
     import importlib.util
 
-    from gptj.core import checkpoint
     from gptj import recipe
-    from gptj.weights.params_dir import read_model_config
+    from gptj.core import checkpoint
     from gptj.core.partitioning import Partitioner
+    from gptj.weights.params_dir import read_model_config
 
     spec = importlib.util.spec_from_file_location("pod_config", config_path)
     module = importlib.util.module_from_spec(spec)

@@ -8,9 +8,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from gptj.configs import gptj_6b
-from gptj.model.transformer import GPTJ, GPTJConfig, abstract_params, count_params
 from gptj.core.partitioning import (RULE_SETS, Partitioner, PartitioningError, make_mesh, per_device_bytes,
-                               resolve_mesh_shape)
+                                    resolve_mesh_shape)
+from gptj.model.transformer import GPTJ, GPTJConfig, abstract_params, count_params
 
 CONFIG = GPTJConfig(vocab_size=120, vocab_pad_multiple=8, num_layers=2, d_model=32, num_heads=4, rotary_dim=4,
                     max_len=32)

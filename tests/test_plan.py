@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from xla_env import xla_flags
 
 from gptj import plan as plan_lib
 from gptj.configs import tiny
-from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30

@@ -10,12 +10,12 @@ import sys
 import numpy as np
 import pytest
 import zstandard
-
 from data_utils import read_records
+
 from gptj.data.prepare import prepare_data
-from gptj.prepare_data import main
 from gptj.data.tasks.files import DataError
 from gptj.data.vocab import EOT_ID, get_tokenizer
+from gptj.prepare_data import main
 
 SEQ = 16
 

@@ -16,14 +16,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from gptj.weights import params_dir as params_io
-from gptj.model import quantized as quantize
-from gptj.settings import ConfigError, validate
 from gptj.configs import base
 from gptj.convert.__main__ import main as convert
-from gptj.model.transformer import GPTJ, GPTJConfig, abstract_params, init_cache
 from gptj.core.partitioning import Partitioner, make_mesh
 from gptj.data.tasks.demo import demo_byte_batches
+from gptj.model import quantized as quantize
+from gptj.model.transformer import GPTJ, GPTJConfig, abstract_params, init_cache
+from gptj.settings import ConfigError, validate
+from gptj.weights import params_dir as params_io
 from gptj.weights.source import load_for_inference, open_weights, with_peft_adapter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,8 +144,8 @@ def test_streamed_quantization_equals_whole_matrices(bits, group_size, block_flo
     The reference is `quantize_matrix` on each whole matrix (a layer at a
     time for stacked ones), as the converter computed it before it streamed.
     """
-    from gptj.core import streaming
     from gptj.convert.quantize import quantize_params, quantized_config
+    from gptj.core import streaming
 
     monkeypatch.setattr(streaming, "BLOCK_BYTES", 4 * block_floats)
     config = GPTJConfig(vocab_size=40, num_layers=2, d_model=48, num_heads=4, rotary_dim=4, max_len=16)

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gptj.core.partitioning import Partitioner, make_mesh
 from gptj.model.transformer import GPTJ, GPTJConfig
 from gptj.weights.params_dir import load_params, save_params
-from gptj.core.partitioning import Partitioner, make_mesh
 
 CONFIG = GPTJConfig(vocab_size=120, num_layers=2, d_model=64, num_heads=4, rotary_dim=8, max_len=32,
                     vocab_pad_multiple=8)

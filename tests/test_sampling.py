@@ -2,17 +2,17 @@
 
 import re
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from scipy import stats
 
-from gptj.model.transformer import GPTJ, GPTJConfig, init_cache
 from gptj.core.partitioning import Partitioner, make_mesh
 from gptj.inference.runner import ROW_FIELDS, ModelRunner
 from gptj.inference.sampler import Sampler
 from gptj.inference.sampling_ops import bucket, draw_from, sample_tokens
+from gptj.model.transformer import GPTJ, GPTJConfig, init_cache
 from tests.sampling_utils import gpt2_vocab_config, random_hf_gptj, random_params
 
 torch = pytest.importorskip("torch")

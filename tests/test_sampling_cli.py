@@ -10,11 +10,11 @@ import time
 
 import httpx
 import pytest
-
-from gptj.weights.params_dir import load_params
-from gptj.inference.sampler import Sampler, get_tokenizer
-from tests.sampling_utils import gpt2_vocab_config, write_params_dir
 from xla_env import xla_flags
+
+from gptj.inference.sampler import Sampler, get_tokenizer
+from gptj.weights.params_dir import load_params
+from tests.sampling_utils import gpt2_vocab_config, write_params_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "gptj", "configs", "tiny.py")

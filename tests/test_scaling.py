@@ -144,8 +144,8 @@ def _collective_operands(rules: str, mesh: tuple[int, int], layers: int, batch: 
     import jax
     import jax.numpy as jnp
 
-    from gptj.model.transformer import GPTJ
     from gptj.core.partitioning import Partitioner, make_mesh
+    from gptj.model.transformer import GPTJ
 
     cfg = GPTJConfig(vocab_size=256, num_layers=layers, d_model=64, num_heads=4, rotary_dim=8, max_len=32,
                      scan_layers=False, remat_policy="full")

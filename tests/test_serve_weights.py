@@ -9,11 +9,11 @@ import pytest
 
 from gptj.configs import base
 from gptj.convert.__main__ import main as convert
+from gptj.core.partitioning import Partitioner, make_mesh
 from gptj.inference.engine import GENERATE, SCORE, Engine, Job
+from gptj.inference.runner import ModelRunner
 from gptj.model.transformer import GPTJ, GPTJConfig
 from gptj.weights.params_dir import save_params
-from gptj.core.partitioning import Partitioner, make_mesh
-from gptj.inference.runner import ModelRunner
 from gptj.weights.source import load_for_inference, open_weights
 from tests.sampling_utils import random_hf_gptj, random_params
 from tests.serve_utils import hf_greedy

@@ -9,8 +9,8 @@ import re
 import numpy as np
 import pytest
 import seqio
-
 from data_utils import make_config
+
 from gptj.data import tasks
 from gptj.data.pipeline import build_eval_iterators, build_train_iterator, epoch_seed, host_dataset, translate_errors
 from gptj.data.tasks.files import DataError

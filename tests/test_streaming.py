@@ -10,14 +10,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from gptj.core import integrity
-from gptj.core import partitioning
-from gptj.core import streaming
+from gptj.core import integrity, partitioning, streaming
+from gptj.core.streaming import LazyArray
 from gptj.model.transformer import GPTJConfig
 from gptj.weights.params_dir import load_params, open_params, save_params
-from gptj.core.streaming import LazyArray
 
 
 @pytest.fixture(scope="module")

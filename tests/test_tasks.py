@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
-
 from data_utils import make_config, numbered_records, read_records, tfrecord_dir, write_records
+
 from gptj.data import tasks
 from gptj.data.pipeline import host_dataset
 from gptj.data.prepare import prepare_data

@@ -6,15 +6,15 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
+from trainer_utils import SyntheticIterator, cached_trainer, synthetic_batch, tiny_config, to_numpy
 
 from gptj.core import losses
-from gptj.data.pipeline import train_batch_spec
 from gptj.core.checkpoint import Checkpointer
-from gptj.model.transformer import GPTJ, GPTJConfig
-from gptj.core.partitioning import Partitioner, make_mesh
 from gptj.core.hooks import CheckpointHook
+from gptj.core.partitioning import Partitioner, make_mesh
 from gptj.core.trainer import NonFiniteLossError, Trainer
-from trainer_utils import SyntheticIterator, cached_trainer, synthetic_batch, tiny_config, to_numpy
+from gptj.data.pipeline import train_batch_spec
+from gptj.model.transformer import GPTJ, GPTJConfig
 
 
 def _one_step(microbatches, lr=0.5):

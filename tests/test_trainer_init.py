@@ -5,13 +5,13 @@ import json
 import jax
 import numpy as np
 import pytest
+from trainer_utils import SyntheticIterator, cached_trainer, read_scalars, synthetic_eval_sets, tiny_config, to_numpy
 
 from gptj import recipe, train
 from gptj.core.checkpoint import Checkpointer, latest_step
+from gptj.model.transformer import GPTJConfig
 from gptj.settings import ConfigError, validate
 from gptj.weights.formats.hf import write_hf
-from gptj.model.transformer import GPTJConfig
-from trainer_utils import SyntheticIterator, cached_trainer, read_scalars, synthetic_eval_sets, tiny_config, to_numpy
 
 TINY = GPTJConfig.from_dict(tiny_config().model.to_dict())
 
@@ -108,8 +108,10 @@ def test_init_from_an_older_step_directory_takes_that_steps_params(tmp_path):
 
 
 def test_init_from_a_mesh_transformer_jax_checkpoint(tmp_path):
+    from mtj_utils import TINY as MTJ_TINY
+    from mtj_utils import random_shards, write_checkpoint
+
     from gptj.core.partitioning import Partitioner, make_mesh
-    from mtj_utils import TINY as MTJ_TINY, random_shards, write_checkpoint
 
     write_checkpoint(str(tmp_path / "mtj"), random_shards(MTJ_TINY, seed=3), MTJ_TINY, step=7, with_opt=True,
                      bf16=False)

@@ -26,8 +26,8 @@ sys.path.insert(0, ROOT)
 
 from benchmarks import weights_memory  # noqa: E402
 from gptj import plan  # noqa: E402
-from gptj.weights.formats import hf_files  # noqa: E402
 from gptj.model.transformer import GPTJConfig  # noqa: E402
+from gptj.weights.formats import hf_files  # noqa: E402
 
 # 24 layers of d_model 1024 and an 8192-token vocabulary: 319M parameters, 1.19 GiB in fp32. A short context
 # keeps the sampler's KV cache (sized for the model's whole context) small beside the weights.

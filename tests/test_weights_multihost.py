@@ -18,7 +18,6 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-
 from hf_utils import random_hf_model
 from xla_env import xla_flags
 
@@ -101,9 +100,9 @@ def test_each_process_reads_only_its_own_slices(tmp_path):
         # About half: all but the small vectors that zero3 leaves whole (biases of the mlp and vocabulary).
         assert 0.45 < report["bytes_read"] / report["checkpoint"] < 0.6, report
 
-    from gptj.weights.formats import hf
-    from gptj.model.transformer import GPTJ
     from gptj.core.partitioning import Partitioner, make_mesh
+    from gptj.model.transformer import GPTJ
+    from gptj.weights.formats import hf
     from gptj.weights.source import open_weights, param_shardings
 
     partitioner = Partitioner(make_mesh(data=2, model=4), "zero3")

@@ -100,8 +100,8 @@ MESHES = {  # name -> (data, model, rule set)
 def cached_trainer(mesh: str = "single", microbatches: int = 1, warmup_steps: int = 2):
     """A Trainer for `tiny_config()` on one of MESHES, compiled once per test process."""
     from gptj import recipe
-    from gptj.model.transformer import GPTJConfig
     from gptj.core.partitioning import Partitioner, make_mesh
+    from gptj.model.transformer import GPTJConfig
 
     data, model, rules = MESHES[mesh]
     config = tiny_config(microbatches=microbatches)

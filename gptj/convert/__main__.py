@@ -43,12 +43,12 @@ def _to_hf(args) -> str:
 
 
 def _to_peft(args) -> str:
-    from gptj.weights.spec import parse_init_from
-    from gptj.weights.formats import peft
-    from gptj.model.lora import split_adapters
-    from gptj.errors import WeightsError
     from gptj.core.param_tree import param_paths
+    from gptj.errors import WeightsError
+    from gptj.model.lora import split_adapters
+    from gptj.weights.formats import peft
     from gptj.weights.source import open_weights
+    from gptj.weights.spec import parse_init_from
 
     weights = open_weights(args.workdir)
     adapted = weights.adapted
@@ -100,9 +100,9 @@ def _slim(args) -> str:
 
 
 def _quantize(args) -> str:
-    from gptj.model import quantized as quantize
     from gptj.convert import slim
     from gptj.convert.quantize import write_quantized
+    from gptj.model import quantized as quantize
     from gptj.weights.params_dir import abstract_params_like
 
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
@@ -114,8 +114,8 @@ def _quantize(args) -> str:
 
 def _refuse_quantized(weights, command: str) -> None:
     """A quantized directory is an end point: converting it would carry its rounding into the output."""
-    from gptj.model import quantized as quantize
     from gptj.errors import WeightsError
+    from gptj.model import quantized as quantize
 
     if weights.config.quant_bits:
         raise WeightsError(f"{weights.path} holds {quantize.describe(weights.config)}-quantized weights; {command} "
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from gptj.core.storage import quiet_storage_noise
-    from gptj.errors import CheckpointDamagedError
+    from gptj.errors import CheckpointDamagedError, GptjError, WeightsError
 
     if args.verbosity < 1:
         quiet_storage_noise()
@@ -212,11 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             print(args.run(args))
         except CheckpointDamagedError as e:  # damage found while streaming: name the intact step to use instead
             from gptj.weights.params_dir import intact_alternative
-            from gptj.errors import WeightsError
 
             raise WeightsError(f"{e}; {intact_alternative(args.workdir, e.path)}" if getattr(args, "workdir", None)
                                else str(e)) from e
-    except (ValueError, OSError) as e:  # WeightsError, CheckpointError, bad values; refused files
+    except (GptjError, ValueError, OSError) as e:  # ours; a bad value a library refused; refused files
         if args.verbosity >= 1:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)

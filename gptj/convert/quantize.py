@@ -22,11 +22,11 @@ from typing import Iterable
 import jax
 import numpy as np
 
-from gptj.weights import params_dir as params_io
-from gptj.model import quantized as quantize
 from gptj.core import streaming
-from gptj.model.transformer import GPTJConfig
 from gptj.core.streaming import Box, LazyArray, box_shape, chunk_boxes, chunk_shape, full_box
+from gptj.model import quantized as quantize
+from gptj.model.transformer import GPTJConfig
+from gptj.weights import params_dir as params_io
 
 # What a quantized directory stores its scales, LayerNorms and biases in.
 STORAGE_DTYPE = "bfloat16"

@@ -36,12 +36,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 
-from gptj.core import metrics as metrics_lib
 from gptj.core import hooks as train_hooks
+from gptj.core import metrics as metrics_lib
 from gptj.core.checkpoint import CONFIG_FILE, Checkpointer
 from gptj.core.storage import write_json_atomic
-from gptj.errors import CheckpointDamagedError
 from gptj.core.trainer import Hook, Trainer
+from gptj.errors import CheckpointDamagedError
 
 TENSORBOARD_SUBDIR = "tensorboard"
 PROFILE_SUBDIR = "profile"
@@ -66,10 +66,10 @@ class RunSchedule:
     use_wandb: bool = False
 
     @classmethod
-    def from_config(cls, section: Mapping[str, Any]) -> "RunSchedule":
-        """The schedule from a config section holding (some of) these field names; other keys are ignored."""
+    def from_config(cls, section: Any) -> "RunSchedule":
+        """The schedule from a settings section with (some of) these fields as attributes; the rest are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: section[k] for k in names if k in section})
+        return cls(**{k: getattr(section, k) for k in names if hasattr(section, k)})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,10 +23,10 @@ import functools
 import math
 from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptj.core.streaming import LazyArray, finish_reading
@@ -186,8 +186,8 @@ class Partitioner:
 
     @classmethod
     def from_config(cls, mesh_config) -> "Partitioner":
-        """The mesh and rule set a run config's `mesh` section names (data, model, rules), over every device."""
-        return cls(make_mesh(int(mesh_config.data), int(mesh_config.model)), str(mesh_config.rules))
+        """The mesh and rule set a run's `mesh` settings name (data, model, rules), over every device."""
+        return cls(make_mesh(mesh_config.data, mesh_config.model), mesh_config.rules)
 
     @property
     def rules(self) -> Rules:

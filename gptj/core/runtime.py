@@ -8,6 +8,7 @@ import threading
 
 import jax
 from absl import logging
+
 from gptj.errors import DistributedInitError
 
 # The gptj package (this file is gptj/core/runtime.py): records from any of its modules pass.

@@ -19,7 +19,8 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
-from gptj.errors import CheckpointDamagedError, CheckpointError, StorageError
+
+from gptj.errors import CheckpointError, StorageError
 
 
 def _causes(error: BaseException) -> Iterator[BaseException]:

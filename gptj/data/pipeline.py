@@ -15,7 +15,7 @@ token, as the SFT task marks completions); the model's mask is then its
 ones. Eval padding rows are 0 either way.
 
 Epochs and resuming: epoch e is the task read once, shuffled with a seed
-derived from (config.train.seed, e), cut into full local batches (the tail
+derived from (settings.train.seed, e), cut into full local batches (the tail
 shorter than a batch is dropped, a different tail each epoch). The iterator's
 state is just (epoch, batches into the epoch) per host plus the global batch
 count: a few integers, saved with the checkpoint as JSON. Restoring rebuilds
@@ -51,18 +51,18 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch)]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def local_batch_size(config, process_count: int | None = None) -> int:
+def local_batch_size(settings, process_count: int | None = None) -> int:
     """Rows each host reads per step: the global batch over the number of processes."""
     process_count = jax.process_count() if process_count is None else process_count
-    batch = int(config.train.batch_size)
+    batch = settings.train.batch_size
     if batch <= 0 or batch % process_count:
         raise ValueError(f"train.batch_size={batch} must be a positive multiple of the {process_count} processes")
     return batch // process_count
 
 
-def train_batch_spec(config) -> dict[str, jax.ShapeDtypeStruct]:
+def train_batch_spec(settings) -> dict[str, jax.ShapeDtypeStruct]:
     """Global shapes and dtypes of one training (or eval) batch."""
-    shape = (int(config.train.batch_size), int(config.data.seq_len))
+    shape = (settings.train.batch_size, settings.data.seq_len)
     return {"inputs": jax.ShapeDtypeStruct(shape, np.int32), "targets": jax.ShapeDtypeStruct(shape, np.int32),
             "loss_mask": jax.ShapeDtypeStruct(shape, np.float32)}
 
@@ -91,10 +91,10 @@ def make_global(local: dict[str, np.ndarray], partitioner, global_batch: int) ->
             for k, v in local.items()}
 
 
-def _check_sharding(config, partitioner) -> None:
+def _check_sharding(settings, partitioner) -> None:
     if partitioner is None:
         return
-    batch, ways = int(config.train.batch_size), partitioner.data_parallel_size
+    batch, ways = settings.train.batch_size, partitioner.data_parallel_size
     if batch % ways:
         raise ValueError(f"train.batch_size={batch} must be a multiple of the {ways}-way batch sharding "
                          f"of mesh {dict(partitioner.mesh.shape)} under rule set {partitioner.rule_set.name!r}")
@@ -196,7 +196,7 @@ def _announce_slow_close() -> None:
 
 
 class TrainIterator:
-    """Endless (or `config.data.num_epochs`-long) iterator of global training batches.
+    """Endless (or `settings.data.num_epochs`-long) iterator of global training batches.
 
     `next()` returns the dict described in the module docstring (host-local
     numpy arrays when built without a partitioner). `get_state()` /
@@ -204,21 +204,21 @@ class TrainIterator:
     `get_state` is a collective: call it on every process, as a checkpoint save is.
     """
 
-    def __init__(self, config, partitioner=None, shard_info=None):
+    def __init__(self, settings, partitioner=None, shard_info=None):
         import seqio
 
-        self.task_name = config.data.train_task
+        self.task_name = settings.data.train_task
         if not self.task_name:
-            raise ValueError("config.data.train_task is empty; name a task (e.g. gptj_demo_train)")
-        _check_sharding(config, partitioner)
+            raise ValueError("data.train_task is empty; name a task (e.g. gptj_demo_train)")
+        _check_sharding(settings, partitioner)
         self.partitioner = partitioner
         self.shard_info = shard_info or seqio.ShardInfo(jax.process_index(), jax.process_count())
-        self.global_batch = int(config.train.batch_size)
-        self.local_batch = local_batch_size(config, self.shard_info.num_shards)
-        self.seq_len = int(config.data.seq_len)
-        self.seed = int(config.train.seed)
-        self.num_epochs = int(config.data.num_epochs)
-        self.shuffle_buffer = int(config.data.shuffle_buffer)
+        self.global_batch = settings.train.batch_size
+        self.local_batch = local_batch_size(settings, self.shard_info.num_shards)
+        self.seq_len = settings.data.seq_len
+        self.seed = settings.train.seed
+        self.num_epochs = settings.data.num_epochs
+        self.shuffle_buffer = settings.data.shuffle_buffer
         self.split = task_split(_task(self.task_name), "train")
         self._epoch, self._position, self._batches = 0, 0, 0
         self._stop_at: int | None = None
@@ -325,14 +325,14 @@ class TrainIterator:
         self._stream = None
 
 
-def build_train_iterator(config, partitioner=None, shard_info=None) -> TrainIterator:
-    """The training iterator for `config.data.train_task` (register tasks first).
+def build_train_iterator(settings, partitioner=None, shard_info=None) -> TrainIterator:
+    """The training iterator for `settings.data.train_task` (register tasks first).
 
     `partitioner`: a `gptj.core.partitioning.Partitioner` (batches come back as
     global jax.Arrays) or None (host-local numpy). `shard_info` overrides this
     process's `seqio.ShardInfo` (tests simulate hosts with it).
     """
-    return TrainIterator(config, partitioner, shard_info)
+    return TrainIterator(settings, partitioner, shard_info)
 
 
 # -- evaluation -----------------------------------------------------------------------
@@ -341,22 +341,22 @@ def build_train_iterator(config, partitioner=None, shard_info=None) -> TrainIter
 class EvalSet:
     """A named validation set: calling it returns a fresh finite iterator of global batches.
 
-    Reads at most `config.train.val_batches` batches (<= 0: the whole set),
+    Reads at most `settings.train.val_batches` batches (<= 0: the whole set),
     unshuffled. Every process yields the same number of batches (agreed once,
     collectively); rows past a host's data are padding with loss_mask 0.
     """
 
-    def __init__(self, task_name: str, config, partitioner=None, shard_info=None):
+    def __init__(self, task_name: str, settings, partitioner=None, shard_info=None):
         import seqio
 
-        _check_sharding(config, partitioner)
+        _check_sharding(settings, partitioner)
         self.task_name = task_name
         self.partitioner = partitioner
         self.shard_info = shard_info or seqio.ShardInfo(jax.process_index(), jax.process_count())
-        self.global_batch = int(config.train.batch_size)
-        self.local_batch = local_batch_size(config, self.shard_info.num_shards)
-        self.max_batches = int(config.train.val_batches)
-        self.seq_len = int(config.data.seq_len)
+        self.global_batch = settings.train.batch_size
+        self.local_batch = local_batch_size(settings, self.shard_info.num_shards)
+        self.max_batches = settings.train.val_batches
+        self.seq_len = settings.data.seq_len
         self.split = task_split(_task(task_name), "validation")
         self._num_batches: int | None = None
 
@@ -396,6 +396,6 @@ class EvalSet:
                 yield local if self.partitioner is None else make_global(local, self.partitioner, self.global_batch)
 
 
-def build_eval_iterators(config, partitioner=None, shard_info=None) -> dict[str, Callable[[], Iterator]]:
-    """{task name: callable returning a fresh finite iterator} for each of `config.data.val_tasks`."""
-    return {name: EvalSet(name, config, partitioner, shard_info) for name in config.data.val_tasks if name}
+def build_eval_iterators(settings, partitioner=None, shard_info=None) -> dict[str, Callable[[], Iterator]]:
+    """{task name: callable returning a fresh finite iterator} for each of `settings.data.val_tasks`."""
+    return {name: EvalSet(name, settings, partitioner, shard_info) for name in settings.data.val_tasks if name}

@@ -44,6 +44,7 @@ from gptj.data.tasks.files import expand_patterns, read_documents, text_format
 
 # Characters of text sent to a worker per task: big enough to amortise the
 from gptj.errors import DataError
+
 # inter-process hop, small enough to keep every worker busy and the bar moving.
 CHUNK_CHARS = 1 << 20
 DEFAULT_RECORDS_PER_SHARD = 10000

@@ -21,6 +21,7 @@ import os
 from typing import Iterable, Sequence
 
 import numpy as np
+
 from gptj.errors import VocabularyError
 
 EOT_TOKEN = "<|endoftext|>"

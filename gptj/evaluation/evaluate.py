@@ -15,39 +15,37 @@ from typing import Any
 import jax
 from absl import logging
 
+from gptj import recipe
+from gptj.core.partitioning import Partitioner
+from gptj.errors import EvalError
 from gptj.evaluation import harness as eval_harness
 from gptj.evaluation import harness_tasks as eval_tasks
-from gptj import recipe
-from gptj.errors import EvalError
 from gptj.model.transformer import GPTJConfig
-from gptj.core.partitioning import Partitioner
+from gptj.settings import RunSettings
 from gptj.weights.source import has_own_weights, load_for_inference
 
 
 def validation_metrics(config, params, model_config: GPTJConfig, partitioner: Partitioner) -> dict[str, dict]:
-    """Loss, perplexity and next-token accuracy on each of `config.data.val_tasks`.
+    """Loss, perplexity and next-token accuracy on each of the settings' `data.val_tasks`.
 
-    Reads at most `config.train.val_batches` batches of `config.train.batch_size`
-    rows per set (gptj.data.pipeline.build_eval_iterators). Collective: every host calls it.
+    Reads at most `train.val_batches` batches of `train.batch_size` rows per
+    set (gptj.data.pipeline.build_eval_iterators). Collective: every host calls it.
     """
-    names = [n for n in config.data.val_tasks if n]
-    if not names:
+    settings = RunSettings.from_config(config)
+    if not any(settings.data.val_tasks):
         return {}
-    from gptj.data import pipeline as data
-    from gptj.data import tasks
+    from gptj.data import pipeline, tasks
 
-    if int(config.data.seq_len) > model_config.max_len:
-        raise EvalError(f"validation sequences of data.seq_len={config.data.seq_len} tokens exceed the model's "
+    if settings.data.seq_len > model_config.max_len:
+        raise EvalError(f"validation sequences of data.seq_len={settings.data.seq_len} tokens exceed the model's "
                         f"context of {model_config.max_len}; pass --config.data.seq_len={model_config.max_len} "
                         "(or less)")
     # Register only the validation sets: an eval run need not have the training data.
-    eval_only = config.copy_and_resolve_references()
-    with eval_only.unlocked():
-        eval_only.data.train_task = ""
+    eval_only = settings.override("data", train_task="")
     tasks.register_tasks_for_config(eval_only)
     trainer = recipe.build_trainer(eval_only, model_config, partitioner)
     results = {}
-    for name, make_iterator in data.build_eval_iterators(eval_only, partitioner).items():
+    for name, make_iterator in pipeline.build_eval_iterators(eval_only, partitioner).items():
         summary = trainer.evaluate(params, make_iterator())
         results[name] = {k: v for k, v in summary.items() if k not in ("z_loss", "batches", "weight")}
         results[name]["tokens"] = int(summary["weight"])
@@ -66,24 +64,24 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
     plus a "validation" section) and prints the harness's table. Returns
     `{"validation": {...}, "harness": {...}}`.
     """
-    names = list(config.eval.harness_tasks)
-    include_path = str(config.eval.include_path or "")
-    loaded = eval_tasks.load_tasks(names, include_path) if names else None
-    if not has_own_weights(workdir) and not config.get("init_from"):
+    settings = RunSettings.from_config(config)
+    section = settings.eval
+    names = list(section.harness_tasks)
+    loaded = eval_tasks.load_tasks(names, section.include_path) if names else None
+    if not has_own_weights(workdir) and not settings.init_from:
         raise EvalError(f"nothing to evaluate: {workdir} holds no checkpoint and config.init_from is empty "
                         "(pass --config.init_from=hf:PATH, mtj:PATH or a params directory)")
-    partitioner = Partitioner.from_config(config.mesh)
-    params, model_config = load_for_inference(config, workdir, partitioner)
+    partitioner = Partitioner.from_config(settings.mesh)
+    params, model_config = load_for_inference(settings, workdir, partitioner)
     started = time.time()
-    validation = validation_metrics(config, params, model_config, partitioner)
+    validation = validation_metrics(settings, params, model_config, partitioner)
     harness: dict[str, Any] = {}
     if loaded is not None:
         lm = eval_harness.GPTJLM(params, model_config, partitioner, eval_harness.get_tokenizer(),
-                                 batch_size=int(config.eval.batch_size))
+                                 batch_size=section.batch_size)
         harness = eval_tasks.run_tasks(
-            lm, names, include_path=include_path, loaded=loaded, num_fewshot=int(config.eval.num_fewshot),
-            limit=int(config.eval.limit), bootstrap_iters=int(config.eval.get("bootstrap_iters", 100000)),
-            log_samples=bool(config.eval.get("log_samples", False)))
+            lm, names, include_path=section.include_path, loaded=loaded, num_fewshot=section.num_fewshot,
+            limit=section.limit, bootstrap_iters=section.bootstrap_iters, log_samples=section.log_samples)
     if jax.process_index() == 0:
         if harness:
             from lm_eval.utils import make_table

@@ -45,11 +45,12 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 from lm_eval.api.model import TemplateLM
 
-from gptj.errors import EvalError
-from gptj.model.transformer import GPTJ, GPTJConfig, score_targets
 from gptj.core.partitioning import Partitioner, place
-from gptj.inference.sampling_ops import bucket
 from gptj.core.trainer import Hook
+from gptj.errors import EvalError
+from gptj.inference.sampling_ops import bucket
+from gptj.model.transformer import GPTJ, GPTJConfig, score_targets
+from gptj.settings import RunSettings
 from gptj.weights.source import open_weights, param_shardings
 
 EOT_ID = 50256  # GPT-2's <|endoftext|>: the prefix of empty contexts and rolling windows
@@ -343,7 +344,7 @@ def _place_params(params, model_config: GPTJConfig, partitioner: Partitioner):
 def run_harness(lm_or_params, config, *, model_config: GPTJConfig | None = None,
                 partitioner: Partitioner | None = None, workdir: str | None = None,
                 tag: str | None = None) -> dict[str, float]:
-    """Runs `config.eval.harness_tasks` and returns flat metrics `{"harness/<task>/<metric>": value}`.
+    """Runs the `eval.harness_tasks` of `config` (a ConfigDict or RunSettings) and returns flat metrics `{"harness/<task>/<metric>": value}`.
 
     For the trainer's periodic evaluation: pass the live params with their
     `model_config` and `partitioner` (or a ready GPTJLM). Every host must call
@@ -354,25 +355,23 @@ def run_harness(lm_or_params, config, *, model_config: GPTJConfig | None = None,
     """
     from gptj.evaluation import harness_tasks as eval_tasks
 
-    eval_config = config.eval
+    section = RunSettings.from_config(config).eval
     if isinstance(lm_or_params, GPTJLM):
         lm = lm_or_params
     else:
         if model_config is None or partitioner is None:
             raise EvalError("run_harness(params, ...) needs model_config= and partitioner=")
-        lm = GPTJLM(lm_or_params, model_config, partitioner, get_tokenizer(), batch_size=int(eval_config.batch_size))
-    results = eval_tasks.run_tasks(
-        lm, list(eval_config.harness_tasks), include_path=str(eval_config.include_path or ""),
-        num_fewshot=int(eval_config.num_fewshot), limit=int(eval_config.limit),
-        bootstrap_iters=int(eval_config.get("bootstrap_iters", 100000)),
-        log_samples=bool(eval_config.get("log_samples", False)))
+        lm = GPTJLM(lm_or_params, model_config, partitioner, get_tokenizer(), batch_size=section.batch_size)
+    results = eval_tasks.run_tasks(lm, list(section.harness_tasks), include_path=section.include_path,
+                                   num_fewshot=section.num_fewshot, limit=section.limit,
+                                   bootstrap_iters=section.bootstrap_iters, log_samples=section.log_samples)
     if workdir and jax.process_index() == 0:
         eval_tasks.write_results(results, os.path.join(workdir, "eval"), tag)
     return eval_tasks.flatten_metrics(results)
 
 
 class HarnessHook(Hook):
-    """The harness during training: `config.eval.harness_tasks` every `every` steps and when training ends.
+    """The harness during training: the settings' `eval.harness_tasks` every `every` steps and when training ends.
 
     Scores go to the metric writer as `harness/<task>/<metric>` at the step
     they measure; process 0 also writes `workdir/eval/results_step_<N>.json`.
@@ -389,15 +388,15 @@ class HarnessHook(Hook):
                  every: int, throughput=None, params_of: Callable[[Any], Any] | None = None):
         from gptj.evaluation import harness_tasks as eval_tasks
 
-        self.config = config
+        self.settings = RunSettings.from_config(config)
         self.model_config = model_config
         self.partitioner = partitioner
         self.writer = writer
         self.workdir = workdir
-        self.every = int(every)
+        self.every = every
         self.throughput = throughput
         self.params_of = params_of or (lambda state: state["params"])
-        eval_tasks.load_tasks(list(config.eval.harness_tasks), str(config.eval.include_path or ""))
+        eval_tasks.load_tasks(list(self.settings.eval.harness_tasks), self.settings.eval.include_path)
         self._lm: GPTJLM | None = None
         self.last_step: int | None = None
 
@@ -417,10 +416,10 @@ class HarnessHook(Hook):
             params = self.params_of(state)
             if self._lm is None:
                 self._lm = GPTJLM(params, self.model_config, self.partitioner, get_tokenizer(),
-                                  batch_size=int(self.config.eval.batch_size))
+                                  batch_size=self.settings.eval.batch_size)
             else:
                 self._lm.set_params(params)
-            scalars = run_harness(self._lm, self.config, workdir=self.workdir, tag=f"step_{step}")
+            scalars = run_harness(self._lm, self.settings, workdir=self.workdir, tag=f"step_{step}")
         self.writer.write_scalars(step, scalars)
         logging.info("harness at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in sorted(scalars.items())))
         self.last_step = step

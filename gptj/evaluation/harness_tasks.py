@@ -17,6 +17,7 @@ import time
 from typing import Any, Sequence
 
 from absl import logging
+
 from gptj.errors import EvalError
 
 _OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
@@ -131,20 +132,22 @@ def load_tasks(names: Sequence[str], include_path: str = ""):
 
 
 def run_tasks(lm, names: Sequence[str], *, include_path: str = "", num_fewshot: int | None = None,
-              limit: int = 0, bootstrap_iters: int = 100000, log_samples: bool = False,
+              limit: int = 0, bootstrap_iters: int | None = None, log_samples: bool = False,
               seed: int = 0, loaded=None) -> dict[str, Any]:
     """Runs lm-evaluation-harness tasks on `lm` and returns the harness's results dictionary.
 
-    `limit` 0 means every example. The seeds are the harness's defaults
+    `limit` 0 means every example; `bootstrap_iters` None, the harness's own
+    default (a run passes its `eval.bootstrap_iters`). The seeds are the harness's defaults
     shifted by `seed`, identical on every host, so few-shot examples match.
     `loaded` reuses what `load_tasks(names, include_path)` returned.
     """
     import lm_eval
 
     manager, objects = loaded or load_tasks(names, include_path)
+    options = {} if bootstrap_iters is None else {"bootstrap_iters": bootstrap_iters}
     return lm_eval.simple_evaluate(
-        model=lm, tasks=objects, task_manager=manager, num_fewshot=num_fewshot, limit=limit or None,
-        bootstrap_iters=bootstrap_iters, log_samples=log_samples, random_seed=seed,
+        **options, model=lm, tasks=objects, task_manager=manager, num_fewshot=num_fewshot, limit=limit or None,
+        log_samples=log_samples, random_seed=seed,
         numpy_random_seed=1234 + seed, torch_random_seed=1234 + seed, fewshot_random_seed=1234 + seed)
 
 

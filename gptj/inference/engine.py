@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from gptj.inference.runner import (EOS, MAX_TOP_LOGPROBS, MIN_LENGTH_BUCKET, POS, REMAINING, ROW_FIELDS, SEED, STEP,
-                         TEMPERATURE, TOKEN, TOP_K, TOP_P, Generation, ModelRunner)
+                                   TEMPERATURE, TOKEN, TOP_K, TOP_P, Generation, ModelRunner)
 from gptj.inference.sampling_ops import bucket
 
 GENERATE, SCORE = "generate", "score"

@@ -37,15 +37,15 @@ import dataclasses
 import logging
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 from jax.sharding import PartitionSpec
 
-from gptj.model.transformer import GPTJ, GPTJConfig, cache_logical_axes, init_cache, output_logits, score_targets
 from gptj.core.partitioning import Partitioner, make_mesh, place
 from gptj.inference.sampling_ops import bucket, pick_tokens, row_keys
+from gptj.model.transformer import GPTJ, GPTJConfig, cache_logical_axes, init_cache, output_logits, score_targets
 from gptj.weights.source import param_shardings
 
 # Smallest prompt / generation / chunk buckets: shorter requests share one program.

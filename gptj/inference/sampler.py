@@ -28,11 +28,12 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from gptj.inference.engine import GENERATE, Engine, Job
-from gptj.model.transformer import GPTJConfig
 from gptj.core.partitioning import Partitioner
+from gptj.inference.engine import GENERATE, Engine, Job
 from gptj.inference.runner import GPT2_EOS_ID, MIN_LENGTH_BUCKET, Generation, ModelRunner, Score, default_vocab_limit
 from gptj.inference.sampling_ops import bucket
+from gptj.model.transformer import GPTJConfig
+from gptj.settings import RunSettings
 from gptj.weights.source import load_for_inference
 
 
@@ -197,11 +198,13 @@ def get_tokenizer():
 
 
 def build_sampler(config, workdir: str | None) -> Sampler:
-    """A Sampler for a run config: mesh from `config.mesh`, weights as `gptj.weights.source.load_for_inference` finds them."""
-    partitioner = Partitioner.from_config(config.mesh)
-    params, model_config = load_for_inference(config, workdir, partitioner)
+    """A Sampler for a run config (ConfigDict or RunSettings): mesh from its `mesh` section, weights as
+    `gptj.weights.source.load_for_inference` finds them."""
+    settings = RunSettings.from_config(config)
+    partitioner = Partitioner.from_config(settings.mesh)
+    params, model_config = load_for_inference(settings, workdir, partitioner)
     return Sampler(model_config, params, partitioner, tokenizer=get_tokenizer(),
-                   chunk_steps=int(config.sample.chunk_steps))
+                   chunk_steps=settings.sample.chunk_steps)
 
 
 def sample_main(config, workdir: str | None, prompt: str | None = None, prompt_file: str | None = None,
@@ -227,17 +230,17 @@ def sample_main(config, workdir: str | None, prompt: str | None = None, prompt_f
         raise ConfigError("--prompt is empty")
     else:
         prompts = [prompt]
-    sample = config.sample
-    sampler = build_sampler(config, workdir)
+    settings = RunSettings.from_config(config)
+    sample = settings.sample
+    sampler = build_sampler(settings, workdir)
     records = []
-    batch_size = max(1, int(sample.batch_size))
+    batch_size = max(1, sample.batch_size)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         try:
-            outs = sampler.complete(chunk, max_new_tokens=int(sample.max_new_tokens),
-                                    temperature=float(sample.temperature), top_k=int(sample.top_k),
-                                    top_p=float(sample.top_p),
-                                    seed=[int(sample.seed) + start + i for i in range(len(chunk))])
+            outs = sampler.complete(chunk, max_new_tokens=sample.max_new_tokens, temperature=sample.temperature,
+                                    top_k=sample.top_k, top_p=sample.top_p,
+                                    seed=[sample.seed + start + i for i in range(len(chunk))])
         except ValueError as e:  # a prompt too long for the context, a setting out of range
             raise ConfigError(f"sample: {e}") from None
         for text, out in zip(chunk, outs):

@@ -33,9 +33,9 @@ from typing import Any
 from gptj.inference.engine import GENERATE, SCORE, Engine, Job, QueueFull
 from gptj.inference.runner import Generation, Score
 from gptj.inference.sampler import encode_text
-from gptj.inference.schema import (CompleteResponse, CompletionRequest, CompleteRequest, CompletionResponse,
-                               DetokenizeResponse, HealthResponse, ModelList, TokenizeRequest, TokenizeResponse,
-                               TokenizerInfo, bounded_requests, declare_errors, describe_validation_errors)
+from gptj.inference.schema import (CompleteRequest, CompleteResponse, CompletionRequest, CompletionResponse,
+                                   DetokenizeResponse, HealthResponse, ModelList, TokenizeRequest, TokenizeResponse,
+                                   TokenizerInfo, bounded_requests, declare_errors, describe_validation_errors)
 
 # The reference's /complete always generated this many tokens.
 REFERENCE_COMPLETE_TOKENS = 512
@@ -369,29 +369,30 @@ def create_app(service: CompletionService, *, warmup: bool = False):
 
 
 def build_app(sampler, tokenizer, serve_config) -> Any:
-    """An app serving `sampler`'s model with the engine settings and names of a `config.serve` section."""
-    engine = Engine(sampler.runner, slots=int(serve_config.max_batch_size), max_queue=int(serve_config.max_queue),
-                    prefill_chunk=int(serve_config.prefill_chunk), decode_steps=int(serve_config.decode_steps),
+    """An app serving `sampler`'s model with the engine settings and names of a serve section (ServeSettings)."""
+    engine = Engine(sampler.runner, slots=serve_config.max_batch_size, max_queue=serve_config.max_queue,
+                    prefill_chunk=serve_config.prefill_chunk, decode_steps=serve_config.decode_steps,
                     tokenizer=tokenizer, eos_id=sampler.eos_id)
-    service = CompletionService(engine, tokenizer, model_name=str(serve_config.model_name),
-                                max_new_tokens_limit=int(serve_config.max_new_tokens_limit))
-    return create_app(service, warmup=bool(serve_config.warmup))
+    service = CompletionService(engine, tokenizer, model_name=serve_config.model_name,
+                                max_new_tokens_limit=serve_config.max_new_tokens_limit)
+    return create_app(service, warmup=serve_config.warmup)
 
 
 def serve(config, workdir: str | None) -> None:
-    """`python main.py --mode=serve`: loads the weights and serves on config.serve.host:port until stopped."""
+    """`python main.py --mode=serve`: loads the weights and serves on serve.host:port until stopped."""
     import jax
     import uvicorn
 
-    from gptj.inference.sampler import build_sampler
-
     from gptj.errors import ConfigError
+    from gptj.inference.sampler import build_sampler
+    from gptj.settings import RunSettings
 
+    settings = RunSettings.from_config(config)
     if jax.process_count() > 1:
         raise ConfigError("the server runs on a single host; use a mesh over that host's devices")
-    sampler = build_sampler(config, workdir)
+    sampler = build_sampler(settings, workdir)
     try:
-        app = build_app(sampler, sampler.tokenizer, config.serve)
+        app = build_app(sampler, sampler.tokenizer, settings.serve)
     except ValueError as e:  # a serve setting out of range (slots, queue, chunk, steps)
         raise ConfigError(f"serve: {e}") from None
-    uvicorn.run(app, host=str(config.serve.host), port=int(config.serve.port), log_level="info")
+    uvicorn.run(app, host=settings.serve.host, port=settings.serve.port, log_level="info")

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptj.model.transformer import LoraConfig, lora_param_names
 from gptj.core.param_tree import merge_params, select_params
+from gptj.model.transformer import LoraConfig, lora_param_names
 
 # What a LoRA run trains unless `train.trainable` says otherwise: the adapters alone.
 ADAPTER_PATTERN = r".*_lora_[ab]"

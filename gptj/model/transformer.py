@@ -45,14 +45,14 @@ import dataclasses
 import functools
 from typing import Any, Mapping, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 
+from gptj.core.losses import map_position_chunks
 from gptj.model import quantized as quantize
 from gptj.model.attention import ATTENTION_IMPLS, NEG_INF, cached_attention, causal_attention
-from gptj.core.losses import map_position_chunks
 
 REMAT_POLICIES = {
     "none": None,

@@ -28,15 +28,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from gptj.core import checkpoint
-from gptj.core import integrity
-from gptj.core import storage
-from gptj.core import streaming
+from gptj.core import checkpoint, integrity, storage, streaming
 from gptj.core.checkpoint import CHECKPOINTS_SUBDIR, CONFIG_FILE
-from gptj.model.transformer import GPTJConfig, abstract_params, resolve_dtype
 from gptj.core.partitioning import place
 from gptj.core.streaming import LazyArray
 from gptj.errors import WeightsError
+from gptj.model.transformer import GPTJConfig, abstract_params, resolve_dtype
 
 # A params directory's tree has the same name as a checkpoint's params item, so
 # the two are read the same way.

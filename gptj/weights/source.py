@@ -53,15 +53,15 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gptj.core import checkpoint
-from gptj.model import lora as lora_lib
-from gptj.weights import params_dir as params_io
-from gptj.model import quantized as quantize
-from gptj.weights.spec import parse_init_from, peft_adapter_dir
-from gptj.errors import ConfigError
-from gptj.model.transformer import GPTJConfig, LoraConfig, abstract_params, resolve_dtype
+from gptj.core.param_tree import merge_params, param_paths, path_matcher, select_params
 from gptj.core.partitioning import Partitioner, place
 from gptj.core.streaming import LazyArray, read_all
-from gptj.core.param_tree import merge_params, param_paths, path_matcher, select_params
+from gptj.errors import ConfigError
+from gptj.model import lora as lora_lib
+from gptj.model import quantized as quantize
+from gptj.model.transformer import GPTJConfig, LoraConfig, abstract_params, resolve_dtype
+from gptj.weights import params_dir as params_io
+from gptj.weights.spec import parse_init_from, peft_adapter_dir
 
 # Model fields a run may choose whatever the weights were trained with (numerics
 # and memory policy); every other field is the weights' shape and comes from them.
@@ -366,28 +366,31 @@ def has_own_weights(workdir: str | None) -> bool:
 
 
 def inference_weights(config, workdir: str | None) -> Weights:
-    """The weights sampling, serving and eval use: the workdir's own, else `config.init_from`.
+    """The weights sampling, serving and eval use: the workdir's own, else the run's `init_from`.
+
+    `config`: the run's settings (gptj.settings.RunSettings, or a ConfigDict
+    of the same sections): `init_from`, `model.vocab_pad_multiple`, `lora.init_from`.
 
     A workdir that holds a checkpoint (or is a params directory) wins, so a run
     fine-tuned from `init_from` is used as trained (a LoRA or frozen-parameter
     workdir over its base: `init_from` if given, else the base it recorded).
     Otherwise `init_from`, with the PEFT adapter `lora.init_from` if given.
     """
-    init_from = str(config.get("init_from", "") or "")
+    init_from = config.init_from
     if has_own_weights(workdir) or not init_from:
         if not workdir:
             raise ConfigError("no weights: pass --workdir (a trained workdir or params directory) or "
                               "--config.init_from")
         return open_weights(workdir, base=init_from or None)
-    weights = open_weights(init_from, int(config.model.vocab_pad_multiple))
-    adapter = str((config.get("lora") or {}).get("init_from", "") or "")
+    weights = open_weights(init_from, config.model.vocab_pad_multiple)
+    adapter = config.lora.init_from
     return with_peft_adapter(weights, adapter) if adapter else weights
 
 
 def load_for_inference(config, workdir: str | None, partitioner: Partitioner) -> tuple[Any, GPTJConfig]:
     """(params on the partitioner's mesh, their model config) for sampling, serving and eval.
 
-    The weights decide the model's shape; `config.model` decides its numerics
+    The weights decide the model's shape; the run's `model` section decides its numerics
     (`INFERENCE_FIELDS`), so `--config.model.dtype=bfloat16` runs fp32 weights
     in bf16. Params are stored in the compute dtype: inference keeps no fp32
     master copy.

@@ -22,11 +22,18 @@ and config.data.val_tasks):
 | `gptj_sft_validation`  | the same for `config.data.sft_val_pattern`                     |
 
 Any other name must already be registered with seqio (your own task or
-mixture, producing the same "text" feature and optionally "loss_mask").
+mixture, producing the same "text" feature and optionally "loss_mask"):
+register it in a module named by `config.data.module` (a dotted name or a
+.py file, imported on every host before the tasks are looked up), as
+examples/custom_task.py does.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+import sys
 from typing import Sequence
 
 from gptj.errors import DataError
@@ -44,7 +51,7 @@ SFT_PATTERN_FIELDS = {SFT: "sft_pattern", SFT_VALIDATION: "sft_val_pattern"}
 
 __all__ = [
     "BUILTIN_TASKS", "DataError", "register_demo_tasks", "register_tfrecord_task", "register_text_task",
-    "register_sft_task", "register_tasks_for_config", "output_features",
+    "register_sft_task", "register_tasks_for_config", "import_task_module", "output_features",
 ]
 
 
@@ -136,34 +143,60 @@ def register_sft_task(name: str, pattern: str | Sequence[str], seq_len: int, pac
     return name
 
 
-def register_tasks_for_config(config) -> list[str]:
-    """Registers every task `config.data.train_task` and `config.data.val_tasks` name; returns the names.
+def import_task_module(module: str) -> None:
+    """Imports the module (a dotted name, or a .py file) that registers a run's own seqio tasks.
 
-    Raises ValueError naming the task if a name is neither built in nor already
-    registered with seqio, and DataError for missing or empty data files, so a
-    bad config fails before anything compiles.
+    Raises DataError naming the module when it cannot be imported.
+    """
+    if not module:
+        return
+    try:
+        if module.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(module))[0], module)
+            if spec is None or not os.path.isfile(module):
+                raise FileNotFoundError(f"no such file: {module}")
+            loaded = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = loaded
+            spec.loader.exec_module(loaded)
+        else:
+            importlib.import_module(module)
+    except Exception as e:  # the module is the user's code: whatever it raised, name it and the module
+        raise DataError(f"data.module={module!r} could not be imported ({type(e).__name__}: {e}); name a "
+                        "module on the Python path or a .py file that registers your seqio tasks") from e
+
+
+def register_tasks_for_config(settings) -> list[str]:
+    """Registers every task `settings.data.train_task` and `settings.data.val_tasks` name; returns the names.
+
+    `settings`: gptj.settings.RunSettings (or a ConfigDict with the same
+    sections). `data.module` is imported first, so the tasks it registers
+    count as known. Raises ValueError naming the task if a name is neither
+    built in nor registered with seqio, and DataError for missing or empty
+    data files or a module that cannot be imported, so a bad config fails
+    before anything compiles.
     """
     import seqio
 
-    data = config.data
-    vocab = data.get("vocab_path", "") or None
-    seq_len = int(data.seq_len)
-    model_vocab = int(config.model.vocab_size) if "model" in config and "vocab_size" in config.model else None
-    vocab_size = min(model_vocab, _vocabulary(vocab).vocab_size) if model_vocab else None
-    names = [n for n in [data.train_task, *list(data.val_tasks)] if n]
+    data = settings.data
+    import_task_module(data.module)
+    vocab = data.vocab_path or None
+    seq_len = data.seq_len
+    model_vocab = settings.model.vocab_size
+    vocab_size = min(model_vocab, _vocabulary(vocab).vocab_size)
+    names = [n for n in [data.train_task, *data.val_tasks] if n]
     for name in dict.fromkeys(names):
         if name in (DEMO_TRAIN, DEMO_VALIDATION):
             register_demo_tasks(seq_len, vocab)
         elif name == TFRECORDS:
             register_tfrecord_task(name, data.tfrecord_pattern, seq_len, vocab, vocab_size)
         elif name == TFRECORDS_VALIDATION:
-            register_tfrecord_task(name, data.get("val_tfrecord_pattern", ""), seq_len, vocab, vocab_size)
+            register_tfrecord_task(name, data.val_tfrecord_pattern, seq_len, vocab, vocab_size)
         elif name == TEXT:
             register_text_task(name, data.text_pattern, seq_len, data.text_field, vocab)
         elif name in SFT_PATTERN_FIELDS:
-            register_sft_task(name, data.get(SFT_PATTERN_FIELDS[name], ""), seq_len, bool(data.get("sft_pack", False)),
-                              vocab)
+            register_sft_task(name, getattr(data, SFT_PATTERN_FIELDS[name]), seq_len, data.sft_pack, vocab)
         elif name not in seqio.TaskRegistry.names() and name not in seqio.MixtureRegistry.names():
             raise ValueError(
-                f"unknown data task {name!r}: use one of {list(BUILTIN_TASKS)} or register it with seqio first")
+                f"unknown data task {name!r}: use one of {list(BUILTIN_TASKS)}, register it with seqio in a "
+                "module named by data.module, or register it in your config file")
     return names

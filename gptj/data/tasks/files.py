@@ -24,6 +24,7 @@ import io
 import json
 import os
 from typing import Iterator, Sequence
+
 from gptj.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")

@@ -26,11 +26,11 @@ import jax
 import numpy as np
 
 from gptj.core import streaming
-from gptj.weights.formats import hf_files
-from gptj.model.transformer import GPTJConfig, resolve_dtype
-from gptj.weights.params_dir import param_shapes, unflatten
-from gptj.errors import WeightsError
 from gptj.core.streaming import LazyArray
+from gptj.errors import WeightsError
+from gptj.model.transformer import GPTJConfig, resolve_dtype
+from gptj.weights.formats import hf_files
+from gptj.weights.params_dir import param_shapes, unflatten
 
 # Buffers some older HF GPT-J checkpoints saved alongside the weights.
 _IGNORED_SUFFIXES = ("attn.bias", "attn.masked_bias")

@@ -67,10 +67,10 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 
+from gptj.core.streaming import LazyArray, read_all
+from gptj.errors import WeightsError
 from gptj.model.transformer import GPTJConfig
 from gptj.weights.params_dir import param_shapes, unflatten
-from gptj.errors import WeightsError
-from gptj.core.streaming import LazyArray, read_all
 
 META_FILE = "meta.json"
 _PREFIX = "causal_transformer_shard/~/"

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from gptj.errors import WeightsError
 from gptj.model.lora import adapter_pair, adapter_tree
 from gptj.model.transformer import LORA_TARGETS, GPTJConfig, LoraConfig, abstract_params
-from gptj.errors import WeightsError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
