@@ -29,6 +29,7 @@ from gptj.core import losses
 from gptj.core import optimizer as optimizer_lib
 from gptj.core.param_tree import merge_params, param_paths, path_matcher, select_params
 from gptj.core.partitioning import Partitioner, place
+from gptj.core.pipeline import Schedule
 from gptj.core.trainer import Trainer
 from gptj.errors import ConfigError, TrainableError
 from gptj.model import lora as lora_lib
@@ -108,6 +109,9 @@ def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Traine
     and the loss applies the head chunk by chunk (`losses.fused_next_token_loss`,
     see `head_loss_fns`); with 0 it returns the full logits and the loss is
     `losses.next_token_loss` over them.
+
+    On a mesh with stages, the model runs its layers as a pipeline of
+    `train.microbatches` microbatches (`pipeline_schedule`).
     """
     from gptj.data.pipeline import train_batch_spec
 
@@ -127,7 +131,9 @@ def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Traine
     lora = settings.lora.adapters
     trainable = lora_lib.trainable_pattern(train.trainable, lora)
     trainer = Trainer(
-        GPTJ(model, lora=lora, head_inputs=bool(chunk_tokens)), loss_fn, optimizer, partitioner,
+        GPTJ(model, lora=lora, head_inputs=bool(chunk_tokens),
+             pipeline=pipeline_schedule(model, partitioner, train.microbatches)),
+        loss_fn, optimizer, partitioner,
         train_batch_spec(settings), microbatches=train.microbatches, summarize=losses.summarize,
         lr_schedule=schedule, on_nonfinite=train.on_nonfinite, seed=train.seed,
         eval_loss_fn=eval_loss_fn, rng_streams=("dropout",) if lora is not None and lora.dropout > 0 else (),
@@ -140,6 +146,17 @@ def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Traine
         raise ConfigError(f"train.trainable={trainable!r} trains no LoRA adapter (it trains {trained}); "
                           f"include {lora_lib.ADAPTER_PATTERN!r}")
     return trainer
+
+
+def pipeline_schedule(model: GPTJConfig, partitioner: Partitioner, microbatches: int) -> Schedule | None:
+    """The pipeline the model runs on `partitioner`'s stages (None without stages); ConfigError if it cannot."""
+    if partitioner.stages == 1:
+        return None
+    schedule = Schedule(stages=partitioner.stages, microbatches=microbatches)
+    problems = schedule.problems(model.num_layers, names=("mesh.stage", "train.microbatches", "model.num_layers"))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return schedule
 
 
 # Vocabulary entries per chunk of the fused loss on a CPU, when train.loss_chunk_vocab is -1 (auto): one
