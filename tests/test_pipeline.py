@@ -1,0 +1,193 @@
+"""The pipeline axis (mesh.stage, GPipe) and sequence-parallel activations (megatron_sp), on 8 fake CPU devices.
+
+One tiny 4-layer model trains 6 steps on each layout below from the same init and
+data; every layout's trainer is compiled once for the module (`_trainer`), and
+the runs are shared by the tests (`_run`):
+
+    single  1 device                                          the reference
+    d2s2m2  stage 2 x data 2 x model 2, megatron               a pipeline of 2 stages of 2 layers
+    s4m2    stage 4 x model 2, megatron                        4 stages of 1 layer
+    sp      stage 2 x data 2 x model 2, megatron_sp            the pipeline with sequence-sharded activations
+
+Every layout runs 4 microbatches per step: gradient accumulation on one device,
+the pipeline's microbatches on the others.
+"""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+from trainer_utils import synthetic_batch, tiny_config, to_numpy
+
+from gptj import recipe
+from gptj.core.checkpoint import Checkpointer
+from gptj.core.param_tree import merge_params, path_matcher, select_params
+from gptj.core.partitioning import Partitioner, make_mesh
+from gptj.errors import ConfigError, PartitioningError
+from gptj.model.transformer import GPTJConfig
+from gptj.settings import validate
+
+LAYOUTS = {  # name -> (stage, data, model, rule set)
+    "single": (1, 1, 1, "megatron"),
+    "d2s2m2": (2, 2, 2, "megatron"),
+    "s4m2": (4, 1, 2, "megatron"),
+    "sp": (2, 2, 2, "megatron_sp"),
+}
+STEPS, SAVED_AT = 6, 3
+B1 = 0.9  # Adam's b1: after one step its first moment is (1 - b1) x the gradient
+
+
+def _config(lora: bool = False, **mesh):
+    config = tiny_config(microbatches=4)
+    config.model.update(dict(num_layers=4, d_model=16, num_heads=2, rotary_dim=4))
+    config.optimizer.clip_norm = 0.0  # so that Adam's first moment is the plain gradient, scaled
+    config.mesh.update(mesh)
+    if lora:
+        config.lora.update(dict(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "fc_in")))
+    return config
+
+
+@functools.lru_cache(maxsize=None)
+def _trainer(layout: str, lora: bool = False):
+    stage, data, model, rules = LAYOUTS[layout]
+    config = _config(lora)
+    devices = jax.devices()[:stage * data * model]
+    partitioner = Partitioner(make_mesh(data, model, devices=devices, stage=stage), rules)
+    trainer = recipe.build_trainer(config, GPTJConfig.from_dict(config.model.to_dict()), partitioner)
+    return trainer, trainer.compile()
+
+
+def _initial_state(trainer, lora: bool):
+    if not lora:
+        return trainer.init_state(0)
+    # LoRA: the single-device run's initial weights are the frozen base; fresh adapters train.
+    base = to_numpy(_trainer("single")[0].init_state(0)["params"])
+    trained, frozen = select_params(base, path_matcher(trainer.trainable))
+    trainer.set_frozen(frozen)
+    return trainer.state_from_params(merge_params(trainer.init_params(0), trained))
+
+
+@functools.lru_cache(maxsize=None)
+def _run(layout: str, lora: bool = False):
+    """6 steps: (losses, host copy of the state after step 3, host copy of Adam's first moment after step 1)."""
+    trainer, _ = _trainer(layout, lora)
+    state = _initial_state(trainer, lora)
+    losses, saved, first_moment = [], None, None
+    for step in range(STEPS):
+        state, metrics = trainer.train_step(state, synthetic_batch(step))
+        losses.append(float(metrics["loss"]))
+        if step == 0:
+            first_moment = to_numpy(next(part.mu for part in state["opt_state"] if hasattr(part, "mu")))
+        if step + 1 == SAVED_AT:
+            saved = to_numpy(state)
+    return np.asarray(losses), saved, first_moment
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("layout", ["d2s2m2", "s4m2"])
+def test_pipeline_losses_equal_one_device(layout, lora):
+    reference, _, _ = _run("single", lora)
+    losses, _, _ = _run(layout, lora)
+    assert reference[-1] < reference[0]  # it learns
+    np.testing.assert_allclose(losses, reference, rtol=0, atol=1e-5)
+    # The layers really are split over the stages: each device holds 1/stage of each stacked weight.
+    trainer, _ = _trainer(layout, lora)
+    sharding = trainer.state_shardings["params"]["blocks"]["attn"]
+    kernel = sharding["q_proj_lora_a" if lora else "q_proj"]
+    assert kernel.spec[0] == "stage"
+    stages = trainer.partitioner.stages
+    assert kernel.shard_shape((4, 16, 2, 8) if not lora else (4, 16, 4))[0] == 4 // stages
+
+
+def test_pipeline_gradients_equal_stage_1():
+    # Adam's first moment after one step is (1 - b1) x the gradient of the whole batch (4 microbatches on both).
+    _, _, accumulated = _run("single")
+    _, _, pipelined = _run("d2s2m2")
+    for (path, g1), g2 in zip(jax.tree_util.tree_leaves_with_path(accumulated), jax.tree_util.tree_leaves(pipelined)):
+        g1, g2 = g1 / (1 - B1), g2 / (1 - B1)
+        assert np.abs(g1).max() > 0, path
+        assert np.abs(g2 - g1).max() <= 1e-6 * np.abs(g1).max(), path
+
+
+def test_sequence_parallel_same_losses_smaller_temporaries():
+    reference, _, _ = _run("single")
+    losses, _, _ = _run("sp")
+    np.testing.assert_allclose(losses, reference, rtol=0, atol=1e-5)
+    _, megatron = _trainer("d2s2m2")
+    trainer, sequence_parallel = _trainer("sp")
+    print(f"\ntemporaries per device, stage 2 x data 2 x model 2: megatron {megatron.temporaries:,} B, "
+          f"megatron_sp {sequence_parallel.temporaries:,} B")
+    assert sequence_parallel.temporaries < megatron.temporaries
+    # Parameters and optimizer state are laid out as megatron's: only activations differ.
+    assert (sequence_parallel.params, sequence_parallel.opt_state) == (megatron.params, megatron.opt_state)
+    assert trainer.partitioner.mesh_spec(("act_batch", "act_residual_length", "act_embed")) == \
+        P(("stage", "data"), "model", None)
+
+
+def _leaves_equal(a, b):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("saved_on,resumed_on", [("d2s2m2", "single"), ("d2s2m2", "s4m2"), ("single", "d2s2m2")])
+def test_checkpoint_is_layout_free(tmp_path, saved_on, resumed_on):
+    """Saved at one stage count, restored at another: the same state, bit for bit, and training goes on.
+
+    Continuing from the restored state equals, bit for bit, continuing on that
+    layout from the saving run's state without the round trip through disk.
+    """
+    _, saved, _ = _run(saved_on)
+    source, _ = _trainer(saved_on)
+    saver = Checkpointer(str(tmp_path))
+    saver.save(jax.device_put(saved, source.state_shardings), {"index": SAVED_AT})
+    saver.close()
+
+    target, _ = _trainer(resumed_on)
+    restored, data_state = Checkpointer(str(tmp_path)).restore(target.abstract_state)
+    assert data_state == {"index": SAVED_AT} and int(restored["step"]) == SAVED_AT
+    _leaves_equal(to_numpy(restored), saved)
+    assert restored["params"]["blocks"]["mlp"]["fc_in_kernel"].sharding == \
+        target.state_shardings["params"]["blocks"]["mlp"]["fc_in_kernel"]
+
+    def continue_from(state):
+        losses = []
+        for step in range(SAVED_AT, STEPS):
+            state, metrics = target.train_step(state, synthetic_batch(step))
+            losses.append(float(metrics["loss"]))
+        return losses, to_numpy(state["params"])
+
+    resumed_losses, resumed_params = continue_from(restored)
+    straight_losses, straight_params = continue_from(jax.device_put(saved, target.state_shardings))
+    assert resumed_losses == straight_losses
+    _leaves_equal(resumed_params, straight_params)
+    np.testing.assert_allclose(resumed_losses, _run("single")[0][SAVED_AT:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mesh,train,expected", [
+    (dict(stage=4, model=2), dict(), "model.num_layers=6 is not divisible by mesh.stage=4"),
+    (dict(stage=4, model=2), dict(microbatches=2), "train.microbatches=2 is fewer than mesh.stage=4"),
+    (dict(stage=4, model=2), dict(microbatches=6, batch_size=24), "train.microbatches=6 must be a multiple of "
+                                                                  "mesh.stage=4"),
+    (dict(stage=2, model=1, rules="dp"), dict(), "mesh.rules='dp' splits no layers over the stage axis"),
+], ids=["layers", "microbatches", "multiple", "rules"])
+def test_bad_pipeline_settings_are_one_line_before_compiling(mesh, train, expected):
+    config = _config(**mesh)
+    config.model.num_layers = 6 if "layers" in expected else 4
+    config.train.update(train)
+    expected = expected.replace("mesh.stage=4", f"mesh.stage={mesh['stage']}")
+    with pytest.raises(ConfigError) as e:
+        validate(config, "train", check_tasks=False)
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_pipeline_layouts_are_refused_where_they_are_built():
+    # Below the settings: the rule set at the Partitioner, the model's layers at the recipe.
+    with pytest.raises(PartitioningError, match="rule set 'dp' splits no layers over the stage axis"):
+        Partitioner(make_mesh(1, 4, devices=jax.devices()[:8], stage=2), "dp")
+    config = _config()
+    partitioner = _trainer("s4m2")[0].partitioner
+    model = GPTJConfig.from_dict(dict(config.model.to_dict(), num_layers=6))
+    with pytest.raises(ConfigError, match="model.num_layers=6 is not divisible by mesh.stage=4"):
+        recipe.build_trainer(config, model, partitioner)
