@@ -14,14 +14,17 @@ the pipeline's microbatches on the others.
 """
 
 import functools
+import json
+import re
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from trainer_utils import synthetic_batch, tiny_config, to_numpy
+from trainer_utils import SyntheticIterator, synthetic_batch, synthetic_eval_sets, tiny_config, to_numpy
 
-from gptj import recipe
+from gptj import plan as plan_lib
+from gptj import recipe, train
 from gptj.core.checkpoint import Checkpointer
 from gptj.core.param_tree import merge_params, path_matcher, select_params
 from gptj.core.partitioning import Partitioner, make_mesh
@@ -124,6 +127,53 @@ def test_sequence_parallel_same_losses_smaller_temporaries():
     assert (sequence_parallel.params, sequence_parallel.opt_state) == (megatron.params, megatron.opt_state)
     assert trainer.partitioner.mesh_spec(("act_batch", "act_residual_length", "act_embed")) == \
         P(("stage", "data"), "model", None)
+
+
+def test_stage_transfers_are_what_the_scaling_model_counts():
+    """The compiled step sends 2 collective-permutes per iteration each way (gptj.scaling's stage transfers).
+
+    And nothing else moves between stages but the gradients' reductions: no
+    weight or activation is gathered.
+    """
+    trainer, _ = _trainer("d2s2m2")
+    trainer.train_step(trainer.init_state(0), synthetic_batch(0))  # compiled
+    hlo = trainer._compiled_train.as_text()
+    permutes = re.findall(r" collective-permute(?:-start)?\(", hlo)
+    assert len(permutes) == 4  # in the forward loop's body and the backward loop's: outputs on, the stream back
+    assert not re.findall(r" all-gather(?:-start)?\(", hlo)
+
+
+def test_non_finite_guard_inside_the_pipeline():
+    trainer, _ = _trainer("d2s2m2")
+    state = trainer.init_state(0)
+    before = to_numpy(state["params"])
+    poisoned = synthetic_batch(0)
+    poisoned["loss_mask"][3, 5] = np.nan
+    state, metrics = trainer.train_step(state, poisoned)
+    assert not bool(metrics["finite"])
+    _leaves_equal(to_numpy(state["params"]), before)  # the update was dropped
+
+
+def test_train_and_plan_read_mesh_stage_from_the_config(tmp_path):
+    """--config.mesh.stage through the driver (resumable workdir) and --mode=plan: the programs the tests compiled."""
+    config = _config(stage=2, data=2, model=2)
+    config.train.total_steps = SAVED_AT
+    status = train.train_and_evaluate(config, str(tmp_path), train_iter_fn=SyntheticIterator,
+                                      eval_iters_fn=synthetic_eval_sets)
+    assert status == "completed"
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["mesh"]["stage"] == 2
+    trainer, report = _trainer("d2s2m2")
+    restored, _ = Checkpointer(str(tmp_path)).restore(trainer.abstract_state)
+    _leaves_equal(to_numpy(restored), _run("d2s2m2")[1])  # the same run as the Trainer's, bit for bit
+
+    plan = plan_lib.make_plan(config)
+    assert plan.mesh == {"stage": 2, "data": 2, "model": 2} and plan.pipeline.stages == 2
+    assert (plan.params, plan.temporaries) == (report.params, report.temporaries)
+    # The stacked layers split over stage x model, embedding and head over model only.
+    assert plan.params_expected <= plan.params <= 1.05 * plan.params_expected
+    text = plan_lib.format_plan(plan, config)
+    assert "mesh stage=2 x data=2 x model=2" in text and "pipeline: 2 stages of 2 layers" in text
 
 
 def _leaves_equal(a, b):
