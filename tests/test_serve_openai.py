@@ -12,7 +12,6 @@ import threading
 import types
 
 import httpx
-import numpy as np
 import pytest
 
 from gptj.data.vocab import EOT_TOKEN
@@ -85,7 +84,8 @@ def sse(url, path, body):
 CONVERSATION = [{"role": "system", "content": "You answer briefly. "},
                 {"role": "user", "content": "Q: What is two plus two? A:"},
                 {"role": "assistant", "content": " Four."},
-                {"role": "user", "content": [{"type": "text", "text": "Q: And three"}, {"type": "text", "text": "? A:"}]}]
+                {"role": "user", "content": [{"type": "text", "text": "Q: And three"},
+                                             {"type": "text", "text": "? A:"}]}]
 # The gptj_sft format: contents back to back, EOS after each assistant turn; text parts joined by newlines.
 RENDERED = "You answer briefly. Q: What is two plus two? A: Four." + EOT_TOKEN + "Q: And three\n? A:"
 
@@ -238,8 +238,8 @@ def test_openai_client_chat_and_streamed_usage_match_sampling_and_the_servers_co
         count = after[f"vllm:{name}_count{labels}"]
         assert count == after[f"gptj_{source}_count"] > before[f"gptj_{source}_count"], name
         assert after[f'vllm:{name}_bucket{{le="+Inf",model_name="{MODEL}",engine="0"}}'] == count
-    tokens = after[f"vllm:inter_token_latency_seconds_count{labels}"] - before[f"vllm:inter_token_latency_seconds_count{labels}"]
-    assert tokens == generated - 4  # one gap per token after each row's first (the 4 rows of this test)
+    gaps = after["gptj_inter_token_latency_seconds_count"] - before["gptj_inter_token_latency_seconds_count"]
+    assert gaps == generated - 4  # one gap per token after each row's first (the 4 rows of this test)
 
     continuous = sse(url, "/v1/completions", {"prompt": "Hi", "max_tokens": 3, "temperature": 0, "stream": True,
                                               "stream_options": {"continuous_usage_stats": True}})
@@ -348,3 +348,26 @@ def test_cancelled_streams_end_cleanly_and_the_server_goes_on(server):
     assert engine.counters["cancelled_rows"] - before["cancelled_rows"] >= 8  # the later half never ran to the end
     assert not [m for m in records.messages if "destroyed but it is pending" in m or "never awaited" in m]
     assert health(url)["status"] == "ok"
+
+
+# -- the load benchmark ----------------------------------------------------------------------------
+
+
+def test_the_load_benchmark_counts_the_usage_the_server_reports_and_agrees_with_its_counter(server):
+    """benchmarks/serve_load.py's client sends what load tools send (ignore_eos, include_usage): its output
+    tokens are the streams' usage, which equals the tokens the events carried, every request's max_tokens and
+    the server's own counter over the run."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import serve_load
+
+    url, _ = server
+    requests = serve_load.workload(rate=50.0, count=12, seed=0, max_len=128, output_max=64)
+    summary = serve_load.run_load(url, requests)
+    assert summary["ok"] == 12 and summary["token_source"] == "usage"
+    assert summary["tokens"] == summary["streamed_tokens"] == summary["server_tokens"] \
+        == sum(r.max_tokens for r in requests)
+    assert summary["cpu_ms_per_token"] > 0
+    assert "server counted" in serve_load.token_check(summary)

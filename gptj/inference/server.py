@@ -338,9 +338,6 @@ class CompletionService:
         model = self.resolve_model(request.model)
         if request.top_logprobs and not request.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
-        if (request.n or 1) > self.engine.max_queue:
-            raise RequestError(f"n={request.n} completions in one request; this server takes at most "
-                               f"{self.engine.max_queue}", param="n")
         prompt = self.chat_prompt(request)
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         if max_tokens is None:
@@ -655,7 +652,10 @@ def create_app(service: CompletionService, *, warmup: bool = False):
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        return PlainTextResponse(service.engine.prometheus() + vllm_metrics(service.engine, service.model_name))
+        process = ("# HELP process_cpu_seconds_total CPU seconds of the server process (every thread).\n"
+                   f"# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {time.process_time()}\n")
+        return PlainTextResponse(service.engine.prometheus() + vllm_metrics(service.engine, service.model_name)
+                                 + process)
 
     @app.get("/tokenizer_info", response_model=TokenizerInfo)
     async def tokenizer_info():
