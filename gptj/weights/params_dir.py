@@ -40,6 +40,21 @@ from gptj.model.transformer import GPTJConfig, abstract_params, resolve_dtype
 PARAMS_SUBDIR = checkpoint.PARAMS_ITEM
 
 
+def read_json_in(directory: str, filename: str, expected: str) -> dict[str, Any]:
+    """The JSON file `filename` of `directory` (a config an HF or PEFT directory holds); WeightsError if it
+    is missing or unreadable, the message saying what `directory` was `expected` to be."""
+    path = os.path.join(directory, filename)
+    if not os.path.isdir(directory):
+        raise WeightsError(f"{directory}: no such directory")
+    if not os.path.isfile(path):
+        raise WeightsError(f"{directory}: no {filename}; expected {expected}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: not valid JSON ({e})") from e
+
+
 def read_model_config(path: str) -> GPTJConfig:
     """The model config of a params directory or workdir (its `config.json`), or of a checkpoint step directory.
 
