@@ -441,7 +441,7 @@ class CompletionService:
 
     # -- streaming ----------------------------------------------------------------------
 
-    def _listen(self, jobs: list[Job], stop: list[str]) -> tuple[list[TokenStream], asyncio.Queue]:
+    def _listen(self, jobs: list[Job]) -> tuple[list[TokenStream], asyncio.Queue]:
         """Per-row token streams and a queue that the engine's thread feeds with (row, partial Generation)
         after each step, and (row, error) if a row fails."""
         loop = asyncio.get_running_loop()
@@ -457,12 +457,11 @@ class CompletionService:
             if not future.cancelled() and future.exception() is not None:
                 put((index, future.exception()))
 
-        # Never emit text a later stop string might cover.
-        holdback = max((len(s) for s in stop), default=1) - 1
         streams = []
         for index, job in enumerate(jobs):
             job.on_update = lambda generation, index=index: put((index, generation))
             job.future.add_done_callback(lambda future, index=index: failed(index, future))
+            holdback = max((len(s) for s in job.stop), default=1) - 1  # what a later stop string might cover
             streams.append(TokenStream(index, self.tokenizer, self.stream_interval, holdback,
                                        self.engine.eos_id if job.ignore_eos else None))
         return streams, updates
@@ -494,8 +493,7 @@ class CompletionService:
     async def stream(self, request: CompletionRequest):
         """Server-sent events for a streamed completion; validation errors are raised before the first event."""
         model, prompts, generate, score = self.plan(request)
-        streams, updates = self._listen(generate, [s for s in ([request.stop] if isinstance(request.stop, str)
-                                                                 else request.stop or []) if s])
+        streams, updates = self._listen(generate)
         self.submit(score + generate)
         return self._stream(score + generate, self._completion_events(request, model, prompts, generate, score,
                                                                       streams, updates))
@@ -540,8 +538,7 @@ class CompletionService:
         """Server-sent events for a streamed chat completion: each choice's role, its tokens' content, its
         finish reason (OpenAI's chunk shapes); validation errors are raised before the first event."""
         model, prompt, jobs = self.chat_plan(request)
-        stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-        streams, updates = self._listen(jobs, [s for s in stop if s])
+        streams, updates = self._listen(jobs)
         self.submit(jobs)
         return self._stream(jobs, self._chat_events(request, model, prompt, jobs, streams, updates))
 
