@@ -155,7 +155,8 @@ def test_the_instruction_tuned_model_answers_chat_requests_as_sampling_does(inst
 def test_custom_task_module_registers_and_trains_through_the_run(tmp_path):
     """examples/custom_task.py: `data.module` registers the example's seqio tasks, whose batches are its sums,
     and a run trains on them; a module without `register_tasks`, or one that cannot be imported, is one line."""
-    from gptj import ConfigError, DataError, RunSettings
+    from gptj import RunSettings
+    from gptj.errors import ConfigError, DataError
     from gptj.data import pipeline, tasks
     from gptj.data.vocab import get_tokenizer
     from gptj.settings import validate

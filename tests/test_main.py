@@ -11,7 +11,8 @@ import pytest
 from trainer_utils import SyntheticIterator, synthetic_eval_sets, tiny_config
 
 from gptj import train
-from gptj.settings import ConfigError, validate
+from gptj.settings import validate
+from gptj.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,7 +12,8 @@ from gptj.core import losses
 from gptj.core.checkpoint import Checkpointer
 from gptj.core.hooks import CheckpointHook
 from gptj.core.partitioning import Partitioner, make_mesh
-from gptj.core.trainer import NonFiniteLossError, Trainer
+from gptj.core.trainer import Trainer
+from gptj.errors import NonFiniteLossError
 from gptj.data.pipeline import train_batch_spec
 from gptj.model.transformer import GPTJ, GPTJConfig
 
