@@ -12,11 +12,12 @@ on it. `run` takes a batch through the stack as M microbatches:
     stage 2     .    .    m0   m1   m2
 
 Microbatch m enters stage 0 at iteration m and leaves stage S-1 at iteration
-m + S - 1: M + S - 1 iterations, each of which runs every stage once (a
-`jax.vmap` over the stages whose dimension is split over `stage`, so each
-device computes its own stage's layers on its own microbatch). Between two
-iterations each stage's output moves to the next stage: one collective-permute
-of one microbatch's activations. The S - 1 iterations in which a stage has no
+m + S - 1: M + S - 1 iterations, each of which runs every stage once (the loop
+runs under `shard_map` with `stage` manual, so each device computes its own
+stage's layers on its own microbatch, with the weights where they lie, and
+`data` x `model` left to the rules). Between two iterations each stage's
+output moves to the next stage: one collective-permute of one microbatch's
+activations. The S - 1 iterations in which a stage has no
 microbatch are the bubble, (S - 1) / (M + S - 1) of the time; a stage in the
 bubble computes on zeros and its result is dropped. The backward pass is jax's
 derivative of the loop: the same schedule in reverse, the transfers in the
@@ -37,7 +38,7 @@ tail. The stream is a delay line of exactly M iterations, so after the last
 iteration it holds the M outputs, each on the stage its input came from (up
 to a rotation of the slots), and they leave in the layout the batch arrived in.
 
-Inside a stage, the stage's own dimension holds the `stage` mesh axis, so the
+Inside a stage, the `stage` mesh axis is the loop's own (manual), so the
 layers run under the rules without it (`partitioning.without_axis`): the rule
 sets over `data` x `model` apply unchanged within a stage.
 
@@ -112,24 +113,6 @@ def _mesh_size(names) -> int:
     return size
 
 
-def _shift(x: jax.Array, towards_last: bool, fill: jax.Array) -> jax.Array:
-    """x [S, ...] (split over `stage`) moved one stage along the pipeline; the stage left empty takes `fill`.
-
-    towards_last: stage s+1 receives stage s's slice and stage 0 `fill[0]`;
-    else stage s-1 receives stage s's and stage S-1 `fill[S-1]`. One
-    collective-permute between neighbouring stages.
-    """
-    def move(x, fill):
-        n = jax.lax.axis_size(STAGE_AXIS)
-        step = 1 if towards_last else -1
-        x = jax.lax.ppermute(x, STAGE_AXIS, [(i, (i + step) % n) for i in range(n)])
-        empty = 0 if towards_last else n - 1
-        return jnp.where(jax.lax.axis_index(STAGE_AXIS) == empty, fill, x)
-
-    spec = PartitionSpec(STAGE_AXIS)
-    return jax.shard_map(move, in_specs=(spec, spec), out_specs=spec, axis_names={STAGE_AXIS})(x, fill)
-
-
 def run(stage_fn: StageFn, stacked_params, x: jax.Array, per_microbatch: Sequence[jax.Array | None] = (), *,
         schedule: Schedule, x_axes: Sequence[str | None], rng: jax.Array | None = None) -> jax.Array:
     """The layer stack applied to `x` on GPipe's schedule (see the module docstring).
@@ -178,9 +161,7 @@ def run(stage_fn: StageFn, stacked_params, x: jax.Array, per_microbatch: Sequenc
     def constrain(a, spec):
         return jax.lax.with_sharding_constraint(a, PartitionSpec(*spec))
 
-    stream_spec = (STAGE_AXIS, None) + tuple(inner)      # [S, M/S, B/M, ...]
-    stage_spec = (STAGE_AXIS,) + tuple(inner)            # [S, B/M, ...]
-    stream = constrain(to_stages(x), stream_spec)
+    stream = constrain(to_stages(x), (STAGE_AXIS, None) + tuple(inner))  # [S, M/S, B/M, ...]
     # The per-microbatch arrays: every stage may need any microbatch's, so each stage holds all (they are small).
     extras = tuple(None if a is None else constrain(to_stages(a).reshape((micro, rows) + a.shape[1:]),
                                                     (None, inner[0]) + (None,) * (a.ndim - 1))
@@ -188,33 +169,46 @@ def run(stage_fn: StageFn, stacked_params, x: jax.Array, per_microbatch: Sequenc
     params = jax.tree_util.tree_map(
         lambda p: constrain(p.reshape((stages, layers // stages) + p.shape[1:]),
                             (STAGE_AXIS,) + (PartitionSpec.UNCONSTRAINED,) * p.ndim), stacked_params)
-    stage_ids = jnp.arange(stages, dtype=jnp.int32)
 
-    def one_stage(stage_params, stage_x, stage, microbatch):
-        extra = tuple(None if a is None else a[microbatch] for a in extras)
-        key = None if rng is None else jax.random.fold_in(jax.random.fold_in(rng, microbatch), stage)
-        with nn.logical_axis_rules(inner_rules):
-            return stage_fn(stage_params, stage_x, extra, key)
+    def local(params, stream, extras):
+        """The whole schedule as one stage sees it: its layers, its slots of the stream, what it passes on.
 
-    stages_vmapped = jax.vmap(one_stage, spmd_axis_name=STAGE_AXIS)
+        Runs under shard_map with `stage` manual (each device holds one stage's share of every array) and
+        `data` x `model` left to the rules: the stage's weights are used where they lie, never transposed.
+        """
+        stage = jax.lax.axis_index(STAGE_AXIS)
+        params = jax.tree_util.tree_map(lambda p: p[0], params)
+        stream = stream[0]  # [M/S, B/M, ...]
+        forward = [(i, (i + 1) % stages) for i in range(stages)]
+        backward = [(i, (i - 1) % stages) for i in range(stages)]
 
-    def iteration(carry, i):
-        stream, held = carry
-        slot = jax.lax.dynamic_index_in_dim(stream, i % per_stage, axis=1, keepdims=False)
-        # Stage 0 takes microbatch i from the head of the stream (zeros once all have entered); the others
-        # take what the previous stage passed them.
-        first = jnp.where(i < micro, slot, jnp.zeros_like(slot))
-        at_first = (stage_ids == 0).reshape((stages,) + (1,) * (slot.ndim - 1))
-        inputs = constrain(jnp.where(at_first, first, held), stage_spec)
-        microbatch = jnp.clip(i - stage_ids, 0, micro - 1)
-        outputs = constrain(stages_vmapped(params, inputs, stage_ids, microbatch), stage_spec)
-        held = _shift(outputs, towards_last=True, fill=jnp.zeros_like(outputs))
-        slot = _shift(slot, towards_last=False, fill=outputs)
-        stream = jax.lax.dynamic_update_index_in_dim(stream, slot, i % per_stage, axis=1)
-        return (constrain(stream, stream_spec), constrain(held, stage_spec)), None
+        def iteration(carry, i):
+            stream, held = carry
+            slot = jax.lax.dynamic_index_in_dim(stream, i % per_stage, keepdims=False)
+            # Stage 0 takes microbatch i from the head of the stream (zeros once all have entered); the others
+            # take what the previous stage passed them.
+            first = jnp.where(i < micro, slot, jnp.zeros_like(slot))
+            inputs = constrain(jnp.where(stage == 0, first, held), inner)
+            microbatch = jnp.clip(i - stage, 0, micro - 1)
+            extra = tuple(None if a is None else a[microbatch] for a in extras)
+            key = None if rng is None else jax.random.fold_in(jax.random.fold_in(rng, microbatch), stage)
+            with nn.logical_axis_rules(inner_rules):
+                outputs = constrain(stage_fn(params, inputs, extra, key), inner)
+            # One collective-permute each way: the outputs on to the next stage (the first stage receives
+            # nothing), and this slot of the stream one stage back, the last stage appending its outputs.
+            held = jax.lax.ppermute(outputs, STAGE_AXIS, forward)
+            held = jnp.where(stage == 0, jnp.zeros_like(held), held)
+            slot = jax.lax.ppermute(slot, STAGE_AXIS, backward)
+            slot = jnp.where(stage == stages - 1, outputs, slot)
+            stream = jax.lax.dynamic_update_index_in_dim(stream, slot, i % per_stage, axis=0)
+            return (constrain(stream, (None,) + tuple(inner)), constrain(held, inner)), None
 
-    held = constrain(jnp.zeros((stages,) + stream.shape[2:], x.dtype), stage_spec)
-    (stream, _), _ = jax.lax.scan(iteration, (stream, held), jnp.arange(schedule.iterations, dtype=jnp.int32))
-    # Microbatch s·M/S + k left the pipeline into slot (k + S - 1) mod M/S of stage s: rotate the slots back.
-    stream = jnp.roll(stream, -((stages - 1) % per_stage), axis=1)
+        held = constrain(jnp.zeros_like(stream[0]), inner)  # zeros_like: varying over the stages, as the carry
+        (stream, _), _ = jax.lax.scan(iteration, (stream, held), jnp.arange(schedule.iterations, dtype=jnp.int32))
+        # Microbatch s·M/S + k left the pipeline into slot (k + S - 1) mod M/S of stage s: rotate the slots back.
+        return jnp.roll(stream, -((stages - 1) % per_stage), axis=0)[None]
+
+    along_stages, everywhere = PartitionSpec(STAGE_AXIS), PartitionSpec()
+    stream = jax.shard_map(local, in_specs=(along_stages, along_stages, everywhere), out_specs=along_stages,
+                           axis_names={STAGE_AXIS})(params, stream, extras)
     return from_stages(stream)
