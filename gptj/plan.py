@@ -14,7 +14,10 @@ them; the CPU compiler's numbers approximate an accelerator's), the peak (argume
 outputs not aliased by donation + temporaries), and the arithmetic they should match:
 parameter count x bytes per value / the number of devices each is split over. A LoRA or
 `train.trainable` run also shows its frozen parameters (kept in `lora.base_dtype` for
-LoRA); its params and optimizer rows are the trained parameters only.
+LoRA); its params and optimizer rows are the trained parameters only. A DPO run
+(`train.objective=dpo`) shows its reference model's own parameters: none under LoRA
+(the frozen base with the adapters off), else a frozen copy in `dpo.reference_dtype`,
+beside what the other ways to a reference would take.
 
 A mesh whose sizes are both given (no -1) uses the first data x model devices, so one
 machine with 8 fake devices plans a single-device run too. When the peak does not fit,
@@ -75,6 +78,12 @@ class Plan:
     frozen_dtype: str = ""
     lora_params_expected: int = 0  # what a LoRA run's frozen bf16 base would take per device under these rules
     host: "HostMemory | None" = None  # host memory of reading and writing this model's weights
+    objective: str = "lm"
+    num_reference: int = 0  # the DPO reference's own parameters (beyond the frozen ones)
+    reference: int = 0
+    reference_expected: int = 0
+    reference_dtype: str = ""
+    reference_copy_expected: int = 0  # a frozen copy of the whole model in dpo.reference_dtype, per device
 
     @property
     def fits(self) -> bool | None:
@@ -141,16 +150,20 @@ def make_plan(config, device_memory_gib: float | None = None) -> Plan:
     settings = RunSettings.from_config(config)
     device_memory = _device_memory(device_memory_gib)
     partitioner = _planning_partitioner(settings.mesh)
-    trainer = recipe.build_trainer_for_plan(settings, partitioner)
+    trainer, resolved = recipe.build_trainer_for_plan(settings, partitioner)
     abstract, frozen = trainer.abstract_state, trainer.abstract_frozen
     n, n_frozen = count_params(abstract["params"]), count_params(frozen)
+    n_reference = count_params(trainer.abstract_reference)
     weight_bytes = np.dtype(jax.tree_util.tree_leaves(abstract["params"])[0].dtype).itemsize
     frozen_dtype = np.dtype(jax.tree_util.tree_leaves(frozen)[0].dtype) if n_frozen else None
+    reference_dtype = np.dtype(settings.dpo.reference_dtype)
     # Only frozen weights narrower than fp32 are widened (see _cpu_options); trained ones are fp32.
-    narrow_frozen = frozen_dtype is not None and frozen_dtype.itemsize < 4
+    narrow_frozen = any(dtype is not None and dtype.itemsize < 4
+                        for dtype in (frozen_dtype, reference_dtype if n_reference else None))
     report = trainer.compile(_cpu_options(partitioner) if narrow_frozen else None)
     rule_set = partitioner.rule_set
     params_ways = _split_ways(partitioner, rule_set.rules)
+    model_params = count_params(nn.meta.unbox(abstract_params(resolved.model)))
     return Plan(
         num_params=n, mesh=dict(partitioner.mesh.shape), rule_set=rule_set.name, params=report.params,
         opt_state=report.opt_state, temporaries=report.temporaries, peak=report.peak,
@@ -159,7 +172,11 @@ def make_plan(config, device_memory_gib: float | None = None) -> Plan:
         device_memory=device_memory, num_frozen=n_frozen, frozen=report.frozen,
         frozen_expected=0 if frozen_dtype is None else n_frozen * frozen_dtype.itemsize // params_ways,
         frozen_dtype="" if frozen_dtype is None else frozen_dtype.name,
-        lora_params_expected=(n + n_frozen) * 2 // params_ways, host=host_memory(trainer.model.config))
+        lora_params_expected=(n + n_frozen) * 2 // params_ways, host=host_memory(resolved.model),
+        objective=settings.train.objective, num_reference=n_reference, reference=report.reference,
+        reference_expected=n_reference * reference_dtype.itemsize // params_ways,
+        reference_dtype=reference_dtype.name if settings.train.objective == "dpo" else "",
+        reference_copy_expected=model_params * reference_dtype.itemsize // params_ways)
 
 
 def ways_out(plan: Plan, config) -> list[str]:
@@ -209,14 +226,18 @@ def format_plan(plan: Plan, config) -> str:
         params_rows = [f"  {'params':<34}{gib(plan.params):>14}{gib(plan.params_expected):>14}"]
     lines = [
         f"plan: {count}; mesh {mesh} ({devices} {jax.devices()[0].platform} devices), rule set {plan.rule_set}",
-        f"      batch {batch} x {seq} tokens in {micro} microbatch(es) of {batch // micro}; "
+        f"      batch {batch}{' pairs x 2' if plan.objective == 'dpo' else ''} x {seq} tokens in {micro} "
+        f"microbatch(es) of {batch // micro}; "
         f"remat {config.model.remat_policy}, compute {config.model.dtype}",
         f"  {'per device':<34}{'compiled':>14}{'arithmetic':>14}",
         *params_rows,
+        *([_reference_row(plan, gib)] if plan.objective == "dpo" else []),
         f"  {'optimizer state (Adam mu, nu)':<34}{gib(plan.opt_state):>14}{gib(plan.opt_state_expected):>14}",
         f"  {'temporaries (grads, activations)':<34}{gib(plan.temporaries):>14}",
         f"  {'peak':<34}{gib(plan.peak):>14}",
     ]
+    if plan.objective == "dpo":
+        lines += _reference_notes(plan)
     if plan.device_memory is None:
         lines.append("  fit: unknown device memory; pass --device_memory_gib to check")
     elif plan.fits is None:
@@ -231,6 +252,30 @@ def format_plan(plan: Plan, config) -> str:
     if plan.host is not None:
         lines += format_host_memory(plan.host)
     return "\n".join(lines)
+
+
+# What precomputed reference log-probabilities take: one fp32 value per sequence, two per pair.
+PRECOMPUTED_BYTES_PER_PAIR = 8
+
+
+def _reference_row(plan: Plan, gib) -> str:
+    """A DPO plan's row of the reference model's own parameters (0 under LoRA: the frozen base is its)."""
+    return f"  {f'DPO reference params ({plan.reference_dtype})':<34}{gib(plan.reference):>14}" \
+           f"{gib(plan.reference_expected):>14}"
+
+
+def _reference_notes(plan: Plan) -> list[str]:
+    """How a DPO plan's reference is held, and what the other ways to a reference would take per device."""
+    copy = f"{plan.reference_copy_expected / GIB:.3f} GiB per device"
+    if plan.num_reference:
+        held = (f"a frozen copy of init_from's {plan.num_reference:,} trained parameters in {plan.reference_dtype} "
+                "(the row above), exact on any data")
+    else:
+        held = f"the frozen base with the adapters off, no copy (a frozen copy in {plan.reference_dtype}: {copy})"
+    return [f"  DPO reference: {held};",
+            f"    reference log-probs computed once instead: 0 GiB per device, {PRECOMPUTED_BYTES_PER_PAIR} bytes a "
+            "pair on the host,",
+            "    and a forward pass over the data before step 1 (again whenever data or seq_len change)"]
 
 
 def print_plan(config, device_memory_gib: float | None = None) -> Plan:

@@ -10,6 +10,9 @@ What `--mode=train` (gptj.train), `--mode=eval` (gptj.evaluation) and
   names (`resolve_lora`);
 - the Trainer: the GPT-J module, the next-token loss (fused with the output
   head, optional z-loss) and the reference's optimizer (`build_trainer`);
+  with `train.objective=dpo`, the DPO loss over preference pairs and a frozen
+  reference model (`gptj.dpo`), whose own weights, if it has any beyond the
+  frozen base, come from init_from (`load_reference`);
 - the first train state from `init_from` (`initial_state`), or, for LoRA and
   `train.trainable`, the frozen base read in `lora.base_dtype` and handed to
   the Trainer as its frozen tree (`load_frozen_base`, `adapted_initial_state`);
@@ -32,7 +35,7 @@ from gptj.core.partitioning import Partitioner, place
 from gptj.core.trainer import Trainer
 from gptj.errors import ConfigError, TrainableError
 from gptj.model import lora as lora_lib
-from gptj.model.transformer import GPTJ, GPTJConfig, HeadInputs, LoraConfig, output_logits, resolve_dtype
+from gptj.model.transformer import GPTJ, GPTJConfig, HeadInputs, LoraConfig, count_params, output_logits, resolve_dtype
 from gptj.settings import RunSettings
 from gptj.weights.source import RUNTIME_FIELDS, Weights, fingerprint, open_weights, with_runtime
 from gptj.weights.spec import peft_adapter_dir
@@ -108,6 +111,12 @@ def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Traine
     and the loss applies the head chunk by chunk (`losses.fused_next_token_loss`,
     see `head_loss_fns`); with 0 it returns the full logits and the loss is
     `losses.next_token_loss` over them.
+
+    With `train.objective=dpo` the model reads pairs ([B, 2, L]: `dpo.PairModel`)
+    and the loss is `gptj.dpo`'s, against a reference model: the same GPT-J
+    without adapters, over the frozen base and, where it differs from that
+    base (no LoRA, or base parameters that train), its own copy in
+    `dpo.reference_dtype` (`load_reference` reads it).
     """
     from gptj.data.pipeline import train_batch_spec
 
@@ -118,20 +127,30 @@ def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Traine
     chunk_tokens = train.loss_chunk_tokens
     if chunk_tokens < 0:
         raise ConfigError(f"train.loss_chunk_tokens must be >= 0 (0: the full-logits loss), got {chunk_tokens}")
-    if chunk_tokens:
+    lora = settings.lora.adapters
+    module = GPTJ(model, lora=lora, head_inputs=bool(chunk_tokens))
+    summarize, objective = losses.summarize, {}
+    if train.objective == "dpo":
+        from gptj import dpo
+
+        loss_fn = eval_loss_fn = dpo.loss_fn(settings.dpo, model, chunk_tokens)
+        summarize = dpo.summarize
+        module = dpo.PairModel(module)
+        objective = dict(reference_model=dpo.PairModel(GPTJ(model, head_inputs=bool(chunk_tokens))),
+                         reference_dtype=settings.dpo.reference_dtype)
+    elif chunk_tokens:
         vocab_chunk = loss_vocab_chunk(train.loss_chunk_vocab, partitioner)
         loss_fn, eval_loss_fn = head_loss_fns(model, chunk_tokens, vocab_chunk, z_loss)
     else:
         loss_fn = lambda logits, batch: losses.next_token_loss(logits, batch, z_loss, accuracy=False)  # noqa: E731
         eval_loss_fn = lambda logits, batch: losses.next_token_loss(logits, batch, z_loss)  # noqa: E731
-    lora = settings.lora.adapters
     trainable = lora_lib.trainable_pattern(train.trainable, lora)
     trainer = Trainer(
-        GPTJ(model, lora=lora, head_inputs=bool(chunk_tokens)), loss_fn, optimizer, partitioner,
-        train_batch_spec(settings), microbatches=train.microbatches, summarize=losses.summarize,
+        module, loss_fn, optimizer, partitioner,
+        train_batch_spec(settings), microbatches=train.microbatches, summarize=summarize,
         lr_schedule=schedule, on_nonfinite=train.on_nonfinite, seed=train.seed,
         eval_loss_fn=eval_loss_fn, rng_streams=("dropout",) if lora is not None and lora.dropout > 0 else (),
-        trainable=trainable, frozen_dtype=settings.lora.base_dtype if lora is not None else None)
+        trainable=trainable, frozen_dtype=settings.lora.base_dtype if lora is not None else None, **objective)
     try:
         trained = param_paths(trainer.abstract_state["params"])
     except TrainableError as e:
@@ -189,8 +208,9 @@ def head_loss_fns(model: GPTJConfig, chunk_tokens: int, vocab_chunk: int, z_loss
     return (lambda head, batch: loss(head, batch, False)), (lambda head, batch: loss(head, batch, True))
 
 
-def build_trainer_for_plan(config, partitioner: Partitioner) -> Trainer:
-    """The Trainer `train_and_evaluate` would build, without reading any weights (for --mode=plan).
+def build_trainer_for_plan(config, partitioner: Partitioner) -> tuple[Trainer, RunSettings]:
+    """The Trainer `train_and_evaluate` would build, and the settings it resolves, without reading any weights
+    (for --mode=plan).
 
     The model config follows init_from's config.json for gptj and hf weights
     (and the reference config for mtj).
@@ -199,7 +219,7 @@ def build_trainer_for_plan(config, partitioner: Partitioner) -> Trainer:
     init_weights = open_init_weights(settings) if settings.init_from else None
     settings = resolved_config(settings, resolve_model_config(settings, init_weights=init_weights),
                                resolve_lora(settings))
-    return build_trainer(settings, settings.model, partitioner)
+    return build_trainer(settings, settings.model, partitioner), settings
 
 
 def initial_state(trainer: Trainer, model: GPTJConfig, weights: Weights, fresh_optimizer: bool):
@@ -234,6 +254,38 @@ def load_frozen_base(trainer: Trainer, model: GPTJConfig, weights: Weights, base
     logging.info("frozen base %s (fingerprint %s): training %s", weights.spec, identity["fingerprint"],
                  param_paths(trainer.abstract_state["params"]))
     return FrozenBase(trainable, identity)
+
+
+def load_reference(trainer: Trainer, weights: Weights, base: FrozenBase | None, dtype: str) -> dict | None:
+    """Gives a DPO Trainer its reference's own parameters: those of init_from's `weights` it does not freeze.
+
+    Under LoRA (adapters alone training) the reference is the frozen base
+    with the adapters off and has none: nothing is read or allocated. Base
+    parameters that train (no LoRA, or `train.trainable`) are read into a
+    frozen copy in `dtype`: from `base`, the frozen base's read (its values of
+    what trains, in `lora.base_dtype` under LoRA), when the run freezes
+    anything, else from `weights`. Call it before the base's values go to the
+    first train state. Returns what config.json records of the copy (spec and
+    fingerprint, `REFERENCE_KEY`; None without one), so a resumed run can
+    check that its reference did not change.
+    """
+    own = param_paths(trainer.abstract_reference)
+    if not own:
+        logging.info("DPO reference: the frozen base %s with the adapters off (no copy of the weights)", weights.spec)
+        return None
+    if base is not None:  # its values of what trains are the reference's own: the base less the frozen
+        values = base.trainable
+    else:
+        values = weights.place(trainer.reference_shardings, dtype=dtype)
+    trainer.set_reference(values)
+    identity = {"spec": weights.spec, "fingerprint": fingerprint(trainer.reference)}
+    logging.info("DPO reference: a frozen copy of %s (fingerprint %s) in %s, %s parameters", weights.spec,
+                 identity["fingerprint"], dtype, f"{count_params(trainer.abstract_reference):,}")
+    return identity
+
+
+# What a DPO run's config.json records of its reference's own weights: {"spec", "fingerprint"}.
+REFERENCE_KEY = "dpo_reference"
 
 
 def adapted_initial_state(trainer: Trainer, model: GPTJConfig, base: FrozenBase, config):
