@@ -24,6 +24,8 @@ setup(
         "hf": ["torch==2.13.0", "transformers", "safetensors", "peft"],  # peft: LoRA adapters in and out
         "eval": ["lm-eval", "accelerate"],  # accelerate: the harness's own `hf` model (HFLM)
         "serve": ["fastapi", "uvicorn", "pydantic"],  # + tenacity/aiohttp/requests: lm-eval's local-completions client
-        "test": ["pytest", "pytest-xdist", "openai", "httpx", "matplotlib", "scipy", "tenacity", "aiohttp", "requests"],
+        # trl: the DPO parity test and benchmark compare with its DPOTrainer (its other needs come with hf/eval)
+        "test": ["pytest", "pytest-xdist", "openai", "httpx", "matplotlib", "scipy", "tenacity", "aiohttp", "requests",
+                 "trl==1.16.0"],
     },
 )

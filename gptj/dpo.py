@@ -23,12 +23,14 @@ carry TRL's names: loss, rewards/chosen, rewards/rejected, rewards/accuracies
 logps/chosen, logps/rejected (the policy's), means over the pairs; validation
 reports the same on the validation pairs.
 
-The reference is the generic Trainer's reference model (gptj.core.trainer):
-the same GPT-J without LoRA adapters. Under LoRA it runs on the frozen base
-alone, which is the base with the adapters off, as TRL does with a PEFT model:
-no second copy of the weights. Without LoRA it runs on a frozen copy of the
-starting weights (init_from), kept in `dpo.reference_dtype`: one more set of
-weights per device, in that dtype, sharded as the parameters are. The other
+The reference is the generic Trainer's reference model (gptj.core.trainer),
+the starting policy: the same GPT-J without LoRA adapters. Under LoRA it runs
+on the frozen base alone, which is the base with the adapters off, as TRL
+does with a PEFT model: no second copy of the weights (a run that starts from
+a PEFT adapter, `lora.init_from`, keeps a frozen copy of that adapter too, as
+TRL does). Without LoRA it runs on a frozen copy of the starting weights
+(init_from), kept in `dpo.reference_dtype`: one more set of weights per
+device, in that dtype, sharded as the parameters are. The other
 way, reference log-probabilities computed once before training and stored
 with the data (TRL's precompute_ref_log_probs), would take no device memory
 (8 bytes per pair on the host) but a forward pass over the whole data set

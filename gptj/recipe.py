@@ -113,10 +113,11 @@ def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Traine
     `losses.next_token_loss` over them.
 
     With `train.objective=dpo` the model reads pairs ([B, 2, L]: `dpo.PairModel`)
-    and the loss is `gptj.dpo`'s, against a reference model: the same GPT-J
-    without adapters, over the frozen base and, where it differs from that
-    base (no LoRA, or base parameters that train), its own copy in
-    `dpo.reference_dtype` (`load_reference` reads it).
+    and the loss is `gptj.dpo`'s, against a reference model, the starting
+    policy: the same GPT-J without adapters (with `lora.init_from`'s adapters
+    if it starts from some), over the frozen base and, where it differs from
+    that base (no LoRA, base parameters that train, starting adapters), its
+    own copy in `dpo.reference_dtype` (`load_reference` reads it).
     """
     from gptj.data.pipeline import train_batch_spec
 
@@ -136,8 +137,10 @@ def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Traine
         loss_fn = eval_loss_fn = dpo.loss_fn(settings.dpo, model, chunk_tokens)
         summarize = dpo.summarize
         module = dpo.PairModel(module)
-        objective = dict(reference_model=dpo.PairModel(GPTJ(model, head_inputs=bool(chunk_tokens))),
-                         reference_dtype=settings.dpo.reference_dtype)
+        # The reference is the starting policy: the model without adapters, unless it starts from an adapter.
+        reference_lora = dataclasses.replace(lora, dropout=0.0) if settings.lora.init_from else None
+        reference = GPTJ(model, lora=reference_lora, head_inputs=bool(chunk_tokens))
+        objective = dict(reference_model=dpo.PairModel(reference), reference_dtype=settings.dpo.reference_dtype)
     elif chunk_tokens:
         vocab_chunk = loss_vocab_chunk(train.loss_chunk_vocab, partitioner)
         loss_fn, eval_loss_fn = head_loss_fns(model, chunk_tokens, vocab_chunk, z_loss)
@@ -256,30 +259,41 @@ def load_frozen_base(trainer: Trainer, model: GPTJConfig, weights: Weights, base
     return FrozenBase(trainable, identity)
 
 
-def load_reference(trainer: Trainer, weights: Weights, base: FrozenBase | None, dtype: str) -> dict | None:
-    """Gives a DPO Trainer its reference's own parameters: those of init_from's `weights` it does not freeze.
+def load_reference(trainer: Trainer, config, weights: Weights, base: FrozenBase | None) -> dict | None:
+    """Gives a DPO Trainer its reference's own parameters (those it does not freeze), read from init_from.
 
-    Under LoRA (adapters alone training) the reference is the frozen base
-    with the adapters off and has none: nothing is read or allocated. Base
-    parameters that train (no LoRA, or `train.trainable`) are read into a
-    frozen copy in `dtype`: from `base`, the frozen base's read (its values of
-    what trains, in `lora.base_dtype` under LoRA), when the run freezes
-    anything, else from `weights`. Call it before the base's values go to the
-    first train state. Returns what config.json records of the copy (spec and
-    fingerprint, `REFERENCE_KEY`; None without one), so a resumed run can
-    check that its reference did not change.
+    The reference is the starting policy. Under LoRA with fresh adapters that
+    is the frozen base with the adapters off: it has nothing of its own, and
+    nothing is read or allocated. Otherwise it holds, in `dpo.reference_dtype`,
+    a frozen copy of what the policy changes from: the base parameters that
+    train (no LoRA: all of them; `train.trainable`: those it names), read from
+    `base` (the frozen base's read: its values of what trains, in
+    `lora.base_dtype` under LoRA) when the run freezes anything, else from
+    `weights`; and the starting adapters of `lora.init_from` (as TRL keeps a
+    copy of an adapter it trains further). Call it before the base's values go
+    to the first train state. Returns what config.json records of the copy
+    (spec and fingerprint, `REFERENCE_KEY`; None without one), so that a
+    resumed run can check that its reference did not change.
     """
+    settings = RunSettings.from_config(config)
     own = param_paths(trainer.abstract_reference)
     if not own:
         logging.info("DPO reference: the frozen base %s with the adapters off (no copy of the weights)", weights.spec)
         return None
-    if base is not None:  # its values of what trains are the reference's own: the base less the frozen
-        values = base.trainable
-    else:
-        values = weights.place(trainer.reference_shardings, dtype=dtype)
+    dtype = settings.dpo.reference_dtype
+    values = {}
+    if not all(lora_lib.is_adapter(path) for path in own):
+        # Base parameters that train: the frozen base's read of them, or (nothing frozen) all of init_from's.
+        values = base.trainable if base is not None else weights.place(trainer.reference_shardings, dtype=dtype)
+    spec = weights.spec
+    if any(lora_lib.is_adapter(path) for path in own):
+        from gptj.weights.formats.peft import read_peft
+
+        values = merge_params(values, read_peft(peft_adapter_dir(settings.lora.init_from), settings.model)[1])
+        spec = f"{spec} + {settings.lora.init_from}"
     trainer.set_reference(values)
-    identity = {"spec": weights.spec, "fingerprint": fingerprint(trainer.reference)}
-    logging.info("DPO reference: a frozen copy of %s (fingerprint %s) in %s, %s parameters", weights.spec,
+    identity = {"spec": spec, "fingerprint": fingerprint(trainer.reference)}
+    logging.info("DPO reference: a frozen copy of %s (fingerprint %s) in %s, %s parameters", spec,
                  identity["fingerprint"], dtype, f"{count_params(trainer.abstract_reference):,}")
     return identity
 

@@ -135,8 +135,9 @@ class DPOSettings:
 
     loss_type: sigmoid (DPO; with label_smoothing, the conservative cDPO of noisy labels), ipo (IPO, on
     per-token average log-ratios as TRL computes it; beta is its tau) or hinge (SLiC). The reference is
-    init_from's weights: under LoRA the frozen base with the adapters off (no copy); otherwise a frozen copy
-    of the starting weights kept in `reference_dtype`."""
+    init_from's weights: under LoRA the frozen base with the adapters off (no copy; plus a copy of
+    lora.init_from's adapter if the run starts from one); otherwise a frozen copy of the starting weights kept
+    in `reference_dtype`."""
 
     beta: float = 0.1
     loss_type: str = "sigmoid"

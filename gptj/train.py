@@ -132,7 +132,7 @@ def train_and_evaluate(config, workdir: str, *, explicit_model_fields: Iterable[
                                        settings.lora.base_dtype if lora else model.param_dtype)
         run_config[BASE_WEIGHTS_KEY] = base.identity
     if dpo:
-        reference = recipe.load_reference(trainer, init_weights, base, settings.dpo.reference_dtype)
+        reference = recipe.load_reference(trainer, settings, init_weights, base)
         if resuming:
             check_resume_reference(workdir, reference)
         if reference is not None:

@@ -434,7 +434,7 @@ class Trainer:
         return self.model.apply({"params": params}, *inputs, rngs=rngs, deterministic=False)
 
     def _outputs(self, params, frozen, reference, batch, rng=None):
-        """The module's outputs (training mode when `rng` is given), with the reference's beside them if there is one."""
+        """The module's outputs (training mode when `rng` is given), with the reference's, if any."""
         outputs = self._apply(params, frozen, batch, rng)
         if self.reference_model is None:
             return outputs
