@@ -20,7 +20,7 @@ from trainer_utils import VOCAB, read_scalars, tiny_config
 from gptj import dpo, recipe, train
 from gptj.core.checkpoint import Checkpointer
 from gptj.core.partitioning import Partitioner, make_mesh
-from gptj.core.param_tree import param_paths
+from gptj.core.param_tree import merge_params, param_paths
 from gptj.data import tasks
 from gptj.data.pipeline import build_eval_iterators, build_train_iterator, host_dataset, translate_errors
 from gptj.data.vocab import EOT_ID, get_tokenizer
@@ -28,7 +28,7 @@ from gptj.errors import ConfigError, DataError
 from gptj.model import lora as lora_lib
 from gptj.model.transformer import GPTJ, GPTJConfig, LoraConfig
 from gptj.plan import format_plan, make_plan
-from gptj.settings import RunSettings, validate
+from gptj.settings import DPOSettings, RunSettings, validate
 from gptj.weights.formats.hf import write_hf
 from gptj.weights.formats.peft import write_peft
 from gptj.weights.params_dir import save_params
@@ -275,11 +275,11 @@ def trl_values(root, mode: str, loss_type: str):
     return out
 
 
-def gptj_values(root, policy, mode: str, loss_type: str):
-    """Per pair, gptj's loss, rewards and policy log-probs: the Trainer's eval step on the gptj_dpo task's batches,
-    the reference as recipe.load_reference gives it."""
+def parity_settings(root, mode: str, loss_type: str) -> RunSettings:
+    """A DPO run over the parity pairs (gptj_dpo_validation), one pair a batch, init_from the reference weights."""
     path = write_jsonl(root / f"rows_{mode}_{loss_type}.jsonl", PARITY_ROWS)
     config = dpo_config(path, path)
+    config.init_from = f"hf:{root / 'reference'}"
     config.data.seq_len = 24  # every pair whole
     config.model.update(PARITY_MODEL.to_dict())
     config.train.update(dict(batch_size=1, val_batches=0, loss_chunk_tokens=8))  # the chunked head, 3 chunks a row
@@ -288,7 +288,13 @@ def gptj_values(root, policy, mode: str, loss_type: str):
         start = f"peft:{root / 'adapters'}" if mode == "lora_init" else ""
         config.lora.update(dict(rank=PARITY_LORA.rank, alpha=PARITY_LORA.alpha, targets=PARITY_LORA.targets,
                                 base_dtype="float32", init_from=start))
-    settings = RunSettings.from_config(config)
+    return RunSettings.from_config(config)
+
+
+def gptj_values(root, policy, mode: str, loss_type: str):
+    """Per pair, gptj's loss, rewards and policy log-probs: the Trainer's eval step on the gptj_dpo task's batches,
+    the reference as recipe.load_reference gives it."""
+    settings = parity_settings(root, mode, loss_type)
     partitioner = Partitioner(make_mesh(1, 1, devices=jax.devices()[:1]), "megatron")
     trainer = recipe.build_trainer(settings, PARITY_MODEL, partitioner)
     weights = open_weights(f"hf:{root / 'reference'}")
@@ -326,6 +332,15 @@ def test_loss_rewards_and_logps_equal_trls_dpo_trainer(parity, mode):
                 assert mine[key] == pytest.approx(trl[key], abs=1e-4), (loss_type, key)
     assert len({round(v["rewards/margins"], 3) for v in ours}) == len(ours)  # the pairs differ: a real comparison
     assert all(abs(v["rewards/chosen"]) > 1e-3 for v in ours)  # and the policy is not its reference
+    if mode == "copy":  # --mode=eval's validation of the policy: the means over the pairs, against init_from
+        from gptj.evaluation.evaluate import validation_metrics
+
+        partitioner = Partitioner(make_mesh(1, 1, devices=jax.devices()[:1]), "megatron")
+        got = validation_metrics(parity_settings(root, mode, "ipo"), policies[mode], PARITY_MODEL, partitioner)
+        got = got["gptj_dpo_validation"]
+        assert got["pairs"] == len(PARITY_ROWS)
+        for key in ("loss", *dpo.METRIC_SUMS):
+            assert got[key] == pytest.approx(np.mean([v[key] for v in theirs]), abs=1e-4), key
 
 
 def test_label_smoothing_and_hinge_follow_their_formulas():
@@ -336,9 +351,9 @@ def test_label_smoothing_and_hinge_follow_their_formulas():
     delta = (policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1])
     log_sigmoid = lambda x: -np.log1p(np.exp(-x))  # noqa: E731
     for settings, losses in (
-            (RunSettings().dpo.__class__(beta=0.2, label_smoothing=0.1),
+            (DPOSettings(beta=0.2, label_smoothing=0.1),
              -0.9 * log_sigmoid(0.2 * delta) - 0.1 * log_sigmoid(-0.2 * delta)),
-            (RunSettings().dpo.__class__(beta=0.5, loss_type="hinge"), np.maximum(0.0, 1 - 0.5 * delta))):
+            (DPOSettings(beta=0.5, loss_type="hinge"), np.maximum(0.0, 1 - 0.5 * delta))):
         sums = dpo.pair_sums(jnp.asarray(policy), jnp.asarray(reference), jnp.asarray(lengths), settings)
         assert float(sums["weight"]) == 2
         assert float(sums["loss_sum"]) == pytest.approx(losses[:2].sum(), rel=1e-6)
@@ -428,6 +443,24 @@ def test_lora_dpo_runs_the_same_on_one_device_2x4_zero3_and_4x2_megatron(base_we
         np.testing.assert_allclose(run, first, rtol=0, atol=1e-5, err_msg=str(key))
 
 
+@pytest.mark.parametrize("rank, trainable, own", [
+    (4, "", []),                                             # fresh adapters: the base, adapters off
+    (4, r".*_lora_[ab]|ln_f/.*", ["ln_f/bias", "ln_f/scale"]),  # + a base parameter that trains: a copy of it
+    (0, "ln_f/.*", ["ln_f/bias", "ln_f/scale"]),             # train.trainable alone: the same
+    (0, "", None),                                           # a full fine-tune: a copy of everything
+])
+def test_the_reference_holds_only_what_the_policy_changes(rank, trainable, own):
+    config = lora_dpo_config("unused", rank=rank)
+    config.train.trainable = trainable
+    partitioner = Partitioner(make_mesh(2, 4), "zero3")
+    trainer = recipe.build_trainer(config, RunSettings.from_config(config).model, partitioner)
+    everything = param_paths(merge_params(trainer.abstract_state["params"], trainer.abstract_frozen))
+    assert param_paths(trainer.abstract_reference) == ([p for p in everything if "_lora_" not in p]
+                                                       if own is None else own)
+    for leaf in jax.tree_util.tree_leaves(trainer.abstract_reference):  # in dpo.reference_dtype, sharded as trained
+        assert leaf.dtype == jnp.bfloat16 and leaf.sharding.mesh.shape == {"data": 2, "model": 4}
+
+
 def test_the_plan_shows_the_reference_memory(base_weights):
     """--mode=plan: under LoRA no reference weights beyond the base; without, a copy in dpo.reference_dtype."""
     lora = lora_dpo_config(base_weights)
@@ -441,8 +474,9 @@ def test_the_plan_shows_the_reference_memory(base_weights):
     full = lora_dpo_config(base_weights, rank=0)
     full.mesh.update(dict(data=2, model=4, rules="zero3"))
     plan = make_plan(full)
-    assert plan.num_reference == plan.num_params and plan.reference == plan.reference_expected > 0
-    assert plan.reference == pytest.approx(plan.params / 2, rel=0.01)  # bfloat16 beside the fp32 parameters
+    # bfloat16 beside the fp32 parameters, laid out alike; the arithmetic splits the small leaves too
+    assert plan.num_reference == plan.num_params and plan.reference == plan.params // 2 > 0
+    assert plan.reference_expected == pytest.approx(plan.reference, rel=0.05)
     assert "a frozen copy of init_from's" in format_plan(plan, RunSettings.from_config(full))
 
 
@@ -450,6 +484,7 @@ def test_the_plan_shows_the_reference_memory(base_weights):
 
 
 def _train(config, workdir):
+    config.mesh.update(dict(data=2, model=4, rules="zero3"))
     return train.train_and_evaluate(config, str(workdir), train_iter_fn=PairIterator, eval_iters_fn=pair_eval_sets)
 
 

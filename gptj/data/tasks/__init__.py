@@ -92,7 +92,8 @@ def records_are_pairs(name: str) -> bool:
     """Whether the registered task or mixture `name` gives preference pairs ("text" of rank 2)."""
     import seqio
 
-    return seqio.get_mixture_or_task(name).output_features["text"].rank == 2
+    text = seqio.get_mixture_or_task(name).output_features.get("text")
+    return text is not None and text.rank == 2
 
 
 def _add(name: str, source, vocab, loss_mask: bool = False, pairs: bool = False) -> None:
