@@ -9,14 +9,17 @@ The public API, for building new tasks on the trainer (see examples/):
     result = train_in_workdir(trainer, "runs/mine", batches, schedule=RunSchedule(total_steps=500))
 
 The generic core (gptj.core, knows nothing of GPT-J): `Trainer`, `Hook`,
-`MemoryReport`, `WithReference` (trainer: what a loss sees beside a frozen reference model); `Partitioner`, `make_mesh`, `RULE_SETS`, `place`
+`MemoryReport`, `WithReference` (trainer; the last is what a loss sees beside a
+frozen reference model); `Partitioner`, `make_mesh`, `RULE_SETS`, `place`
 (partitioning); `Checkpointer` (checkpoint); `train_in_workdir`,
 `RunSchedule`, `RunContext`, `RunResult` (driver); `make_optimizer`
 (optimizer); `next_token_loss` (losses).
 
 GPT-J: `GPTJ`, `GPTJConfig`, `LoraConfig` (gptj.model.transformer);
 `open_weights` (gptj.weights.source: hf:, mtj: and gptj weights);
-`load_config` (gptj.configs: the built-in run configs); `RunSettings`
+`load_config` (gptj.configs: the built-in run configs); `task_output_features`
+(gptj.data.tasks: the features a seqio task of your own registers, see
+examples/custom_task.py); `RunSettings`
 (gptj.settings: a run config checked and typed); `train_and_evaluate`
 (gptj.train: language-model training as `main.py` runs it); `Sampler`,
 `build_sampler` (gptj.inference.sampler).
@@ -56,6 +59,7 @@ _EXPORTS = {
     "Sampler": "gptj.inference.sampler",
     "build_sampler": "gptj.inference.sampler",
     "RunSettings": "gptj.settings",
+    "task_output_features": "gptj.data.tasks",
     "GptjError": "gptj.errors",
     "ConfigError": "gptj.errors",
     "PartitioningError": "gptj.errors",
