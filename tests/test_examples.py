@@ -147,6 +147,7 @@ def test_preference_tuning_learns_the_preferred_answer_on_held_out_requests(tmp_
     request, as the chosen answers do and the rejected ones do not."""
     import json
     import os
+    import re
     import subprocess
     import textwrap
 
@@ -163,20 +164,20 @@ def test_preference_tuning_learns_the_preferred_answer_on_held_out_requests(tmp_
 
         def shrink(config):
             config.model.update(dict(num_layers=1, d_model=64, num_heads=2, rotary_dim=8))
-            steps = 20 if config.train.objective == "dpo" else 60
-            config.train.update(dict(total_steps=steps, eval_every=10 if config.train.eval_every else 0))
-            config.optimizer.anneal_steps = steps
+            if config.train.objective == "dpo":
+                config.train.update(dict(total_steps=20, eval_every=10))
+                config.optimizer.anneal_steps = 20
 
         before, after = example.run({str(tmp_path)!r}, shrink)
         print(json.dumps({{"before": before, "after": after}}))
     """))
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
     done = subprocess.run([sys.executable, str(driver)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     samples = json.loads(done.stdout.strip().splitlines()[-1])
     assert samples["before"] == [" No."] * 16  # SFT saw refusals twice as often as compliance
-    assert all(text.startswith(" Sure, I will ") and text.endswith(".") for text in samples["after"]), samples
+    assert all(re.fullmatch(r" Sure, I will \w+ the \w+\.", text) for text in samples["after"]), samples
     accuracy = read_scalars(str(tmp_path / "dpo" / "tensorboard"), "val/gptj_dpo_validation/rewards/accuracies")
     assert accuracy[0] == 0.0 and accuracy[20] > 0.9
     margins = read_scalars(str(tmp_path / "dpo" / "tensorboard"), "val/gptj_dpo_validation/rewards/margins")
