@@ -6,6 +6,7 @@ setup(
     version="0.1.0",
     description="GPT-J-style transformers in JAX/Flax: train, fine-tune, evaluate and serve with model parallelism",
     packages=find_packages(include=["gptj", "gptj.*"]),
+    package_data={"gptj": ["target_configs/*.txtpb"]},  # XLA GPU target configs for --mode=plan --target=gpu:...
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6",
@@ -24,6 +25,11 @@ setup(
         "hf": ["torch==2.13.0", "transformers", "safetensors", "peft"],  # peft: LoRA adapters in and out
         "eval": ["lm-eval", "accelerate"],  # accelerate: the harness's own `hf` model (HFLM)
         "serve": ["fastapi", "uvicorn", "pydantic"],  # + tenacity/aiohttp/requests: lm-eval's local-completions client
+        # The compilers of --mode=plan --target=: libtpu (TPU) and XLA's CUDA plugin without the CUDA
+        # libraries (compiling for a GPU needs none), matched to the installed jax by jax's own extras.
+        # A machine with real GPUs installs jax[cuda12] instead (README, "On GPUs and TPUs").
+        "tpu": ["jax[tpu]"],
+        "cuda12": ["jax[cuda12-local]"],
         "test": ["pytest", "pytest-xdist", "openai", "httpx", "matplotlib", "scipy", "tenacity", "aiohttp", "requests"],
     },
 )

@@ -435,6 +435,11 @@ class Trainer:
         logging.info("%s", report)
         return report
 
+    @property
+    def compiled_train_step(self):
+        """The train step `compile()` compiled (jax's Compiled: its program text, cost and memory), or None."""
+        return self._compiled_train
+
     def train_step(self, state, batch):
         """One update (compiling first if `compile()` was not called)."""
         if self._compiled_train is None:
