@@ -21,6 +21,11 @@ machine with 8 fake devices plans a single-device run too. When the peak does no
 the plan names the ways out: LoRA over the frozen base, zero3 over enough devices (an
 estimate, to be planned on that many), full rematerialisation, smaller microbatches.
 
+`--target=` (`tpu:v3-8`, `gpu:h100x8`, ...: gptj.targets) compiles for that hardware with its own
+compiler instead, on this machine, for devices it does not have: the temporaries are the TPU's or
+GPU's, device memory defaults to the target's HBM, and the plan adds the compiled FLOPs per device
+beside the model's count and the least time a step can take there (`Work`).
+
 `--plan=serve` plans inference instead (`make_serve_plan`): the weights in the
 compute dtype, in int8 and in int4 (`gptj.model.quantized`), each with the KV cache
 for `--batch_size` rows of `--context_len` tokens, and the temporaries of a

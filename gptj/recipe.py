@@ -97,6 +97,12 @@ def resolve_lora(config) -> LoraConfig | None:
     return adapter
 
 
+# The weights GPT-J casts to its compute dtype before every use (gptj.model.transformer: each matmul's
+# kernel): a microbatch's gradient of them is taken in that dtype, the same values in half the bytes
+# (Trainer's microbatch_grad_dtype). The embedding (gathered, then cast), biases and LayerNorms stay.
+CAST_BEFORE_USE = r"(.*/)?(q_proj|k_proj|v_proj|out_proj|fc_in_kernel|fc_out_kernel|lm_head_kernel)"
+
+
 def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Trainer:
     """The Trainer for a GPT-J model under `config`'s optimizer, train and LoRA settings.
 
@@ -131,7 +137,9 @@ def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Traine
         train_batch_spec(settings), microbatches=train.microbatches, summarize=losses.summarize,
         lr_schedule=schedule, on_nonfinite=train.on_nonfinite, seed=train.seed,
         eval_loss_fn=eval_loss_fn, rng_streams=("dropout",) if lora is not None and lora.dropout > 0 else (),
-        trainable=trainable, frozen_dtype=settings.lora.base_dtype if lora is not None else None)
+        trainable=trainable, frozen_dtype=settings.lora.base_dtype if lora is not None else None,
+        microbatch_grad_dtype=model.dtype if model.dtype != model.param_dtype else None,
+        microbatch_grad_params=CAST_BEFORE_USE)
     try:
         trained = param_paths(trainer.abstract_state["params"])
     except TrainableError as e:

@@ -309,7 +309,7 @@ def _stderr_captured():
 def _load_tpu_compiler(target: Target) -> None:
     from jax._src.lib import xla_client
 
-    if xla_client.pjrt_plugin_initialized("tpu"):  # a TPU VM: the runtime is up already
+    if xla_client.pjrt_plugin_loaded("tpu") and xla_client.pjrt_plugin_initialized("tpu"):  # up already
         return
     library = _tpu_library()
     if library and not _spec_found("libtpu"):

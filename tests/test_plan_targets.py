@@ -154,6 +154,17 @@ def test_the_cli_prints_a_bad_target_as_one_line():
         "v3-256, v3-512, v3-1024, v3-2048")
 
 
+def test_other_runs_do_not_load_the_compilers():
+    """Installed as scripts/install.sh installs them, the compilers stay out of every process but a --target plan:
+    jax starts on the CPU as before, with no libtpu or CUDA plugin mapped and nothing on stderr."""
+    code = ("import jax, gptj.plan; print(jax.default_backend(), [lib for lib in ('libtpu.so', 'xla_cuda_plugin.so') "
+            "if lib in open('/proc/self/maps').read()])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")})
+    assert proc.returncode == 0 and proc.stdout.split() == ["cpu", "[]"], proc.stdout + proc.stderr
+    assert proc.stderr == ""
+
+
 def test_target_names_map_to_their_topologies():
     cases = {"tpu:v3-8": (8, "v3:2x2"), "tpu:v3-256": (256, "v3:8x16"), "tpu:v4-8": (4, "v4:2x2x1"),
              "tpu:v5e-8": (8, "v5e:2x4"), "tpu:v5p-8": (4, "v5p:2x2x1"), "tpu:v6e-8": (8, "v6e:2x4"),
