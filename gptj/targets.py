@@ -39,13 +39,13 @@ import math
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from gptj.core import runtime
 from gptj.core.partitioning import MESH_AXES, Partitioner, resolve_mesh_shape
 from gptj.errors import ConfigError, GptjError
 
@@ -202,8 +202,9 @@ def parse_target(spec: str) -> Target:
         count = int(count or 1)
         per_host = accelerator.devices_per_host
         if count not in accelerator.sizes and (count % per_host or count == 0):
-            raise TargetError(f"--target={spec!r}: {accelerator.name} GPUs come {', '.join(map(str, accelerator.sizes))}"
-                              f" to a host, or in whole hosts of {per_host} (gpu:{model}x16, gpu:{model}x64, ...)")
+            sizes = ", ".join(map(str, accelerator.sizes))
+            raise TargetError(f"--target={spec!r}: {accelerator.name} GPUs come {sizes} to a host, or in whole "
+                              f"hosts of {per_host} (gpu:{model}x16, gpu:{model}x64, ...)")
         hosts = max(1, count // per_host)
         return Target(spec, accelerator, count, f"1x{hosts}x{count // hosts}")
     raise TargetError(f"unknown --target={spec!r}: name a TPU slice or GPUs, e.g. {TARGET_EXAMPLES}")
@@ -277,33 +278,15 @@ def check_compiler(target: Target) -> None:
 
 @contextlib.contextmanager
 def chatter_held():
-    """Holds back what the compilers print on stderr (start-up chatter, "compile with a GPU present"
-    warnings) and shows it only if the block fails; --verbosity=1 lets it through."""
+    """Keeps what the compilers print on stderr (libtpu's and CUDA's start-up lines, "compile with a GPU
+    present" warnings) off the console; --verbosity=1 lets it through. Their errors still raise."""
     from absl import logging
 
     if logging.get_verbosity() >= 1:
         yield
         return
-    with _stderr_captured():
+    with runtime.stderr_silenced():
         yield
-
-
-@contextlib.contextmanager
-def _stderr_captured():
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            captured.seek(0)
-            sys.stderr.write(captured.read().decode(errors="replace")[-4000:])
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def _load_tpu_compiler(target: Target) -> None:

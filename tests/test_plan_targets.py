@@ -30,12 +30,13 @@ if not (targets.compiler_installed("tpu") and targets.compiler_installed("cuda")
 
 
 def _tiny(rules, data=2, model=4, microbatches=2):
-    """The tiny model with its layers scanned and two microbatches: the plan walks nested loops."""
+    """The tiny model with its layers scanned and two microbatches of 8 rows (one a device under dp): the plan
+    walks nested loops."""
     config = tiny.get_config()
     config.model.update(dict(d_model=64, num_layers=2, num_heads=4, rotary_dim=8, vocab_size=1000,
                              vocab_pad_multiple=8, max_len=32, scan_layers=True))
     config.data.seq_len = 32
-    config.train.update(dict(batch_size=8, microbatches=microbatches))
+    config.train.update(dict(batch_size=16, microbatches=microbatches))
     config.mesh.update(dict(rules=rules, data=data, model=model))
     return config
 
@@ -92,7 +93,7 @@ def test_compiled_flops_count_every_loop_run(plans, target):
         assert bound.seconds == max(bound.compute_s, bound.memory_s, bound.link_s) > 0
         assert bound.compute_s == pytest.approx(work.compiled_flops / targets.ACCELERATORS[target[4:8].rstrip("x")]
                                                 .peak_flops)
-        assert work.tokens == 8 * 32 and work.tokens_per_s == pytest.approx(work.tokens / bound.seconds)
+        assert work.tokens == 16 * 32 and work.tokens_per_s == pytest.approx(work.tokens / bound.seconds)
     # dp replicates everything: no collective but the gradient all-reduce; megatron adds activation ones.
     assert plans[target, "megatron"].work.cost.collectives.get("all-reduce", 0) > 0
     assert plans[target, "dp"].work.cost.link_bytes > 0
