@@ -561,14 +561,15 @@ def _serve_row(model: GPTJConfig, partitioner: Partitioner, batch: int, context:
 
 
 def make_serve_plan(config, batch: int, context: int, device_memory_gib: float | None = None,
-                    target: str | None = None) -> ServePlan:
+                    target: str | None = None, weight_bits: tuple[int, ...] = SERVE_BITS) -> ServePlan:
     """Per-device memory of serving `config`'s model to `batch` rows of `context` tokens, per weight format.
 
     The weights are held in the compute dtype (`model.dtype`: inference keeps
     no fp32 master copy) or quantized as `python -m gptj.convert quantize`
     writes them by default (int8 per channel, int4 in groups of
     `quantize.default_group_size`; every matrix); the KV cache is in the
-    compute dtype. `target`: compiled by that hardware's compiler, as `make_plan`.
+    compute dtype. `target`: compiled by that hardware's compiler, as `make_plan`. `weight_bits`: the
+    formats to plan (0: the compute dtype, 8, 4), all three by default.
     """
     if batch <= 0 or context <= 0:
         raise ConfigError(f"--batch_size and --context_len must be positive, got {batch} and {context}")
@@ -584,7 +585,7 @@ def make_serve_plan(config, batch: int, context: int, device_memory_gib: float |
                          f"({partitioner.data_parallel_size}, from mesh.data and rule set {config.mesh.rules!r})")
     served = model.replace(param_dtype=model.dtype)
     rows = []
-    for bits in SERVE_BITS:
+    for bits in weight_bits:
         if bits:
             served_format = served.replace(quant_bits=bits, quant_group_size=quantize.default_group_size(served, bits),
                                            quant_targets=quantize.TARGETS)

@@ -289,55 +289,60 @@ def chatter_held():
         yield
 
 
-def _load_tpu_compiler(target: Target) -> None:
-    from jax._src.lib import xla_client
+@contextlib.contextmanager
+def _environment(**values: str):
+    """`values` set in os.environ inside (where not set already), and taken out again after: the compilers
+    read them while they start, and neither this process's later runs nor its children may see them."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
-    if xla_client.pjrt_plugin_loaded("tpu") and xla_client.pjrt_plugin_initialized("tpu"):  # up already
-        return
-    library = _tpu_library()
-    if library and not _spec_found("libtpu"):
-        os.environ.setdefault("TPU_LIBRARY_PATH", library)
+
+def _tpu_topology(target: Target):
+    """The TPU compiler's topology of `target` (libtpu loaded from where it is installed, started once)."""
+    from jax._src.lib import xla_client
+    from jax.experimental import topologies
+
+    if not xla_client.pjrt_plugin_loaded("tpu"):
+        xla_client.load_pjrt_plugin_dynamically("tpu", _tpu_library())
     # libtpu looks for the TPU it runs on unless told what it is: without these it asks the
     # metadata server and warns, on a machine with none. Its lock file (one process per TPU)
     # would keep two planning processes from compiling at once: they use no TPU.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", target.spec.split(":", 1)[1])
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_WORKER_ID", "0")
+    with _environment(ALLOW_MULTIPLE_LIBTPU_LOAD="1", TPU_SKIP_MDS_QUERY="1",
+                      TPU_ACCELERATOR_TYPE=target.spec.split(":", 1)[1], TPU_WORKER_HOSTNAMES="localhost",
+                      TPU_WORKER_ID="0"):
+        return topologies.get_topology_desc(target.topology, platform="tpu",
+                                            chip_config_name=target.accelerator.chip_config)
 
 
-def _load_cuda_compiler() -> None:
+def _gpu_topology(target: Target):
+    """The GPU compiler's topology of `target`: XLA's CUDA plugin registered once, with the target's config."""
     from jax._src import xla_bridge
+    from jax.experimental import topologies
 
-    if "cuda" in xla_bridge._backend_factories:  # registered when jax started (a GPU machine, or the extra)
-        return
-    where = _cuda_plugin_dir()
-    if where and where not in sys.path:
-        sys.path.append(where)
-    # Compiling needs neither a GPU nor the CUDA libraries: skip the plugin's check of their versions
-    # (it would call into CUDA and fail).
-    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
-    importlib.import_module("jax_plugins.xla_cuda12").initialize()
+    if "cuda" not in xla_bridge._backend_factories:  # not registered when jax started (no GPU, no extra)
+        where = _cuda_plugin_dir()
+        if where and where not in sys.path:
+            sys.path.append(where)
+        # Compiling needs neither a GPU nor the CUDA libraries: skip the plugin's check of their
+        # versions (it would call into CUDA and fail).
+        with _environment(JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1"):
+            importlib.import_module("jax_plugins.xla_cuda12").initialize()
+    config = (TARGET_CONFIGS_DIR / target.accelerator.target_config).read_text()
+    return topologies.get_topology_desc(platform="cuda", topology_name=target.accelerator.name,
+                                        target_config=config, topology=target.topology)
 
 
 def target_devices(target: Target) -> list:
     """The target's compile-only devices, from its compiler's topology (loading the compiler once)."""
-    from jax.experimental import topologies
-
     check_compiler(target)
     jax.devices()  # this process's own backend first, so that jax never tries to run on the loaded plugin
-    accelerator = target.accelerator
     with chatter_held():
-        if accelerator.platform == "tpu":
-            _load_tpu_compiler(target)
-            topology = topologies.get_topology_desc(target.topology, platform="tpu",
-                                                    chip_config_name=accelerator.chip_config)
-        else:
-            _load_cuda_compiler()
-            config = (TARGET_CONFIGS_DIR / accelerator.target_config).read_text()
-            topology = topologies.get_topology_desc(platform="cuda", topology_name=target.accelerator.name,
-                                                    target_config=config, topology=target.topology)
+        topology = _tpu_topology(target) if target.accelerator.platform == "tpu" else _gpu_topology(target)
     return list(topology.devices)
 
 

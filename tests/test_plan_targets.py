@@ -91,8 +91,8 @@ def test_compiled_flops_count_every_loop_run(plans, target):
         assert work.cost.uncounted_loops == 0
         bound = work.bound
         assert bound.seconds == max(bound.compute_s, bound.memory_s, bound.link_s) > 0
-        assert bound.compute_s == pytest.approx(work.compiled_flops / targets.ACCELERATORS[target[4:8].rstrip("x")]
-                                                .peak_flops)
+        peak_flops = targets.parse_target(target).accelerator.peak_flops
+        assert bound.compute_s == pytest.approx(work.compiled_flops / peak_flops)
         assert work.tokens == 16 * 32 and work.tokens_per_s == pytest.approx(work.tokens / bound.seconds)
     # dp replicates everything: no collective but the gradient all-reduce; megatron adds activation ones.
     assert plans[target, "megatron"].work.cost.collectives.get("all-reduce", 0) > 0
@@ -193,7 +193,7 @@ def test_gptj_6b_fine_tuning_as_the_seed_ran_it_fits_a_v3_8():
     assert not plan.refused and plan.fits, text
     assert plan.params == pytest.approx(GPTJ_6B_PARAMS * 4 / 8, rel=1e-3)
     work = plan.work
-    assert 0.9 < work.compiled_flops / (work.model_flops + work.recompute_flops) < 1.3, text
+    assert 0.8 < work.compiled_flops / (work.model_flops + work.recompute_flops) < 1.3, text
 
 
 @pytest.mark.slow
@@ -221,7 +221,9 @@ def test_gptj_6b_int8_serving_fits_one_24_gib_gpu():
 
     config = gptj_6b.get_config()
     config.mesh.update(dict(data=1, model=1))
-    plan = plan_lib.make_serve_plan(config, batch=1, context=2048, device_memory_gib=24, target="gpu:h100")
-    int8 = next(row for row in plan.rows if row.weights_format.startswith("int8"))
+    plan = plan_lib.make_serve_plan(config, batch=1, context=2048, device_memory_gib=24, target="gpu:h100",
+                                    weight_bits=(8,))
+    (int8,) = plan.rows
+    assert int8.weights_format.startswith("int8")
     assert plan.fits(int8), plan_lib.format_serve_plan(plan)
     assert int8.weights < 6.5 * GIB
