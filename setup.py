@@ -24,7 +24,8 @@ setup(
                   "zstandard", "tqdm", "tensorboard"],
         "hf": ["torch==2.13.0", "transformers", "safetensors", "peft"],  # peft: LoRA adapters in and out
         "eval": ["lm-eval", "accelerate"],  # accelerate: the harness's own `hf` model (HFLM)
-        "serve": ["fastapi", "uvicorn", "pydantic"],  # + tenacity/aiohttp/requests: lm-eval's local-completions client
+        # jinja2: chat templates; + tenacity/aiohttp/requests (test): lm-eval's local-completions client
+        "serve": ["fastapi", "uvicorn", "pydantic", "jinja2>=3.1.6"],
         # The compilers of --mode=plan --target=: libtpu (TPU) and XLA's CUDA plugin without the CUDA
         # libraries (compiling for a GPU needs none), matched to the installed jax by jax's own extras.
         # A machine with real GPUs installs jax[cuda12] instead (README, "On GPUs and TPUs").
