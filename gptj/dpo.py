@@ -83,6 +83,16 @@ class PairModel(nn.Module):
     def setup(self):
         nn.share_scope(self, self.model)
 
+    @property
+    def config(self):
+        """The wrapped model's config (what code reads off a recipe's Trainer: `trainer.model.config`)."""
+        return self.model.config
+
+    @property
+    def lora(self):
+        """The wrapped model's LoRA adapters (None: none)."""
+        return self.model.lora
+
     def __call__(self, tokens, **kwargs):
         return self.model(tokens.reshape((-1,) + tokens.shape[2:]), **kwargs)
 

@@ -100,6 +100,12 @@ def resolve_lora(config) -> LoraConfig | None:
     return adapter
 
 
+# The weights GPT-J casts to its compute dtype before every use (gptj.model.transformer: each matmul's
+# kernel): a microbatch's gradient of them is taken in that dtype, the same values in half the bytes
+# (Trainer's microbatch_grad_dtype). The embedding (gathered, then cast), biases and LayerNorms stay.
+CAST_BEFORE_USE = r"(.*/)?(q_proj|k_proj|v_proj|out_proj|fc_in_kernel|fc_out_kernel|lm_head_kernel)"
+
+
 def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Trainer:
     """The Trainer for a GPT-J model under `config`'s optimizer, train and LoRA settings.
 
@@ -153,7 +159,9 @@ def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Traine
         train_batch_spec(settings), microbatches=train.microbatches, summarize=summarize,
         lr_schedule=schedule, on_nonfinite=train.on_nonfinite, seed=train.seed,
         eval_loss_fn=eval_loss_fn, rng_streams=("dropout",) if lora is not None and lora.dropout > 0 else (),
-        trainable=trainable, frozen_dtype=settings.lora.base_dtype if lora is not None else None, **objective)
+        trainable=trainable, frozen_dtype=settings.lora.base_dtype if lora is not None else None,
+        microbatch_grad_dtype=model.dtype if model.dtype != model.param_dtype else None,
+        microbatch_grad_params=CAST_BEFORE_USE, **objective)
     try:
         trained = param_paths(trainer.abstract_state["params"])
     except TrainableError as e:
@@ -211,9 +219,8 @@ def head_loss_fns(model: GPTJConfig, chunk_tokens: int, vocab_chunk: int, z_loss
     return (lambda head, batch: loss(head, batch, False)), (lambda head, batch: loss(head, batch, True))
 
 
-def build_trainer_for_plan(config, partitioner: Partitioner) -> tuple[Trainer, RunSettings]:
-    """The Trainer `train_and_evaluate` would build, and the settings it resolves, without reading any weights
-    (for --mode=plan).
+def build_trainer_for_plan(config, partitioner: Partitioner) -> Trainer:
+    """The Trainer `train_and_evaluate` would build, without reading any weights (for --mode=plan).
 
     The model config follows init_from's config.json for gptj and hf weights
     (and the reference config for mtj).
@@ -222,7 +229,7 @@ def build_trainer_for_plan(config, partitioner: Partitioner) -> tuple[Trainer, R
     init_weights = open_init_weights(settings) if settings.init_from else None
     settings = resolved_config(settings, resolve_model_config(settings, init_weights=init_weights),
                                resolve_lora(settings))
-    return build_trainer(settings, settings.model, partitioner), settings
+    return build_trainer(settings, settings.model, partitioner)
 
 
 def initial_state(trainer: Trainer, model: GPTJConfig, weights: Weights, fresh_optimizer: bool):

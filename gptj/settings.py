@@ -219,6 +219,13 @@ class ServeSettings:
     warmup: bool = True
     max_new_tokens_limit: int = 1024
     model_name: str = "gptj"
+    # /v1/chat/completions renders messages with this: a built-in name (gptj.inference.chat.BUILTIN_TEMPLATES;
+    # "gptj_sft" is the prompt format the gptj_sft task trains on), a Jinja template as HF tokenizers store
+    # them, or a path to a .jinja file or to a tokenizer_config.json holding "chat_template".
+    chat_template: str = "gptj_sft"
+    # Most tokens per server-sent event: 1 sends each token as its own event (as OpenAI and vLLM do), even
+    # when one decode call made several (decode_steps); decode_steps sends about one event per call.
+    stream_interval: int = 1
 
 
 def _default(factory):
