@@ -4,7 +4,7 @@
     python benchmarks/run_all.py --only=train_vs_hf,decode_vs_hf
 
 Each benchmark script (train_vs_hf, lora_vs_peft, decode_vs_hf, quantized_decode, eval_vs_hf, prepare_data,
-weights_memory, serve_load)
+weights_memory, serve_load, dpo_vs_trl)
 runs as a child process, one after another so they never share the cores, with
 `--quick` and `--json PATH`; what it writes follows the contract in
 benchmarks/common.py. run_all first measures the machine's fp32 matmul peak
@@ -36,10 +36,11 @@ from benchmarks.common import (PEAK_ENV, ResultsError, cpu_description, format_p
                                load_results, matmul_peak_flops, result, time_runs)
 
 # (script, seconds allowed with --quick); a full run gets 4x. The quick budgets
-# add up to 29.5 minutes (serve_load starts three servers); TOTAL_QUICK_BUDGET_S caps the run at 28.5 (the
+# add up to 32 minutes (serve_load starts three servers); TOTAL_QUICK_BUDGET_S caps the run at 28.5 (the
 # scripts usually finish well inside their budgets), leaving room for the peak measurement.
 SCRIPTS = (("train_vs_hf", 270), ("lora_vs_peft", 150), ("decode_vs_hf", 210), ("quantized_decode", 270),
-           ("eval_vs_hf", 210), ("prepare_data", 90), ("weights_memory", 120), ("serve_load", 480))
+           ("eval_vs_hf", 210), ("prepare_data", 90), ("weights_memory", 120), ("serve_load", 480),
+           ("dpo_vs_trl", 150))
 TOTAL_QUICK_BUDGET_S = 28.5 * 60
 # jnp and torch run the same fp32 matmul on the same cores, so they should tie; beyond this
 # either side lacks threads (a torch with half its threads once made every HF ratio 2x too kind).
