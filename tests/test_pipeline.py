@@ -1,8 +1,10 @@
 """The pipeline axis (mesh.stage, GPipe) and sequence-parallel activations (megatron_sp), on 8 fake CPU devices.
 
 One tiny 4-layer model trains 6 steps on each layout below from the same init and
-data; every layout's trainer is compiled once for the module (`_trainer`), and
-the runs are shared by the tests (`_run`):
+data; every layout's trainer is compiled once for the module (`_trainer`), the
+initial state is made once, on one device, and laid out on each layout
+(`_initial_state`: no layout compiles an init of its own), and the runs are
+shared by the tests (`_run`):
 
     single  1 device                                          the reference
     d2s2m2  stage 2 x data 2 x model 2, megatron               a pipeline of 2 stages of 2 layers
@@ -14,20 +16,21 @@ the pipeline's microbatches on the others.
 """
 
 import functools
-import json
+import os
 import re
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from trainer_utils import SyntheticIterator, synthetic_batch, synthetic_eval_sets, tiny_config, to_numpy
+from trainer_utils import synthetic_batch, tiny_config, to_numpy
 
 from gptj import plan as plan_lib
-from gptj import recipe, train
+from gptj import recipe, targets
 from gptj.core.checkpoint import Checkpointer
 from gptj.core.param_tree import merge_params, path_matcher, select_params
 from gptj.core.partitioning import Partitioner, make_mesh
+from gptj.core.pipeline import Schedule
 from gptj.errors import ConfigError, PartitioningError
 from gptj.model.transformer import GPTJConfig
 from gptj.settings import validate
@@ -62,14 +65,24 @@ def _trainer(layout: str, lora: bool = False):
     return trainer, trainer.compile()
 
 
-def _initial_state(trainer, lora: bool):
+@functools.lru_cache(maxsize=None)
+def _host_initial_state(lora: bool):
+    """(state, frozen) on the host, made once on one device. LoRA: the base's initial weights frozen, fresh adapters."""
+    reference, _ = _trainer("single", lora)
     if not lora:
-        return trainer.init_state(0)
-    # LoRA: the single-device run's initial weights are the frozen base; fresh adapters train.
-    base = to_numpy(_trainer("single")[0].init_state(0)["params"])
-    trained, frozen = select_params(base, path_matcher(trainer.trainable))
-    trainer.set_frozen(frozen)
-    return trainer.state_from_params(merge_params(trainer.init_params(0), trained))
+        return to_numpy(reference.init_state(0)), None
+    base = to_numpy(_host_initial_state(False)[0]["params"])
+    trained, frozen = select_params(base, path_matcher(reference.trainable))
+    reference.set_frozen(frozen)
+    return to_numpy(reference.state_from_params(merge_params(reference.init_params(0), trained))), frozen
+
+
+def _initial_state(trainer, lora: bool = False):
+    """The shared initial state laid out on `trainer`'s layout (its frozen base given to it)."""
+    state, frozen = _host_initial_state(lora)
+    if lora:
+        trainer.set_frozen(frozen)
+    return jax.device_put(state, trainer.state_shardings)
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,8 +149,7 @@ def test_stage_transfers_are_what_the_scaling_model_counts():
     weight or activation is gathered.
     """
     trainer, _ = _trainer("d2s2m2")
-    trainer.train_step(trainer.init_state(0), synthetic_batch(0))  # compiled
-    hlo = trainer._compiled_train.as_text()
+    hlo = trainer.compiled_train_step.as_text()
     permutes = re.findall(r" collective-permute(?:-start)?\(", hlo)
     assert len(permutes) == 4  # in the forward loop's body and the backward loop's: outputs on, the stream back
     assert not re.findall(r" all-gather(?:-start)?\(", hlo)
@@ -145,7 +157,7 @@ def test_stage_transfers_are_what_the_scaling_model_counts():
 
 def test_non_finite_guard_inside_the_pipeline():
     trainer, _ = _trainer("d2s2m2")
-    state = trainer.init_state(0)
+    state = _initial_state(trainer)
     before = to_numpy(state["params"])
     poisoned = synthetic_batch(0)
     poisoned["loss_mask"][3, 5] = np.nan
@@ -154,26 +166,51 @@ def test_non_finite_guard_inside_the_pipeline():
     _leaves_equal(to_numpy(state["params"]), before)  # the update was dropped
 
 
-def test_train_and_plan_read_mesh_stage_from_the_config(tmp_path):
-    """--config.mesh.stage through the driver (resumable workdir) and --mode=plan: the programs the tests compiled."""
-    config = _config(stage=2, data=2, model=2)
-    config.train.total_steps = SAVED_AT
-    status = train.train_and_evaluate(config, str(tmp_path), train_iter_fn=SyntheticIterator,
-                                      eval_iters_fn=synthetic_eval_sets)
-    assert status == "completed"
-    with open(tmp_path / "config.json") as f:
-        assert json.load(f)["mesh"]["stage"] == 2
-    trainer, report = _trainer("d2s2m2")
-    restored, _ = Checkpointer(str(tmp_path)).restore(trainer.abstract_state)
-    _leaves_equal(to_numpy(restored), _run("d2s2m2")[1])  # the same run as the Trainer's, bit for bit
+@pytest.fixture(scope="module")
+def staged_checkpoint(tmp_path_factory):
+    """A workdir holding the stage 2 x data 2 x model 2 run's state after SAVED_AT steps, saved from that layout."""
+    workdir = tmp_path_factory.mktemp("staged")
+    saver = Checkpointer(str(workdir))
+    saver.save(jax.device_put(_run("d2s2m2")[1], _trainer("d2s2m2")[0].state_shardings), {"index": SAVED_AT})
+    saver.close()
+    return workdir
 
-    plan = plan_lib.make_plan(config)
+
+def test_train_builds_the_pipeline_from_the_config():
+    """--config.mesh.stage=2: the mesh the train mode lays out and the model's pipeline, before anything compiles."""
+    settings = validate(_config(stage=2, data=2, model=2), "train", check_tasks=False)
+    partitioner = Partitioner.from_config(settings.mesh)
+    assert dict(partitioner.mesh.shape) == {"stage": 2, "data": 2, "model": 2}
+    trainer = recipe.build_trainer(settings, settings.model, partitioner)
+    assert trainer.model.pipeline == Schedule(stages=2, microbatches=4)
+    assert trainer.state_shardings["params"]["blocks"]["mlp"]["fc_in_kernel"].spec[0] == "stage"
+
+
+def test_plan_on_the_tpu_compiler_lays_out_the_stages():
+    """--mode=plan --target=tpu:v3-8 with mesh.stage: the pipeline compiled by the TPU compiler on 2 x 2 x 2 of its
+    devices, the state laid out as on this machine's; a stage x data x model that does not divide the slice, one line."""
+    if not targets.compiler_installed("tpu"):
+        if os.environ.get("CI"):
+            raise RuntimeError(f"the TPU compiler is not installed (scripts/install.sh puts it in "
+                               f"{targets.COMPILERS_DIR})")
+        pytest.skip("the TPU compiler is not installed")
+    config = _config(stage=2, data=2, model=2, rules="megatron_sp")
+    plan = plan_lib.make_plan(config, target="tpu:v3-8")
     assert plan.mesh == {"stage": 2, "data": 2, "model": 2} and plan.pipeline.stages == 2
-    assert (plan.params, plan.temporaries) == (report.params, report.temporaries)
+    assert plan.compiled_for == "the TPU compiler for 8 TPU v3 devices (tpu:v3-8)" and plan.fits
+    _, report = _trainer("sp")
+    assert (plan.params, plan.opt_state) == (report.params, report.opt_state)
     # The stacked layers split over stage x model, embedding and head over model only.
     assert plan.params_expected <= plan.params <= 1.05 * plan.params_expected
+    # Every loop counted: the layers run (M + S - 1) / M times over, the bubble computing on zeros.
+    work = plan.work
+    assert work.cost.uncounted_loops == 0 and work.compiled_flops > work.model_flops
     text = plan_lib.format_plan(plan, config)
-    assert "mesh stage=2 x data=2 x model=2" in text and "pipeline: 2 stages of 2 layers" in text
+    assert "mesh stage=2 x data=2 x model=2 (compiled by the TPU compiler" in text
+    assert "pipeline: 2 stages of 2 layers, GPipe over 4 microbatches: 5 iterations, bubble 20%" in text
+    with pytest.raises(targets.TargetError, match="mesh stage=2 x data=3 x model=1 does not divide the 8 devices of "
+                                                  "tpu:v3-8"):
+        plan_lib.make_plan(_config(stage=2, data=3, model=1), target="tpu:v3-8")
 
 
 def _leaves_equal(a, b):
@@ -182,20 +219,23 @@ def _leaves_equal(a, b):
 
 
 @pytest.mark.parametrize("saved_on,resumed_on", [("d2s2m2", "single"), ("d2s2m2", "s4m2"), ("single", "d2s2m2")])
-def test_checkpoint_is_layout_free(tmp_path, saved_on, resumed_on):
+def test_checkpoint_is_layout_free(tmp_path, staged_checkpoint, saved_on, resumed_on):
     """Saved at one stage count, restored at another: the same state, bit for bit, and training goes on.
 
-    Continuing from the restored state equals, bit for bit, continuing on that
-    layout from the saving run's state without the round trip through disk.
+    Stage 2's checkpoint is saved once for the module (`staged_checkpoint`);
+    one device's here. Continuing from the restored state equals, bit for bit,
+    continuing on that layout from the saving run's state without the round
+    trip through disk.
     """
     _, saved, _ = _run(saved_on)
-    source, _ = _trainer(saved_on)
-    saver = Checkpointer(str(tmp_path))
-    saver.save(jax.device_put(saved, source.state_shardings), {"index": SAVED_AT})
-    saver.close()
+    workdir = staged_checkpoint if saved_on == "d2s2m2" else tmp_path
+    if saved_on != "d2s2m2":
+        saver = Checkpointer(str(workdir))
+        saver.save(jax.device_put(saved, _trainer(saved_on)[0].state_shardings), {"index": SAVED_AT})
+        saver.close()
 
     target, _ = _trainer(resumed_on)
-    restored, data_state = Checkpointer(str(tmp_path)).restore(target.abstract_state)
+    restored, data_state = Checkpointer(str(workdir), read_only=True).restore(target.abstract_state)
     assert data_state == {"index": SAVED_AT} and int(restored["step"]) == SAVED_AT
     _leaves_equal(to_numpy(restored), saved)
     assert restored["params"]["blocks"]["mlp"]["fc_in_kernel"].sharding == \
