@@ -90,15 +90,20 @@ NVLink's bandwidth, the balance moves towards megatron inside a node.
 20B and 40B (gptj/configs/gptj_20b.py, gptj_40b.py; `compare`): 8-way
 tensor parallelism alone cannot hold their fp32 weights, Adam moments and
 gradients (35 and 66 GiB per core), so on TPU v3 the candidates are zero3, or
-a pipeline that splits the layers over stages. On one v3 pod the torus carries
-zero3's per-microbatch weight gathers almost for free and zero3 is predicted
-fastest (by ~6%, inside this model's error); megatron_sp + pipeline also fits
-(~12-13 GiB), and the pipeline without sequence sharding does not (its
-replicated residual stream of all microbatches in flight). Across slices
-(2 v4-512, 4 v5e-256) zero3's gathers and megatron's gradient all-reduce
-cross the data-centre network, while a pipeline over the slices sends only a
-microbatch's activations there: megatron_sp + pipeline is the pick, 9-22%
-ahead of the next layout that fits.
+a pipeline that splits the layers over stages. A pipeline's state is more
+than its weights' and moments' share: GPipe's backward loop sums the stage's
+gradient in fp32 beside each iteration's own, and reads the weights cast to
+bf16 (20 bytes per parameter of the stage; with these, the estimates of the
+pipelines the TPU compiler refuses on a v3-256 are within 4% of the memory
+it reports, README). On one v3 pod the torus carries zero3's per-microbatch
+weight gathers almost for free and zero3 is predicted fastest (by ~6-8%,
+inside this model's error); megatron_sp + pipeline fits with the stages split
+16 ways (~9-10 GiB), not 8 (~16-17 GiB), and without sequence sharding a
+pipeline does not fit at all (its replicated residual stream of all
+microbatches in flight). Across slices (2 v4-512, 4 v5e-256) zero3's gathers
+and megatron's gradient all-reduce cross the data-centre network, while a
+pipeline over the slices sends only a microbatch's activations there:
+megatron_sp + pipeline is the pick.
 
 Public API: `Hardware`, `HARDWARE`, `MODEL_SHAPES`, `Workload`, `estimate`,
 `estimate_from_config` (the hook for `--mode=plan`), `StepEstimate.report()`,
@@ -485,7 +490,11 @@ def estimate(workload: Workload, hardware: str | Hardware = "tpu_v3") -> StepEst
 
     param_owners = d * m if w.rules == "zero3" else (1 if w.rules == "dp" else m)
     state = per_device(param_owners) * 4 + per_device(opt_owners) * 8
-    if accumulates:
+    if stages > 1:
+        # GPipe's backward loop (as the TPU compiler lays it out): the stage's gradient summed in fp32 (the loop's
+        # carry) beside each iteration's own, and the weights cast to the compute dtype once for every iteration.
+        state += per_device(grad_owners) * (4 + w.grad_bytes) + per_device(param_owners) * w.compute_bytes
+    elif accumulates:
         state += per_device(grad_owners) * w.grad_bytes
     activations = activation_bytes(cfg, micro_seqs, w.seq_len, m, w.compute_bytes, stages=stages,
                                    microbatches=w.microbatches, sequence_parallel=w.sequence_parallel,
@@ -681,6 +690,8 @@ SYSTEMS: dict[str, System] = {
 # The share of a device's memory a pick may plan to use: the estimate is good to tens of percent.
 FIT_MARGIN = 0.9
 COMPARED_MODEL_PARALLEL = 8
+# A pipeline may also split its stages 16 ways: two TPU v3 cores per chip, 8 chips of the torus.
+PIPELINE_MODEL_PARALLEL = (8, 16)
 
 
 def _layout_label(w: Workload) -> str:
@@ -694,16 +705,17 @@ def compare_large(model: GPTJConfig, system: System, seq_len: int = 2048,
                                                                            tuple[str, StepEstimate] | None]:
     """megatron, megatron_sp, zero3, and megatron(_sp) + pipeline for `model` on `system`; and the pick.
 
-    Every layout splits the model 8 ways and takes microbatches of one sequence
-    per data-parallel replica; collectives overlap where the schedule allows.
-    A pipeline row takes the number of stages (2, 4, 8 or 16, dividing the
-    layers) that is fastest among those that fit, else the one needing least
-    memory. The pick is the fastest layout whose estimated memory fits in
-    FIT_MARGIN of a device's (None if none does).
+    Every layout without a pipeline splits the model `model_parallel` ways;
+    every layout takes microbatches of one sequence per data-parallel replica;
+    collectives overlap where the schedule allows. A pipeline row takes the
+    number of stages (2, 4, 8 or 16, dividing the layers) and the model split
+    (PIPELINE_MODEL_PARALLEL) that are fastest among those that fit, else the
+    ones needing least memory. The pick is the fastest layout whose estimated
+    memory fits in FIT_MARGIN of a device's (None if none does).
     """
     hw = system.hardware
 
-    def workload(rules: str, stages: int) -> Workload:
+    def workload(rules: str, stages: int, model_parallel: int = model_parallel) -> Workload:
         data = system.devices // (stages * model_parallel)
         return Workload(model, seq_len, system.global_batch, data=data, model_parallel=model_parallel, rules=rules,
                         microbatches=system.global_batch // data, overlap=True, stages=stages, loss_chunk_tokens=1024)
@@ -713,9 +725,9 @@ def compare_large(model: GPTJConfig, system: System, seq_len: int = 2048,
 
     rows = [(_layout_label(w), estimate(w, hw)) for w in (workload(r, 1) for r in ("megatron", "megatron_sp", "zero3"))]
     for rules in ("megatron", "megatron_sp"):
-        options = [estimate(workload(rules, n), hw) for n in (2, 4, 8, 16)
-                   if model.num_layers % n == 0 and system.devices % (n * model_parallel) == 0
-                   and (system.global_batch // (system.devices // (n * model_parallel))) % n == 0]
+        options = [estimate(workload(rules, n, m), hw) for n in (2, 4, 8, 16) for m in PIPELINE_MODEL_PARALLEL
+                   if model.num_layers % n == 0 and model.num_heads % m == 0 and system.devices % (n * m) == 0
+                   and (system.global_batch // (system.devices // (n * m))) % n == 0]
         fitting = [e for e in options if fits(e)]
         best = (max(fitting, key=lambda e: e.tokens_per_s) if fitting
                 else min(options, key=lambda e: e.memory_bytes_per_device))

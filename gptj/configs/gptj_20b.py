@@ -14,21 +14,21 @@ activations of a stage until the backward pass, so a step's activation memory
 grows with the batch per data-parallel replica, and 512 is what fits a v3 core
 with this mesh.
 
-Mesh: 4 pipeline stages (11 layers each) x data (the rest: 8 on a v3-256) x 8
-model, `megatron_sp`, 64 microbatches (one sequence per replica on a v3-256:
-bubble 3/67 = 4.5% of the layers' iterations). `python -m gptj.scaling compare`
-estimates ~12 GiB per v3 core (state 20.6B x 14 bytes / 32, activations split
-8 ways by sequence). What does not fit 16 GiB: 8-way tensor parallelism
-without the pipeline (35 GiB of state and activations per core, 34 with
-sequence sharding) and the pipeline without sequence sharding (28 GiB: the
-replicated residual stream of 64 microbatches in flight). On one v3 pod zero3
-32 x 8 also fits (~3 GiB) and is predicted ~6% faster (the torus carries its
-weight gathers): --config.mesh.stage=1 --config.mesh.rules=zero3
---config.train.microbatches=16. This file keeps the pipeline: unchanged, it
-runs over TPU slices (stage 4 over 4 v5e-256 slices, data=-1 taking 32),
-where `compare` ranks it first and zero3's gathers would cross the
-data-centre network. `--mode=plan --target=tpu:v3-256` compiles it for the
-real chip.
+Mesh: 4 pipeline stages (11 layers each) x data (the rest: 4 on a v3-256) x
+16 model (two cores of 8 chips), `megatron_sp`, 64 microbatches (bubble 3/67
+= 4.5% of the layers' iterations). The TPU compiler (`--mode=plan
+--target=tpu:v3-256`, README) compiles its step within a v3 core's 16 GiB.
+It refuses the same pipeline split 8 ways by model (4 x 8 x 8: 16.2 GiB
+needed of 15.5 available: each device's share of the stage's weights, their
+fp32 gradient sum and each iteration's gradient) and the pipeline without
+sequence sharding (44 GiB: the replicated residual stream of 64 microbatches
+in flight); without the pipeline, 8-way tensor parallelism holds 29 GiB of
+weights and Adam moments per core before any activation. On one v3 pod zero3
+32 x 8 (--config.mesh.stage=1 --config.mesh.model=8 --config.mesh.rules=zero3
+--config.train.microbatches=16) is `python -m gptj.scaling compare`'s pick,
+its weight gathers riding the torus; the pipeline is the layout that also
+runs over TPU slices, where `compare` ranks it first and zero3's gathers
+would cross the data-centre network.
 """
 
 from gptj.configs import base
@@ -40,7 +40,7 @@ def get_config():
         vocab_size=50400, num_layers=44, d_model=6144, num_heads=64, rotary_dim=24, max_len=2048,
         dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="full",
     ))
-    config.mesh.update(dict(stage=4, data=-1, model=8, rules="megatron_sp"))
+    config.mesh.update(dict(stage=4, data=-1, model=16, rules="megatron_sp"))
     config.optimizer.update(dict(
         lr=9.7e-5, end_lr=9.7e-6, warmup_steps=1500, anneal_steps=150000, weight_decay=0.01, b2=0.95,
         clip_norm=1.0,

@@ -14,18 +14,17 @@ Optimizer: GPT-3's schedule interpolated between its 13B (1.0e-4) and 175B
 keeps every microbatch's saved activations of a stage until the backward
 pass, so the memory grows with the batch per data-parallel replica).
 
-Mesh: 8 pipeline stages (6 layers each) x data (the rest: 4 on a v3-256) x 8
-model, `megatron_sp`, 128 microbatches (one sequence per replica on a
-v3-256: bubble 7/135 = 5.2% of the layers' iterations). `python -m
-gptj.scaling compare` estimates ~13 GiB per v3 core (state 39.5B x 14 bytes /
-64, activations split 8 ways by sequence). What does not fit 16 GiB: 8-way
-tensor parallelism without the pipeline (66 GiB per core, 65 with sequence
-sharding), the pipeline without sequence sharding (32 GiB even at 16 stages),
-and 4 stages (the state alone ~17 GiB). On one v3 pod zero3 32 x 8 also fits
-(~4 GiB) and is predicted ~7% faster: --config.mesh.stage=1
---config.mesh.rules=zero3 --config.train.microbatches=16. Across slices (2
-v4-512, 4 v5e-256) `compare` ranks the pipeline with sequence sharding first.
-`--mode=plan --target=tpu:v3-256` compiles it for the real chip.
+Mesh: 8 pipeline stages (6 layers each) x data (the rest: 2 on a v3-256) x
+16 model (two cores of 8 chips), `megatron_sp`, 128 microbatches (bubble
+7/135 = 5.2% of the layers' iterations). The TPU compiler (`--mode=plan
+--target=tpu:v3-256`, README) compiles its step within a v3 core's 16 GiB.
+It refuses the same pipeline split 8 ways by model (8 x 4 x 8: 17.3 GiB
+needed of 15.5 available) and the pipeline without sequence sharding (62
+GiB); without the pipeline, 8-way tensor parallelism holds 55 GiB of weights
+and Adam moments per core. On one v3 pod zero3 32 x 8 (--config.mesh.stage=1
+--config.mesh.model=8 --config.mesh.rules=zero3 --config.train.microbatches=16)
+is `python -m gptj.scaling compare`'s pick; across slices (2 v4-512, 4
+v5e-256) `compare` ranks the pipeline with sequence sharding first.
 """
 
 from gptj.configs import base
@@ -37,7 +36,7 @@ def get_config():
         vocab_size=50400, num_layers=48, d_model=8192, num_heads=64, rotary_dim=32, max_len=2048,
         dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="full",
     ))
-    config.mesh.update(dict(stage=8, data=-1, model=8, rules="megatron_sp"))
+    config.mesh.update(dict(stage=8, data=-1, model=16, rules="megatron_sp"))
     config.optimizer.update(dict(
         lr=8e-5, end_lr=8e-6, warmup_steps=1500, anneal_steps=150000, weight_decay=0.1, b2=0.95, clip_norm=1.0,
     ))
