@@ -30,7 +30,11 @@ from typing import Any
 from gptj.errors import AdapterError, GptjError, UnknownAdapterError
 from gptj.model.lora import pool_entry
 from gptj.model.transformer import LoraConfig
+from gptj.weights.source import open_adapter, open_adapter_config
 
+# The adapter pool's rank when serve.max_adapter_rank is 0 and no start-up adapter has a higher one (vLLM's
+# max_lora_rank default).
+DEFAULT_ADAPTER_RANK = 16
 # Adapter names: what a request's `model` field names (no commas or '=': they separate `serve.adapters`).
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}")
 
@@ -56,16 +60,24 @@ def parse_adapter_specs(text: str) -> list[tuple[str, str]]:
     return specs
 
 
-def read_adapter(path: str, runner, base_fingerprint: str = "") -> tuple[LoraConfig, dict]:
+def read_adapter_config(path: str) -> LoraConfig:
+    """The LoraConfig (rank, alpha, targets) of the adapter at `path`, from its config alone; AdapterError if
+    it cannot be read."""
+    try:
+        return open_adapter_config(path)
+    except GptjError as e:
+        raise AdapterError(str(e)) from None
+
+
+def read_adapter(path: str, runner) -> tuple[LoraConfig, dict]:
     """(its LoraConfig, its pool slot's arrays) of the adapter at `path` for `runner`'s base and pool.
 
-    AdapterError (one line) when it cannot be read, does not fit the base, or
-    has a rank past the pool's.
+    AdapterError (one line) when it cannot be read, does not fit the base
+    (shape; a gptj workdir: the base's fingerprint), or has a rank past the
+    pool's.
     """
-    from gptj.weights.source import open_adapter
-
     try:
-        lora, adapters = open_adapter(path, runner.config, base_fingerprint)
+        lora, adapters = open_adapter(path, runner.config, runner.fingerprint)
     except GptjError as e:
         raise AdapterError(str(e)) from None
     if lora.rank > runner.adapter_rank:

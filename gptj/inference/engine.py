@@ -121,6 +121,7 @@ class _Row:
     admitted_at: float
     keys: list = dataclasses.field(default_factory=list)
     stored: int = 0
+    reused: int = 0  # prompt tokens taken from the prefix cache
     cursor: int = 0
     tokens: list = dataclasses.field(default_factory=list)
     logprobs: list = dataclasses.field(default_factory=list)
@@ -295,13 +296,13 @@ class Engine:
 
     # -- adapters (any thread) ----------------------------------------------------------
 
-    def load_adapter(self, name: str, path: str, base_fingerprint: str = "") -> Adapter:
+    def load_adapter(self, name: str, path: str) -> Adapter:
         """Reads the adapter at `path` (on this thread), writes it into a free pool slot (on the engine's
         thread, between steps) and makes `name` take requests; returns it. AdapterError (one line) for a
         name in use, no free slot, or an adapter that cannot be read or does not fit the base."""
         slot = self.adapters.reserve(name)
         try:
-            lora, entry = read_adapter(path, self.runner, base_fingerprint)
+            lora, entry = read_adapter(path, self.runner)
             self._on_engine_thread(lambda: self.runner.write_adapter(slot, entry)).result()
         except BaseException:
             self.adapters.unreserve(name)
@@ -552,9 +553,7 @@ class Engine:
             if self._prefix is not None:
                 namespace = "" if job.served_adapter is None else job.served_adapter.namespace
                 row.keys = block_keys(job.prompt, self.prefix_block_size, namespace)
-                restored = self._extend_from_store(row)
-                if row.keys[:(len(job.prompt) - 1) // self.prefix_block_size]:
-                    self.counters["prefix_cache_hits" if restored else "prefix_cache_misses"] += 1
+                self._extend_from_store(row)
 
     # -- the prefix cache ---------------------------------------------------------------
 
@@ -573,22 +572,25 @@ class Engine:
         self._cache = self.runner.restore_prefix(self._cache, self._store, row.slot, blocks, first + len(found))
         saved = len(found) * size
         row.cursor += saved
+        row.reused += saved
         row.stored = max(row.stored, first + len(found))
         self.counters["prefix_cache_tokens_saved"] += saved
         self._log("restore", slot=row.slot, start=first * size, tokens=saved)
         return saved
 
     def _save_to_store(self, row: _Row) -> None:
-        """Copies the prompt blocks a row has prefilled since it last saved into the store (those not there)."""
+        """After a row's prefill chunk: copies its prompt blocks so far that the store lacks into it (the whole
+        chain is offered, so a block evicted since it was stored is stored again and no block of the chain is
+        evicted for another)."""
         done = min(row.cursor // self.prefix_block_size, len(row.keys))
         if done <= row.stored:
             return
         namespace = "" if row.job.served_adapter is None else row.job.served_adapter.namespace
-        placed = self._prefix.add(row.keys[row.stored:done], namespace)
+        placed = self._prefix.add(row.keys[:done], namespace)
         row.stored = done
         if any(block is not None for block in placed):
             blocks = np.full(self._row_blocks, self._prefix.blocks, np.int32)  # out of range: not saved
-            for i, block in enumerate(placed, start=done - len(placed)):
+            for i, block in enumerate(placed):
                 if block is not None:
                     blocks[i] = block
             self._store = self.runner.save_prefix(self._store, self._cache, row.slot, blocks)
@@ -691,6 +693,9 @@ class Engine:
             row.cursor += int(lengths[i])
             if self._prefix is not None:
                 self._save_to_store(row)
+                if not row.prefilling and len(row.job.prompt) > self.prefix_block_size:
+                    # A prompt of more than one block could have reused one: a hit if it did, else a miss.
+                    self.counters["prefix_cache_hits" if row.reused else "prefix_cache_misses"] += 1
         ready = [(i, row) for i, row in enumerate(group) if not row.prefilling]
         if not ready:  # a middle chunk of a long prompt: nothing to sample yet
             return

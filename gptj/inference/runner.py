@@ -63,7 +63,7 @@ from gptj.inference.sampling_ops import bucket, pick_tokens, row_keys
 from gptj.model.lora import pool_shapes, pool_tree
 from gptj.model.transformer import (ADAPTER_POOL, GPTJ, GPTJConfig, cache_logical_axes, init_cache, output_logits,
                                     resolve_dtype, score_targets)
-from gptj.weights.source import param_shardings
+from gptj.weights.source import fingerprint, param_shardings
 
 # Smallest prompt / generation / chunk buckets: shorter requests share one program.
 MIN_LENGTH_BUCKET = 16
@@ -180,6 +180,7 @@ class ModelRunner:
                       "compiled_while_serving": 0}
         self.adapter_pool: dict = {}
         self.adapter_slots = self.adapter_rank = 0
+        self._fingerprint: str | None = None
         self.serving = False  # set by a serving engine: a new shape from now on is logged as a warning
         self._shapes: set[tuple] = set()
         self._build_programs()
@@ -275,6 +276,13 @@ class ModelRunner:
         entry = place(entry, jax.tree_util.tree_map(lambda _: self._pool_sh, entry), dtype)
         self._note_shape(("write_adapter",))
         self.adapter_pool = self._write_slot(self.adapter_pool, jnp.asarray(slot, jnp.int32), entry)
+
+    def fingerprint(self) -> str:
+        """The `gptj.weights.source.fingerprint` of the base weights held ("" for quantized weights, whose
+        values are not those an adapter was trained over); computed once."""
+        if self._fingerprint is None:
+            self._fingerprint = "" if self.config.quant_bits else fingerprint(self.params)
+        return self._fingerprint
 
     def _variables(self, params, pool) -> dict:
         """The model's variables: its params, and the adapter pool when there is one."""

@@ -9,16 +9,22 @@ Endpoints:
                         log-probabilities (how lm-evaluation-harness's `local-completions` scores), from
                         the head applied chunk by chunk of tokens (`model.score_targets`).
   POST /complete        mesh-transformer-jax's API: {"context", "top_p", "temp"} -> {"completion"}.
-  GET  /v1/models, GET /health (engine state and counters), GET /metrics (Prometheus text).
+  GET  /v1/models       the base model and each loaded LoRA adapter (`parent`: the base).
+  POST /v1/load_lora_adapter {"lora_name", "lora_path"}, POST /v1/unload_lora_adapter {"lora_name"}: vLLM's
+                        runtime adapter endpoints (`gptj.inference.adapters`); unloading waits for the rows
+                        using the adapter.
+  GET  /health (engine state, adapters, prefix cache, counters), GET /metrics (Prometheus text).
   GET  /tokenizer_info, POST /tokenize, POST /detokenize: vLLM's tokenizer endpoints, so lm-eval's
                         `tokenizer_backend=remote` (auto-detected) needs no tokenizer files of its own.
   GET  /openapi.json    the schema of all of the above, errors included.
 
 Requests run on one `gptj.inference.engine.Engine` (continuous batching over `config.serve.max_batch_size`
-slots). The request's `model` field is accepted and ignored (one model per server). Every error is
+slots). A request's `model` names the base (`config.serve.model_name`, or left out) or a loaded adapter
+(`CompletionService.resolve_model`); rows of every adapter and of the base decode together. Every error is
 a JSON body {"error": {"message", "type", "param", "code"}}: 400 for anything the client got wrong,
-429 when more rows wait than `max_queue`, 500 only for a server fault; no request can stop the
-server. A streaming client that disconnects frees its slots at the engine's next step.
+404 for a model (adapter) not served here, 429 when more rows wait than `max_queue`, 500 only for a server
+fault; no request can stop the server. A streaming client that disconnects frees its slots at the
+engine's next step.
 """
 
 from __future__ import annotations
@@ -30,12 +36,15 @@ import time
 import uuid
 from typing import Any
 
+from gptj.errors import AdapterError, UnknownAdapterError
+from gptj.inference.adapters import DEFAULT_ADAPTER_RANK, parse_adapter_specs, read_adapter_config
 from gptj.inference.engine import GENERATE, SCORE, Engine, Job, QueueFull
 from gptj.inference.runner import Generation, Score
 from gptj.inference.sampler import encode_text
 from gptj.inference.schema import (CompleteRequest, CompleteResponse, CompletionRequest, CompletionResponse,
-                                   DetokenizeResponse, HealthResponse, ModelList, TokenizeRequest, TokenizeResponse,
-                                   TokenizerInfo, bounded_requests, declare_errors, describe_validation_errors)
+                                   DetokenizeResponse, HealthResponse, LoadLoraAdapterRequest, ModelList,
+                                   TokenizeRequest, TokenizeResponse, TokenizerInfo, UnloadLoraAdapterRequest,
+                                   bounded_requests, declare_errors, describe_validation_errors)
 
 # The reference's /complete always generated this many tokens.
 REFERENCE_COMPLETE_TOKENS = 512
@@ -44,9 +53,10 @@ REFERENCE_COMPLETE_TOKENS = 512
 class RequestError(Exception):
     """A client error: answered with `status` and an OpenAI-style JSON error."""
 
-    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error", param: str | None = None):
+    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.kind, self.param = status, kind, param
+        self.status, self.kind, self.param, self.code = status, kind, param, code
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: Any = None) -> dict:
@@ -64,6 +74,41 @@ class CompletionService:
         self.max_len = engine.cache_len
         self.vocab_size = engine.runner.vocab_limit  # ids a client may send: those the tokenizer can decode
         self.started = time.time()
+
+    # -- models: the base and its adapters -----------------------------------------------
+
+    def resolve_model(self, requested: str | None) -> str:
+        """The served model a request's `model` field names: the base when left out, empty or its name, else a
+        loaded adapter; a 404 (OpenAI's model_not_found) naming the models served for anything else."""
+        if not requested or requested == self.model_name:
+            return self.model_name
+        if requested in self.engine.adapters.names():
+            return requested
+        served = ", ".join([self.model_name] + self.engine.adapters.names())
+        raise RequestError(f"The model `{requested}` does not exist; this server serves: {served}.", status=404,
+                           param="model", code="model_not_found")
+
+    def adapter_of(self, model: str) -> str:
+        """The engine's adapter name of a resolved model ("" for the base)."""
+        return "" if model == self.model_name else model
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """POST /v1/load_lora_adapter: reads and loads an adapter (blocking; run it off the event loop)."""
+        if name == self.model_name:
+            raise RequestError(f"`{name}` is the base model's name; choose another adapter name",
+                               param="lora_name")
+        try:
+            self.engine.load_adapter(name, path)
+        except AdapterError as e:
+            raise RequestError(str(e), param="lora_path") from None
+
+    async def unload_adapter(self, name: str) -> None:
+        """POST /v1/unload_lora_adapter: returns once the rows using it have finished and its slot is free."""
+        try:
+            future = self.engine.unload_adapter(name)
+        except UnknownAdapterError as e:
+            raise RequestError(str(e), status=404, param="lora_name", code="model_not_found") from None
+        await asyncio.wrap_future(future)
 
     # -- request checking ---------------------------------------------------------------
 
@@ -99,6 +144,8 @@ class CompletionService:
             self.engine.submit(jobs)
         except QueueFull as e:
             raise RequestError(f"server busy: {e}; retry later", status=429, kind="rate_limit_error") from None
+        except UnknownAdapterError as e:  # unloaded since the request was read
+            raise RequestError(str(e), status=404, param="model", code="model_not_found") from None
 
     async def wait(self, jobs: list[Job]) -> list[Any]:
         try:
@@ -122,6 +169,8 @@ class CompletionService:
 
     def plan(self, request: CompletionRequest):
         """Turns a (schema-valid) OpenAI request into jobs: (prompts, generate jobs, score jobs, settings)."""
+        model = self.resolve_model(request.model)
+        adapter = self.adapter_of(model)
         n = request.n or 1
         prompts = self.prompts_of(request.prompt, n)
         max_tokens = request.max_tokens if request.max_tokens is not None else min(16, self.max_new_tokens_limit)
@@ -135,11 +184,12 @@ class CompletionService:
         seed = request.seed if request.seed is not None else random.getrandbits(31)
         top = request.logprobs or 0
         generate = [Job(GENERATE, prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                        seed=seed + i, stop=stop, top_logprobs=top)
+                        seed=seed + i, stop=stop, top_logprobs=top, adapter=adapter)
                     for prompt in prompts for i in range(n)] if max_tokens > 0 else []
-        score = ([Job(SCORE, prompt, top_logprobs=top) for prompt in prompts]
+        score = ([Job(SCORE, prompt, top_logprobs=top, adapter=adapter) for prompt in prompts]
                  if request.echo and request.logprobs is not None else [])
-        return prompts, generate, score, dict(n=n, max_tokens=max_tokens, logprobs=request.logprobs, stop=stop)
+        return prompts, generate, score, dict(n=n, max_tokens=max_tokens, logprobs=request.logprobs, stop=stop,
+                                              model=model)
 
     # -- responses ----------------------------------------------------------------------
 
@@ -183,9 +233,9 @@ class CompletionService:
         reason = generation.finish_reason if generation is not None else "length"
         return {"text": text, "index": index, "logprobs": block, "finish_reason": reason}
 
-    def envelope(self, request_id: str, choices: list[dict], usage: dict | None = None) -> dict:
-        body = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
-                "choices": choices}
+    def envelope(self, request_id: str, choices: list[dict], usage: dict | None = None, model: str = "") -> dict:
+        body = {"id": request_id, "object": "text_completion", "created": int(time.time()),
+                "model": model or self.model_name, "choices": choices}
         if usage is not None:
             body["usage"] = usage
         return body
@@ -206,7 +256,7 @@ class CompletionService:
         completion_tokens = sum(len(g.tokens) for g in generations)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}
-        return self.envelope(f"cmpl-{uuid.uuid4().hex}", choices, usage)
+        return self.envelope(f"cmpl-{uuid.uuid4().hex}", choices, usage, opts["model"])
 
     async def stream(self, request: CompletionRequest):
         """Server-sent events for a streamed completion; validation errors are raised before the first event."""
@@ -234,7 +284,7 @@ class CompletionService:
                     for i in range(n):
                         choice = self.choice(p * n + i, prompt, None, scores[p] if scores else None, True, logprobs)
                         choice["finish_reason"] = None
-                        yield event(self.envelope(request_id, [choice]))
+                        yield event(self.envelope(request_id, [choice], model=opts["model"]))
             sent_text, sent_tokens = [0] * len(generate), [0] * len(generate)
             pending = {asyncio.ensure_future(asyncio.wrap_future(job.future)): k for k, job in enumerate(generate)}
             while not all(finished):
@@ -266,11 +316,11 @@ class CompletionService:
                     sent_text[index] += len(delta)
                     sent_tokens[index] = new_tokens
                     finished[index] = final
-                    yield event(self.envelope(request_id, [choice]))
+                    yield event(self.envelope(request_id, [choice], model=opts["model"]))
             if not generate and not request.echo:
                 choices = [{"text": "", "index": k, "logprobs": None, "finish_reason": "length"}
                            for k in range(len(prompts) * n)]
-                yield event(self.envelope(request_id, choices))
+                yield event(self.envelope(request_id, choices, model=opts["model"]))
         except Exception as e:  # noqa: BLE001 - a failure mid-stream is reported in-band
             yield event(error_body(f"generation failed: {e}", "server_error"))
         finally:
@@ -305,7 +355,7 @@ def create_app(service: CompletionService, *, warmup: bool = False):
 
     @app.exception_handler(RequestError)
     async def _request_error(_request: Request, exc: RequestError):
-        return JSONResponse(error_body(str(exc), exc.kind, exc.param), status_code=exc.status)
+        return JSONResponse(error_body(str(exc), exc.kind, exc.param, exc.code), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError):
@@ -342,9 +392,21 @@ def create_app(service: CompletionService, *, warmup: bool = False):
 
     @app.get("/v1/models", response_model=ModelList)
     async def models():
-        return {"object": "list", "data": [{"id": service.model_name, "object": "model",
-                                            "created": int(service.started), "owned_by": "gptj",
-                                            "max_model_len": service.max_len}]}
+        base = {"id": service.model_name, "object": "model", "created": int(service.started), "owned_by": "gptj",
+                "max_model_len": service.max_len, "root": service.model_name, "parent": None}
+        adapters = [{**base, "id": a.name, "created": int(a.loaded_at), "root": a.path, "parent": service.model_name}
+                    for a in service.engine.adapters.adapters()]
+        return {"object": "list", "data": [base] + adapters}
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+    async def load_lora_adapter(request: LoadLoraAdapterRequest):
+        await asyncio.to_thread(service.load_adapter, request.lora_name, request.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+    async def unload_lora_adapter(request: UnloadLoraAdapterRequest):
+        await service.unload_adapter(request.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' removed successfully.")
 
     @app.get("/health", response_model=HealthResponse)
     async def health():
@@ -369,10 +431,23 @@ def create_app(service: CompletionService, *, warmup: bool = False):
 
 
 def build_app(sampler, tokenizer, serve_config) -> Any:
-    """An app serving `sampler`'s model with the engine settings and names of a serve section (ServeSettings)."""
+    """An app serving `sampler`'s model with the engine settings, names, adapters and prefix cache of a serve
+    section (ServeSettings); the adapters it names are loaded here. ValueError for a setting out of range,
+    AdapterError for an adapter that cannot be served."""
+    specs = parse_adapter_specs(serve_config.adapters)
+    if specs or serve_config.max_adapters:
+        slots = serve_config.max_adapters or len(specs)
+        rank = serve_config.max_adapter_rank or max(
+            [DEFAULT_ADAPTER_RANK] + [read_adapter_config(path).rank for _, path in specs])
+        sampler.runner.reserve_adapters(slots, rank)
     engine = Engine(sampler.runner, slots=serve_config.max_batch_size, max_queue=serve_config.max_queue,
                     prefill_chunk=serve_config.prefill_chunk, decode_steps=serve_config.decode_steps,
-                    tokenizer=tokenizer, eos_id=sampler.eos_id)
+                    tokenizer=tokenizer, eos_id=sampler.eos_id, prefix_cache_gib=serve_config.prefix_cache_gib,
+                    prefix_block_size=serve_config.prefix_block_size)
+    for name, path in specs:
+        if name == serve_config.model_name:
+            raise AdapterError(f"serve.adapters: {name!r} is the base model's name (serve.model_name)")
+        engine.load_adapter(name, path)
     service = CompletionService(engine, tokenizer, model_name=serve_config.model_name,
                                 max_new_tokens_limit=serve_config.max_new_tokens_limit)
     return create_app(service, warmup=serve_config.warmup)
@@ -393,6 +468,8 @@ def serve(config, workdir: str | None) -> None:
     sampler = build_sampler(settings, workdir)
     try:
         app = build_app(sampler, sampler.tokenizer, settings.serve)
+    except AdapterError as e:
+        raise ConfigError(f"serve.adapters: {e}") from None
     except ValueError as e:  # a serve setting out of range (slots, queue, chunk, steps)
         raise ConfigError(f"serve: {e}") from None
     uvicorn.run(app, host=settings.serve.host, port=settings.serve.port, log_level="info")

@@ -47,7 +47,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import flax.linen as nn
 import jax
@@ -312,21 +312,14 @@ def with_peft_adapter(weights: Weights, spec: str) -> Weights:
 ADAPTER_SHAPE_FIELDS = ("num_layers", "d_model", "num_heads", "mlp_dim")
 
 
-def open_adapter(path: str, base: GPTJConfig, base_fingerprint: str = "") -> tuple[LoraConfig, Any]:
-    """(LoraConfig, the adapters as fp32 numpy) of a LoRA adapter to serve, unmerged, over the base `base`.
-
-    `path` is a HuggingFace PEFT adapter directory (`peft:DIR` or a directory
-    holding adapter_config.json) or a gptj workdir of a LoRA run. A workdir
-    must have trained its adapters only (`train.trainable` unset); its model
-    must have the base's shape and, when `base_fingerprint` is given, its
-    recorded base the same fingerprint (another base with the same shape is
-    refused too). Raises WeightsError with one line saying what does not fit.
-    """
-    from gptj.weights.formats.peft import ADAPTER_CONFIG, read_peft
+def _adapter_weights(path: str) -> tuple[str, Weights | None]:
+    """(its directory, None) for a PEFT adapter directory (`peft:DIR`, or a directory holding
+    adapter_config.json), (its directory, its opened Weights) for a gptj LoRA workdir."""
+    from gptj.weights.formats.peft import ADAPTER_CONFIG
 
     directory = peft_adapter_dir(path)
     if path.startswith(PEFT_PREFIX) or os.path.isfile(os.path.join(directory, ADAPTER_CONFIG)):
-        return read_peft(directory, base)
+        return directory, None
     if not os.path.isdir(directory):
         raise params_io.WeightsError(f"{directory}: no such directory (expected a PEFT adapter directory or a "
                                      "gptj LoRA workdir)")
@@ -338,14 +331,46 @@ def open_adapter(path: str, base: GPTJConfig, base_fingerprint: str = "") -> tup
     if adapted.trained != lora_lib.ADAPTER_PATTERN:
         raise params_io.WeightsError(f"{directory}: trained {adapted.trained!r} besides LoRA adapters, which cannot "
                                      "be served over a shared base; serve it on its own (--workdir)")
+    return directory, weights
+
+
+def open_adapter_config(path: str) -> LoraConfig:
+    """The LoraConfig of an adapter `open_adapter` reads (its config file only)."""
+    from gptj.weights.formats.peft import read_peft_config
+
+    directory, weights = _adapter_weights(path)
+    return read_peft_config(directory) if weights is None else weights.adapted.lora
+
+
+def open_adapter(path: str, base: GPTJConfig, base_fingerprint: Callable[[], str] | None = None
+                 ) -> tuple[LoraConfig, Any]:
+    """(LoraConfig, the adapters as fp32 numpy) of a LoRA adapter to serve, unmerged, over the base `base`.
+
+    `path` is a HuggingFace PEFT adapter directory (`peft:DIR` or a directory
+    holding adapter_config.json) or a gptj workdir of a LoRA run. A workdir
+    must have trained its adapters only (`train.trainable` unset) over a
+    model of the base's shape; with `base_fingerprint` (a function giving
+    the served base's `fingerprint`, or "" where it cannot be told), its
+    recorded base must have the same fingerprint, so another base of the same
+    shape is refused too (compared where the two pad the vocabulary alike).
+    Raises WeightsError with one line saying what does not fit.
+    """
+    from gptj.weights.formats.peft import read_peft
+
+    directory, weights = _adapter_weights(path)
+    if weights is None:
+        return read_peft(directory, base)
+    adapted = weights.adapted
     theirs = {f: getattr(weights.config, f) for f in ADAPTER_SHAPE_FIELDS}
     ours = {f: getattr(base, f) for f in ADAPTER_SHAPE_FIELDS}
     if theirs != ours:
         raise params_io.WeightsError(f"{directory}: adapters of a model with {theirs}, but the served base has {ours}")
-    if base_fingerprint and adapted.fingerprint and adapted.fingerprint != base_fingerprint:
+    comparable = weights.config.padded_vocab_size == base.padded_vocab_size and adapted.fingerprint
+    served = base_fingerprint() if base_fingerprint is not None and comparable else ""
+    if served and served != adapted.fingerprint:
         raise params_io.WeightsError(
             f"{directory} was trained over base weights with fingerprint {adapted.fingerprint}, but the served base "
-            f"has fingerprint {base_fingerprint}: another base")
+            f"has fingerprint {served}: another base")
     trained = adapted.trained_params(weights.config)
     return adapted.lora, jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), trained)
 
