@@ -468,7 +468,8 @@ def _check_serve(settings: RunSettings, problems: list[str]) -> None:
         if not os.path.isdir(directory):
             problems.append(f"serve.adapters: {name}={path}: {directory} does not exist")
     if serve.max_adapters < 0:
-        problems.append(f"serve.max_adapters must be >= 0 (0: as many as serve.adapters names), got {serve.max_adapters}")
+        problems.append(f"serve.max_adapters must be >= 0 (0: as many as serve.adapters names), "
+                        f"got {serve.max_adapters}")
     elif 0 < serve.max_adapters < len(specs):
         problems.append(f"serve.adapters names {len(specs)} adapters but serve.max_adapters={serve.max_adapters}")
     if serve.max_adapter_rank < 0:
