@@ -721,7 +721,8 @@ class Engine:
         self._cache, (tokens, token_lps, top_ids, top_lps, produced) = self.runner.decode(
             self._cache, rows, rows_f, steps, bool(self._waiting), self.decode_steps, num_top)
         self.counters["decode_steps"] += int(produced.max())
-        self._log("decode", slots=[r.slot for r in decoding], steps=int(produced.max()))
+        self._log("decode", slots=[r.slot for r in decoding], steps=int(produced.max()),
+                  adapters=sorted({r.job.adapter_slot for r in decoding}))
         for row in decoding:
             n = int(produced[row.slot])
             s = row.slot

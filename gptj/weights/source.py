@@ -323,7 +323,11 @@ def _adapter_weights(path: str) -> tuple[str, Weights | None]:
     if not os.path.isdir(directory):
         raise params_io.WeightsError(f"{directory}: no such directory (expected a PEFT adapter directory or a "
                                      "gptj LoRA workdir)")
-    weights = open_weights(directory)
+    try:
+        weights = open_weights(directory)
+    except params_io.WeightsError as e:
+        raise params_io.WeightsError(f"{directory}: neither a PEFT adapter directory (no {ADAPTER_CONFIG}) nor a gptj "
+                                     f"LoRA workdir ({e})") from None
     adapted = weights.adapted
     if adapted is None or adapted.lora is None:
         raise params_io.WeightsError(f"{directory}: a model trained in full, not LoRA adapters; serve it on its own "
