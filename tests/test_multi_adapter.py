@@ -12,10 +12,11 @@ import httpx
 import jax
 import numpy as np
 import pytest
-from trainer_utils import SyntheticIterator, synthetic_eval_sets, tiny_config
+from trainer_utils import tiny_config
 
-from gptj import train
 from gptj.convert.__main__ import main as convert
+from gptj.core.checkpoint import Checkpointer
+from gptj.core.driver import write_run_config
 from gptj.core.partitioning import Partitioner, make_mesh, place
 from gptj.errors import UnknownAdapterError
 from gptj.inference.engine import GENERATE, Job
@@ -23,10 +24,10 @@ from gptj.inference.sampler import Sampler, get_tokenizer
 from gptj.inference.server import build_app
 from gptj.model import lora as lora_lib
 from gptj.model.transformer import GPTJConfig, LoraConfig, _split_einsum, pooled_lora_delta
-from gptj.settings import ConfigError, validate
+from gptj.settings import ConfigError, RunSettings, validate
 from gptj.weights.formats.hf import read_hf
 from gptj.weights.formats.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_pair_shapes, write_peft
-from gptj.weights.source import load_for_inference
+from gptj.weights.source import BASE_WEIGHTS_KEY, fingerprint, load_for_inference
 from tests.sampling_utils import write_params_dir
 from tests.serve_utils import running, serve_config
 
@@ -42,14 +43,37 @@ STARTUP = {"wd": (4, ("q_proj", "v_proj")), "p2": (2, ("k_proj", "out_proj", "fc
 LATE = {"late": (4, ("v_proj", "fc_in")), "later": (2, ("q_proj", "fc_out"))}
 
 
-def random_peft(path, config: GPTJConfig, rank: int, targets, seed: int) -> str:
-    """A PEFT adapter directory of random (non-zero) A and B, large enough to change greedy outputs."""
+def random_adapters(config: GPTJConfig, rank: int, targets, seed: int) -> tuple[LoraConfig, dict]:
+    """Random (non-zero) adapters A and B, large enough to change greedy outputs."""
     lora = LoraConfig(rank=rank, alpha=2.0 * rank, targets=tuple(targets))
     rng = np.random.default_rng(seed)
     pairs = {t: tuple(rng.normal(0.0, 0.3, shape).astype(np.float32) for shape in shapes)
              for t, shapes in adapter_pair_shapes(config, lora).items()}
-    write_peft(lora_lib.adapter_tree(pairs), config, lora, str(path))
+    return lora, lora_lib.adapter_tree(pairs)
+
+
+def random_peft(path, config: GPTJConfig, rank: int, targets, seed: int) -> str:
+    """A PEFT adapter directory of `random_adapters`."""
+    lora, adapters = random_adapters(config, rank, targets, seed)
+    write_peft(adapters, config, lora, str(path))
     return str(path)
+
+
+def lora_workdir(path, hf_dir: str, base_params, rank: int, targets, seed: int):
+    """What a LoRA run over `hf_dir` leaves in its workdir (config.json recording its base, a checkpoint of
+    the adapters alone), with `random_adapters` in place of trained ones; returns its run config."""
+    run = tiny_config()
+    run.init_from = f"hf:{hf_dir}"
+    lora, adapters = random_adapters(GPTJConfig.from_dict(run.model.to_dict()), rank, targets, seed)
+    run.lora.update(dict(rank=rank, alpha=lora.alpha, targets=targets, base_dtype="float32"))
+    run_config = RunSettings.from_config(run).to_dict()
+    run_config[BASE_WEIGHTS_KEY] = {"spec": run.init_from, "fingerprint": fingerprint(base_params),
+                                    "trained": lora_lib.ADAPTER_PATTERN}
+    write_run_config(str(path), run_config)
+    saver = Checkpointer(str(path), async_save=False)
+    saver.save({"step": np.int32(3), "params": adapters, "opt_state": {}}, config=run_config)
+    saver.close()
+    return run
 
 
 def single():
@@ -65,15 +89,9 @@ def models(tmp_path_factory):
     hf_dir = str(root / "hf")
     random_hf_model(seed=3, **HF_SHAPE).save_pretrained(hf_dir)
     params, config = read_hf(hf_dir, vocab_pad_multiple=8)
-    # A gptj LoRA workdir: 3 steps at a high learning rate, so its adapters change the outputs.
-    rank, targets = STARTUP["wd"]
-    run = tiny_config(total_steps=3, seed=7)
-    run.init_from = f"hf:{hf_dir}"
-    run.lora.update(dict(rank=rank, alpha=2.0 * rank, targets=targets, base_dtype="float32"))
-    run.optimizer.update(dict(lr=0.05, end_lr=0.05, warmup_steps=0))
+    # A gptj LoRA workdir, and its adapters exported for HF peft.
     workdir = str(root / "wd")
-    assert train.train_and_evaluate(run, workdir, train_iter_fn=SyntheticIterator,
-                                    eval_iters_fn=synthetic_eval_sets) == "completed"
+    run = lora_workdir(workdir, hf_dir, params, *STARTUP["wd"], seed=9)
     assert convert(["to_peft", f"--workdir={workdir}", f"--out={root / 'wd_peft'}"]) == 0
     paths, peft_dirs = {"wd": workdir}, {"wd": str(root / "wd_peft")}
     for seed, (name, (rank, targets)) in enumerate({**STARTUP, **LATE}.items()):
@@ -97,9 +115,14 @@ def reference(models):
     runner = sampler.runner
 
     @functools.lru_cache(maxsize=None)
-    def greedy(model: str, prompt: tuple) -> list[int]:
+    def greedy_all(model: str, prompts: tuple) -> list[list[int]]:
         runner.params = place(models["merged"][model], runner.param_shardings, np.dtype(runner.config.dtype))
-        return sampler.generate([list(prompt)], max_new_tokens=NEW, temperature=0.0)[0].tokens
+        return [g.tokens for g in sampler.generate([list(p) for p in prompts], max_new_tokens=NEW, temperature=0.0)]
+
+    def greedy(model: str, prompt, others=()) -> list[int]:
+        """`model`'s greedy tokens for `prompt` (run with `others` in one call: each row as it would alone)."""
+        prompts = tuple(tuple(p) for p in others) or (tuple(prompt),)
+        return greedy_all(model, prompts)[prompts.index(tuple(prompt))]
 
     return greedy
 
@@ -113,7 +136,8 @@ def hf_reference(models):
     torch.set_num_threads(1)
     cache = {}
 
-    def generate(model: str, prompt: list[int]) -> list[int]:
+    @functools.lru_cache(maxsize=None)
+    def generate_once(model: str, prompt: tuple) -> list[int]:
         if model not in cache:
             base = GPTJForCausalLM.from_pretrained(models["hf_dir"]).eval()
             cache[model] = base if model == BASE else PeftModel.from_pretrained(base, models["peft_dirs"][model]).eval()
@@ -123,7 +147,7 @@ def hf_reference(models):
                                         max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0)
         return out[0, len(prompt):].tolist()
 
-    return generate
+    return lambda model, prompt: generate_once(model, tuple(prompt))
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +184,7 @@ def model_ids(url) -> list[str]:
 
 
 def test_24_concurrent_mixed_requests_equal_each_adapters_merged_model_and_hf_peft(server, reference, hf_reference):
-    """3 adapters (a gptj workdir and two PEFT directories; ranks 4, 2, 8; different targets) and the base,
+    """3 adapters (a gptj LoRA workdir and two PEFT directories; ranks 4, 2, 8; different targets) and the base,
     6 requests each, sent at once: each returns what its model merged returns alone and what HF peft
     generates; the adapters change the outputs, rows of several adapters share decode calls, and the same
     prompt through two adapters never shares prefix-cache blocks (some prompts repeat: hits are counted)."""
@@ -180,11 +204,11 @@ def test_24_concurrent_mixed_requests_equal_each_adapters_merged_model_and_hf_pe
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         got = list(pool.map(send, requests))
     for (model, prompt), tokens in zip(requests, got):
-        want = reference(model, tuple(prompt))
+        want = reference(model, prompt, prompts)
         assert tokens == as_strings(want), (model, prompt)
         assert want == hf_reference(model, prompt), (model, prompt)
     for model in STARTUP:  # every adapter changes what the base generates
-        assert any(reference(model, tuple(p)) != reference(BASE, tuple(p)) for p in prompts), model
+        assert any(reference(model, p, prompts) != reference(BASE, p, prompts) for p in prompts), model
     mixed = [e for e in engine.step_log if e["kind"] == "decode" and len(e["adapters"]) >= 3]
     assert mixed, "no decode call ran rows of three adapters together"
     metrics = httpx.get(url + "/metrics", timeout=30).text
@@ -222,8 +246,8 @@ def test_runtime_load_serves_at_once_within_max_adapters_and_unload_frees_the_sl
     assert reply.status_code == 200 and "late" in reply.text
     cards = httpx.get(url + "/v1/models", timeout=30).json()["data"]
     assert cards[-1]["id"] == "late" and cards[-1]["parent"] == BASE and cards[-1]["root"] == models["paths"]["late"]
-    assert tokens_of(complete(url, "late", prompt)) == as_strings(reference("late", tuple(prompt)))
-    assert reference("late", tuple(prompt)) == hf_reference("late", prompt)
+    assert tokens_of(complete(url, "late", prompt)) == as_strings(reference("late", prompt))
+    assert reference("late", prompt) == hf_reference("late", prompt)
 
     refused = load(url, "later", models["paths"]["later"])
     assert refused.status_code == 400 and "max_adapters=4" in refused.json()["error"]["message"]
@@ -234,7 +258,7 @@ def test_runtime_load_serves_at_once_within_max_adapters_and_unload_frees_the_sl
     assert complete(url, "late", prompt).status_code == 404 and "late" not in model_ids(url)
     assert unload(url, "late").status_code == 404
     assert load(url, "later", models["paths"]["later"]).status_code == 200
-    assert tokens_of(complete(url, "later", prompt)) == as_strings(reference("later", tuple(prompt)))
+    assert tokens_of(complete(url, "later", prompt)) == as_strings(reference("later", prompt))
     assert unload(url, "later").status_code == 200
 
 
@@ -257,7 +281,7 @@ def test_unloading_finishes_the_rows_using_the_adapter_first(server, models, ref
             engine.submit([Job(GENERATE, prompt, max_new_tokens=1, adapter="late")])
         assert "late" not in model_ids(url)
         engine.run_until_idle()
-        assert job.future.result().tokens == reference("late", tuple(prompt))
+        assert job.future.result().tokens == reference("late", prompt)
         assert unloaded.done() and unloaded.result().name == "late" and "late" not in engine.adapters.users()
     finally:
         engine.start()
