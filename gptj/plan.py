@@ -23,8 +23,11 @@ estimate, to be planned on that many), full rematerialisation, smaller microbatc
 
 `--plan=serve` plans inference instead (`make_serve_plan`): the weights in the
 compute dtype, in int8 and in int4 (`gptj.model.quantized`), each with the KV cache
-for `--batch_size` rows of `--context_len` tokens, and the temporaries of a
-prefill of the whole context and of one decode step, compiled the same way:
+for `--batch_size` rows of `--context_len` tokens, the adapter pool of
+`config.serve.adapters` / `max_adapters` (every target at the pool's rank), the
+prefix cache's block store (`config.serve.prefix_cache_gib`), and the temporaries
+of a prefill of the whole context and of one decode step (rows through adapters
+when there are any), compiled the same way:
 
     python main.py --config=gptj/configs/gptj_6b.py --mode=plan --plan=serve --batch_size=1 --context_len=2048 \
         --device_memory_gib=8 --config.mesh.data=1 --config.mesh.model=1
@@ -43,10 +46,13 @@ from jax.sharding import PartitionSpec
 
 from gptj import recipe
 from gptj.core.partitioning import Partitioner, make_mesh, per_device_bytes
-from gptj.errors import ConfigError, PartitioningError
+from gptj.errors import AdapterError, ConfigError, PartitioningError
+from gptj.inference.adapters import adapter_pool_size
+from gptj.inference.prefix_cache import prefix_block_bytes, store_blocks
 from gptj.model import quantized as quantize
-from gptj.model.transformer import (GPTJ, GPTJConfig, abstract_params, cache_logical_axes, count_params, init_cache,
-                                    output_logits)
+from gptj.model.lora import pool_shapes, pool_tree
+from gptj.model.transformer import (ADAPTER_POOL, GPTJ, GPTJConfig, abstract_params, cache_logical_axes, count_params,
+                                    init_cache, output_logits, resolve_dtype)
 from gptj.settings import RunSettings
 from gptj.weights.source import open_weights, param_shardings, with_runtime
 
@@ -312,7 +318,9 @@ class ServeRow:
     weights: int
     kv_cache: int
     temporaries: int | None  # the larger of the prefill's and the decode step's
-    peak: int | None  # the larger program's arguments + outputs not written in place + temporaries
+    peak: int | None  # the larger program's arguments + outputs not written in place + temporaries, + prefix store
+    adapters: int = 0  # the adapter pool (replicated)
+    prefix_cache: int = 0  # the prefix cache's block store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,6 +335,10 @@ class ServePlan:
     dtype: str
     rows: tuple[ServeRow, ...]
     device_memory: int | None
+    adapter_slots: int = 0
+    adapter_rank: int = 0
+    prefix_blocks: int = 0
+    prefix_block_size: int = 0
 
     def fits(self, row: ServeRow) -> bool | None:
         if row.peak is None or self.device_memory is None:
@@ -343,36 +355,52 @@ def serve_model_config(config) -> GPTJConfig:
     return model.replace(quant_bits=0, quant_group_size=0, quant_targets=(), remat_policy="none")
 
 
-def _serve_row(model: GPTJConfig, partitioner: Partitioner, batch: int, context: int) -> ServeRow:
-    """Compiles a whole-context prefill and a decode step of `model` on abstract inputs; see ServeRow."""
+def _serve_row(model: GPTJConfig, partitioner: Partitioner, batch: int, context: int, adapter_slots: int = 0,
+               adapter_rank: int = 0, prefix_blocks: int = 0, block_size: int = 1) -> ServeRow:
+    """Compiles a whole-context prefill and a decode step of `model` on abstract inputs; see ServeRow.
+
+    With an adapter pool of `adapter_slots` x `adapter_rank`, the programs run every row through an adapter;
+    `prefix_blocks` blocks of `block_size` tokens are the prefix cache's store, held beside them."""
     boxed = nn.meta.unbox(abstract_params(model))
     shardings = param_shardings(model, partitioner)
     cache = jax.eval_shape(lambda: init_cache(model, batch, context))
     cache_specs = jax.tree_util.tree_map(lambda axes: PartitionSpec(*axes), cache_logical_axes(cache),
                                          is_leaf=lambda x: isinstance(x, tuple))
     cache_shardings = partitioner.shardings_for(cache_specs, cache, optimizer_subtree=None)
+    dtype = resolve_dtype(model.dtype)
+    pool = pool_tree({t: tuple(jax.ShapeDtypeStruct(shape, dtype) for shape in pair)
+                      for t, pair in pool_shapes(model, adapter_slots, adapter_rank).items()}) if adapter_slots else {}
+    replicated = partitioner.sharding(())
     decoder = GPTJ(model, decode=True)
 
-    def step(params, cache, tokens):  # the next token's logits only, as a server samples them
-        hidden, variables = decoder.apply({"params": params, "cache": cache}, tokens, return_hidden=True,
-                                          mutable=["cache"])
+    def step(params, pool, cache, tokens):  # the next token's logits only, as a server samples them
+        variables = {"params": params, ADAPTER_POOL: pool} if pool else {"params": params}
+        ids = jnp.arange(tokens.shape[0], dtype=jnp.int32) % max(adapter_slots, 1)  # a mix of adapters
+        hidden, variables = decoder.apply({**variables, "cache": cache}, tokens, return_hidden=True,
+                                          mutable=["cache"], adapter_ids=ids if pool else None)
         logits = output_logits(hidden[:, -1], params["lm_head_kernel"], params["lm_head_bias"], model)
         return logits, variables["cache"]
 
-    program = partitioner.jit(step, in_shardings=(shardings, cache_shardings, partitioner.batch_sharding(2)),
-                              donate_argnums=(1,))
+    program = partitioner.jit(step, in_shardings=(shardings, replicated, cache_shardings,
+                                                  partitioner.batch_sharding(2)), donate_argnums=(2,))
     temporaries = peak = None
     for length in (context, 1):  # the prefill of a whole context, then one decode step
         tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-        analysis = program.lower(boxed, cache, tokens).compile(_cpu_options(partitioner)).memory_analysis()
+        analysis = program.lower(boxed, pool, cache, tokens).compile(_cpu_options(partitioner)).memory_analysis()
         if analysis is None:
             continue
         temp = int(analysis.temp_size_in_bytes)
         high = int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
                    + temp)
         temporaries, peak = max(temporaries or 0, temp), max(peak or 0, high)
+    store = {name: jax.ShapeDtypeStruct((model.num_layers, prefix_blocks, model.num_heads, block_size,
+                                         model.head_dim), dtype) for name in ("key", "value")}
+    store_sharding = partitioner.sharding(("layers", None, "act_heads", None, "head_dim"))
+    prefix_cache = per_device_bytes(store, {name: store_sharding for name in store}) if prefix_blocks else 0
     return ServeRow(quantize.describe(model) or model.dtype, per_device_bytes(boxed, shardings),
-                    per_device_bytes(cache, cache_shardings), temporaries, peak)
+                    per_device_bytes(cache, cache_shardings), temporaries,
+                    None if peak is None else peak + prefix_cache,
+                    per_device_bytes(pool, jax.tree_util.tree_map(lambda _: replicated, pool)), prefix_cache)
 
 
 def make_serve_plan(config, batch: int, context: int, device_memory_gib: float | None = None) -> ServePlan:
@@ -381,8 +409,8 @@ def make_serve_plan(config, batch: int, context: int, device_memory_gib: float |
     The weights are held in the compute dtype (`model.dtype`: inference keeps
     no fp32 master copy) or quantized as `python -m gptj.convert quantize`
     writes them by default (int8 per channel, int4 in groups of
-    `quantize.default_group_size`; every matrix); the KV cache is in the
-    compute dtype.
+    `quantize.default_group_size`; every matrix); the KV cache, the adapter
+    pool and the prefix store are in the compute dtype.
     """
     if batch <= 0 or context <= 0:
         raise ConfigError(f"--batch_size and --context_len must be positive, got {batch} and {context}")
@@ -395,6 +423,13 @@ def make_serve_plan(config, batch: int, context: int, device_memory_gib: float |
         raise ConfigError(f"--batch_size={batch} must be divisible by the data-parallel size "
                          f"({partitioner.data_parallel_size}, from mesh.data and rule set {config.mesh.rules!r})")
     served = model.replace(param_dtype=model.dtype)
+    serve = RunSettings.from_config(config).serve
+    try:
+        slots, rank = adapter_pool_size(serve)
+    except (AdapterError, ValueError) as e:
+        raise ConfigError(f"serve.adapters: {e}") from None
+    block_size = serve.prefix_block_size
+    blocks = store_blocks(serve.prefix_cache_gib, prefix_block_bytes(served, block_size), context // block_size)
     rows = []
     for bits in SERVE_BITS:
         if bits:
@@ -402,10 +437,11 @@ def make_serve_plan(config, batch: int, context: int, device_memory_gib: float |
                                            quant_targets=quantize.TARGETS)
         else:
             served_format = served
-        rows.append(_serve_row(served_format, partitioner, batch, context))
+        rows.append(_serve_row(served_format, partitioner, batch, context, slots, rank, blocks, block_size))
     return ServePlan(num_params=count_params(nn.meta.unbox(abstract_params(served))),
                      mesh=dict(partitioner.mesh.shape), rule_set=partitioner.rule_set.name, batch=batch,
-                     context=context, dtype=model.dtype, rows=tuple(rows), device_memory=device_memory)
+                     context=context, dtype=model.dtype, rows=tuple(rows), device_memory=device_memory,
+                     adapter_slots=slots, adapter_rank=rank, prefix_blocks=blocks, prefix_block_size=block_size)
 
 
 def format_serve_plan(plan: ServePlan) -> str:
@@ -421,13 +457,18 @@ def format_serve_plan(plan: ServePlan) -> str:
         f"rule set {plan.rule_set}",
         f"      batch {plan.batch} x {plan.context} tokens of context; prefill of the whole context and a decode "
         f"step, compute {plan.dtype}",
-        f"  {'per device':<24}{'weights':>13}{'KV cache':>13}{'temporaries':>13}{'peak':>13}  {memory}",
+        f"      adapters: {plan.adapter_slots} slots of rank {plan.adapter_rank} on every target"
+        if plan.adapter_slots else "      adapters: none (config.serve.adapters, max_adapters)",
+        f"      prefix cache: {plan.prefix_blocks} blocks of {plan.prefix_block_size} tokens"
+        if plan.prefix_blocks else "      prefix cache: off (config.serve.prefix_cache_gib)",
+        f"  {'per device':<24}{'weights':>13}{'KV cache':>13}{'adapters':>13}{'prefix cache':>13}"
+        f"{'temporaries':>13}{'peak':>13}  {memory}",
     ]
     for row in plan.rows:
         fits = plan.fits(row)
         verdict = "" if fits is None else ("yes" if fits else "NO")
-        lines.append(f"  {row.weights_format:<24}{gib(row.weights):>13}{gib(row.kv_cache):>13}"
-                     f"{gib(row.temporaries):>13}{gib(row.peak):>13}  {verdict}")
+        lines.append(f"  {row.weights_format:<24}{gib(row.weights):>13}{gib(row.kv_cache):>13}{gib(row.adapters):>13}"
+                     f"{gib(row.prefix_cache):>13}{gib(row.temporaries):>13}{gib(row.peak):>13}  {verdict}")
     if plan.device_memory is None:
         lines.append("  fit: unknown device memory; pass --device_memory_gib to check")
     lines.append("  quantize: python -m gptj.convert quantize --workdir=W --out=DIR --bits=8 (or --bits=4)")

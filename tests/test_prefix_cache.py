@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gptj.inference.engine import GENERATE, Engine, Job
-from gptj.inference.prefix_cache import PrefixIndex, block_keys
+from gptj.inference.prefix_cache import PrefixIndex, block_keys, prefix_block_bytes
 from gptj.inference.runner import ModelRunner
 from gptj.model.transformer import GPTJConfig
 from tests.sampling_utils import random_params
@@ -96,7 +96,7 @@ def test_eviction_under_a_small_budget_keeps_outputs_equal(runner):
     finds the start of its prefix; every output still equals the uncached run's."""
     jobs = shared_prefix_jobs(seed=1, count=5, prefixes=2, repeat=2)
     want = run(engine(runner), shared_prefix_jobs(seed=1, count=5, prefixes=2, repeat=2), together=False)
-    small = engine(runner, gib=30.5 * runner.prefix_block_bytes(BLOCK) / 2**30)
+    small = engine(runner, gib=30.5 * prefix_block_bytes(runner.config, BLOCK) / 2**30)
     assert small.health()["prefix_cache_blocks"] == 30
     got = run(small, jobs, together=False)
     assert_same_outputs(got, want)

@@ -86,6 +86,21 @@ def read_adapter(path: str, runner) -> tuple[LoraConfig, dict]:
     return lora, pool_entry(adapters, lora, runner.adapter_rank, runner.config)
 
 
+def adapter_pool_size(serve) -> tuple[int, int]:
+    """(slots, rank) of the adapter pool a serve section (ServeSettings) asks for; (0, 0): no adapters.
+
+    Slots: `max_adapters`, or as many as `adapters` names; rank:
+    `max_adapter_rank`, or the largest rank `adapters` names and at least
+    DEFAULT_ADAPTER_RANK (from the adapters' config files)."""
+    specs = parse_adapter_specs(serve.adapters)
+    slots = serve.max_adapters or len(specs)
+    if not slots:
+        return 0, 0
+    rank = serve.max_adapter_rank or max([DEFAULT_ADAPTER_RANK] + [read_adapter_config(path).rank
+                                                                   for _, path in specs])
+    return slots, rank
+
+
 @dataclasses.dataclass(frozen=True)
 class Adapter:
     """A loaded adapter: its name, where it came from, its pool slot and its prefix-cache namespace."""

@@ -52,16 +52,12 @@ import math
 import numpy as np
 
 from gptj.inference.adapters import Adapter, AdapterRegistry, read_adapter
-from gptj.inference.prefix_cache import PrefixIndex, block_keys
+from gptj.inference.prefix_cache import PrefixIndex, block_keys, prefix_block_bytes, store_blocks
 from gptj.inference.runner import (ADAPTER, EOS, MAX_TOP_LOGPROBS, MIN_LENGTH_BUCKET, NO_ADAPTER, POS, REMAINING,
                                    ROW_FIELDS, SEED, STEP, TEMPERATURE, TOKEN, TOP_K, TOP_P, Generation, ModelRunner)
 from gptj.inference.sampling_ops import bucket
 
 GENERATE, SCORE = "generate", "score"
-GIB = 2**30
-# The prefix store never holds more than this many full contexts (a small model's budget would otherwise be
-# mostly memory no prefix could use up).
-PREFIX_STORE_CONTEXTS = 64
 
 
 class QueueFull(RuntimeError):
@@ -224,10 +220,10 @@ class Engine:
         self._control: collections.deque = collections.deque()  # work for the engine's thread (pool writes)
         self.prefix_block_size = int(prefix_block_size)
         self._row_blocks = self.cache_len // self.prefix_block_size  # blocks a row's columns hold
-        store_blocks = min(int(prefix_cache_gib * GIB) // runner.prefix_block_bytes(self.prefix_block_size),
-                           PREFIX_STORE_CONTEXTS * self._row_blocks)
-        self._prefix = PrefixIndex(store_blocks, self.prefix_block_size) if store_blocks > 0 else None
-        self._store = runner.new_prefix_store(store_blocks, self.prefix_block_size) if self._prefix else None
+        blocks = store_blocks(prefix_cache_gib, prefix_block_bytes(runner.config, self.prefix_block_size),
+                              self._row_blocks)
+        self._prefix = PrefixIndex(blocks, self.prefix_block_size) if blocks > 0 else None
+        self._store = runner.new_prefix_store(blocks, self.prefix_block_size) if self._prefix else None
         self.histograms = {name: Histogram() for name in HISTOGRAMS}
         self.step_log: collections.deque[dict] = collections.deque(maxlen=log_size)
 

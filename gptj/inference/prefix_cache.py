@@ -25,7 +25,24 @@ import collections
 import hashlib
 from typing import Sequence
 
+import jax.numpy as jnp
 import numpy as np
+
+GIB = 2**30
+# The store never holds more than this many rows' worth of blocks (a small model's budget would otherwise be
+# mostly memory no prefix could use up).
+STORE_ROWS = 64
+
+
+def prefix_block_bytes(config, block_size: int) -> int:
+    """Bytes of one store block of a model (`GPTJConfig`): keys and values of `block_size` positions, every
+    layer, in the compute dtype."""
+    return 2 * config.num_layers * config.num_heads * block_size * config.head_dim * jnp.dtype(config.dtype).itemsize
+
+
+def store_blocks(gib: float, block_bytes: int, row_blocks: int) -> int:
+    """How many blocks a store of `gib` GiB holds (at most STORE_ROWS rows of `row_blocks` blocks); 0: none."""
+    return min(int(gib * GIB) // block_bytes, STORE_ROWS * row_blocks)
 
 
 def block_keys(tokens: Sequence[int], block_size: int, namespace: str = "") -> list[bytes]:

@@ -299,11 +299,6 @@ class ModelRunner:
         return self.partitioner.jit(lambda: {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)},
                                     out_shardings=self._store_sh)()
 
-    def prefix_block_bytes(self, block_size: int) -> int:
-        """Bytes of one store block (keys and values of `block_size` positions, every layer)."""
-        cfg = self.config
-        return 2 * cfg.num_layers * cfg.num_heads * block_size * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
-
     def restore_prefix(self, cache, store, slot: int, blocks: np.ndarray, count: int):
         """Copies store block `blocks[i]` into slot `slot`'s i-th block of columns (one entry per block of a row:
         cache columns // block size; an id past the store's blocks keeps the slot's own); the slot's columns

@@ -37,7 +37,7 @@ import uuid
 from typing import Any
 
 from gptj.errors import AdapterError, UnknownAdapterError
-from gptj.inference.adapters import DEFAULT_ADAPTER_RANK, parse_adapter_specs, read_adapter_config
+from gptj.inference.adapters import adapter_pool_size, parse_adapter_specs
 from gptj.inference.engine import GENERATE, SCORE, Engine, Job, QueueFull
 from gptj.inference.runner import Generation, Score
 from gptj.inference.sampler import encode_text
@@ -434,17 +434,14 @@ def build_app(sampler, tokenizer, serve_config) -> Any:
     """An app serving `sampler`'s model with the engine settings, names, adapters and prefix cache of a serve
     section (ServeSettings); the adapters it names are loaded here. ValueError for a setting out of range,
     AdapterError for an adapter that cannot be served."""
-    specs = parse_adapter_specs(serve_config.adapters)
-    if specs or serve_config.max_adapters:
-        slots = serve_config.max_adapters or len(specs)
-        rank = serve_config.max_adapter_rank or max(
-            [DEFAULT_ADAPTER_RANK] + [read_adapter_config(path).rank for _, path in specs])
+    slots, rank = adapter_pool_size(serve_config)
+    if slots:
         sampler.runner.reserve_adapters(slots, rank)
     engine = Engine(sampler.runner, slots=serve_config.max_batch_size, max_queue=serve_config.max_queue,
                     prefill_chunk=serve_config.prefill_chunk, decode_steps=serve_config.decode_steps,
                     tokenizer=tokenizer, eos_id=sampler.eos_id, prefix_cache_gib=serve_config.prefix_cache_gib,
                     prefix_block_size=serve_config.prefix_block_size)
-    for name, path in specs:
+    for name, path in parse_adapter_specs(serve_config.adapters):
         if name == serve_config.model_name:
             raise AdapterError(f"serve.adapters: {name!r} is the base model's name (serve.model_name)")
         engine.load_adapter(name, path)
