@@ -352,3 +352,31 @@ def test_serve_settings_are_checked(changes, message):
     config.serve.update(changes)
     with pytest.raises(ConfigError, match=message):
         validate(config, "serve")
+
+
+def test_schema_fuzz_of_the_adapter_endpoints_finds_no_5xx(server):
+    """schemathesis against /openapi.json, on a server with adapter slots (so loads really read the paths it
+    makes up): every answer of the two adapter endpoints is a documented non-5xx. Last in this module: it may
+    unload an adapter."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
+                                                   response_schema_conformance, status_code_conformance)
+
+    url, _ = server
+    schema = schemathesis.openapi.from_url(url + "/openapi.json")
+    operations = [r.ok() for r in schema.get_all_operations() if r.ok().path.endswith("_lora_adapter")]
+    assert len(operations) == 2
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    for operation in operations:
+        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+            mode_checks = checks + ([negative_data_rejection] if mode == schemathesis.GenerationMode.NEGATIVE else [])
+
+            @settings(max_examples=25, deadline=None, database=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))
+            @given(operation.as_strategy(generation_mode=mode))
+            def call(case):
+                case.validate_response(case.call(base_url=url, timeout=120), checks=mode_checks)
+
+            call()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import itertools
+import logging
 import re
 import threading
 import time
@@ -60,13 +61,23 @@ def parse_adapter_specs(text: str) -> list[tuple[str, str]]:
     return specs
 
 
+def _refused(path: str, error: Exception) -> AdapterError:
+    """An adapter that cannot be read, as one AdapterError line (a library's own errors logged in full)."""
+    if isinstance(error, GptjError):
+        message = str(error)
+    else:  # a damaged file can make any reader fail; the server keeps serving and says which file
+        logging.exception("reading the adapter %s failed", path)
+        message = f"{path}: cannot be read ({type(error).__name__}: {error})"
+    return AdapterError(" ".join(message.split()))
+
+
 def read_adapter_config(path: str) -> LoraConfig:
     """The LoraConfig (rank, alpha, targets) of the adapter at `path`, from its config alone; AdapterError if
     it cannot be read."""
     try:
         return open_adapter_config(path)
-    except GptjError as e:
-        raise AdapterError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - see _refused
+        raise _refused(path, e) from None
 
 
 def read_adapter(path: str, runner) -> tuple[LoraConfig, dict]:
@@ -78,8 +89,8 @@ def read_adapter(path: str, runner) -> tuple[LoraConfig, dict]:
     """
     try:
         lora, adapters = open_adapter(path, runner.config, runner.fingerprint)
-    except GptjError as e:
-        raise AdapterError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - see _refused
+        raise _refused(path, e) from None
     if lora.rank > runner.adapter_rank:
         raise AdapterError(f"{path}: rank {lora.rank} exceeds this server's adapter rank {runner.adapter_rank} "
                            "(config.serve.max_adapter_rank)")
