@@ -16,7 +16,9 @@ The generic core (gptj.core, knows nothing of GPT-J): `Trainer`, `Hook`,
 
 GPT-J: `GPTJ`, `GPTJConfig`, `LoraConfig` (gptj.model.transformer);
 `open_weights` (gptj.weights.source: hf:, mtj: and gptj weights);
-`load_config` (gptj.configs: the built-in run configs); `RunSettings`
+`load_config` (gptj.configs: the built-in run configs); `task_output_features`
+(gptj.data.tasks: the features a seqio task of your own registers, see
+examples/custom_task.py); `RunSettings`
 (gptj.settings: a run config checked and typed); `train_and_evaluate`
 (gptj.train: language-model training as `main.py` runs it); `Sampler`,
 `build_sampler` (gptj.inference.sampler).
@@ -55,6 +57,7 @@ _EXPORTS = {
     "Sampler": "gptj.inference.sampler",
     "build_sampler": "gptj.inference.sampler",
     "RunSettings": "gptj.settings",
+    "task_output_features": "gptj.data.tasks",
     "GptjError": "gptj.errors",
     "ConfigError": "gptj.errors",
     "PartitioningError": "gptj.errors",

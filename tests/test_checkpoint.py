@@ -11,7 +11,8 @@ from trainer_utils import (SyntheticIterator, cached_trainer, read_scalars, synt
 
 from gptj import train
 from gptj.core import checkpoint
-from gptj.core.checkpoint import Checkpointer, CheckpointError, latest_params_path, latest_step
+from gptj.core.checkpoint import Checkpointer, latest_params_path, latest_step
+from gptj.errors import CheckpointError
 from gptj.weights import params_dir as params_io
 
 

@@ -22,11 +22,12 @@ from orbax.checkpoint._src.serialization import serialization
 from trainer_utils import cached_trainer, tiny_config, to_numpy
 
 from gptj.core import checkpoint, integrity
-from gptj.core.storage import CheckpointDamagedError, CheckpointError, StorageError
+from gptj.errors import CheckpointDamagedError, CheckpointError, StorageError
 from gptj.core.trainer import Hook
 from gptj.model.transformer import GPTJConfig
 from gptj.weights import params_dir as params_io
-from gptj.weights.params_dir import WeightsError, load_params, save_params
+from gptj.weights.params_dir import load_params, save_params
+from gptj.errors import WeightsError
 
 
 def _warnings(caplog, text):

@@ -10,7 +10,8 @@ from hf_utils import assert_loads_as, random_hf_model
 
 from gptj.model.transformer import GPTJ
 from gptj.weights.formats import hf
-from gptj.weights.params_dir import WeightsError, load_params, save_params
+from gptj.weights.params_dir import load_params, save_params
+from gptj.errors import WeightsError
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from hf_utils import assert_loads_as, random_hf_model
 
 from gptj.convert.__main__ import main
 from gptj.weights.formats import hf, hf_files
-from gptj.weights.params_dir import WeightsError
+from gptj.errors import WeightsError
 
 
 @pytest.fixture(scope="module")

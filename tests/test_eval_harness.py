@@ -277,7 +277,7 @@ def test_harness_hook_during_training(one_device, workspace, hf_results, tmp_pat
     """The trainer's hook: at every `every` steps and at the end, harness scores go to the metric writer."""
     from gptj.configs import base
     from gptj.evaluation.harness import HarnessHook
-    from gptj.evaluation.harness_tasks import EvalError
+    from gptj.errors import EvalError
 
     class Writer:
         def __init__(self):

@@ -8,7 +8,8 @@ import textwrap
 
 import pytest
 
-from gptj.evaluation.harness_tasks import EvalError, flatten_metrics, load_tasks
+from gptj.evaluation.harness_tasks import flatten_metrics, load_tasks
+from gptj.errors import EvalError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,7 +115,8 @@ def test_validation_longer_than_context_is_refused():
 def test_harness_tasks_during_training_are_checked_before_anything_is_built(tmp_path):
     """A wrong task name with eval.during_training stops `--mode=train` at validation, not at step N."""
     from gptj.configs import tiny
-    from gptj.settings import ConfigError, validate
+    from gptj.settings import validate
+    from gptj.errors import ConfigError
 
     config = tiny.get_config()
     config.eval.during_training = True

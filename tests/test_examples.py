@@ -107,3 +107,34 @@ def test_instruction_tuning_config_learns_its_pairs_and_greedy_sampling_reproduc
     assert accuracy[0] < 0.5 and accuracy[50] == 1.0  # every completion token and EOS predicted
     outputs = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [(o["prompt"], o["completion"]) for o in outputs] == [(p["prompt"], p["completion"]) for p in pairs]
+
+
+def test_custom_task_module_registers_and_trains_through_the_run(tmp_path):
+    """examples/custom_task.py: `data.module` registers the example's seqio tasks, whose batches are its sums,
+    and a run trains on them; a module without `register_tasks`, or one that cannot be imported, is one line."""
+    from gptj import RunSettings
+    from gptj.errors import ConfigError, DataError
+    from gptj.data import pipeline, tasks
+    from gptj.data.vocab import get_tokenizer
+    from gptj.settings import validate
+    from gptj.train import train_and_evaluate
+
+    config = _load("custom_task").get_config()
+    config.train.update(dict(total_steps=2, eval_every=2, ckpt_every=2, val_batches=1, log_every=1))
+    settings = RunSettings.from_config(config)
+    assert tasks.register_tasks_for_config(settings) == ["arithmetic_train", "arithmetic_validation"]
+    batch = next(iter(pipeline.build_train_iterator(settings)))
+    text = get_tokenizer().decode(np.asarray(batch["inputs"])[0])
+    sums = [line for line in text.split("\n")[1:-1]]  # whole lines between the row's cut ends
+    assert sums and all(eval(line.split("=")[0]) == int(line.split("=")[1]) for line in sums), text
+    assert train_and_evaluate(config, str(tmp_path / "run")) == "completed"
+    assert read_scalars(str(tmp_path / "run" / "tensorboard"), "val/arithmetic_validation/loss")
+
+    (tmp_path / "no_function.py").write_text("X = 1\n")
+    for module, message in ((str(tmp_path / "no_function.py"), "defines no register_tasks"),
+                            (str(tmp_path / "missing.py"), "could not be imported"),
+                            ("no_such_module_xyz", "could not be imported")):
+        with pytest.raises(ConfigError, match=message) as error:
+            validate(settings.override("data", module=module), "train")
+        assert "\n" not in str(error.value)
+    assert issubclass(DataError, ValueError)

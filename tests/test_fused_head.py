@@ -20,9 +20,10 @@ from gptj.core import losses
 from gptj.core.partitioning import Partitioner, make_mesh
 from gptj.model import quantized as quantize
 from gptj.model.transformer import GPTJ, GPTJConfig, output_logits, score_targets
-from gptj.settings import ConfigError, validate
+from gptj.settings import validate
 
 # A padded vocabulary (120 real ids of 128), so chunks must mask padded ids themselves.
+from gptj.errors import ConfigError
 HEAD = GPTJConfig(vocab_size=120, vocab_pad_multiple=64, num_layers=1, d_model=16, num_heads=2, rotary_dim=4,
                   max_len=32)
 ROWS, LENGTH = 3, 13

@@ -10,6 +10,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gptj.core import integrity, storage
+from gptj.errors import IntegrityError
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +51,9 @@ def test_manifest_checks_itself():
     assert entries["params"]["params/w"]["shape"] == [2, 3] and entries["data"] == {"json": integrity.json_digest(
         {"index": 3})}
     tampered = dict(manifest, items=dict(manifest["items"], data={"json": "00000000"}))
-    with pytest.raises(integrity.IntegrityError, match="checksum manifest: damaged"):
+    with pytest.raises(IntegrityError, match="checksum manifest: damaged"):
         integrity.check_manifest(tampered)
-    with pytest.raises(integrity.IntegrityError, match="not a gptj-integrity/1 manifest"):
+    with pytest.raises(IntegrityError, match="not a gptj-integrity/1 manifest"):
         integrity.check_manifest({"items": {}})
 
 

@@ -24,9 +24,10 @@ from gptj.core.param_tree import merge_params, param_paths
 from gptj.core.partitioning import Partitioner, make_mesh
 from gptj.model.lora import is_adapter, split_adapters
 from gptj.model.transformer import GPTJ, LORA_TARGETS, GPTJConfig, LoraConfig
-from gptj.settings import ConfigError, validate
+from gptj.settings import validate
+from gptj.errors import ConfigError
 from gptj.weights.formats.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_config_from_peft
-from gptj.weights.params_dir import WeightsError
+from gptj.errors import WeightsError
 from gptj.weights.source import load_for_inference, open_weights
 
 TOKENS = np.array([[3, 77, 127, 64, 10, 0, 42, 5, 9, 100, 31]])

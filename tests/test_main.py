@@ -11,7 +11,8 @@ import pytest
 from trainer_utils import SyntheticIterator, synthetic_eval_sets, tiny_config
 
 from gptj import train
-from gptj.settings import ConfigError, validate
+from gptj.settings import validate
+from gptj.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -151,3 +152,19 @@ def test_console_keeps_gptj_lines_and_verbosity_brings_back_the_rest():
         for f in list(handler.filters):
             if f not in before:
                 handler.removeFilter(f)
+
+
+def test_tensorflow_start_up_lines_stay_off_a_quiet_console():
+    """TensorFlow's native start-up lines (CUDA probing, oneDNN / CPU-feature notices) never reach a quiet
+    console, on import or on its first dataset, and the data still flows."""
+    code = ("import sys; from gptj.core import runtime; runtime.configure_console(int(sys.argv[1])); "
+            "import seqio, tensorflow as tf; print(list(tf.data.Dataset.range(3).map(lambda x: x * 2)"
+            ".as_numpy_iterator()))")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    quiet = subprocess.run([sys.executable, "-c", code, "0"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert quiet.stdout.split() == ["[np.int64(0),", "np.int64(2),", "np.int64(4)]"]
+    noise = ("cuda", "cuinit", "onednn", "cpu_feature_guard", "absl::initializelog", "tensorflow binary")
+    assert not [line for line in quiet.stderr.splitlines() if any(n in line.lower() for n in noise)], quiet.stderr

@@ -12,7 +12,7 @@ from mtj_utils import TINY, random_shards, reference_logits, write_checkpoint
 
 from gptj.model.transformer import GPTJ, abstract_params, count_params
 from gptj.weights.formats import hf, mtj
-from gptj.weights.params_dir import WeightsError
+from gptj.errors import WeightsError
 
 TOKENS = np.array([[5, 17, 126, 64, 33, 0, 99, 100, 15, 127, 80, 81]])
 

@@ -94,7 +94,7 @@ def test_gptj_6b_plan_on_8_fake_cpu_devices_allocates_nothing(tmp_path):
 
 
 def test_mesh_larger_than_the_machine_says_how_to_fake_devices():
-    from gptj.core.partitioning import PartitioningError
+    from gptj.errors import PartitioningError
 
     with pytest.raises(PartitioningError, match="xla_force_host_platform_device_count"):
         plan_lib.make_plan(_tiny("megatron", 2, 8))

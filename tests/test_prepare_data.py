@@ -13,7 +13,7 @@ import zstandard
 from data_utils import read_records
 
 from gptj.data.prepare import prepare_data
-from gptj.data.tasks.files import DataError
+from gptj.errors import DataError
 from gptj.data.vocab import EOT_ID, get_tokenizer
 from gptj.prepare_data import main
 

@@ -22,7 +22,8 @@ from gptj.core.partitioning import Partitioner, make_mesh
 from gptj.data.tasks.demo import demo_byte_batches
 from gptj.model import quantized as quantize
 from gptj.model.transformer import GPTJ, GPTJConfig, abstract_params, init_cache
-from gptj.settings import ConfigError, validate
+from gptj.settings import validate
+from gptj.errors import ConfigError
 from gptj.weights import params_dir as params_io
 from gptj.weights.source import load_for_inference, open_weights, with_peft_adapter
 

@@ -13,7 +13,7 @@ from data_utils import make_config
 
 from gptj.data import tasks
 from gptj.data.pipeline import build_eval_iterators, build_train_iterator, epoch_seed, host_dataset, translate_errors
-from gptj.data.tasks.files import DataError
+from gptj.errors import DataError
 from gptj.data.vocab import EOT_ID, get_tokenizer
 
 SEQ = 16

@@ -155,7 +155,7 @@ def test_a_damaged_source_leaves_no_output(tmp_path):
     arrays, _ = open_params(str(tmp_path / "p"))
     checked = jax.tree_util.tree_leaves(arrays)[0].source
     checked.digests.add(0, np.ones((1,), np.float32), (0,) * len(checked.digests.shapes[0]))  # a read gone wrong
-    from gptj.core.storage import CheckpointDamagedError
+    from gptj.errors import CheckpointDamagedError
 
     with pytest.raises(CheckpointDamagedError, match="checksum mismatch"):
         save_params(str(tmp_path / "copy"), arrays, CONFIG)

@@ -9,7 +9,7 @@ from data_utils import make_config, numbered_records, read_records, tfrecord_dir
 from gptj.data import tasks
 from gptj.data.pipeline import host_dataset
 from gptj.data.prepare import prepare_data
-from gptj.data.tasks.files import DataError
+from gptj.errors import DataError
 from gptj.data.vocab import EOT_ID, get_tokenizer
 
 SEQ = 16

@@ -12,7 +12,8 @@ from gptj.core import losses
 from gptj.core.checkpoint import Checkpointer
 from gptj.core.hooks import CheckpointHook
 from gptj.core.partitioning import Partitioner, make_mesh
-from gptj.core.trainer import NonFiniteLossError, Trainer
+from gptj.core.trainer import Trainer
+from gptj.errors import NonFiniteLossError
 from gptj.data.pipeline import train_batch_spec
 from gptj.model.transformer import GPTJ, GPTJConfig
 
@@ -153,3 +154,51 @@ def test_profile_hook_writes_a_trace(tmp_path):
     assert list(tmp_path.rglob("*.xplane.pb"))
     with pytest.raises(ValueError, match="FIRST:LAST"):
         parse_profile_steps("20-25")
+
+
+def test_wandb_writer_logs_everything_it_is_given(monkeypatch):
+    """The W&B writer, on a stand-in `wandb` module: each kind of metric arrives at its step as wandb's own type."""
+    import sys
+    import types
+
+    from gptj.core import metrics
+
+    logged, config = [], {}
+
+    class Media:
+        def __init__(self, data=None, **kwargs):
+            self.data, self.kwargs = data, kwargs
+
+    class Run:
+        config = types.SimpleNamespace(update=lambda values, allow_val_change: config.update(values))
+
+        def log(self, values, step):
+            logged.append((step, values))
+
+        def finish(self):
+            logged.append(("finished", {}))
+
+    fake = types.SimpleNamespace(init=lambda **kwargs: Run(), Image=type("Image", (Media,), {}),
+                                 Video=type("Video", (Media,), {}), Audio=type("Audio", (Media,), {}),
+                                 Html=type("Html", (Media,), {}), Histogram=type("Histogram", (Media,), {}))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    writer = metrics._WandbWriter("/tmp", {"lr": 1.0})
+    writer.write_scalars(1, {"loss": 2.5})
+    writer.write_hparams({"rank": 8})
+    writer.write_summaries(2, {"norm": np.float32(3.0)})
+    writer.write_images(3, {"img": np.zeros((2, 4, 4, 3))})
+    writer.write_videos(4, {"vid": np.zeros((1, 5, 4, 4, 3))})
+    writer.write_audios(5, {"wav": np.zeros((1, 100, 1))}, sample_rate=16000)
+    writer.write_texts(6, {"sample": "hello"})
+    writer.write_histograms(7, {"w": np.arange(10.0)}, num_buckets={"w": 5})
+    writer.flush()
+    writer.close()
+    by_step = dict(logged[:-1])
+    assert by_step[1] == {"loss": 2.5} and config == {"rank": 8} and float(by_step[2]["norm"]) == 3.0
+    assert [type(x).__name__ for x in by_step[3]["img"]] == ["Image", "Image"]
+    assert by_step[4]["vid"][0].data.shape == (5, 3, 4, 4)  # [T, C, H, W], as wandb.Video reads arrays
+    assert by_step[5]["wav"][0].kwargs == {"sample_rate": 16000}
+    assert "hello" in by_step[6]["sample"].data
+    counts, edges = by_step[7]["w"].kwargs["np_histogram"]
+    assert len(counts) == 5 and counts.sum() == 10
+    assert logged[-1][0] == "finished"

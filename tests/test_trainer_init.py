@@ -10,7 +10,8 @@ from trainer_utils import SyntheticIterator, cached_trainer, read_scalars, synth
 from gptj import recipe, train
 from gptj.core.checkpoint import Checkpointer, latest_step
 from gptj.model.transformer import GPTJConfig
-from gptj.settings import ConfigError, validate
+from gptj.settings import validate
+from gptj.errors import ConfigError
 from gptj.weights.formats.hf import write_hf
 
 TINY = GPTJConfig.from_dict(tiny_config().model.to_dict())

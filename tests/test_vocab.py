@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from gptj.data.vocab import EOT_ID, GPT2_VOCAB_SIZE, VocabularyError, default_vocab_dir, get_tokenizer
+from gptj.data.vocab import EOT_ID, GPT2_VOCAB_SIZE, default_vocab_dir, get_tokenizer
+from gptj.errors import VocabularyError
 
 MIXED = [
     "Hello world",

@@ -27,6 +27,7 @@ from gptj.core.streaming import Box, LazyArray, box_shape, chunk_boxes, chunk_sh
 from gptj.model import quantized as quantize
 from gptj.model.transformer import GPTJConfig
 from gptj.weights import params_dir as params_io
+from gptj.errors import WeightsError
 
 # What a quantized directory stores its scales, LayerNorms and biases in.
 STORAGE_DTYPE = "bfloat16"
@@ -166,7 +167,7 @@ def write_quantized(spec: str, out: str, bits: int, group_size: int | None = Non
     from gptj.weights.source import open_weights
 
     if os.path.exists(os.path.join(out, params_io.PARAMS_SUBDIR)):
-        raise params_io.WeightsError(f"{out} already holds params; choose a new output directory")
+        raise WeightsError(f"{out} already holds params; choose a new output directory")
     weights = open_weights(spec, base=base)
     config = quantized_config(weights.config, bits, group_size, targets)
     params_io.save_params(out, quantize_params(weights.arrays(), config), config)

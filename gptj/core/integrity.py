@@ -58,7 +58,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from gptj.core import storage
-from gptj.errors import IntegrityError
+from gptj.errors import CheckpointDamagedError, CheckpointError, IntegrityError, StorageError
 
 FORMAT = "gptj-integrity/1"
 ALGORITHM = "fmix32-sum"
@@ -538,8 +538,8 @@ def agreed(directory: str, step: int | None, read: Callable[[], Any]) -> Any:
     kind, message = outcome
     if kind == "damaged":
         what, why = message.split("\n", 1)
-        raise storage.CheckpointDamagedError(directory, what, why, step)
-    raise (storage.StorageError if kind == "storage" else storage.CheckpointError)(message)
+        raise CheckpointDamagedError(directory, what, why, step)
+    raise (StorageError if kind == "storage" else CheckpointError)(message)
 
 
 def restore_verified(directory: str, arrays: Mapping[str, Any], json_items: tuple[str, ...] = (),
@@ -565,7 +565,7 @@ def restore_verified(directory: str, arrays: Mapping[str, Any], json_items: tupl
         for i, leaf, digest in zip(chunk, read, finish_digests(started)):
             saved = entries[item][names[i]]["digest"]
             if saved != digest:
-                raise storage.CheckpointDamagedError(
+                raise CheckpointDamagedError(
                     directory, names[i], f"checksum mismatch (saved {saved}, read {digest})", step)
             leaves[item][i] = leaf if leaf.dtype == targets[i].dtype else leaf.astype(targets[i].dtype)
 

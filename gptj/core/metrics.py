@@ -21,6 +21,7 @@ import time
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 from absl import logging
 
 
@@ -61,7 +62,12 @@ def progress_line(step: int, total_steps: int, scalars: Mapping[str, float], sec
 
 
 class _WandbWriter:
-    """A clu MetricWriter that forwards scalars and hparams to Weights & Biases."""
+    """A clu MetricWriter that writes everything it is given to Weights & Biases, at the step given.
+
+    Scalars and summaries become logged numbers, images / videos / audio / text /
+    histograms become the matching `wandb` media objects, hparams the run's
+    config. `flush` has nothing to do: wandb sends from its own process.
+    """
 
     def __init__(self, workdir: str, config: Mapping[str, Any]):
         import wandb
@@ -69,32 +75,39 @@ class _WandbWriter:
         self._wandb = wandb
         self._run = wandb.init(dir=workdir, config=dict(config), resume="allow")
 
+    def _log(self, step: int, values: Mapping[str, Any]) -> None:
+        self._run.log(dict(values), step=step)
+
     def write_scalars(self, step, scalars):
-        self._run.log(dict(scalars), step=step)
+        self._log(step, scalars)
 
     def write_hparams(self, hparams):
         self._run.config.update(dict(hparams), allow_val_change=True)
 
     def write_summaries(self, step, values, metadata=None):
-        pass
+        self._log(step, {k: np.asarray(v) for k, v in values.items()})
 
-    def write_images(self, step, images):
-        pass
+    def write_images(self, step, images):  # [N, H, W, C] per key, as clu hands them
+        self._log(step, {k: [self._wandb.Image(np.asarray(x)) for x in v] for k, v in images.items()})
 
-    def write_videos(self, step, videos):
-        pass
+    def write_videos(self, step, videos):  # [N, T, H, W, C] per key; wandb wants [T, C, H, W]
+        self._log(step, {k: [self._wandb.Video(np.moveaxis(np.asarray(x), -1, 1)) for x in v]
+                         for k, v in videos.items()})
 
-    def write_audios(self, step, audios, *, sample_rate):
-        pass
+    def write_audios(self, step, audios, *, sample_rate):  # [N, samples, channels] per key
+        self._log(step, {k: [self._wandb.Audio(np.asarray(x), sample_rate=sample_rate) for x in v]
+                         for k, v in audios.items()})
 
     def write_texts(self, step, texts):
-        pass
+        self._log(step, {k: self._wandb.Html(f"<pre>{v}</pre>") for k, v in texts.items()})
 
-    def write_histograms(self, step, arrays, num_buckets=None):
-        pass
+    def write_histograms(self, step, arrays, num_buckets=None):  # num_buckets: {key: buckets}, as clu passes it
+        buckets = num_buckets or {}
+        self._log(step, {k: self._wandb.Histogram(np_histogram=np.histogram(np.asarray(v), bins=buckets.get(k) or 64))
+                         for k, v in arrays.items()})
 
     def flush(self):
-        pass
+        """Nothing to do: wandb's own process sends what was logged."""
 
     def close(self):
         self._run.finish()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
+import importlib.machinery
 import logging as pylogging
 import os
+import sys
 import threading
 
 import jax
@@ -31,16 +35,64 @@ class _OwnLinesOnly(pylogging.Filter):
         return record.levelno >= pylogging.ERROR or os.path.abspath(record.pathname).startswith(self.roots)
 
 
+@contextlib.contextmanager
+def stderr_silenced():
+    """The process's stderr (file descriptor 2, where native libraries write) goes nowhere inside."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+class _QuietTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports TensorFlow with stderr silenced, devices probed inside, so its native start-up lines never show.
+
+    TensorFlow's CUDA build logs "Could not find cuda drivers" and "failed call
+    to cuInit" through absl before any log level applies, once when it loads
+    and once when it first lists devices (on a machine without a GPU, where the
+    input pipeline runs anyway). The import runs as usual; an import error
+    still raises. gptj itself never needs TensorFlow's devices.
+    """
+
+    def __init__(self):
+        self._loader = None
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "tensorflow" or self._loader is not None:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        self._loader, spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        with stderr_silenced():
+            self._loader.exec_module(module)
+            module.config.list_physical_devices()
+
+
 def configure_console(verbosity: int = 0) -> None:
     """Keeps the console to gptj's own lines unless `verbosity` >= 1 (absl's --verbosity flag).
 
     Quiet mode drops other libraries' INFO and WARNING log records and Python
-    warnings (and TensorFlow's C++ start-up chatter, when called before
-    TensorFlow is imported); errors always show.
+    warnings, and TensorFlow's native start-up lines (CUDA probing, oneDNN and
+    CPU-feature notices) when called before TensorFlow is imported; errors
+    always show.
     """
     if verbosity >= 1:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlow) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlow())
     handler = logging.get_absl_handler()
     if not any(isinstance(f, _OwnLinesOnly) for f in handler.filters):
         handler.addFilter(_OwnLinesOnly((_PACKAGE_DIR,)))

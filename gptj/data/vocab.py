@@ -117,10 +117,6 @@ class Tokenizer:
             raise VocabularyError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.vocab_size})")
         return self._tok.decode(ids.tolist(), skip_special_tokens=False)
 
-    def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
-        """`decode` of each id sequence."""
-        return [self.decode(ids) for ids in batch]
-
 
 @functools.lru_cache(maxsize=8)
 def get_tokenizer(path: str | None = None) -> Tokenizer:

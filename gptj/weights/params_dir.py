@@ -32,12 +32,27 @@ from gptj.core import checkpoint, integrity, storage, streaming
 from gptj.core.checkpoint import CHECKPOINTS_SUBDIR, CONFIG_FILE
 from gptj.core.partitioning import place
 from gptj.core.streaming import LazyArray
-from gptj.errors import WeightsError
+from gptj.errors import CheckpointDamagedError, CheckpointError, IntegrityError, WeightsError
 from gptj.model.transformer import GPTJConfig, abstract_params, resolve_dtype
 
 # A params directory's tree has the same name as a checkpoint's params item, so
 # the two are read the same way.
 PARAMS_SUBDIR = checkpoint.PARAMS_ITEM
+
+
+def read_json_in(directory: str, filename: str, expected: str) -> dict[str, Any]:
+    """The JSON file `filename` of `directory` (a config an HF or PEFT directory holds); WeightsError if it
+    is missing or unreadable, the message saying what `directory` was `expected` to be."""
+    path = os.path.join(directory, filename)
+    if not os.path.isdir(directory):
+        raise WeightsError(f"{directory}: no such directory")
+    if not os.path.isfile(path):
+        raise WeightsError(f"{directory}: no {filename}; expected {expected}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: not valid JSON ({e})") from e
 
 
 def read_model_config(path: str) -> GPTJConfig:
@@ -101,9 +116,9 @@ def save_params(path: str, params: Any, config: GPTJConfig) -> None:
         try:
             streaming.save_tree(params_path, jax.tree_util.tree_unflatten(treedef, to_save))
         except Exception as e:  # noqa: BLE001 - a full disk or a refused write, as one line
-            if isinstance(e, (storage.CheckpointError, WeightsError)):
+            if isinstance(e, (CheckpointError, WeightsError)):
                 raise
-            if isinstance(e, integrity.IntegrityError):  # the source is damaged, not the output
+            if isinstance(e, IntegrityError):  # the source is damaged, not the output
                 streaming.finish_reading(params, e)
             raise storage.as_storage_error(e, path, "cannot write params to") from e
         streaming.finish_reading(params)
@@ -178,7 +193,7 @@ def resolve_params_path(path: str) -> str:
     if os.path.isdir(os.path.join(path, CHECKPOINTS_SUBDIR)):
         try:
             return checkpoint.latest_params_path(path)
-        except checkpoint.CheckpointError as e:
+        except CheckpointError as e:
             raise WeightsError(str(e)) from None
     raise WeightsError(f"{path}: neither a params directory (config.json + params/) nor a workdir (checkpoints/)")
 
@@ -203,7 +218,7 @@ class _CheckedRead:
             except Exception as e:  # noqa: BLE001 - TensorStore reports damaged data with many types
                 if storage.storage_fault(e):
                     raise
-                raise integrity.IntegrityError(self.names[index], f"unreadable ({storage.reason(e)})") from e
+                raise IntegrityError(self.names[index], f"unreadable ({storage.reason(e)})") from e
             if primary:
                 self.digests.add(index, values, tuple(s.start for s in box))
             return values.astype(dtype, copy=False)
@@ -224,7 +239,7 @@ class _CheckedRead:
         for name, digest in zip(self.names, self.digests.digests()):
             saved = self.entries[name]["digest"]
             if saved != digest:
-                raise storage.CheckpointDamagedError(self.directory, name,
+                raise CheckpointDamagedError(self.directory, name,
                                                      f"checksum mismatch (saved {saved}, read {digest})")
 
 
@@ -274,9 +289,9 @@ def load_params(path: str, shardings=None, dtype=None) -> tuple[Any, GPTJConfig]
             local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             shardings = jax.tree_util.tree_map(lambda _: local, arrays)
         return place(arrays, shardings, None if dtype is None else resolve_dtype(dtype)), config
-    except storage.CheckpointDamagedError as e:
+    except CheckpointDamagedError as e:
         raise WeightsError(f"{e}; {intact_alternative(path, e.path)}") from e
-    except storage.CheckpointError as e:
+    except CheckpointError as e:
         raise WeightsError(str(e)) from e
 
 
@@ -296,7 +311,7 @@ def intact_alternative(path: str, damaged: str) -> str:
         candidate = os.path.join(checkpoint.checkpoints_dir(path), str(step))
         try:
             streaming.read_through(_open_checked(candidate, read_model_config(path)))
-        except storage.CheckpointDamagedError:
+        except CheckpointDamagedError:
             continue
         rest = f"; older steps, not checked: {', '.join(map(str, older[i + 1:]))}" if older[i + 1:] else ""
         return f"intact: step {step} (pass {candidate} instead of {path}){rest}"

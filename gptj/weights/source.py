@@ -60,7 +60,7 @@ from gptj.core import checkpoint
 from gptj.core.param_tree import merge_params, param_paths, path_matcher, select_params
 from gptj.core.partitioning import Partitioner, place
 from gptj.core.streaming import LazyArray, read_all
-from gptj.errors import ConfigError
+from gptj.errors import ConfigError, WeightsError
 from gptj.model import lora as lora_lib
 from gptj.model import quantized as quantize
 from gptj.model.transformer import GPTJConfig, LoraConfig, abstract_params, resolve_dtype
@@ -159,19 +159,19 @@ class Adapted:
         """The base weights, opened, with the shape of the model trained over them."""
         try:
             base = open_weights(self.base_spec, self.base_pad)
-        except params_io.WeightsError as e:
-            raise params_io.WeightsError(
+        except WeightsError as e:
+            raise WeightsError(
                 f"{self.path}: its base weights {self.base_spec} cannot be read ({e}); a LoRA or frozen-parameter "
                 "run keeps only what it trained, so it needs its base (pass --config.init_from=... if it moved)"
             ) from None
         if with_runtime(config, base) != config:
-            raise params_io.WeightsError(f"{self.path}: the base weights {self.base_spec} have another shape "
+            raise WeightsError(f"{self.path}: the base weights {self.base_spec} have another shape "
                                          f"({base.config}) than the model trained over them ({config})")
         return base
 
     def _check(self, fingerprint_: str) -> None:
         if self.fingerprint and fingerprint_ != self.fingerprint:
-            raise params_io.WeightsError(
+            raise WeightsError(
                 f"{self.path} was trained over base weights with fingerprint {self.fingerprint}, but "
                 f"{self.base_spec} has fingerprint {fingerprint_}: a different base (pass the original with "
                 "--config.init_from)")

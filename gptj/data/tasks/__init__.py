@@ -23,9 +23,10 @@ and config.data.val_tasks):
 
 Any other name must already be registered with seqio (your own task or
 mixture, producing the same "text" feature and optionally "loss_mask"):
-register it in a module named by `config.data.module` (a dotted name or a
-.py file, imported on every host before the tasks are looked up), as
-examples/custom_task.py does.
+register it in the `register_tasks(seq_len, vocabulary)` function of a
+module named by `config.data.module` (a dotted name or a .py file; every
+host calls it before the tasks are looked up), as examples/custom_task.py
+does.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ SFT_PATTERN_FIELDS = {SFT: "sft_pattern", SFT_VALIDATION: "sft_val_pattern"}
 
 __all__ = [
     "BUILTIN_TASKS", "DataError", "register_demo_tasks", "register_tfrecord_task", "register_text_task",
-    "register_sft_task", "register_tasks_for_config", "import_task_module", "output_features",
+    "register_sft_task", "register_tasks_for_config", "register_module_tasks", "task_output_features",
 ]
 
 
@@ -62,7 +63,7 @@ def _vocabulary(vocab):
     return vocab if isinstance(vocab, GPT2Vocabulary) else get_vocabulary(vocab or None)
 
 
-def output_features(vocab=None, loss_mask: bool = False) -> dict:
+def task_output_features(vocab=None, loss_mask: bool = False) -> dict:
     """The output features of a gptj task: "text", int32 tokens, no EOS added; with `loss_mask`,
     also "loss_mask", int32 0/1 per token."""
     import seqio
@@ -81,7 +82,7 @@ def _add(name: str, source, vocab, loss_mask: bool = False) -> None:
     # Re-registering replaces: tests and restarts register the same names again.
     if name in seqio.TaskRegistry.names():
         seqio.TaskRegistry.remove(name)
-    seqio.TaskRegistry.add(name, source=source, output_features=output_features(vocab, loss_mask), preprocessors=[])
+    seqio.TaskRegistry.add(name, source=source, output_features=task_output_features(vocab, loss_mask), preprocessors=[])
 
 
 def register_demo_tasks(seq_len: int, vocab=None) -> tuple[str, str]:
@@ -143,34 +144,45 @@ def register_sft_task(name: str, pattern: str | Sequence[str], seq_len: int, pac
     return name
 
 
-def import_task_module(module: str) -> None:
-    """Imports the module (a dotted name, or a .py file) that registers a run's own seqio tasks.
+def register_module_tasks(module: str, seq_len: int, vocab=None) -> None:
+    """Calls `register_tasks(seq_len, vocabulary)` of a run's own task module (a dotted name or a .py file).
 
-    Raises DataError naming the module when it cannot be imported.
+    The module registers its seqio tasks in that function, for records of
+    `seq_len + 1` tokens of `vocabulary` (the run's GPT2Vocabulary); nothing
+    registers on import. Raises DataError naming the module when it cannot be
+    imported, has no `register_tasks`, or that function fails.
     """
     if not module:
         return
+    what = f"data.module={module!r}"
     try:
         if module.endswith(".py"):
-            spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(module))[0], module)
-            if spec is None or not os.path.isfile(module):
+            if not os.path.isfile(module):
                 raise FileNotFoundError(f"no such file: {module}")
+            spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(module))[0], module)
             loaded = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = loaded
             spec.loader.exec_module(loaded)
         else:
-            importlib.import_module(module)
+            loaded = importlib.import_module(module)
     except Exception as e:  # the module is the user's code: whatever it raised, name it and the module
-        raise DataError(f"data.module={module!r} could not be imported ({type(e).__name__}: {e}); name a "
-                        "module on the Python path or a .py file that registers your seqio tasks") from e
+        raise DataError(f"{what} could not be imported ({type(e).__name__}: {e}); name a module on the Python "
+                        "path or a .py file") from e
+    register = getattr(loaded, "register_tasks", None)
+    if not callable(register):
+        raise DataError(f"{what} defines no register_tasks(seq_len, vocabulary) function to register its tasks")
+    try:
+        register(seq_len, _vocabulary(vocab))
+    except Exception as e:
+        raise DataError(f"{what}: register_tasks failed ({type(e).__name__}: {e})") from e
 
 
 def register_tasks_for_config(settings) -> list[str]:
     """Registers every task `settings.data.train_task` and `settings.data.val_tasks` name; returns the names.
 
     `settings`: gptj.settings.RunSettings (or a ConfigDict with the same
-    sections). `data.module` is imported first, so the tasks it registers
-    count as known. Raises ValueError naming the task if a name is neither
+    sections). The `register_tasks` of `data.module` runs first, so the tasks
+    it registers count as known. Raises ValueError naming the task if a name is neither
     built in nor registered with seqio, and DataError for missing or empty
     data files or a module that cannot be imported, so a bad config fails
     before anything compiles.
@@ -178,9 +190,9 @@ def register_tasks_for_config(settings) -> list[str]:
     import seqio
 
     data = settings.data
-    import_task_module(data.module)
     vocab = data.vocab_path or None
     seq_len = data.seq_len
+    register_module_tasks(data.module, seq_len, vocab)
     model_vocab = settings.model.vocab_size
     vocab_size = min(model_vocab, _vocabulary(vocab).vocab_size)
     names = [n for n in [data.train_task, *data.val_tasks] if n]

@@ -30,7 +30,7 @@ from gptj.core.streaming import LazyArray
 from gptj.errors import WeightsError
 from gptj.model.transformer import GPTJConfig, resolve_dtype
 from gptj.weights.formats import hf_files
-from gptj.weights.params_dir import param_shapes, unflatten
+from gptj.weights.params_dir import param_shapes, read_json_in, unflatten
 
 # Buffers some older HF GPT-J checkpoints saved alongside the weights.
 _IGNORED_SUFFIXES = ("attn.bias", "attn.masked_bias")
@@ -84,16 +84,7 @@ def hf_config_dict(config: GPTJConfig, torch_dtype: str = "float32") -> dict[str
 
 
 def _read_hf_config(hf_dir: str) -> dict[str, Any]:
-    path = os.path.join(hf_dir, "config.json")
-    if not os.path.isdir(hf_dir):
-        raise WeightsError(f"{hf_dir}: no such directory")
-    if not os.path.isfile(path):
-        raise WeightsError(f"{hf_dir}: no config.json; expected a save_pretrained directory of GPTJForCausalLM")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: not valid JSON ({e})") from e
+    return read_json_in(hf_dir, "config.json", "a save_pretrained directory of GPTJForCausalLM")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,6 +31,7 @@ import numpy as np
 from gptj.errors import WeightsError
 from gptj.model.lora import adapter_pair, adapter_tree
 from gptj.model.transformer import LORA_TARGETS, GPTJConfig, LoraConfig, abstract_params
+from gptj.weights.params_dir import read_json_in
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -145,17 +146,8 @@ def write_peft(adapters, config: GPTJConfig, lora: LoraConfig, out_dir: str, bas
 
 def read_peft_config(adapter_dir: str) -> LoraConfig:
     """The LoraConfig of a PEFT adapter directory (its adapter_config.json)."""
-    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
-    if not os.path.isdir(adapter_dir):
-        raise WeightsError(f"{adapter_dir}: no such directory")
-    if not os.path.isfile(path):
-        raise WeightsError(f"{adapter_dir}: no {ADAPTER_CONFIG}; expected a PEFT adapter directory")
-    try:
-        with open(path) as f:
-            values = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: unreadable ({e})") from e
-    return lora_config_from_peft(values, path)
+    values = read_json_in(adapter_dir, ADAPTER_CONFIG, "a PEFT adapter directory")
+    return lora_config_from_peft(values, os.path.join(adapter_dir, ADAPTER_CONFIG))
 
 
 def read_peft(adapter_dir: str, config: GPTJConfig) -> tuple[LoraConfig, dict]:
