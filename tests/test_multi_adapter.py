@@ -18,13 +18,13 @@ from gptj.convert.__main__ import main as convert
 from gptj.core.checkpoint import Checkpointer
 from gptj.core.driver import write_run_config
 from gptj.core.partitioning import Partitioner, make_mesh, place
-from gptj.errors import UnknownAdapterError
+from gptj.errors import ConfigError, UnknownAdapterError
 from gptj.inference.engine import GENERATE, Job
 from gptj.inference.sampler import Sampler, get_tokenizer
 from gptj.inference.server import build_app
 from gptj.model import lora as lora_lib
 from gptj.model.transformer import GPTJConfig, LoraConfig, _split_einsum, pooled_lora_delta
-from gptj.settings import ConfigError, RunSettings, validate
+from gptj.settings import RunSettings, validate
 from gptj.weights.formats.hf import read_hf
 from gptj.weights.formats.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_pair_shapes, write_peft
 from gptj.weights.source import BASE_WEIGHTS_KEY, fingerprint, load_for_inference

@@ -321,20 +321,20 @@ def _adapter_weights(path: str) -> tuple[str, Weights | None]:
     if path.startswith(PEFT_PREFIX) or os.path.isfile(os.path.join(directory, ADAPTER_CONFIG)):
         return directory, None
     if not os.path.isdir(directory):
-        raise params_io.WeightsError(f"{directory}: no such directory (expected a PEFT adapter directory or a "
-                                     "gptj LoRA workdir)")
+        raise WeightsError(f"{directory}: no such directory (expected a PEFT adapter directory or a gptj LoRA "
+                           "workdir)")
     try:
         weights = open_weights(directory)
-    except params_io.WeightsError as e:
-        raise params_io.WeightsError(f"{directory}: neither a PEFT adapter directory (no {ADAPTER_CONFIG}) nor a gptj "
-                                     f"LoRA workdir ({e})") from None
+    except WeightsError as e:
+        raise WeightsError(f"{directory}: neither a PEFT adapter directory (no {ADAPTER_CONFIG}) nor a gptj LoRA "
+                           f"workdir ({e})") from None
     adapted = weights.adapted
     if adapted is None or adapted.lora is None:
-        raise params_io.WeightsError(f"{directory}: a model trained in full, not LoRA adapters; serve it on its own "
-                                     "(--workdir)")
+        raise WeightsError(f"{directory}: a model trained in full, not LoRA adapters; serve it on its own "
+                           "(--workdir)")
     if adapted.trained != lora_lib.ADAPTER_PATTERN:
-        raise params_io.WeightsError(f"{directory}: trained {adapted.trained!r} besides LoRA adapters, which cannot "
-                                     "be served over a shared base; serve it on its own (--workdir)")
+        raise WeightsError(f"{directory}: trained {adapted.trained!r} besides LoRA adapters, which cannot be "
+                           "served over a shared base; serve it on its own (--workdir)")
     return directory, weights
 
 
@@ -368,11 +368,11 @@ def open_adapter(path: str, base: GPTJConfig, base_fingerprint: Callable[[], str
     theirs = {f: getattr(weights.config, f) for f in ADAPTER_SHAPE_FIELDS}
     ours = {f: getattr(base, f) for f in ADAPTER_SHAPE_FIELDS}
     if theirs != ours:
-        raise params_io.WeightsError(f"{directory}: adapters of a model with {theirs}, but the served base has {ours}")
+        raise WeightsError(f"{directory}: adapters of a model with {theirs}, but the served base has {ours}")
     comparable = weights.config.padded_vocab_size == base.padded_vocab_size and adapted.fingerprint
     served = base_fingerprint() if base_fingerprint is not None and comparable else ""
     if served and served != adapted.fingerprint:
-        raise params_io.WeightsError(
+        raise WeightsError(
             f"{directory} was trained over base weights with fingerprint {adapted.fingerprint}, but the served base "
             f"has fingerprint {served}: another base")
     trained = adapted.trained_params(weights.config)
