@@ -632,8 +632,12 @@ def run_prefix(args, tmp: str, env: dict, logs: str, machine: str) -> tuple[list
         print(f"starting the server {name} ...", flush=True)
         with server(command, ROOT, env, port, os.path.join(logs, f"prefix-{gib}.log")) as url:
             run_one_after_another(url, warm)
+            before = httpx.get(url + "/health", timeout=30).json()
             outcomes[name] = run_one_after_another(url, timed)
-            health[name] = httpx.get(url + "/health", timeout=30).json()
+            after = httpx.get(url + "/health", timeout=30).json()
+            health[name] = {key: after[key] - before[key] for key in ("prefilled_tokens", "prompt_tokens",
+                                                                      "prefix_cache_hits", "prefix_cache_misses",
+                                                                      "prefix_cache_tokens_saved")}
         errors = [o.error for o in outcomes[name] if o.error or o.status != 200]
         if errors:
             raise RuntimeError(f"{name}: {len(errors)} requests failed: {errors[0]}")

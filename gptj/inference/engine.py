@@ -43,11 +43,10 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
+import math
 import threading
 import time
 from typing import Callable, Sequence
-
-import math
 
 import numpy as np
 
