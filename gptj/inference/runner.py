@@ -268,13 +268,13 @@ class ModelRunner:
         self.adapter_slots, self.adapter_rank = int(slots), int(rank)
 
     def write_adapter(self, slot: int, entry) -> None:
-        """Fills pool slot `slot` with one adapter (`gptj.model.lora.pool_entry`: host arrays, every target)."""
+        """Fills pool slot `slot` with one adapter (`gptj.model.lora.pool_entry`: host arrays, every target).
+        Its one program is not counted with the serving programs: it delays only the load that needs it."""
         if not 0 <= slot < self.adapter_slots:
             raise ValueError(f"adapter slot {slot} outside the pool's {self.adapter_slots} slots")
         dtype = resolve_dtype(self.config.dtype)
         entry = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), entry)
         entry = place(entry, jax.tree_util.tree_map(lambda _: self._pool_sh, entry), dtype)
-        self._note_shape(("write_adapter",))
         self.adapter_pool = self._write_slot(self.adapter_pool, jnp.asarray(slot, jnp.int32), entry)
 
     def fingerprint(self) -> str:
