@@ -23,7 +23,8 @@ setup(
                   "zstandard", "tqdm", "tensorboard"],
         "hf": ["torch==2.13.0", "transformers", "safetensors", "peft"],  # peft: LoRA adapters in and out
         "eval": ["lm-eval", "accelerate"],  # accelerate: the harness's own `hf` model (HFLM)
-        "serve": ["fastapi", "uvicorn", "pydantic"],  # + tenacity/aiohttp/requests: lm-eval's local-completions client
+        # jinja2: chat templates; + tenacity/aiohttp/requests (test): lm-eval's local-completions client
+        "serve": ["fastapi", "uvicorn", "pydantic", "jinja2>=3.1.6"],
         "test": ["pytest", "pytest-xdist", "openai", "httpx", "matplotlib", "scipy", "tenacity", "aiohttp", "requests"],
     },
 )

@@ -7,15 +7,21 @@ An open-loop load generator: requests arrive as a Poisson process at each
 offered rate (requests/s) whether or not earlier ones have finished; prompt
 and output lengths are drawn from a fixed, seeded long-tailed distribution
 (lognormal: prompts median 32 tokens, clipped to 1-200; outputs median 24,
-clipped to 1-128 and to the context). Every request streams (server-sent
-events, `logprobs: 0` so each event says how many tokens it carries), which
-gives per request the time to first token (TTFT) and the time per output
-token after it (TPOT). Reported per server and rate: output tokens/s over the
-whole run (every token, first request sent to last token: vLLM
-benchmark_serving's output throughput) and while requests were still arriving
-(meaningful only when the arrivals last longer than a first token takes), TTFT
-p50/p99 (all requests, and short ones: <= 16 output tokens), TPOT p50/p99, and
-errors.
+clipped to 1-128 and to the context). Every request streams as load tools
+send it (server-sent events, `ignore_eos` so that every request generates its
+max_tokens, `stream_options.include_usage` so that the server says how many
+tokens it generated, and `logprobs: 0` so each event says how many tokens it
+carries), which gives per request the time to first token (TTFT) and the time
+per output token after it (TPOT). Output tokens are the usage the server
+reports (counted from the events for a server that sends none: the previous
+engine), checked against the tokens the events carried and against the
+server's own counter (`vllm:generation_tokens_total` in /metrics) over the
+run. Reported per server and rate: output tokens/s over the whole run (every
+token, first request sent to last token: vLLM benchmark_serving's output
+throughput) and while requests were still arriving (meaningful only when the
+arrivals last longer than a first token takes), TTFT p50/p99 (all requests,
+and short ones: <= 16 output tokens), TPOT p50/p99, the server process's CPU
+time per output token, and errors.
 
 The three servers, each in its own process on the same weights (the CPU bench
 model of benchmarks/common.py as an HF checkpoint, fp32, greedy):
@@ -27,6 +33,9 @@ model of benchmarks/common.py as an HF checkpoint, fp32, greedy):
             `--previous-commit` names another.
   hf        HF `generate` serving one request at a time (this script's
             `--serve-hf`), streaming through a `BaseStreamer`.
+  gptj-coarse  gptj with `serve.stream_interval` = `decode_steps` (about one
+            event per decode call instead of one per token): what per-token
+            streaming costs (`--servers gptj,gptj-coarse`).
 gptj compiles its shapes at start-up (`config.serve.warmup`) and HF has none;
 the previous engine compiles one program per batch, prompt and generation
 bucket it meets, so it gets each rate's load once untimed before the timed run. The model's EOS and
@@ -145,10 +154,16 @@ class Outcome:
     sent: float = 0.0
     first: float | None = None
     last: float | None = None
-    tokens: int = 0
+    tokens: int = 0              # tokens the streamed events carried
+    usage: int | None = None     # completion_tokens of the stream's usage event, when the server sends one
     error: str = ""
     text: str = ""
     arrivals: list = dataclasses.field(default_factory=list)  # (time, tokens) of each streamed event
+
+    @property
+    def output_tokens(self) -> int:
+        """The request's output tokens: the server's usage, else the tokens the events carried."""
+        return self.tokens if self.usage is None else self.usage
 
     def received(self, count: int) -> None:
         now = time.monotonic()
@@ -163,7 +178,8 @@ async def _one(client, url: str, request: Request, start: float, model: str = ""
     await asyncio.sleep(max(0.0, start + request.at - time.monotonic()))
     outcome.sent = time.monotonic()
     body = {"prompt": [request.prompt], "max_tokens": request.max_tokens, "temperature": 0, "stream": True,
-            "logprobs": 0, **({"model": model} if model else {})}
+            "logprobs": 0, "ignore_eos": True, "stream_options": {"include_usage": True},
+            **({"model": model} if model else {})}
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as reply:
             outcome.status = reply.status_code
@@ -176,6 +192,9 @@ async def _one(client, url: str, request: Request, start: float, model: str = ""
                 event = json.loads(line[len("data: "):])
                 if "error" in event:
                     outcome.error = str(event["error"])[:200]
+                    continue
+                if not event.get("choices"):  # the usage event
+                    outcome.usage = (event.get("usage") or {}).get("completion_tokens")
                     continue
                 logprobs = event["choices"][0].get("logprobs") or {}
                 count = len(logprobs.get("tokens") or [])
@@ -205,11 +224,45 @@ async def _run(url: str | dict[str, str], requests: list[Request], timeout: floa
     return list(outcomes), end - start
 
 
+def server_counters(url: str | dict[str, str]) -> dict:
+    """The server's generated-token counter (vLLM's name, else gptj's) and its process CPU seconds, from
+    /metrics (summed over the servers of a dict of them); a name the server does not export is left out."""
+    import httpx
+
+    if not isinstance(url, str):
+        found: dict = {}
+        for each in [server_counters(u) for u in url.values()]:
+            for key, value in each.items():
+                found[key] = found.get(key, 0.0) + value
+        return found
+    names = {"vllm:generation_tokens_total": "generated", "gptj_tokens_generated_total": "generated",
+             "process_cpu_seconds_total": "cpu_seconds"}
+    found = {}
+    try:
+        text = httpx.get(url + "/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return found
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name in names and names[name] not in found:
+            found[names[name]] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
 def run_load(url: str | dict[str, str], requests: list[Request], timeout: float = 1800.0) -> dict:
     """Sends `requests` open-loop to `url` (or, a dict, to the server of each request's model); returns the
-    summary (see `summarize`)."""
+    summary (see `summarize`) with the servers' own count of the tokens they generated over the run
+    (`server_tokens`, None when they export none) and their CPU seconds per output token
+    (`cpu_ms_per_token`, None when they export no process CPU time)."""
+    before = server_counters(url)
     outcomes, seconds = asyncio.run(_run(url, requests, timeout))
-    return summarize(outcomes, seconds, requests[-1].at)
+    after = server_counters(url)
+    summary = summarize(outcomes, seconds, requests[-1].at)
+    delta = {key: after[key] - before[key] for key in after.keys() & before.keys()}
+    summary["server_tokens"] = delta.get("generated")
+    summary["cpu_ms_per_token"] = (1e3 * delta["cpu_seconds"] / summary["tokens"]
+                                   if "cpu_seconds" in delta and summary["tokens"] else None)
+    return summary
 
 
 def run_one_after_another(url: str, requests: list[Request], timeout: float = 1800.0) -> list[Outcome]:
@@ -240,12 +293,14 @@ def summarize(outcomes: list[Outcome], seconds: float, offered_span: float) -> d
     ttft = [o.first - o.sent for o in ok]
     short = [o.first - o.sent for o in ok if o.request.max_tokens <= SHORT_TOKENS]
     tpot = [(o.last - o.first) / (o.tokens - 1) for o in ok if o.tokens > 1]
-    tokens = sum(o.tokens for o in ok)
+    tokens = sum(o.output_tokens for o in ok)
     opened, closed = min(o.sent for o in outcomes), max(o.sent for o in outcomes)
     in_window = sum(n for o in ok for t, n in o.arrivals if opened <= t <= closed)
     return {"requests": len(outcomes), "ok": len(ok), "errors": len(outcomes) - len(ok),
             "error_sample": next((o.error or f"status {o.status}" for o in outcomes if o not in ok), ""),
             "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+            "token_source": "usage" if ok and all(o.usage is not None for o in ok) else "events",
+            "streamed_tokens": sum(o.tokens for o in ok),
             "window_tokens_per_s": in_window / (closed - opened) if closed > opened else 0.0,
             "requests_per_s": len(ok) / seconds if seconds > 0 else 0.0,
             "offered_per_s": (len(outcomes) - 1) / offered_span if offered_span > 0 else 0.0,
@@ -425,11 +480,17 @@ def serve_hf(hf_dir: str, port: int) -> None:
         task = loop.run_in_executor(None, generate)
 
         async def events():
+            made = 0
             while (tokens := await queue.get()) is not None:
+                made += len(tokens)
                 choice = {"text": "", "index": 0, "logprobs": {"tokens": [str(t) for t in tokens]},
                           "finish_reason": None}
                 yield f"data: {json.dumps({'choices': [choice]})}\n\n"
             await task
+            if (body.get("stream_options") or {}).get("include_usage"):
+                usage = {"prompt_tokens": len(body["prompt"][0]), "completion_tokens": made,
+                         "total_tokens": len(body["prompt"][0]) + made}
+                yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -462,9 +523,21 @@ def measure(name: str, url: str | dict[str, str], rates: list[float], count: int
               f"({summary['window_tokens_per_s']:.1f} while arriving), TTFT p50/p99 "
               f"{_ms(summary['ttft_p50'])}/{_ms(summary['ttft_p99'])} ms (short {_ms(summary['short_ttft_p99'])}), "
               f"TPOT p50/p99 {_ms(summary['tpot_p50'])}/{_ms(summary['tpot_p99'])} ms, "
-              f"{summary['errors']} errors {summary['error_sample']}"
+              f"{summary['errors']} errors {summary['error_sample']}; {token_check(summary)}"
+              + ("" if summary["cpu_ms_per_token"] is None else
+                 f"; server CPU {summary['cpu_ms_per_token']:.2f} ms/token")
               + f", programs compiled while serving: {compiled}", flush=True)
     return results
+
+
+def token_check(summary: dict) -> str:
+    """How the run's output tokens were counted, and whether the events and the server's counter agree."""
+    parts = [f"{summary['tokens']} output tokens ({summary['token_source']})"]
+    if summary["token_source"] == "usage":
+        parts.append(f"events carried {summary['streamed_tokens']}")
+    if summary.get("server_tokens") is not None:
+        parts.append(f"server counted {summary['server_tokens']:.0f}")
+    return ", ".join(parts)
 
 
 def _ms(seconds: float | None) -> str:
@@ -474,7 +547,8 @@ def _ms(seconds: float | None) -> str:
 def markdown(results: dict[str, dict], rates: list[float]) -> str:
     """The README table: one row per server and rate."""
     lines = ["| server | offered req/s | output tokens/s (run / while arriving) | TTFT p50 / p99 (ms) | "
-             "short-request TTFT p99 (ms) | TPOT p50 / p99 (ms) | errors |", "|---|---|---|---|---|---|---|"]
+             "short-request TTFT p99 (ms) | TPOT p50 / p99 (ms) | server CPU ms / token | errors |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, per_rate in results.items():
         for rate in rates:
             s = per_rate.get(rate)
@@ -483,6 +557,7 @@ def markdown(results: dict[str, dict], rates: list[float]) -> str:
             lines.append(f"| {name} | {rate:g} | {s['tokens_per_s']:.0f} / {s['window_tokens_per_s']:.0f} | "
                          f"{_ms(s['ttft_p50'])} / {_ms(s['ttft_p99'])} "
                          f"| {_ms(s['short_ttft_p99'])} | {_ms(s['tpot_p50'])} / {_ms(s['tpot_p99'])} | "
+                         f"{'-' if s.get('cpu_ms_per_token') is None else format(s['cpu_ms_per_token'], '.2f')} | "
                          f"{s['errors']} |")
     return "\n".join(lines) + "\n"
 
@@ -503,6 +578,16 @@ def rows_for(results: dict[str, dict], rates: list[float], machine: str) -> list
                       f"{ours[top]['window_tokens_per_s']:.0f} vs {results[peer][top]['window_tokens_per_s']:.0f} "
                       f"tokens/s; TTFT p50 {_ms(ours[top]['ttft_p50'])} vs {_ms(results[peer][top]['ttft_p50'])} ms; "
                       f"{machine}")))
+    if "gptj-coarse" in results:
+        mine, theirs = ours[top], results["gptj-coarse"][top]
+        if mine.get("cpu_ms_per_token") and theirs.get("cpu_ms_per_token"):
+            rows.append(result(
+                f"server CPU per output token, one event per token vs one per decode call (Poisson {top:g} req/s)",
+                "ms", mine["cpu_ms_per_token"], peer=theirs["cpu_ms_per_token"],
+                peer_name="gptj, stream_interval = decode_steps", higher_is_better=False,
+                note=(f"what per-token streaming costs; output tokens/s {mine['tokens_per_s']:.0f} vs "
+                      f"{theirs['tokens_per_s']:.0f}, TPOT p50 {_ms(mine['tpot_p50'])} vs {_ms(theirs['tpot_p50'])} "
+                      f"ms; {machine}")))
     if "previous" in results:
         held = [r for r in rates if sustained(results["previous"][r])] or [min(rates)]
         rate = max(held)
@@ -673,7 +758,8 @@ def main(argv=None) -> None:
                              "server per merged adapter; prefix: shared-prefix traffic with and without the cache")
     parser.add_argument("--rates", default="", help="offered requests/s, comma separated (default by --quick)")
     parser.add_argument("--requests", type=int, default=0, help="requests per rate (default 32 quick, 64 full)")
-    parser.add_argument("--servers", default="gptj,previous,hf", help="which of gptj, previous, hf to run")
+    parser.add_argument("--servers", default="gptj,previous,hf",
+                        help="which of gptj, previous, hf, gptj-coarse to run")
     parser.add_argument("--previous-commit", default="", help="commit holding the previous engine")
     parser.add_argument("--url", default="", help="load a running server instead (its name: gptj)")
     parser.add_argument("--markdown", default="", help="also write the per-rate table here")
@@ -718,8 +804,9 @@ def main(argv=None) -> None:
             os.makedirs(logs, exist_ok=True)
             for name in names:
                 port = free_port()
-                if name == "gptj":
-                    command, cwd = gptj_command(ROOT, hf_dir, os.path.join(tmp, "run-gptj"), port, []), ROOT
+                if name in ("gptj", "gptj-coarse"):
+                    coarse = ["--config.serve.stream_interval=4"] if name == "gptj-coarse" else []  # decode_steps
+                    command, cwd = gptj_command(ROOT, hf_dir, os.path.join(tmp, f"run-{name}"), port, coarse), ROOT
                     tree = ROOT
                 elif name == "previous":
                     tree = unpack(ROOT, args.previous_commit or previous_engine_commit(ROOT),
@@ -729,7 +816,7 @@ def main(argv=None) -> None:
                     command, cwd, tree = [sys.executable, os.path.abspath(__file__), "--serve-hf", hf_dir,
                                           "--port", str(port)], ROOT, ROOT
                 else:
-                    parser.error(f"unknown server {name!r}; choose from gptj, previous, hf")
+                    parser.error(f"unknown server {name!r}; choose from gptj, gptj-coarse, previous, hf")
                 print(f"starting {name} ...", flush=True)
                 with server(command, cwd, dict(env, PYTHONPATH=tree), port, os.path.join(logs, f"{name}.log")) as url:
                     results[name] = measure(name, url, rates, count, max_len, warm_pass=name == "previous")

@@ -193,6 +193,13 @@ class ServeSettings:
     warmup: bool = True
     max_new_tokens_limit: int = 1024
     model_name: str = "gptj"
+    # /v1/chat/completions renders messages with this: a built-in name (gptj.inference.chat.BUILTIN_TEMPLATES;
+    # "gptj_sft" is the prompt format the gptj_sft task trains on), a Jinja template as HF tokenizers store
+    # them, or a path to a .jinja file or to a tokenizer_config.json holding "chat_template".
+    chat_template: str = "gptj_sft"
+    # Most tokens per server-sent event: 1 sends each token as its own event (as OpenAI and vLLM do), even
+    # when one decode call made several (decode_steps); decode_steps sends about one event per call.
+    stream_interval: int = 1
     # LoRA adapters served beside the base, unmerged (a request's `model` picks one by name): 'name=DIR,name2=DIR2',
     # each DIR a HuggingFace PEFT adapter directory or a gptj LoRA workdir over these base weights.
     adapters: str = ""

@@ -80,16 +80,18 @@ def test_classifier_resumes_exactly_through_the_driver(classifier, tmp_path):
     assert _checkpoint_steps(tmp_path / "resumed") == [20, 40]
 
 
-@pytest.mark.slow
-def test_instruction_tuning_config_learns_its_pairs_and_greedy_sampling_reproduces_them(tmp_path):
-    """examples/instruction_tuning.py through main.py: train on the pairs, then `--mode=sample` greedy
-    returns every completion exactly, stopping at the learned EOS."""
+@pytest.fixture(scope="module")
+def instruction_tuned(tmp_path_factory):
+    """examples/instruction_tuning.py through main.py: trained on its pairs, then `--mode=sample` greedy of every
+    pair's prompt and of one conversation in the gptj_sft chat format (earlier turn, EOS, next prompt)."""
     import json
     import os
     import subprocess
 
+    tmp_path = tmp_path_factory.mktemp("instruction_tuning")
     pairs = [json.loads(line) for line in (ROOT / "examples" / "data" / "instructions.jsonl").read_text().splitlines()]
-    (tmp_path / "prompts.txt").write_text("".join(p["prompt"] + "\n" for p in pairs))
+    conversation = pairs[0]["prompt"] + pairs[0]["completion"] + "<|endoftext|>" + pairs[1]["prompt"]
+    (tmp_path / "prompts.txt").write_text("".join(p["prompt"] + "\n" for p in pairs) + conversation + "\n")
     workdir = tmp_path / "run"
     # A 1-layer, d_model 64 shrink on one CPU device (fake devices only slow a 2-core machine down).
     common = [sys.executable, str(ROOT / "main.py"), "--config=examples/instruction_tuning.py", f"--workdir={workdir}",
@@ -97,16 +99,57 @@ def test_instruction_tuning_config_learns_its_pairs_and_greedy_sampling_reproduc
               "--config.model.rotary_dim=8"]
     train = common + ["--config.train.total_steps=50", "--config.train.eval_every=50",
                       "--config.optimizer.anneal_steps=50"]
-    sample = common + ["--mode=sample", f"--prompt_file={tmp_path / 'prompts.txt'}", f"--output={tmp_path / 'out.jsonl'}"]
+    sample = common + ["--mode=sample", f"--prompt_file={tmp_path / 'prompts.txt'}",
+                       f"--output={tmp_path / 'out.jsonl'}"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
                XLA_FLAGS=xla_flags(1))
     for cmd in (train, sample):
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
         assert done.returncode == 0, done.stderr[-3000:]
-    accuracy = read_scalars(str(workdir / "tensorboard"), "val/gptj_sft_validation/accuracy")
-    assert accuracy[0] < 0.5 and accuracy[50] == 1.0  # every completion token and EOS predicted
     outputs = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    return dict(workdir=workdir, common=common, env=env, pairs=pairs, outputs=outputs, tmp_path=tmp_path)
+
+
+@pytest.mark.slow
+def test_instruction_tuning_config_learns_its_pairs_and_greedy_sampling_reproduces_them(instruction_tuned):
+    """Train on the pairs, then `--mode=sample` greedy returns every completion exactly, stopping at the
+    learned EOS."""
+    run = instruction_tuned
+    accuracy = read_scalars(str(run["workdir"] / "tensorboard"), "val/gptj_sft_validation/accuracy")
+    assert accuracy[0] < 0.5 and accuracy[50] == 1.0  # every completion token and EOS predicted
+    outputs, pairs = run["outputs"][:len(run["pairs"])], run["pairs"]
     assert [(o["prompt"], o["completion"]) for o in outputs] == [(p["prompt"], p["completion"]) for p in pairs]
+
+
+@pytest.mark.slow
+def test_the_instruction_tuned_model_answers_chat_requests_as_sampling_does(instruction_tuned):
+    """`--mode=serve` on the trained workdir: the OpenAI client's chat completions (the default gptj_sft
+    template), plain and streamed, answer each pair as `--mode=sample` completes the rendered prompt, and a
+    two-turn conversation as sampling continues its rendering; each answer ends on EOS ("stop")."""
+    openai = pytest.importorskip("openai")
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.serve_load import free_port, server
+
+    run = instruction_tuned
+    pairs, outputs = run["pairs"], run["outputs"]
+    port = free_port()
+    command = run["common"] + ["--mode=serve", f"--port={port}", "--config.serve.warmup=False"]
+    with server(command, str(ROOT), run["env"], port, str(run["tmp_path"] / "serve.log"), startup_s=300) as url:
+        api = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        asks = [[{"role": "user", "content": p["prompt"]}] for p in pairs]
+        asks.append([{"role": "user", "content": pairs[0]["prompt"]},
+                     {"role": "assistant", "content": pairs[0]["completion"]},
+                     {"role": "user", "content": pairs[1]["prompt"]}])
+        for messages, sampled in zip(asks, outputs, strict=True):
+            reply = api.chat.completions.create(model="gptj", messages=messages, temperature=0, max_tokens=16)
+            assert reply.choices[0].message.content == sampled["completion"], messages
+            assert reply.choices[0].finish_reason == "stop"
+            assert reply.usage.completion_tokens == len(sampled["token_ids"]) + 1  # the answer and its EOS
+        chunks = list(api.chat.completions.create(model="gptj", messages=asks[4], temperature=0, max_tokens=16,
+                                                  stream=True, stream_options={"include_usage": True}))
+        content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert "".join(content) == outputs[4]["completion"] and len(content) == len(outputs[4]["token_ids"])
+        assert chunks[-1].usage.completion_tokens == len(outputs[4]["token_ids"]) + 1
 
 
 def test_custom_task_module_registers_and_trains_through_the_run(tmp_path):

@@ -4,7 +4,6 @@ runtime load and unload, bad adapters refused with one line, the request's `mode
 import concurrent.futures
 import functools
 import json
-import os
 import shutil
 import threading
 

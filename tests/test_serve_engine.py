@@ -318,8 +318,8 @@ def test_schema_fuzz_finds_no_5xx_and_no_response_outside_the_schema(fuzz_server
     schema = schemathesis.openapi.from_url(fuzz_server + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
-        "POST /v1/completions", "POST /complete", "POST /tokenize", "POST /detokenize", "GET /health",
-        "GET /v1/models", "POST /v1/load_lora_adapter", "POST /v1/unload_lora_adapter"}
+        "POST /v1/completions", "POST /v1/chat/completions", "POST /complete", "POST /tokenize", "POST /detokenize",
+        "GET /health", "GET /v1/models", "POST /v1/load_lora_adapter", "POST /v1/unload_lora_adapter"}
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
     for operation in operations:
         negative = [schemathesis.GenerationMode.NEGATIVE] if operation.body else []  # a GET has nothing to break

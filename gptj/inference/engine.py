@@ -52,8 +52,9 @@ import numpy as np
 
 from gptj.inference.adapters import Adapter, AdapterRegistry, read_adapter
 from gptj.inference.prefix_cache import PrefixIndex, block_keys, prefix_block_bytes, store_blocks
-from gptj.inference.runner import (ADAPTER, EOS, MAX_TOP_LOGPROBS, MIN_LENGTH_BUCKET, NO_ADAPTER, POS, REMAINING,
-                                   ROW_FIELDS, SEED, STEP, TEMPERATURE, TOKEN, TOP_K, TOP_P, Generation, ModelRunner)
+from gptj.inference.runner import (ADAPTER, EOS, MAX_TOP_LOGPROBS, MIN_LENGTH_BUCKET, MIN_TOKENS, NO_ADAPTER, POS,
+                                   REMAINING, ROW_FIELDS, SEED, STEP, TEMPERATURE, TOKEN, TOP_K, TOP_P, Generation,
+                                   ModelRunner)
 from gptj.inference.sampling_ops import bucket
 
 GENERATE, SCORE = "generate", "score"
@@ -70,9 +71,13 @@ class Job:
     `future` resolves to a `Generation` (generate) or a `Score` (score).
     `on_update`, when set, is called from the engine's thread with the row's
     partial Generation after each step that adds tokens, and once finished
-    (streaming). `eos_id` -1 keeps the engine's EOS; None disables it. `adapter`
-    names a loaded adapter to run through ("": the base); `Engine.submit`
-    resolves it (`served_adapter`).
+    (streaming). `eos_id` -1 keeps the engine's EOS; None disables it.
+    `ignore_eos` (vLLM's meaning): the row runs to `max_new_tokens` whatever
+    it samples; EOS tokens it draws stay in `tokens` but not in the text.
+    `min_tokens`: EOS is never drawn before that many tokens (unless
+    `ignore_eos`: it ends nothing then), and no stop string ends the row
+    before them. `adapter` names a loaded adapter to run through ("": the
+    base); `Engine.submit` resolves it (`served_adapter`).
     """
 
     kind: str
@@ -85,6 +90,8 @@ class Job:
     stop: list[str] = dataclasses.field(default_factory=list)
     top_logprobs: int = 0
     eos_id: int | None = -1
+    ignore_eos: bool = False
+    min_tokens: int = 0
     adapter: str = ""
     on_update: Callable[[Generation], None] | None = None
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
@@ -112,7 +119,8 @@ class _Row:
     job: Job
     slot: int
     order: int
-    eos: int
+    eos: int            # the id that ends the row on the device (-1: none)
+    hidden: int | None  # an id left out of the text (EOS under ignore_eos)
     admitted_at: float
     keys: list = dataclasses.field(default_factory=list)
     stored: int = 0
@@ -122,6 +130,7 @@ class _Row:
     logprobs: list = dataclasses.field(default_factory=list)
     top: list = dataclasses.field(default_factory=list)
     first_token_at: float | None = None
+    last_token_at: float | None = None
 
     @property
     def prefilling(self) -> bool:
@@ -138,26 +147,31 @@ class Histogram:
         self.sum, self.count = 0.0, 0
         self._lock = threading.Lock()
 
-    def observe(self, seconds: float) -> None:
+    def observe(self, seconds: float, times: int = 1) -> None:
+        """Records `times` observations of `seconds`."""
         with self._lock:
-            self._counts[next((i for i, b in enumerate(self.BOUNDS) if seconds <= b), len(self.BOUNDS))] += 1
-            self.sum += seconds
-            self.count += 1
+            self._counts[next((i for i, b in enumerate(self.BOUNDS) if seconds <= b), len(self.BOUNDS))] += times
+            self.sum += seconds * times
+            self.count += times
 
-    def prometheus(self, name: str, help_text: str) -> list[str]:
-        """The histogram in Prometheus' text exposition format."""
+    def prometheus(self, name: str, help_text: str, labels: str = "") -> list[str]:
+        """The histogram in Prometheus' text exposition format; `labels` ('a="x",b="y"') go on every sample."""
         with self._lock:
             counts, total, count = list(self._counts), self.sum, self.count
         lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        extra = f",{labels}" if labels else ""
         for bound, cumulative in zip(self.BOUNDS + (float("inf"),), itertools.accumulate(counts)):
             le = "+Inf" if bound == float("inf") else repr(bound)
-            lines.append(f'{name}_bucket{{le="{le}"}} {cumulative}')
-        return lines + [f"{name}_sum {total}", f"{name}_count {count}"]
+            lines.append(f'{name}_bucket{{le="{le}"{extra}}} {cumulative}')
+        tag = f"{{{labels}}}" if labels else ""
+        return lines + [f"{name}_sum{tag} {total}", f"{name}_count{tag} {count}"]
 
 
 HISTOGRAMS = {
     "time_to_first_token_seconds": "Seconds from a generate row's submission to its first token.",
     "time_per_output_token_seconds": "Seconds per output token after the first, per finished row.",
+    "inter_token_latency_seconds": "Seconds between a row's successive tokens (a step's tokens share its time).",
+    "e2e_request_latency_seconds": "Seconds from a generate row's submission to its end.",
     "queue_wait_seconds": "Seconds a row waited for a slot (or a scoring batch).",
 }
 
@@ -213,7 +227,8 @@ class Engine:
         self.counters = {"requests": 0, "rows": 0, "rejected": 0, "finished_rows": 0, "failed_rows": 0,
                          "cancelled_rows": 0, "tokens_generated": 0, "prompt_tokens": 0, "prefilled_tokens": 0,
                          "scored_rows": 0, "prefill_calls": 0, "decode_calls": 0, "decode_steps": 0, "score_calls": 0,
-                         "prefix_cache_hits": 0, "prefix_cache_misses": 0, "prefix_cache_tokens_saved": 0,
+                         "prefix_cache_queries": 0, "prefix_cache_hits": 0, "prefix_cache_misses": 0,
+                         "prefix_cache_tokens_saved": 0,
                          "adapters_loaded": 0, "adapters_unloaded": 0}
         self.adapters = AdapterRegistry(runner.adapter_slots)
         self._control: collections.deque = collections.deque()  # work for the engine's thread (pool writes)
@@ -242,6 +257,8 @@ class Engine:
             return
         if job.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {job.max_new_tokens}")
+        if not 0 <= job.min_tokens <= job.max_new_tokens:
+            raise ValueError(f"min_tokens must lie in [0, max_new_tokens={job.max_new_tokens}], got {job.min_tokens}")
         if len(job.prompt) + job.max_new_tokens > self.cache_len:
             raise ValueError(f"a prompt of {len(job.prompt)} tokens with max_new_tokens={job.max_new_tokens} "
                              f"exceeds the engine's {self.cache_len} tokens per row")
@@ -368,6 +385,13 @@ class Engine:
     @property
     def running_slots(self) -> int:
         return sum(row is not None for row in self._rows)
+
+    def adapter_activity(self) -> tuple[list[str], list[str]]:
+        """(the adapters of rows in a slot, the adapters of rows waiting for one), each sorted."""
+        running = {r.job.adapter for r in list(self._rows) if r is not None and r.job.adapter}
+        with self._lock:
+            waiting = {job.adapter for job in list(self._waiting) + list(self._scoring) if job.adapter}
+        return sorted(running), sorted(waiting)
 
     GAUGES = ("slots", "running_slots", "prefilling_slots", "waiting_rows", "adapters", "prefix_cache_blocks",
               "prefix_cache_blocks_used")
@@ -541,13 +565,16 @@ class Engine:
                 continue
             slot = free.pop(0)
             eos = self.eos_id if job.eos_id == -1 else job.eos_id
-            row = _Row(job, slot, next(self._order), -1 if eos is None else int(eos), now)
+            eos = -1 if eos is None else int(eos)
+            row = _Row(job, slot, next(self._order), -1 if job.ignore_eos else eos,
+                       eos if job.ignore_eos and eos >= 0 else None, now)
             self._rows[slot] = row
             self.counters["prompt_tokens"] += len(job.prompt)
             self._log("admit", slot=slot, prompt_tokens=len(job.prompt))
             if self._prefix is not None:
                 namespace = "" if job.served_adapter is None else job.served_adapter.namespace
                 row.keys = block_keys(job.prompt, self.prefix_block_size, namespace)
+                self.counters["prefix_cache_queries"] += len(job.prompt)
                 self._extend_from_store(row)
 
     # -- the prefix cache ---------------------------------------------------------------
@@ -666,6 +693,7 @@ class Engine:
         out[TOP_K] = job.top_k
         out[SEED] = np.array(job.seed & 0xFFFFFFFF, np.uint32).view(np.int32)
         out[EOS] = row.eos
+        out[MIN_TOKENS] = job.min_tokens
         out[ADAPTER] = job.adapter_slot
         out_f[TEMPERATURE], out_f[TOP_P] = job.temperature, job.top_p
 
@@ -701,7 +729,7 @@ class Engine:
         token, token_lp, top_ids, top_lps = self.runner.pick(logits, rows, rows_f, num_top)
         now = time.monotonic()
         for i, row in ready:
-            row.first_token_at = now
+            row.first_token_at = row.last_token_at = now
             self.histograms["time_to_first_token_seconds"].observe(now - row.job.submitted_at)
             self._accept(row, token[i:i + 1], token_lp[i:i + 1], top_ids[i:i + 1], top_lps[i:i + 1])
 
@@ -718,17 +746,24 @@ class Engine:
         self.counters["decode_steps"] += int(produced.max())
         self._log("decode", slots=[r.slot for r in decoding], steps=int(produced.max()),
                   adapters=sorted({r.job.adapter_slot for r in decoding}))
+        now = time.monotonic()
         for row in decoding:
             n = int(produced[row.slot])
             s = row.slot
+            if n:
+                self.histograms["inter_token_latency_seconds"].observe((now - row.last_token_at) / n, n)
+                row.last_token_at = now
             self._accept(row, tokens[s, :n], token_lps[s, :n], top_ids[s, :n], top_lps[s, :n])
+
+    def _text(self, ids: list[int], hidden: int | None) -> str:
+        return self.tokenizer.decode(ids if hidden is None else [t for t in ids if t != hidden])
 
     def _accept(self, row: _Row, tokens, token_lps, top_ids, top_lps) -> None:
         """Adds a row's new tokens; finishes it on EOS, max tokens or a stop string; reports progress."""
-        job, reason = row.job, None
+        job, reason, ended_on_eos = row.job, None, False
         for i, token in enumerate(tokens.tolist()):
             if token == row.eos:
-                reason = "stop"
+                reason, ended_on_eos = "stop", True
                 break
             row.tokens.append(token)
             row.logprobs.append(float(token_lps[i]))
@@ -740,26 +775,31 @@ class Engine:
             reason = "length"
         ids, text = row.tokens, None
         if self.tokenizer is not None and (job.stop or job.on_update is not None or reason is not None):
-            text = self.tokenizer.decode(ids)
-            cut = _find_stop(text, job.stop)
+            text = self._text(ids, row.hidden)
+            # A stop string counts only once it ends past the text of the first min_tokens - 1 tokens.
+            start = len(self._text(ids[:job.min_tokens - 1], row.hidden)) if job.stop and job.min_tokens > 1 else 0
+            cut = _find_stop(text, job.stop, start)
             if cut is not None:
-                ids = _tokens_covering(self.tokenizer, ids, cut)
-                text, reason = text[:cut], "stop"
+                ids = _tokens_covering(lambda part: self._text(part, row.hidden), ids, cut)
+                text, reason, ended_on_eos = text[:cut], "stop", False
         if reason is not None:
             self._free(row)
-            self._complete(job, ids, row.logprobs[:len(ids)], row.top[:len(ids)], reason, text, row.first_token_at)
+            self._complete(job, ids, row.logprobs[:len(ids)], row.top[:len(ids)], reason, text, row.first_token_at,
+                           row.hidden, ended_on_eos)
         elif job.on_update is not None:
             self._notify(job, Generation(list(ids), row.logprobs[:len(ids)], None, text,
                                          row.top[:len(ids)] if job.top_logprobs else None))
 
     def _complete(self, job: Job, ids, logprobs, top, reason: str, text: str | None = None,
-                  first_token_at: float | None = None) -> None:
+                  first_token_at: float | None = None, hidden: int | None = None, ended_on_eos: bool = False) -> None:
         if text is None and self.tokenizer is not None:
-            text = self.tokenizer.decode(ids)
-        generation = Generation(list(ids), list(logprobs), reason, text, list(top) if job.top_logprobs else None)
+            text = self._text(ids, hidden)
+        generation = Generation(list(ids), list(logprobs), reason, text, list(top) if job.top_logprobs else None,
+                                ended_on_eos)
+        now = time.monotonic()
+        self.histograms["e2e_request_latency_seconds"].observe(now - job.submitted_at)
         if first_token_at is not None and len(ids) > 1:
-            self.histograms["time_per_output_token_seconds"].observe(
-                (time.monotonic() - first_token_at) / (len(ids) - 1))
+            self.histograms["time_per_output_token_seconds"].observe((now - first_token_at) / (len(ids) - 1))
         self.counters["finished_rows"] += 1
         if job.on_update is not None:
             self._notify(job, generation)
@@ -798,16 +838,16 @@ class Engine:
             self._store = self.runner.new_prefix_store(self._prefix.blocks, self.prefix_block_size)
 
 
-def _find_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Index of the earliest stop string in `text`, or None."""
-    hits = [text.find(s) for s in stops if s]
+def _find_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:
+    """Index of the earliest stop string in `text` that ends past character `start`, or None."""
+    hits = [text.find(s, max(0, start - len(s) + 1)) for s in stops if s]
     hits = [h for h in hits if h >= 0]
     return min(hits) if hits else None
 
 
-def _tokens_covering(tokenizer, ids: list[int], chars: int) -> list[int]:
+def _tokens_covering(decode: Callable[[list[int]], str], ids: list[int], chars: int) -> list[int]:
     """The shortest prefix of `ids` whose text reaches `chars` characters (the tokens before a stop string)."""
     for count in range(len(ids) + 1):
-        if len(tokenizer.decode(ids[:count])) >= chars:
+        if len(decode(ids[:count])) >= chars:
             return ids[:count]
     return ids

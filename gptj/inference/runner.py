@@ -72,10 +72,11 @@ MAX_TOP_LOGPROBS = 5
 GPT2_EOS_ID = 50256
 GPT2_VOCAB_SIZE = 50257
 
-# Columns of the per-row int32 settings array the programs take ([rows, ROW_FIELDS]); ADAPTER is the row's
-# adapter pool slot (-1: the plain base).
-TOKEN, POS, STEP, REMAINING, TOP_K, SEED, EOS, ADAPTER = range(8)
-ROW_FIELDS = 8
+# Columns of the per-row int32 settings array the programs take ([rows, ROW_FIELDS]).
+# EOS is the id that ends the row (-1: none); before MIN_TOKENS tokens it is never drawn. ADAPTER is the
+# row's adapter pool slot (NO_ADAPTER: the plain base).
+TOKEN, POS, STEP, REMAINING, TOP_K, SEED, EOS, MIN_TOKENS, ADAPTER = range(9)
+ROW_FIELDS = 9
 # The adapter id of a row without an adapter.
 NO_ADAPTER = -1
 # Columns of the per-row float32 settings array ([rows, 2]).
@@ -84,7 +85,8 @@ TEMPERATURE, TOP_P = range(2)
 
 @dataclasses.dataclass
 class Generation:
-    """One row's output. `tokens` excludes the EOS token and anything after a stop string.
+    """One row's output. `tokens` excludes the EOS token that ended the row (`ended_on_eos`) and
+    anything after a stop string; under `ignore_eos`, EOS tokens drawn along the way stay in it.
 
     `logprobs[i]` is log p(tokens[i] | prefix) under the model's unfiltered
     temperature-1 distribution over the tokenizer's vocabulary (ids the model
@@ -100,10 +102,16 @@ class Generation:
     finish_reason: str | None
     text: str | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    ended_on_eos: bool = False
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens the row generated: `tokens` and the EOS that ended it (what vLLM's usage counts)."""
+        return len(self.tokens) + int(self.ended_on_eos)
 
 
 @dataclasses.dataclass
@@ -319,8 +327,9 @@ class ModelRunner:
         """Each row's next token and log-probabilities from its logits [rows, V] and settings."""
         seeds = jax.lax.bitcast_convert_type(rows[:, SEED], jnp.uint32)
         keys = row_keys(seeds, rows[:, STEP])
+        banned = jnp.where(rows[:, STEP] < rows[:, MIN_TOKENS], rows[:, EOS], -1)
         return pick_tokens(logits, keys, rows_f[:, TEMPERATURE], rows[:, TOP_K], rows_f[:, TOP_P], self.vocab_limit,
-                           num_top)
+                           num_top, banned)
 
     def _prefill_fn(self, params, pool, cache, slot_ids, tokens, lengths, start, adapter_ids, logit_rows: int):
         """Writes tokens [k, T] (the first `lengths[i]` real) at columns start.. of slots `slot_ids`, row i

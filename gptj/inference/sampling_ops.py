@@ -145,16 +145,24 @@ def row_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
     return jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.PRNGKey(seed), step))(seeds, steps)
 
 
+def ban_tokens(logits: jax.Array, banned: jax.Array) -> jax.Array:
+    """Logits with each row's `banned` id [B] set to -inf (a negative id bans nothing)."""
+    return jnp.where(jnp.arange(logits.shape[-1])[None, :] == banned[:, None], -jnp.inf, logits)
+
+
 def pick_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
-                vocab_limit: int, num_top: int):
+                vocab_limit: int, num_top: int, banned: jax.Array | None = None):
     """The next token of each row and its log-probabilities, over the first `vocab_limit` ids only.
 
-    logits [B, V] (fp32). Returns (token [B], its log-prob [B], top ids
-    [B, num_top], top log-probs [B, num_top]); log-probabilities are of the
-    unfiltered temperature-1 distribution over the tokenizer's vocabulary.
+    logits [B, V] (fp32). `banned` [B]: an id each row may not draw this step (-1: none), e.g. the
+    end-of-text token before a request's `min_tokens`. Returns (token [B], its log-prob [B], top ids
+    [B, num_top], top log-probs [B, num_top]); log-probabilities are of the unfiltered temperature-1
+    distribution over the tokenizer's vocabulary (a banned id keeps its probability there, as vLLM
+    reports the model's own distribution).
     """
     logits = mask_vocab(logits, vocab_limit)
-    token = sample_tokens(logits, keys, temperature, top_k, top_p)
+    drawable = logits if banned is None else ban_tokens(logits, banned)
+    token = sample_tokens(drawable, keys, temperature, top_k, top_p)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     token_lp = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
     return (token, token_lp) + top_logprobs(log_probs, num_top)

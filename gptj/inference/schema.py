@@ -9,7 +9,7 @@ errors into one readable line; `declare_errors` makes the schema state the
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -32,18 +32,27 @@ Temperature = Annotated[float, Field(strict=True, ge=0.0, le=100.0)]
 TopP = Annotated[float, Field(strict=True, gt=0.0, le=1.0)]
 
 
-class CompletionRequest(BaseModel):
-    """The OpenAI completions request body (fields gptj does not use are ignored).
+class StreamOptions(BaseModel):
+    """OpenAI's `stream_options`: `include_usage` adds a last event with `usage` and no choices (the other
+    events carry `"usage": null`); `continuous_usage_stats` (vLLM's) puts the usage so far in every event."""
 
-    Limits that depend on the server (max_tokens, n, token ids) are added per
-    server by `bounded_requests`, so /openapi.json states that server's limits.
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: StrictBool | None = False
+    continuous_usage_stats: StrictBool | None = False
+
+
+class SamplingFields(BaseModel):
+    """What completions and chat completions share: sampling, stopping, streaming and vLLM's extensions.
+
+    `ignore_eos` (vLLM): generate max_tokens tokens whatever is sampled (the
+    end-of-text token never appears in the text); `min_tokens` (vLLM): no
+    end-of-text token and no stop string before that many tokens.
     """
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: Union[Text, list[Text], list[StrictInt], list[list[StrictInt]]]
     model: str | None = None
-    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = 16
     temperature: Temperature | None = 1.0
     top_p: TopP | None = 1.0
     top_k: Annotated[StrictInt, Field(ge=0)] | None = 0
@@ -51,8 +60,58 @@ class CompletionRequest(BaseModel):
     stop: Union[StrictStr, Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)], None] = None
     seed: StrictInt | None = None
     stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: StrictBool | None = False
+    min_tokens: Annotated[StrictInt, Field(ge=0)] | None = 0
+
+
+class CompletionRequest(SamplingFields):
+    """The OpenAI completions request body (fields gptj does not use are ignored).
+
+    Limits that depend on the server (max_tokens, n, token ids) are added per
+    server by `bounded_requests`, so /openapi.json states that server's limits.
+    """
+
+    prompt: Union[Text, list[Text], list[StrictInt], list[list[StrictInt]]]
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = 16
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     echo: StrictBool | None = False
+
+
+class TextPart(BaseModel):
+    """One part of a message's content given as a list (only text parts: the models read text)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation; `content` is a string or a list of text parts (joined by newlines)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[StrictStr, list[TextPart], None] = None
+    name: StrictStr | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    """The OpenAI chat completions request body (fields gptj does not use are ignored).
+
+    `max_completion_tokens` (OpenAI's current name) wins over `max_tokens`;
+    without either, a reply may fill the context (up to the server's limit).
+    `logprobs` true adds each token's log-probability, `top_logprobs` that
+    many alternatives. `add_generation_prompt` (vLLM's) is passed to the template.
+    """
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+    logprobs: StrictBool | None = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    add_generation_prompt: StrictBool | None = True
 
 
 class CompleteRequest(BaseModel):
@@ -112,13 +171,16 @@ def bounded_requests(max_new_tokens: int, max_rows: int, vocab_size: int) -> dic
     token = Annotated[StrictInt, Field(ge=0, lt=vocab_size)]
     rows = lambda item: Annotated[list[item], Field(min_length=1, max_length=max_rows)]  # noqa: E731
     max_tokens = Annotated[StrictInt, Field(ge=0, le=max_new_tokens)] | None
+    n = (Annotated[StrictInt, Field(ge=1, le=max_rows)] | None, 1)
     return {
         "completion": create_model(
             "CompletionRequest", __base__=CompletionRequest,
             prompt=(Union[Text, rows(Text), Annotated[list[token], Field(min_length=1)],
                           rows(Annotated[list[token], Field(min_length=1)])], ...),
-            max_tokens=(max_tokens, min(16, max_new_tokens)),
-            n=(Annotated[StrictInt, Field(ge=1, le=max_rows)] | None, 1)),
+            max_tokens=(max_tokens, min(16, max_new_tokens)), min_tokens=(max_tokens, 0), n=n),
+        "chat": create_model(
+            "ChatCompletionRequest", __base__=ChatCompletionRequest, max_tokens=(max_tokens, None),
+            max_completion_tokens=(max_tokens, None), min_tokens=(max_tokens, 0), n=n),
         "complete": create_model("CompleteRequest", __base__=CompleteRequest, max_tokens=(max_tokens, None)),
         "detokenize": create_model("DetokenizeRequest", __base__=DetokenizeRequest, tokens=(list[token], ...)),
     }
@@ -148,13 +210,74 @@ class Usage(BaseModel):
 
 
 class CompletionResponse(BaseModel):
-    """A completion, or (with stream) each server-sent event's body."""
+    """A completion, or (with stream) each server-sent event's body (the usage event has no choices)."""
 
     id: str
     object: str
     created: int
     model: str
     choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
+class ChatResponseMessage(BaseModel):
+    role: str
+    content: str | None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    """A chat completion (`object` "chat.completion")."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class ChatDelta(BaseModel):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion (`object` "chat.completion.chunk"): the role,
+    then one token's content per event, then the finish reason; the usage event has no choices."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
 
@@ -248,7 +371,8 @@ def describe_validation_errors(errors: list[dict], limit: int = 5) -> str:
 
 def declare_errors(app) -> None:
     """Makes /openapi.json declare what the server answers: 400 (not FastAPI's 422) for invalid bodies,
-    429 and 500 as ErrorResponse, and server-sent events for a streamed completion."""
+    404 for a model it does not serve, 429 and 500 as ErrorResponse, and server-sent events for streamed
+    completions."""
     from fastapi.openapi.utils import get_openapi
 
     def schema():
@@ -268,15 +392,19 @@ def declare_errors(app) -> None:
             schemas.pop("ValidationError", None)
             error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(error_schema.pop("$defs", {}), ErrorResponse=error_schema)
-            completions = spec["paths"]["/v1/completions"]["post"]["responses"]
-            completions["429"] = dict(error, description="more rows waiting than the server queues")
-            completions["200"]["content"]["text/event-stream"] = {"schema": {
-                "type": "object", "required": ["data"],
-                "description": "with stream: each event's data is a CompletionResponse (one choice's new text), "
-                               "an ErrorResponse if generation fails mid-stream, or [DONE]",
-                "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}
+            chunk_schema = ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(chunk_schema.pop("$defs", {}), ChatCompletionChunk=chunk_schema)
+            for path, event in (("/v1/completions", "CompletionResponse"), ("/v1/chat/completions",
+                                                                           "ChatCompletionChunk")):
+                responses = spec["paths"][path]["post"]["responses"]
+                responses["404"] = dict(error, description="the request's model (base or adapter) is not served")
+                responses["429"] = dict(error, description="more rows waiting than the server queues")
+                responses["200"]["content"]["text/event-stream"] = {"schema": {
+                    "type": "object", "required": ["data"],
+                    "description": f"with stream: each event's data is a {event} (one choice's next token), "
+                                   "an ErrorResponse if generation fails mid-stream, or [DONE]",
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}
             spec["paths"]["/complete"]["post"]["responses"]["429"] = dict(error, description="server busy")
-            completions["404"] = dict(error, description="`model` names neither the base nor a loaded adapter")
             for path, answers in (("/v1/load_lora_adapter", {}),
                                   ("/v1/unload_lora_adapter", {"404": "no adapter of that name is loaded"})):
                 responses = spec["paths"][path]["post"]["responses"]
