@@ -336,6 +336,37 @@ def test_pooled_delta_is_each_rows_own_adapter_and_nothing_for_the_base():
             np.testing.assert_allclose(got[row].reshape(tokens, -1), want, rtol=1e-5, atol=1e-5)
 
 
+def test_adapters_over_an_int8_base_add_what_the_models_own_lora_forward_adds(models):
+    """The base held as int8 (as `python -m gptj.convert quantize` writes it), two adapters in the pool: one
+    prefill of three rows (the base, each adapter) gives each row's last-position logits of the model's own
+    LoRA forward (`GPTJ(config, lora=...)`) over the same int8 weights."""
+    from gptj.convert.quantize import quantize_params, quantized_config
+    from gptj.core.param_tree import merge_params
+    from gptj.core.streaming import read_all
+    from gptj.inference.runner import ModelRunner
+    from gptj.model.transformer import GPTJ
+    from gptj.weights.formats.peft import read_peft
+
+    config = quantized_config(models["config"], 8)
+    runner = ModelRunner(config, read_all(quantize_params(models["params"], config)))
+    runner.reserve_adapters(2, 8)
+    adapters = [read_peft(models["paths"][name], models["config"]) for name in ("p2", "p8")]
+    for slot, (lora, tree) in enumerate(adapters):
+        runner.write_adapter(slot, lora_lib.pool_entry(tree, lora, 8, runner.config))
+    tokens = np.random.default_rng(3).integers(0, VOCAB, (3, 12)).astype(np.int32)
+    cache = runner.new_cache(4, 32)
+    _, logits = runner.prefill(cache, np.arange(3, dtype=np.int32), tokens, np.full(3, 12, np.int32), 0, 4,
+                               np.array([-1, 0, 1], np.int32))
+    logits = np.asarray(logits)
+    for row, adapter in enumerate([None] + adapters):
+        model, params = GPTJ(runner.config), runner.params
+        if adapter is not None:
+            model, params = GPTJ(runner.config, lora=adapter[0]), merge_params(params, adapter[1])
+        want = np.asarray(model.apply({"params": params}, tokens[row:row + 1]))[0, -1]
+        np.testing.assert_allclose(logits[row, :VOCAB], want[:VOCAB], atol=2e-4, rtol=1e-4)
+    assert np.abs(logits[1] - logits[0]).max() > 0.1 and np.abs(logits[2] - logits[0]).max() > 0.1
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(adapters="a"), "must be NAME=DIR"),
     (dict(adapters="a=/no/such/dir"), "does not exist"),
