@@ -315,12 +315,14 @@ def test_bad_adapters_are_one_line_4xx_and_the_server_keeps_serving(server, mode
     assert complete(url, "p8", [1, 2, 3]).status_code == 200
 
 
-def test_pooled_delta_is_each_rows_own_adapter_and_nothing_for_the_base():
-    """pooled_lora_delta against numpy: each row gets x·A[id]·B[id] of its own slot (ranks padded with zeros),
-    a negative id none, for a projection with split outputs (q: d -> heads x head_dim) and with split inputs
+@pytest.mark.parametrize("tokens", [3, 1], ids=["gathered_per_row", "one_token_every_adapter"])
+def test_pooled_delta_is_each_rows_own_adapter_and_nothing_for_the_base(tokens):
+    """pooled_lora_delta against numpy, both ways (several tokens a row: gathered; one token, as many rows as
+    slots: every adapter, masked): each row gets x·A[id]·B[id] of its own slot (ranks padded with zeros), a
+    negative id none, for a projection with split outputs (q: d -> heads x head_dim) and with split inputs
     (out: heads x head_dim -> d)."""
     rng = np.random.default_rng(0)
-    rows, tokens, d, heads, head_dim, slots, rank = 4, 3, 8, 2, 4, 3, 5
+    rows, d, heads, head_dim, slots, rank = 4, 8, 2, 4, 3, 5
     ids = np.array([2, -1, 0, 2], np.int32)
     for spec, x_shape, a_in, b_out in (("btd,dhk->bthk", (rows, tokens, d), (d,), (heads, head_dim)),
                                        ("bthk,hkd->btd", (rows, tokens, heads, head_dim), (heads, head_dim), (d,))):

@@ -33,9 +33,8 @@ per target, `<target>_pool_a` [layers, slots, in..., rank] and
 `<target>_pool_b` [layers, slots, rank, out...] (B already multiplied by its
 adapter's alpha / rank; ranks and targets a slot lacks are zeros), beside the
 kernel in the same module. A call given `adapter_ids` [B] adds to each row the
-delta of its own slot (a negative id: none), gathered per row
-(`pooled_lora_delta`), so rows of different adapters and of the plain base
-run in one batch.
+delta of its own slot (a negative id: none; `pooled_lora_delta`), so rows of
+different adapters and of the plain base run in one batch.
 
 Decoding (`decode=True`) keeps a KV cache in the `cache` collection, at the
 model's top level: `cached_key`/`cached_value` [layers, batch, heads,
@@ -53,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Mapping, NamedTuple
 
 import flax.linen as nn
@@ -274,16 +274,28 @@ def pooled_lora_delta(x: jax.Array, pool_a: jax.Array, pool_b: jax.Array, adapte
                       letters: tuple[str, str, str, str, str]) -> jax.Array:
     """Each row's own adapter delta (x·A[id])·B[id] for one layer's pool A [slots, in..., r], B [slots, r, out...].
 
-    A row's A and B are gathered (a negative or out-of-range id gathers
-    zeros: the plain base), then two batched contractions over the row's
-    tokens: the per-row gather of Punica's BGMV and S-LoRA, whose cost
-    follows the rows, not the number of adapters held
-    (benchmarks/multi_lora.py measures it against a dense pass over every
-    adapter and a grouped `ragged_dot`). B carries its adapter's scale.
+    A negative or out-of-range id adds nothing (the plain base); B carries its
+    adapter's scale. Two ways, chosen by shape at trace time (measured by
+    benchmarks/multi_lora.py):
+    - several tokens per row (prefill, scoring): each row's A and B are
+      gathered, then two batched contractions over its tokens (the per-row
+      gather of Punica's BGMV and S-LoRA): work follows the rows' tokens,
+      while multiplying every token by every adapter would take `slots` times
+      the arithmetic;
+    - one token per row (a decode step) and at least as many rows as slots:
+      every row through every adapter in one contraction, the others'
+      results masked out, which reads each adapter once where the gather
+      would copy one per row.
     """
     x_sub, w_in, w_out, batch, y_sub = letters
+    rows, slots = x.shape[0], pool_a.shape[0]
+    if math.prod(x.shape[1:len(batch)]) == 1 and rows >= slots:
+        keep = jax.nn.one_hot(adapter_ids, slots, dtype=x.dtype)  # a negative id: no adapter
+        keep = keep.reshape((rows,) + (1,) * (len(batch) - 1) + (slots, 1))
+        xa = jnp.einsum(f"{x_sub},n{w_in}r->{batch}nr", x, pool_a) * keep
+        return jnp.einsum(f"{batch}nr,nr{w_out}->{y_sub}", xa, pool_b)
     row = x_sub[0]
-    ids = jnp.where(adapter_ids < 0, pool_a.shape[0], adapter_ids)
+    ids = jnp.where(adapter_ids < 0, slots, adapter_ids)
     a = jnp.take(pool_a, ids, axis=0, mode="fill", fill_value=0)
     b = jnp.take(pool_b, ids, axis=0, mode="fill", fill_value=0)
     xa = jnp.einsum(f"{x_sub},{row}{w_in}r->{batch}r", x, a)
