@@ -45,6 +45,8 @@ flags.DEFINE_float("device_memory_gib", None, "Per-device memory to check the pl
 flags.DEFINE_enum("plan", "train", ["train", "serve"], "What to plan: the train step, or serving (bf16, int8, int4).")
 flags.DEFINE_integer("batch_size", None, "--plan=serve: rows decoded together (default: config.serve.max_batch_size).")
 flags.DEFINE_integer("context_len", None, "--plan=serve: tokens of context per row (default: the model's max_len).")
+flags.DEFINE_string("target", None, "Plan for this hardware, compiled by its own compiler: tpu:v3-8, tpu:v3-256, "
+                    "tpu:v4-8, tpu:v5e-8, tpu:v5p-8, tpu:v6e-8, gpu:h100, gpu:h100x8, gpu:h200x64, ...")
 
 flags.mark_flags_as_required(["config"])
 
@@ -155,9 +157,9 @@ def _run(config, mode):
         from gptj import plan
         if FLAGS.plan == "serve":
             plan.print_serve_plan(settings, FLAGS.batch_size or settings.serve.max_batch_size,
-                                  FLAGS.context_len or settings.model.max_len, FLAGS.device_memory_gib)
+                                  FLAGS.context_len or settings.model.max_len, FLAGS.device_memory_gib, FLAGS.target)
         else:
-            plan.print_plan(settings, device_memory_gib=FLAGS.device_memory_gib)
+            plan.print_plan(settings, device_memory_gib=FLAGS.device_memory_gib, target=FLAGS.target)
 
 
 if __name__ == "__main__":

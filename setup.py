@@ -6,6 +6,7 @@ setup(
     version="0.1.0",
     description="GPT-J-style transformers in JAX/Flax: train, fine-tune, evaluate and serve with model parallelism",
     packages=find_packages(include=["gptj", "gptj.*"]),
+    package_data={"gptj": ["target_configs/*.txtpb"]},  # XLA GPU target configs for --mode=plan --target=gpu:...
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6",
@@ -25,6 +26,13 @@ setup(
         "eval": ["lm-eval", "accelerate"],  # accelerate: the harness's own `hf` model (HFLM)
         # jinja2: chat templates; + tenacity/aiohttp/requests (test): lm-eval's local-completions client
         "serve": ["fastapi", "uvicorn", "pydantic", "jinja2>=3.1.6"],
-        "test": ["pytest", "pytest-xdist", "openai", "httpx", "matplotlib", "scipy", "tenacity", "aiohttp", "requests"],
+        # The compilers of --mode=plan --target=: libtpu (TPU) and XLA's CUDA plugin without the CUDA
+        # libraries (compiling for a GPU needs none), matched to the installed jax by jax's own extras.
+        # A machine with real GPUs installs jax[cuda12] instead (README, "On GPUs and TPUs").
+        "tpu": ["jax[tpu]"],
+        "cuda12": ["jax[cuda12-local]"],
+        # trl: the DPO parity test and benchmark compare with its DPOTrainer (its other needs come with hf/eval)
+        "test": ["pytest", "pytest-xdist", "openai", "httpx", "matplotlib", "scipy", "tenacity", "aiohttp", "requests",
+                 "trl==1.16.0"],
     },
 )

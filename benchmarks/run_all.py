@@ -1,11 +1,11 @@
 """Runs every benchmark against its peer on this machine and reports one table, a JSON file and a bar chart.
 
-    python benchmarks/run_all.py --quick            # < 47 minutes on a 2-core CPU
+    python benchmarks/run_all.py --quick            # < 56 minutes on a 2-core CPU
     python benchmarks/run_all.py --only=train_vs_hf,decode_vs_hf
 
 Each benchmark script (train_vs_hf, lora_vs_peft, decode_vs_hf, quantized_decode, eval_vs_hf, prepare_data,
-weights_memory, serve_load, multi_lora, and serve_load's adapters and prefix workloads: `serve_load:adapters`
-runs `serve_load.py --workload=adapters`)
+weights_memory, serve_load, dpo_vs_trl, multi_lora, and serve_load's adapters and prefix workloads:
+`serve_load:adapters` runs `serve_load.py --workload=adapters`)
 runs as a child process, one after another so they never share the cores, with
 `--quick` and `--json PATH`; what it writes follows the contract in
 benchmarks/common.py. run_all first measures the machine's fp32 matmul peak
@@ -37,13 +37,13 @@ from benchmarks.common import (PEAK_ENV, ResultsError, cpu_description, format_p
                                load_results, matmul_peak_flops, result, time_runs)
 
 # (script[:workload], seconds allowed with --quick); a full run gets 4x. The quick budgets
-# add up to 47.5 minutes (serve_load starts three servers, its adapters workload six); TOTAL_QUICK_BUDGET_S
-# caps the run at 46.5 (the scripts usually finish well inside their budgets), leaving room for the peak
+# add up to 56.5 minutes (serve_load starts three servers, its adapters workload six); TOTAL_QUICK_BUDGET_S
+# caps the run at 55 (the scripts usually finish well inside their budgets), leaving room for the peak
 # measurement.
 SCRIPTS = (("train_vs_hf", 270), ("lora_vs_peft", 150), ("decode_vs_hf", 210), ("quantized_decode", 270),
            ("eval_vs_hf", 210), ("prepare_data", 90), ("weights_memory", 120), ("serve_load", 480),
-           ("multi_lora", 120), ("serve_load:prefix", 420), ("serve_load:adapters", 540))
-TOTAL_QUICK_BUDGET_S = 46.5 * 60
+           ("dpo_vs_trl", 150), ("multi_lora", 150), ("serve_load:prefix", 600), ("serve_load:adapters", 720))
+TOTAL_QUICK_BUDGET_S = 55 * 60
 # jnp and torch run the same fp32 matmul on the same cores, so they should tie; beyond this
 # either side lacks threads (a torch with half its threads once made every HF ratio 2x too kind).
 MATMUL_TIE_TOLERANCE = 0.2
@@ -208,7 +208,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="each script's quick mode (a 2-core CPU, < 47 min)")
+    parser.add_argument("--quick", action="store_true", help="each script's quick mode (a 2-core CPU, < 56 min)")
     parser.add_argument("--only", default="", help="comma list of scripts to run (default: all)")
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--bench-dir", default=os.path.join(ROOT, "benchmarks"), help="where the scripts live")

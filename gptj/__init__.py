@@ -9,7 +9,8 @@ The public API, for building new tasks on the trainer (see examples/):
     result = train_in_workdir(trainer, "runs/mine", batches, schedule=RunSchedule(total_steps=500))
 
 The generic core (gptj.core, knows nothing of GPT-J): `Trainer`, `Hook`,
-`MemoryReport` (trainer); `Partitioner`, `make_mesh`, `RULE_SETS`, `place`
+`MemoryReport`, `WithReference` (trainer; the last is what a loss sees beside a
+frozen reference model); `Partitioner`, `make_mesh`, `RULE_SETS`, `place`
 (partitioning); `Checkpointer` (checkpoint); `train_in_workdir`,
 `RunSchedule`, `RunContext`, `RunResult` (driver); `make_optimizer`
 (optimizer); `next_token_loss` (losses).
@@ -37,6 +38,7 @@ _EXPORTS = {
     "Trainer": "gptj.core.trainer",
     "Hook": "gptj.core.trainer",
     "MemoryReport": "gptj.core.trainer",
+    "WithReference": "gptj.core.trainer",
     "Partitioner": "gptj.core.partitioning",
     "make_mesh": "gptj.core.partitioning",
     "RULE_SETS": "gptj.core.partitioning",

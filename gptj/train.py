@@ -13,6 +13,13 @@ every host:
    fresh init), AOT compile, the loop with metrics, validation, checkpoints,
    profiling and (with `eval.during_training`) the evaluation harness.
 
+`train.objective=dpo` trains on preference pairs against a frozen reference
+(`gptj.dpo`): init_from's weights, read on every start, resumes included.
+Under LoRA they are the frozen base with the adapters off; otherwise the
+parameters that train are also read into a frozen copy
+(`recipe.load_reference`), whose fingerprint config.json records and a
+resumed run checks.
+
 LoRA and `train.trainable` freeze the base weights `init_from` names: they
 are read in `lora.base_dtype` (LoRA) and handed to the Trainer as its frozen
 tree; the train state, and so every checkpoint, holds only what trains. The
@@ -38,7 +45,7 @@ from gptj.errors import ConfigError
 from gptj.model import lora as lora_lib
 from gptj.model.transformer import count_params, train_flops_per_token
 from gptj.settings import RunSettings, validate
-from gptj.weights.source import BASE_WEIGHTS_KEY, open_weights, with_runtime
+from gptj.weights.source import BASE_WEIGHTS_KEY, open_weights, read_run_config, with_runtime
 
 
 def check_resume_settings(workdir: str, trainer: Trainer, settings: RunSettings):
@@ -75,6 +82,17 @@ def check_resume_base(workdir: str, recorded, base: recipe.FrozenBase) -> None:
                      recorded.base_spec)
 
 
+def check_resume_reference(workdir: str, identity: dict | None) -> None:
+    """On resume: a DPO run's reference copy is the one the workdir trained against (same fingerprint)."""
+    recorded = read_run_config(workdir).get(recipe.REFERENCE_KEY)
+    if identity is None or not recorded:
+        return
+    if recorded["fingerprint"] != identity["fingerprint"]:
+        raise ConfigError(f"{workdir} was trained against the DPO reference {recorded['spec']} with fingerprint "
+                          f"{recorded['fingerprint']}, but init_from={identity['spec']} has fingerprint "
+                          f"{identity['fingerprint']}: a different reference; resume with the original")
+
+
 def train_and_evaluate(config, workdir: str, *, explicit_model_fields: Iterable[str] = (),
                        train_iter_fn: Callable | None = None, eval_iters_fn: Callable | None = None) -> str:
     """Trains as `config` says in `workdir`; returns 'completed' or 'preempted' (see the module docstring).
@@ -93,7 +111,9 @@ def train_and_evaluate(config, workdir: str, *, explicit_model_fields: Iterable[
     resuming = ckpt_lib.latest_step(workdir) is not None
     lora = recipe.resolve_lora(settings)
     freezes = lora_lib.trainable_pattern(settings.train.trainable, lora) is not None
-    init_weights = recipe.open_init_weights(settings) if settings.init_from and (freezes or not resuming) else None
+    dpo = settings.train.objective == "dpo"  # init_from is its reference, needed on resume too
+    needs_weights = freezes or dpo or not resuming
+    init_weights = recipe.open_init_weights(settings) if settings.init_from and needs_weights else None
     model = recipe.resolve_model_config(settings, workdir, explicit_model_fields, init_weights)
     if settings.data.seq_len > model.max_len:
         raise ConfigError(f"data.seq_len={settings.data.seq_len} exceeds the model's max_len={model.max_len}")
@@ -103,23 +123,36 @@ def train_and_evaluate(config, workdir: str, *, explicit_model_fields: Iterable[
     trainer = recipe.build_trainer(settings, model, partitioner)
     run_config = settings.to_dict()
     recorded = check_resume_settings(workdir, trainer, settings) if resuming else None
-    init_state = None
+    init_state = base = None
+    if (trainer.freezes or dpo) and resuming and with_runtime(model, init_weights) != model:
+        raise ConfigError(f"init_from={init_weights.spec} has another shape ({init_weights.config}) than the "
+                          f"model {workdir} trained ({model})")
     if trainer.freezes:
-        if resuming and with_runtime(model, init_weights) != model:
-            raise ConfigError(f"init_from={init_weights.spec} has another shape ({init_weights.config}) than the "
-                              f"model {workdir} trained ({model})")
         base = recipe.load_frozen_base(trainer, model, init_weights,
                                        settings.lora.base_dtype if lora else model.param_dtype)
         run_config[BASE_WEIGHTS_KEY] = base.identity
+    if dpo:
+        reference = recipe.load_reference(trainer, settings, init_weights, base)
+        if resuming:
+            check_resume_reference(workdir, reference)
+        if reference is not None:
+            run_config[recipe.REFERENCE_KEY] = reference
+    if trainer.freezes:
         if resuming:
             check_resume_base(workdir, recorded, base)
             base.trainable = {}  # the checkpoint holds what trains
         init_state = lambda: recipe.adapted_initial_state(trainer, model, base, settings)
     elif init_weights is not None:
-        init_state = lambda: recipe.initial_state(trainer, model, init_weights, settings.train.fresh_optimizer)
+        # A DPO run starts its own optimizer at step 0: init_from is its reference, not a run it continues.
+        fresh_optimizer = settings.train.fresh_optimizer or dpo
+        init_state = lambda: recipe.initial_state(trainer, model, init_weights, fresh_optimizer)
     logging.info("model: %s parameters (%s trained), %s",
                  f"{count_params(trainer.abstract_state['params']) + count_params(trainer.abstract_frozen):,}",
                  f"{count_params(trainer.abstract_state['params']):,}", model)
+
+    flops_per_token = train_flops_per_token(model, settings.data.seq_len)
+    if dpo:  # the reference's forward pass: a third more (forward 2N, training 6N per token)
+        flops_per_token *= 4 / 3
 
     def harness_hook(context):
         from gptj.evaluation import harness as eval_harness  # lm-eval is only needed when asked for
@@ -130,6 +163,6 @@ def train_and_evaluate(config, workdir: str, *, explicit_model_fields: Iterable[
     result = train_in_workdir(
         trainer, workdir, train_iter_fn(settings, partitioner), schedule=RunSchedule.from_config(settings.train),
         init_state=init_state, eval_sets=eval_iters_fn(settings, partitioner) if eval_iters_fn else {},
-        run_config=run_config, flops_per_token=train_flops_per_token(model, settings.data.seq_len),
+        run_config=run_config, flops_per_token=flops_per_token,
         extra_hooks=harness_hook if settings.eval.during_training else None)
     return result.status

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs gptj with every extra: training, HF conversion,
-# evaluation, serving and tests. Re-running it is cheap. Nothing else needs installing by hand.
+# evaluation, serving and tests, and the TPU and GPU compilers that --mode=plan --target= uses.
+# Re-running it is cheap. Nothing else needs installing by hand.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -17,3 +18,10 @@ python -m pip install -q --no-compile -e ".[train,hf,eval,serve,test]"
 # compiles on import, so without this every process compiled TensorFlow, torch and jax from
 # source again: 20-40 s of CPU per `python main.py` and per test subprocess.
 python -m compileall -q -j 0 "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" > /dev/null || true
+# The TPU and GPU compilers (libtpu, XLA's CUDA plugin: what the `tpu` and `cuda12` extras install), matched to
+# the installed jax, in a folder of their own (gptj.targets.COMPILERS_DIR) that only --target plans load: among the
+# site-packages, jax would load both at every start of every process, a second and a few lines of chatter each.
+if ! python -m gptj.targets installed; then
+  python -m pip install -q --no-compile --no-deps --upgrade --target .venv/target-compilers \
+    $(python -m gptj.targets requirements)
+fi

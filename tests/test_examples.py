@@ -181,3 +181,47 @@ def test_custom_task_module_registers_and_trains_through_the_run(tmp_path):
             validate(settings.override("data", module=module), "train")
         assert "\n" not in str(error.value)
     assert issubclass(DataError, ValueError)
+
+
+@pytest.mark.slow
+def test_preference_tuning_learns_the_preferred_answer_on_held_out_requests(tmp_path):
+    """examples/preference_tuning.py, shrunk: after SFT greedy decoding refuses the held-out requests; after DPO
+    the held-out pairs' rewards/accuracies exceed 0.9 (from 0 at the start) and greedy decoding complies with each
+    request, as the chosen answers do and the rejected ones do not."""
+    import json
+    import os
+    import re
+    import subprocess
+    import textwrap
+
+    # A 1-layer, d_model 64 shrink on one CPU device (fake devices only slow a 2-core machine down), in a child
+    # process of its own for that; DPO validates at steps 0, 10 and 20.
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(f"""
+        import importlib.util, json, sys
+        path = {str(ROOT / "examples" / "preference_tuning.py")!r}
+        spec = importlib.util.spec_from_file_location("preference_tuning", path)
+        example = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = example
+        spec.loader.exec_module(example)
+
+        def shrink(config):
+            config.model.update(dict(num_layers=1, d_model=64, num_heads=2, rotary_dim=8))
+            if config.train.objective == "dpo":
+                config.train.update(dict(total_steps=20, eval_every=10))
+                config.optimizer.anneal_steps = 20
+
+        before, after = example.run({str(tmp_path)!r}, shrink)
+        print(json.dumps({{"before": before, "after": after}}))
+    """))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
+    done = subprocess.run([sys.executable, str(driver)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    samples = json.loads(done.stdout.strip().splitlines()[-1])
+    assert samples["before"] == [" No."] * 16  # SFT saw refusals twice as often as compliance
+    assert all(re.fullmatch(r" Sure, I will \w+ the \w+\.", text) for text in samples["after"]), samples
+    accuracy = read_scalars(str(tmp_path / "dpo" / "tensorboard"), "val/gptj_dpo_validation/rewards/accuracies")
+    assert accuracy[0] == 0.0 and accuracy[20] > 0.9
+    margins = read_scalars(str(tmp_path / "dpo" / "tensorboard"), "val/gptj_dpo_validation/rewards/margins")
+    assert margins[20] > margins[10] > margins[0] == 0.0

@@ -130,18 +130,17 @@ def test_gptj_6b_lora_fits_one_24_gib_gpu_and_full_fine_tuning_does_not_fit_80_g
     assert "zero3 over 2 devices" in text and "--config.mesh.rules=zero3 --config.mesh.data=2" in text
 
 
-def test_serve_plan_counts_the_adapter_pool_and_the_prefix_store(monkeypatch):
+def test_serve_plan_counts_the_adapter_pool_and_the_prefix_store():
     """--plan=serve with 3 adapter slots of rank 8 and a prefix cache: the pool is every target's A and B at
     rank 8 for each slot, replicated (bf16); the store is whole blocks of keys and values, heads split over
     the model axis; the peak holds both beside the weights and the KV cache. (The bf16 row only: the
     quantized ones hold the same pool and store.)"""
-    monkeypatch.setattr(plan_lib, "SERVE_BITS", (0,))
     config = _tiny("megatron", 2, 2)
     config.model.dtype = "bfloat16"
     config.serve.update(dict(max_adapters=3, max_adapter_rank=8, prefix_block_size=8))
     block = 2 * 2 * 4 * 8 * 16 * 2  # keys and values, 2 layers, 4 heads, 8 positions, head_dim 16, bf16
     config.serve.prefix_cache_gib = 10.5 * block / GIB
-    plan = plan_lib.make_serve_plan(config, batch=2, context=32)
+    plan = plan_lib.make_serve_plan(config, batch=2, context=32, weight_bits=(0,))
     assert (plan.adapter_slots, plan.adapter_rank, plan.prefix_blocks, plan.prefix_block_size) == (3, 8, 10, 8)
     d, mlp, layers = 64, 256, 2
     per_rank = 4 * (d + d) + (d + mlp) + (mlp + d)  # q, k, v, out; fc_in; fc_out: inputs + outputs per rank

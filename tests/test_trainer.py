@@ -202,3 +202,26 @@ def test_wandb_writer_logs_everything_it_is_given(monkeypatch):
     counts, edges = by_step[7]["w"].kwargs["np_histogram"]
     assert len(counts) == 5 and counts.sum() == 10
     assert logged[-1][0] == "finished"
+
+
+def test_microbatch_gradients_in_the_compute_dtype_are_the_same_numbers():
+    """bf16 compute over fp32 weights, 2 microbatches: each microbatch's gradient of the matmul weights taken in
+    bf16 (as the recipe sets it: half the bytes in the accumulation loop) gives the step the fp32-weight
+    gradient gives, since the model casts those weights to bf16 before every use."""
+    from gptj import recipe
+    from gptj.settings import RunSettings
+
+    config = tiny_config(microbatches=2)
+    config.model.update(dict(dtype="bfloat16", param_dtype="float32"))
+    model = RunSettings.from_config(config).model
+    partitioner = Partitioner(make_mesh(2, 1, jax.devices()[:2]), "megatron")
+    narrow = recipe.build_trainer(config, model, partitioner)
+    assert narrow.microbatch_grad_dtype == "bfloat16"
+    wide = recipe.build_trainer(config, model, partitioner)
+    wide.microbatch_grad_dtype = None
+    state, batch = narrow.init_state(0), synthetic_batch(0)
+    new_narrow, metrics_narrow = narrow.train_step(state, batch)
+    new_wide, metrics_wide = wide.train_step(wide.init_state(0), batch)
+    np.testing.assert_allclose(float(metrics_narrow["grad_norm"]), float(metrics_wide["grad_norm"]), rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(new_narrow["params"]), jax.tree_util.tree_leaves(new_wide["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)

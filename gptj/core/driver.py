@@ -31,6 +31,7 @@ with every checkpoint and restored on resume; `close()` is called at the end.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -147,8 +148,8 @@ def train_in_workdir(trainer: Trainer, workdir: str, train_iter: Iterator[Mappin
 
         writer = metrics_lib.create_writer(os.path.join(workdir, TENSORBOARD_SUBDIR), use_wandb=schedule.use_wandb,
                                            workdir=workdir, config=dict(run_config or {}))
-        batch_spec = next(iter(trainer.batch_spec.values()))
-        tokens_per_step = batch_spec.shape[0] * (batch_spec.shape[1] if len(batch_spec.shape) > 1 else 1)
+        # Every entry of the first batch feature counts: rows x length, or rows x 2 x length for pairs.
+        tokens_per_step = math.prod(next(iter(trainer.batch_spec.values())).shape)
         throughput = metrics_lib.Throughput(tokens_per_step, flops_per_token, jax.device_count(),
                                             schedule.peak_flops_per_device)
         evaluation = train_hooks.EvalHook(trainer, eval_sets or {}, schedule.eval_every, schedule.val_batches,

@@ -66,7 +66,8 @@ class MetricsHook(Hook):
 
 
 class EvalHook(Hook):
-    """Validation loss/perplexity/accuracy on every named eval set, every `every` steps.
+    """Validation metrics (all the Trainer's summary gives: loss, perplexity, accuracy, ...) on every named
+    eval set, every `every` steps.
 
     `eval_sets` maps a name to a callable returning a fresh finite iterator
     of batches; at most `max_batches` (0: all) are used. With `at_start`, a
@@ -106,12 +107,10 @@ class EvalHook(Hook):
             for name, make_iter in self.eval_sets.items():
                 result = self.trainer.evaluate(state["params"], make_iter(), self.max_batches)
                 results[name] = result
-                for key in ("loss", "perplexity", "accuracy"):
-                    if key in result:
-                        scalars[f"val/{name}/{key}"] = result[key]
-                metrics_lib.log_process0("validation at step %d on %s: loss %.4f, perplexity %.2f, accuracy %.4f "
-                                         "(%d batches)", step, name, result.get("loss", float("nan")),
-                                         result.get("perplexity", float("nan")), result.get("accuracy", float("nan")),
+                metrics = {k: v for k, v in result.items() if k not in ("batches", "weight")}
+                scalars.update((f"val/{name}/{key}", value) for key, value in metrics.items())
+                metrics_lib.log_process0("validation at step %d on %s: %s (%d batches)", step, name,
+                                         ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()),
                                          result.get("batches", 0))
         self.history.append((step, results))
         self.writer.write_scalars(step, scalars)

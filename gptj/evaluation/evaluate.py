@@ -21,12 +21,13 @@ from gptj.errors import EvalError
 from gptj.evaluation import harness as eval_harness
 from gptj.evaluation import harness_tasks as eval_tasks
 from gptj.model.transformer import GPTJConfig
-from gptj.settings import RunSettings
-from gptj.weights.source import has_own_weights, load_for_inference
+from gptj.settings import LoraSettings, RunSettings
+from gptj.weights.source import has_own_weights, load_for_inference, with_peft_adapter
 
 
 def validation_metrics(config, params, model_config: GPTJConfig, partitioner: Partitioner) -> dict[str, dict]:
-    """Loss, perplexity and next-token accuracy on each of the settings' `data.val_tasks`.
+    """Loss, perplexity and next-token accuracy on each of the settings' `data.val_tasks` (a DPO run:
+    the loss, rewards and log-probs of its validation pairs against its reference, init_from's weights).
 
     Reads at most `train.val_batches` batches of `train.batch_size` rows per
     set (gptj.data.pipeline.build_eval_iterators). Collective: every host calls it.
@@ -40,14 +41,30 @@ def validation_metrics(config, params, model_config: GPTJConfig, partitioner: Pa
         raise EvalError(f"validation sequences of data.seq_len={settings.data.seq_len} tokens exceed the model's "
                         f"context of {model_config.max_len}; pass --config.data.seq_len={model_config.max_len} "
                         "(or less)")
-    # Register only the validation sets: an eval run need not have the training data.
-    eval_only = settings.override("data", train_task="")
+    # Register only the validation sets: an eval run need not have the training data. `params` are what
+    # inference loads (adapters merged), so the Trainer that scores them is the plain model: no LoRA, no freezing.
+    eval_only = settings.override("data", train_task="").replace(lora=LoraSettings()).override("train", trainable="")
     tasks.register_tasks_for_config(eval_only)
     trainer = recipe.build_trainer(eval_only, model_config, partitioner)
+    dpo = settings.train.objective == "dpo"
+    if dpo:
+        if not settings.init_from:
+            raise EvalError("validation of a DPO run compares it with its reference model: set init_from to the "
+                            "weights it started from")
+        reference = recipe.open_init_weights(settings)
+        if settings.lora.init_from:  # a run that started from an adapter: its reference is base + that adapter
+            reference = with_peft_adapter(reference, settings.lora.init_from)
+        recipe.load_reference(trainer, eval_only, reference, None)
     results = {}
     for name, make_iterator in pipeline.build_eval_iterators(eval_only, partitioner).items():
         summary = trainer.evaluate(params, make_iterator())
         results[name] = {k: v for k, v in summary.items() if k not in ("z_loss", "batches", "weight")}
+        if dpo:
+            results[name]["pairs"] = int(summary["weight"])
+            logging.info("validation %s: loss %.4f, rewards/accuracies %.4f, rewards/margins %.4f (%d pairs)", name,
+                         results[name]["loss"], results[name]["rewards/accuracies"],
+                         results[name]["rewards/margins"], results[name]["pairs"])
+            continue
         results[name]["tokens"] = int(summary["weight"])
         logging.info("validation %s: loss %.4f perplexity %.3f (%d tokens)", name, results[name]["loss"],
                      results[name]["perplexity"], results[name]["tokens"])

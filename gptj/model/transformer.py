@@ -716,6 +716,20 @@ def train_flops_per_token(config: GPTJConfig, seq_len: int) -> float:
     return flops_per_token(matmul_params(config), config.num_layers, config.num_heads, config.head_dim, seq_len)
 
 
+def recompute_flops_per_token(config: GPTJConfig, seq_len: int, remat_policy: str | None = None) -> float:
+    """FLOPs the backward pass recomputes per token under a remat policy (default: the config's).
+
+    full: the whole forward pass again (a third of `train_flops_per_token`); dots_no_batch:
+    the attention einsums (weight matmuls are saved); none, save_all, dots: nothing.
+    """
+    policy = config.remat_policy if remat_policy is None else remat_policy
+    if policy == "full":
+        return train_flops_per_token(config, seq_len) / 3.0
+    if policy == "dots_no_batch":
+        return 4.0 * config.num_layers * seq_len * config.d_model
+    return 0.0
+
+
 def count_params(tree) -> int:
     """Number of scalars in a (possibly abstract) parameter tree."""
     return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree_util.tree_leaves(tree)))

@@ -273,7 +273,8 @@ def fingerprint(params) -> str:
     return digest.hexdigest()[:16]
 
 
-def _read_run_config(path: str) -> dict[str, Any]:
+def read_run_config(path: str) -> dict[str, Any]:
+    """The run config a workdir's config.json records ({} when it has none, or none that reads)."""
     try:
         with open(os.path.join(path, checkpoint.CONFIG_FILE)) as f:
             return json.load(f)
@@ -283,7 +284,7 @@ def _read_run_config(path: str) -> dict[str, Any]:
 
 def _recorded_adaptation(path: str, base: str | None) -> Adapted | None:
     """The Adapted a workdir's config.json records (None for a run that trained everything)."""
-    run = _read_run_config(path)
+    run = read_run_config(path)
     record = run.get(BASE_WEIGHTS_KEY)
     if not record:
         return None

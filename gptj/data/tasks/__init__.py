@@ -20,8 +20,14 @@ and config.data.val_tasks):
 | `gptj_sft`             | prompt/completion JSON lines (.gz/.zst), loss on completions:  |
 |                        | `config.data.sft_pattern`; `config.data.sft_pack` packs them   |
 | `gptj_sft_validation`  | the same for `config.data.sft_val_pattern`                     |
+| `gptj_dpo`             | preference JSON lines {"prompt", "chosen", "rejected"}: pair   |
+|                        | records "text" [2, seq_len + 1] for train.objective=dpo,       |
+|                        | `config.data.dpo_pattern`                                      |
+| `gptj_dpo_validation`  | the same for `config.data.dpo_val_pattern`                     |
 
-Any other name must already be registered with seqio (your own task or
+A preference task's records hold a pair of sequences (rank 2: chosen, then
+rejected); every other task's, one sequence (`records_are_pairs` tells them
+apart). Any other name must already be registered with seqio (your own task or
 mixture, producing the same "text" feature and optionally "loss_mask"):
 register it in the `register_tasks(seq_len, vocabulary)` function of a
 module named by `config.data.module` (a dotted name or a .py file; every
@@ -46,13 +52,18 @@ TFRECORDS_VALIDATION = "gptj_tfrecords_validation"
 TEXT = "gptj_text"
 SFT = "gptj_sft"
 SFT_VALIDATION = "gptj_sft_validation"
-BUILTIN_TASKS = (DEMO_TRAIN, DEMO_VALIDATION, TFRECORDS, TFRECORDS_VALIDATION, TEXT, SFT, SFT_VALIDATION)
-# The config field each SFT task reads its files from.
+DPO = "gptj_dpo"
+DPO_VALIDATION = "gptj_dpo_validation"
+BUILTIN_TASKS = (DEMO_TRAIN, DEMO_VALIDATION, TFRECORDS, TFRECORDS_VALIDATION, TEXT, SFT, SFT_VALIDATION, DPO,
+                 DPO_VALIDATION)
+# The config field each SFT / DPO task reads its files from.
 SFT_PATTERN_FIELDS = {SFT: "sft_pattern", SFT_VALIDATION: "sft_val_pattern"}
+DPO_PATTERN_FIELDS = {DPO: "dpo_pattern", DPO_VALIDATION: "dpo_val_pattern"}
 
 __all__ = [
     "BUILTIN_TASKS", "DataError", "register_demo_tasks", "register_tfrecord_task", "register_text_task",
-    "register_sft_task", "register_tasks_for_config", "register_module_tasks", "task_output_features",
+    "register_sft_task", "register_dpo_task", "register_tasks_for_config", "register_module_tasks",
+    "task_output_features", "records_are_pairs",
 ]
 
 
@@ -63,26 +74,37 @@ def _vocabulary(vocab):
     return vocab if isinstance(vocab, GPT2Vocabulary) else get_vocabulary(vocab or None)
 
 
-def task_output_features(vocab=None, loss_mask: bool = False) -> dict:
+def task_output_features(vocab=None, loss_mask: bool = False, pairs: bool = False) -> dict:
     """The output features of a gptj task: "text", int32 tokens, no EOS added; with `loss_mask`,
-    also "loss_mask", int32 0/1 per token."""
+    also "loss_mask", int32 0/1 per token. With `pairs`, both are [2, length] per record (a preference
+    pair: chosen, rejected) rather than [length]."""
     import seqio
     import tensorflow as tf
 
-    features = {"text": seqio.Feature(vocabulary=_vocabulary(vocab), add_eos=False, dtype=tf.int32, rank=1)}
+    rank = 2 if pairs else 1
+    features = {"text": seqio.Feature(vocabulary=_vocabulary(vocab), add_eos=False, dtype=tf.int32, rank=rank)}
     if loss_mask:
         features["loss_mask"] = seqio.Feature(vocabulary=seqio.PassThroughVocabulary(2), add_eos=False,
-                                              dtype=tf.int32, rank=1)
+                                              dtype=tf.int32, rank=rank)
     return features
 
 
-def _add(name: str, source, vocab, loss_mask: bool = False) -> None:
+def records_are_pairs(name: str) -> bool:
+    """Whether the registered task or mixture `name` gives preference pairs ("text" of rank 2)."""
+    import seqio
+
+    text = seqio.get_mixture_or_task(name).output_features.get("text")
+    return text is not None and text.rank == 2
+
+
+def _add(name: str, source, vocab, loss_mask: bool = False, pairs: bool = False) -> None:
     import seqio
 
     # Re-registering replaces: tests and restarts register the same names again.
     if name in seqio.TaskRegistry.names():
         seqio.TaskRegistry.remove(name)
-    seqio.TaskRegistry.add(name, source=source, output_features=task_output_features(vocab, loss_mask), preprocessors=[])
+    seqio.TaskRegistry.add(name, source=source, output_features=task_output_features(vocab, loss_mask, pairs),
+                           preprocessors=[])
 
 
 def register_demo_tasks(seq_len: int, vocab=None) -> tuple[str, str]:
@@ -141,6 +163,20 @@ def register_sft_task(name: str, pattern: str | Sequence[str], seq_len: int, pac
         raise DataError(f"task {name!r}: no prompt/completion files given (set config.data.{field})")
     vocabulary = _vocabulary(vocab)
     _add(name, sft_files_source(pattern, vocabulary, seq_len, pack), vocabulary, loss_mask=True)
+    return name
+
+
+def register_dpo_task(name: str, pattern: str | Sequence[str], seq_len: int, vocab=None) -> str:
+    """Registers preference JSON-lines files {"prompt", "chosen", "rejected"} (optionally .gz / .zst) as
+    task `name`: one record per pair, "text" and "loss_mask" [2, seq_len + 1] (chosen, rejected), the
+    mask on each completion and its EOS (see `gptj.data.tasks.dpo` for the rules)."""
+    from gptj.data.tasks.dpo import dpo_files_source
+
+    if not pattern:
+        field = DPO_PATTERN_FIELDS.get(name, DPO_PATTERN_FIELDS[DPO])
+        raise DataError(f"task {name!r}: no preference files given (set config.data.{field})")
+    vocabulary = _vocabulary(vocab)
+    _add(name, dpo_files_source(pattern, vocabulary, seq_len), vocabulary, loss_mask=True, pairs=True)
     return name
 
 
@@ -207,6 +243,8 @@ def register_tasks_for_config(settings) -> list[str]:
             register_text_task(name, data.text_pattern, seq_len, data.text_field, vocab)
         elif name in SFT_PATTERN_FIELDS:
             register_sft_task(name, getattr(data, SFT_PATTERN_FIELDS[name]), seq_len, data.sft_pack, vocab)
+        elif name in DPO_PATTERN_FIELDS:
+            register_dpo_task(name, getattr(data, DPO_PATTERN_FIELDS[name]), seq_len, vocab)
         elif name not in seqio.TaskRegistry.names() and name not in seqio.MixtureRegistry.names():
             raise ValueError(
                 f"unknown data task {name!r}: use one of {list(BUILTIN_TASKS)}, register it with seqio in a "

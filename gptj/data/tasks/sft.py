@@ -62,6 +62,18 @@ FIELDS = ("prompt", "completion")
 EXAMPLE_SHUFFLE_BUFFER = 1024
 
 
+def keep_prompt(prompt_ids: Sequence[int], target_len: int, seq_len: int) -> list[int] | None:
+    """The end of the prompt that fits a record of `seq_len + 1` tokens beside `target_len` target tokens.
+
+    The prompt is cut from the left (the words nearest the completion matter
+    most); None when the target alone is longer than `seq_len`, leaving no
+    prompt token to predict it from (the example is then skipped).
+    """
+    if target_len > seq_len:
+        return None
+    return list(prompt_ids)[max(0, len(prompt_ids) - (seq_len + 1 - target_len)):]
+
+
 def encode_example(prompt_ids: Sequence[int], completion_ids: Sequence[int], eos_id: int,
                    seq_len: int) -> tuple[np.ndarray, np.ndarray] | None:
     """(tokens, mask) int32 of one example cut to at most `seq_len + 1` tokens, or None to skip it.
@@ -71,25 +83,25 @@ def encode_example(prompt_ids: Sequence[int], completion_ids: Sequence[int], eos
     than `seq_len` (see the module docstring).
     """
     target = [*completion_ids, eos_id]
-    if len(target) > seq_len:
+    prompt = keep_prompt(prompt_ids, len(target), seq_len)
+    if prompt is None:
         return None
-    prompt = list(prompt_ids)[max(0, len(prompt_ids) - (seq_len + 1 - len(target))):]
     tokens = np.asarray(prompt + target, np.int32)
     mask = np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(target), np.int32)])
     return tokens, mask
 
 
-class SFTSource(seqio.DataSource):
-    """Prompt/completion JSON-lines files as {"text", "loss_mask"} records of `seq_len + 1` tokens,
-    padded (one example per record) or packed; one split; hosts split the records."""
+class JsonRowsSource(seqio.DataSource):
+    """What the JSON-lines tasks share: their files, vocabulary and record length, one split that hosts
+    divide record by record, errors tagged for the input iterator, and one warning per task about the
+    examples the length rule cut or skipped. Subclasses read the rows (`examples`) and lay out records
+    (`get_dataset`)."""
 
-    def __init__(self, files: Sequence[str], vocabulary, seq_len: int, pack: bool = False,
-                 split: str = "train"):
+    def __init__(self, files: Sequence[str], vocabulary, seq_len: int, split: str = "train"):
         super().__init__(splits=(split,), caching_permitted=False)
         self.files = list(files)
         self.vocabulary = vocabulary
         self.seq_len = int(seq_len)
-        self.pack = bool(pack)
         self._reported = False
 
     @property
@@ -98,6 +110,42 @@ class SFTSource(seqio.DataSource):
 
     def list_shards(self, split: str) -> Sequence[str]:
         return [split]
+
+    def examples(self) -> Iterator:
+        """The examples of every row in file order; raises `DataError` naming the file and row on bad input."""
+        raise NotImplementedError
+
+    def report_length_rule(self, what: str, total: int, cut: int, skipped: int, first_skipped: str) -> None:
+        """Warns, once per task, how many of `total` examples had their prompt cut or were skipped."""
+        if (cut or skipped) and not self._reported:
+            # Once per task: every epoch (and every host) reads the same rows again.
+            self._reported = True
+            logging.warning("%s data %s: of %d examples, %d had their prompt cut from the left and %d were skipped "
+                            "because completion + EOS is longer than seq_len=%d tokens%s", what,
+                            ",".join(self.files), total, cut, skipped, self.seq_len, first_skipped)
+
+    def tagged_examples(self):
+        """`examples()`, a DataError's message tagged so that the iterator recovers it from TensorFlow's error."""
+        try:
+            yield from self.examples()
+        except DataError as e:
+            raise DataError(ERROR_TAG + str(e)) from None
+
+    def shard(self, records: tf.data.Dataset, shard_info) -> tf.data.Dataset:
+        """This host's share of the records: every host-count-th one."""
+        if shard_info and shard_info.num_shards > 1:
+            return records.shard(shard_info.num_shards, shard_info.index)
+        return records
+
+
+class SFTSource(JsonRowsSource):
+    """Prompt/completion JSON-lines files as {"text", "loss_mask"} records of `seq_len + 1` tokens,
+    padded (one example per record) or packed; one split; hosts split the records."""
+
+    def __init__(self, files: Sequence[str], vocabulary, seq_len: int, pack: bool = False,
+                 split: str = "train"):
+        super().__init__(files, vocabulary, seq_len, split)
+        self.pack = bool(pack)
 
     def examples(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(tokens, mask) of every example in file order, cut or skipped by the length rule.
@@ -121,19 +169,7 @@ class SFTSource(seqio.DataSource):
                 tokens, mask = example
                 cut += int(len(tokens) - int(mask.sum()) < len(prompt_ids))
                 yield tokens, mask
-        if (cut or skipped) and not self._reported:
-            # Once per task: every epoch (and every host) reads the same rows again.
-            self._reported = True
-            logging.warning("prompt/completion data %s: of %d examples, %d had their prompt cut from the left and "
-                            "%d were skipped because completion + EOS is longer than seq_len=%d tokens%s",
-                            ",".join(self.files), total, cut, skipped, self.seq_len, first_skipped)
-
-    def _tagged_examples(self):
-        try:
-            yield from self.examples()
-        except DataError as e:
-            # Re-raised inside tf.data; the tag lets the iterator recover this line.
-            raise DataError(ERROR_TAG + str(e)) from None
+        self.report_length_rule("prompt/completion", total, cut, skipped, first_skipped)
 
     def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None, shard_info=None,
                     *, sequence_length=None, use_cached: bool = False, num_epochs: int | None = 1) -> tf.data.Dataset:
@@ -142,7 +178,7 @@ class SFTSource(seqio.DataSource):
         del split, sequence_length, use_cached, num_epochs  # one split; records are laid out at seq_len; seqio repeats
         length = self.seq_len + 1
         spec = tf.TensorSpec([None], tf.int32)
-        examples = tf.data.Dataset.from_generator(self._tagged_examples, output_signature=(spec, spec))
+        examples = tf.data.Dataset.from_generator(self.tagged_examples, output_signature=(spec, spec))
         if shuffle:
             examples = examples.shuffle(EXAMPLE_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=False)
         if self.pack:
@@ -153,20 +189,22 @@ class SFTSource(seqio.DataSource):
                 return tf.pad(tokens, padding), tf.pad(mask, padding)
             records = examples.map(pad)
         records = records.map(lambda t, m: {TEXT: tf.ensure_shape(t, [length]), MASK: tf.ensure_shape(m, [length])})
-        if shard_info and shard_info.num_shards > 1:
-            records = records.shard(shard_info.num_shards, shard_info.index)
-        return records
+        return self.shard(records, shard_info)
+
+
+def json_lines_files(pattern: str | Sequence[str], what: str) -> list[str]:
+    """The .jsonl / .json (.gz / .zst) files the glob(s) name; any other file is a DataError naming it."""
+    files = expand_patterns(pattern, what=what)
+    for path in files:
+        try:
+            fmt = text_format(path)
+        except DataError:  # its message offers .txt, which these tasks do not read
+            fmt = None
+        if fmt != "jsonl":
+            raise DataError(f"{path}: {what} data must be JSON lines (.jsonl or .json, optionally .gz or .zst)")
+    return files
 
 
 def sft_files_source(pattern: str | Sequence[str], vocabulary, seq_len: int, pack: bool = False) -> SFTSource:
     """An `SFTSource` over the .jsonl / .json (.gz / .zst) files the glob(s) name (one split, "train")."""
-    files = expand_patterns(pattern, what="prompt/completion")
-    for path in files:
-        try:
-            fmt = text_format(path)
-        except DataError:  # its message offers .txt, which this task does not read
-            fmt = None
-        if fmt != "jsonl":
-            raise DataError(f"{path}: prompt/completion data must be JSON lines (.jsonl or .json, "
-                            "optionally .gz or .zst)")
-    return SFTSource(files, vocabulary, seq_len, pack)
+    return SFTSource(json_lines_files(pattern, "prompt/completion"), vocabulary, seq_len, pack)
