@@ -29,11 +29,11 @@ def engine(runner, gib=0.0):
                   prefix_block_size=BLOCK)
 
 
-def shared_prefix_jobs(seed=0, count=20, prefixes=1, repeat=1):
-    """`count` requests: one of `prefixes` random 1,500-token prefixes (in turn, each `repeat` times running)
-    and a short question each; greedy and sampled (with seeds) alternately."""
+def shared_prefix_jobs(seed=0, count=20, prefixes=1, repeat=1, length=PREFIX):
+    """`count` requests: one of `prefixes` random prefixes of `length` tokens (in turn, each `repeat` times
+    running) and a short question each; greedy and sampled (with seeds) alternately."""
     rng = np.random.default_rng(seed)
-    heads = [rng.integers(0, VOCAB, PREFIX).tolist() for _ in range(prefixes)]
+    heads = [rng.integers(0, VOCAB, length).tolist() for _ in range(prefixes)]
     jobs = []
     for i in range(count):
         question = rng.integers(0, VOCAB, int(rng.integers(3, 40))).tolist()
@@ -91,19 +91,20 @@ def test_shared_prefix_outputs_equal_the_uncached_ones_and_the_prefix_is_prefill
 
 
 def test_eviction_under_a_small_budget_keeps_outputs_equal(runner):
-    """Two prefixes, A A B B A, through a store of 30 blocks (a prompt takes 23 or 24): B's blocks evict A's
-    least recently used ones, from the end of its chain, so the second A and B hit in full and the last A
-    finds the start of its prefix; every output still equals the uncached run's."""
-    jobs = shared_prefix_jobs(seed=1, count=5, prefixes=2, repeat=2)
-    want = run(engine(runner), shared_prefix_jobs(seed=1, count=5, prefixes=2, repeat=2), together=False)
-    small = engine(runner, gib=30.5 * prefix_block_bytes(runner.config, BLOCK) / 2**30)
-    assert small.health()["prefix_cache_blocks"] == 30
+    """Two 320-token prefixes (5 blocks; one prefill chunk a prompt), A A B B A, through a store of 7 blocks:
+    B's blocks evict A's least recently used ones, from the end of its chain, so the second A and B hit in
+    full and the last A finds the first 2 blocks of its prefix; every output still equals the uncached run's."""
+    length = 5 * BLOCK
+    jobs, uncached_jobs = (shared_prefix_jobs(seed=1, count=5, prefixes=2, repeat=2, length=length) for _ in "ab")
+    want = run(engine(runner), uncached_jobs, together=False)
+    small = engine(runner, gib=7.5 * prefix_block_bytes(runner.config, BLOCK) / 2**30)
+    assert small.health()["prefix_cache_blocks"] == 7
     got = run(small, jobs, together=False)
     assert_same_outputs(got, want)
     health = small.health()
-    assert health["prefix_cache_evictions"] > 0 and health["prefix_cache_blocks_used"] == 30
+    assert health["prefix_cache_evictions"] > 0 and health["prefix_cache_blocks_used"] == 7
     assert health["prefix_cache_hits"] == 3 and health["prefix_cache_misses"] == 2
-    assert 2 * SHARED < health["prefix_cache_tokens_saved"] < 3 * SHARED
+    assert health["prefix_cache_tokens_saved"] == (5 + 5 + 2) * BLOCK
 
 
 def test_index_chains_keys_evicts_chains_from_their_end_and_forgets_an_adapters_blocks():

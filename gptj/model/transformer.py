@@ -738,8 +738,20 @@ def count_params(tree) -> int:
 def abstract_params(config: GPTJConfig, lora: LoraConfig | None = None):
     """Parameter shapes, dtypes and logical axes (as nn.Partitioned boxes), with nothing allocated.
 
-    With `lora`, the tree also holds its adapters.
+    With `lora`, the tree also holds its adapters. Each (config, lora) is traced
+    once per process (a trace of the whole model: loading, checking and
+    serving adapters ask for the same shapes many times); every call gets a
+    tree of its own.
     """
+    try:
+        traced = _traced_params(config, lora)
+    except TypeError:  # a config holding an unhashable value (a list from a hand-made dict): trace it here
+        traced = _traced_params.__wrapped__(config, lora)
+    return jax.tree_util.tree_map(lambda leaf: leaf, traced)
+
+
+@functools.lru_cache(maxsize=32)
+def _traced_params(config: GPTJConfig, lora: LoraConfig | None):
     model = GPTJ(config, lora=lora)
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(tokens.shape, tokens.dtype)))["params"]
