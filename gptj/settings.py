@@ -37,6 +37,8 @@ from gptj.weights.spec import PEFT_PREFIX, parse_init_from
 MODES = ("train", "eval", "sample", "serve", "plan")
 # What a run may keep its frozen parameters in (lora.base_dtype).
 BASE_DTYPES = ("bfloat16", "float32")
+# What sampling, serving and evaluation compute in on a CPU (sample.cpu_dtype; "model": model.dtype).
+CPU_DTYPES = ("float32", "model")
 ON_NONFINITE = ("stop", "skip")
 # What a run minimises (train.objective): next-token cross-entropy, or DPO over preference pairs (gptj.dpo).
 OBJECTIVES = ("lm", "dpo")
@@ -200,6 +202,10 @@ class SampleSettings:
     seed: int = 0
     batch_size: int = 8
     chunk_steps: int = 16
+    # Compute dtype of sampling, serving and evaluation on a CPU ("model": model.dtype). XLA:CPU's bf16
+    # matmuls run well below its fp32 ones (README: bf16 on a CPU), so bf16 weights are widened once when
+    # loaded, at twice bf16's host memory; "model" keeps them in bf16 for the memory.
+    cpu_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -614,6 +620,8 @@ def validate(config: Any, mode: str = "train", *, check_tasks: bool = True,
     _check_dpo(settings, mode, problems)
     if mode in ("serve", "plan"):
         _check_serve(settings, problems)
+    if settings.sample.cpu_dtype not in CPU_DTYPES:
+        problems.append(f"sample.cpu_dtype must be one of {CPU_DTYPES}, got {settings.sample.cpu_dtype!r}")
     if mode == "train":
         _check_not_quantized(settings, workdir, problems)
         _check_optimizer(settings.optimizer, problems)

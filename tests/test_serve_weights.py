@@ -10,9 +10,11 @@ import pytest
 from gptj.configs import base
 from gptj.convert.__main__ import main as convert
 from gptj.core.partitioning import Partitioner, make_mesh
+from gptj.errors import ConfigError
 from gptj.inference.engine import GENERATE, SCORE, Engine, Job
 from gptj.inference.runner import ModelRunner
 from gptj.model.transformer import GPTJ, GPTJConfig
+from gptj.settings import validate
 from gptj.weights.params_dir import save_params
 from gptj.weights.source import load_for_inference, open_weights
 from tests.sampling_utils import random_hf_gptj, random_params
@@ -65,6 +67,24 @@ def _forward_reference(config, params, prompts):
             tokens.append(int(log_probs(tokens)[-1].argmax()))
         greedy.append(tokens[len(prompt):])
     return greedy, [log_probs(p) for p in prompts]
+
+
+def test_cpu_inference_computes_in_fp32_unless_the_model_dtype_is_asked_for(tmp_path):
+    """bf16 runs sample, serve and evaluate in fp32 on a CPU (its bf16 matmuls are the slower ones); cpu_dtype=model
+    keeps bf16 and its half of the memory; anything else is a config error."""
+    save_params(str(tmp_path / "fp32"), random_params(SMALL, seed=5, std=0.2), SMALL)
+    bf16_run = _inference_config()
+    bf16_run.model.dtype = "bfloat16"
+    params, model_config = load_for_inference(bf16_run, str(tmp_path / "fp32"), _single())
+    assert (model_config.dtype, model_config.param_dtype) == ("float32", "float32")
+    assert params["blocks"]["attn"]["q_proj"].dtype == jnp.float32
+    bf16_run.sample.cpu_dtype = "model"
+    params, model_config = load_for_inference(bf16_run, str(tmp_path / "fp32"), _single())
+    assert (model_config.dtype, model_config.param_dtype) == ("bfloat16", "bfloat16")
+    assert params["blocks"]["attn"]["q_proj"].dtype == jnp.bfloat16
+    bf16_run.sample.cpu_dtype = "bfloat17"
+    with pytest.raises(ConfigError, match=r"sample.cpu_dtype must be one of \('float32', 'model'\), got 'bfloat17'"):
+        validate(bf16_run, "sample")
 
 
 @pytest.mark.parametrize("flags", [["--bits=8"], ["--bits=4", "--group_size=8"]], ids=["int8", "int4"])
