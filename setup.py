@@ -31,8 +31,10 @@ setup(
         # A machine with real GPUs installs jax[cuda12] instead (README, "On GPUs and TPUs").
         "tpu": ["jax[tpu]"],
         "cuda12": ["jax[cuda12-local]"],
-        # trl: the DPO parity test and benchmark compare with its DPOTrainer (its other needs come with hf/eval)
+        # trl: the DPO parity test and benchmark compare with its DPOTrainer (its other needs come with hf/eval);
+        # schemathesis: the server's schema fuzz (tests/test_serve_engine.py, tests/test_multi_adapter.py), pinned to
+        # the 4.x API those tests call
         "test": ["pytest", "pytest-xdist", "openai", "httpx", "matplotlib", "scipy", "tenacity", "aiohttp", "requests",
-                 "trl==1.16.0"],
+                 "trl==1.16.0", "schemathesis==4.32.5"],
     },
 )

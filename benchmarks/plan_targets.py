@@ -52,6 +52,8 @@ ROWS = (
     Row("lora", "gptj_6b_lora.py: rank-16 LoRA over a frozen bf16 base, batch 8 in 8 microbatches",
         "gpu:h100", {}, config="gptj_6b_lora"),
     Row("lora-24", "the same on a 24 GiB GPU", "gpu:h100", {}, config="gptj_6b_lora", device_memory_gib=24),
+    Row("full-1", "full fine-tuning on one GPU, batch 1 x 2048", "gpu:h100",
+        {"mesh.data": 1, "mesh.model": 1, "train.batch_size": 1, "train.microbatches": 1}),
     Row("zero3-8", "full fine-tuning, 8 x 1 zero3, batch 16 in 2 microbatches", "gpu:h100x8",
         {"mesh.data": 8, "mesh.model": 1, "mesh.rules": "zero3", "train.batch_size": 16, "train.microbatches": 2}),
     Row("megatron-8", "full fine-tuning, 1 x 8 megatron, batch 16 in 16 microbatches", "gpu:h100x8",

@@ -1,10 +1,11 @@
 """Runs every benchmark against its peer on this machine and reports one table, a JSON file and a bar chart.
 
-    python benchmarks/run_all.py --quick            # < 29 minutes on a 2-core CPU
+    python benchmarks/run_all.py --quick            # < 56 minutes on a 2-core CPU
     python benchmarks/run_all.py --only=train_vs_hf,decode_vs_hf
 
 Each benchmark script (train_vs_hf, lora_vs_peft, decode_vs_hf, quantized_decode, eval_vs_hf, prepare_data,
-weights_memory, serve_load, dpo_vs_trl)
+weights_memory, serve_load, dpo_vs_trl, multi_lora, and serve_load's adapters and prefix workloads:
+`serve_load:adapters` runs `serve_load.py --workload=adapters`)
 runs as a child process, one after another so they never share the cores, with
 `--quick` and `--json PATH`; what it writes follows the contract in
 benchmarks/common.py. run_all first measures the machine's fp32 matmul peak
@@ -35,13 +36,14 @@ sys.path.insert(0, ROOT)
 from benchmarks.common import (PEAK_ENV, ResultsError, cpu_description, format_pct, format_table,  # noqa: E402
                                load_results, matmul_peak_flops, result, time_runs)
 
-# (script, seconds allowed with --quick); a full run gets 4x. The quick budgets
-# add up to 32 minutes (serve_load starts three servers); TOTAL_QUICK_BUDGET_S caps the run at 28.5 (the
-# scripts usually finish well inside their budgets), leaving room for the peak measurement.
+# (script[:workload], seconds allowed with --quick); a full run gets 4x. The quick budgets
+# add up to 56.5 minutes (serve_load starts three servers, its adapters workload six); TOTAL_QUICK_BUDGET_S
+# caps the run at 55 (the scripts usually finish well inside their budgets), leaving room for the peak
+# measurement.
 SCRIPTS = (("train_vs_hf", 270), ("lora_vs_peft", 150), ("decode_vs_hf", 210), ("quantized_decode", 270),
            ("eval_vs_hf", 210), ("prepare_data", 90), ("weights_memory", 120), ("serve_load", 480),
-           ("dpo_vs_trl", 150))
-TOTAL_QUICK_BUDGET_S = 28.5 * 60
+           ("dpo_vs_trl", 150), ("multi_lora", 150), ("serve_load:prefix", 600), ("serve_load:adapters", 720))
+TOTAL_QUICK_BUDGET_S = 55 * 60
 # jnp and torch run the same fp32 matmul on the same cores, so they should tie; beyond this
 # either side lacks threads (a torch with half its threads once made every HF ratio 2x too kind).
 MATMUL_TIE_TOLERANCE = 0.2
@@ -107,19 +109,23 @@ def _tail(path: str, lines: int = 3) -> str:
 
 
 def run_script(name: str, bench_dir: str, out_dir: str, quick: bool, timeout: float, env: dict) -> dict:
-    """Runs one benchmark script; returns its status record with the rows it produced (possibly none)."""
-    path = os.path.join(bench_dir, f"{name}.py")
+    """Runs one benchmark script (`script` or `script:workload`, run with --workload=workload); returns its
+    status record with the rows it produced (possibly none)."""
+    script, _, workload = name.partition(":")
+    path = os.path.join(bench_dir, f"{script}.py")
     record = {"name": name, "status": "ok", "seconds": 0.0, "note": "", "rows": []}
     if not os.path.exists(path):
         record.update(status="missing", note=f"{os.path.relpath(path, ROOT)} does not exist yet; left out")
         return record
-    json_path = os.path.join(out_dir, "parts", f"{name}.json")
-    log_path = os.path.join(out_dir, "logs", f"{name}.log")
+    stem = name.replace(":", "-")
+    json_path = os.path.join(out_dir, "parts", f"{stem}.json")
+    log_path = os.path.join(out_dir, "logs", f"{stem}.log")
     for p in (json_path, log_path):
         os.makedirs(os.path.dirname(p), exist_ok=True)
     if os.path.exists(json_path):
         os.remove(json_path)
-    cmd = [sys.executable, path] + (["--quick"] if quick else []) + ["--json", json_path]
+    workload_args = [f"--workload={workload}"] if workload else []
+    cmd = [sys.executable, path] + workload_args + (["--quick"] if quick else []) + ["--json", json_path]
     start = time.perf_counter()
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
@@ -210,7 +216,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="each script's quick mode (a 2-core CPU, < 29 min)")
+    parser.add_argument("--quick", action="store_true", help="each script's quick mode (a 2-core CPU, < 56 min)")
     parser.add_argument("--only", default="", help="comma list of scripts to run (default: all)")
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--bench-dir", default=os.path.join(ROOT, "benchmarks"), help="where the scripts live")

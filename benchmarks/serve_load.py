@@ -46,6 +46,25 @@ The goals (issue 12): gptj's output tokens/s over the run at the highest offered
 rate (where every engine is saturated: its capacity) >= 2x the previous engine's, and the
 p99 TTFT of short requests <= 1/3 of the previous engine's at the highest rate
 the previous engine sustains (completes >= 90% of the offered request rate).
+
+Two more workloads (issue 23), each with its own servers on the same weights:
+
+  --workload=adapters   mixed traffic over 4 LoRA adapters (PEFT directories of
+            ranks 8, 16, 16, 32 on different projections) and the base,
+            each request's model drawn at random, Poisson arrivals as above:
+            one gptj server holding the base once and every adapter
+            (`config.serve.adapters`, rows of all of them in one batch)
+            against five servers, one per model with its adapter merged
+            (`lora.init_from`), running at once. Both get the same slots in
+            all (10: 2 per merged server); the report gives what each holds in
+            memory (the five hold the weights five times).
+  --workload=prefix     20 requests sharing a 1,500-token prefix, each with its
+            own 10-30 token question (16 tokens out), sent one after another
+            (each when the one before has finished, so a request's time to
+            first token is its own prefill): one server without a prefix cache,
+            one with (`config.serve.prefix_cache_gib`), on the bench model at a
+            2,048-token context. Goal: the TTFT of requests 2-20 >= 5x lower
+            with the cache, and every output the same.
 """
 
 from __future__ import annotations
@@ -87,6 +106,7 @@ class Request:
     at: float           # seconds after the run starts
     prompt: list
     max_tokens: int
+    model: str = ""     # the request's `model` ("": left out, the server's base)
 
 
 def workload(rate: float, count: int, seed: int, max_len: int, prompt_median: int = 32, prompt_max: int = 200,
@@ -108,6 +128,25 @@ def workload(rate: float, count: int, seed: int, max_len: int, prompt_median: in
     return requests
 
 
+def with_models(requests: list[Request], models: list[str], seed: int) -> list[Request]:
+    """`requests`, each with a `model` drawn uniformly from `models` (seeded)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [dataclasses.replace(r, model=models[int(rng.integers(len(models)))]) for r in requests]
+
+
+def shared_prefix_requests(count: int, prefix_tokens: int, seed: int, max_tokens: int = 16,
+                           vocab: int = GPT2_VOCAB) -> list[Request]:
+    """`count` requests sharing one random `prefix_tokens`-token prefix, each with its own 10-30 token question."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    prefix = rng.integers(0, vocab, prefix_tokens).tolist()
+    return [Request(0.0, prefix + rng.integers(0, vocab, int(rng.integers(10, 31))).tolist(), max_tokens)
+            for _ in range(count)]
+
+
 @dataclasses.dataclass
 class Outcome:
     request: Request
@@ -118,6 +157,7 @@ class Outcome:
     tokens: int = 0              # tokens the streamed events carried
     usage: int | None = None     # completion_tokens of the stream's usage event, when the server sends one
     error: str = ""
+    text: str = ""
     arrivals: list = dataclasses.field(default_factory=list)  # (time, tokens) of each streamed event
 
     @property
@@ -133,12 +173,13 @@ class Outcome:
         self.arrivals.append((now, count))
 
 
-async def _one(client, url: str, request: Request, start: float) -> Outcome:
+async def _one(client, url: str, request: Request, start: float, model: str = "") -> Outcome:
     outcome = Outcome(request)
     await asyncio.sleep(max(0.0, start + request.at - time.monotonic()))
     outcome.sent = time.monotonic()
     body = {"prompt": [request.prompt], "max_tokens": request.max_tokens, "temperature": 0, "stream": True,
-            "logprobs": 0, "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "logprobs": 0, "ignore_eos": True, "stream_options": {"include_usage": True},
+            **({"model": model} if model else {})}
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as reply:
             outcome.status = reply.status_code
@@ -157,6 +198,7 @@ async def _one(client, url: str, request: Request, start: float) -> Outcome:
                     continue
                 logprobs = event["choices"][0].get("logprobs") or {}
                 count = len(logprobs.get("tokens") or [])
+                outcome.text += event["choices"][0].get("text") or ""
                 if count or event["choices"][0].get("text"):
                     outcome.received(count)
     except Exception as e:  # noqa: BLE001 - a failed request is a result, not a crash
@@ -164,22 +206,35 @@ async def _one(client, url: str, request: Request, start: float) -> Outcome:
     return outcome
 
 
-async def _run(url: str, requests: list[Request], timeout: float) -> tuple[list[Outcome], float]:
+def _route(url: str | dict[str, str], request: Request) -> tuple[str, str]:
+    """(server, `model` to send) of a request: `url` with the request's model, or the server `url` (a dict)
+    names for its model, which serves that model alone (no `model` sent)."""
+    return (url, request.model) if isinstance(url, str) else (url[request.model], "")
+
+
+async def _run(url: str | dict[str, str], requests: list[Request], timeout: float) -> tuple[list[Outcome], float]:
     import httpx
 
     limits = httpx.Limits(max_connections=len(requests) + 1, max_keepalive_connections=len(requests) + 1)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         start = time.monotonic() + 0.1
-        outcomes = await asyncio.gather(*(_one(client, url, r, start) for r in requests))
+        outcomes = await asyncio.gather(*(_one(client, server_url, r, start, model)
+                                          for r in requests for server_url, model in [_route(url, r)]))
     end = max([o.last for o in outcomes if o.last] + [start])
     return list(outcomes), end - start
 
 
-def server_counters(url: str) -> dict:
+def server_counters(url: str | dict[str, str]) -> dict:
     """The server's generated-token counter (vLLM's name, else gptj's) and its process CPU seconds, from
-    /metrics; a name the server does not export is left out."""
+    /metrics (summed over the servers of a dict of them); a name the server does not export is left out."""
     import httpx
 
+    if not isinstance(url, str):
+        found: dict = {}
+        for each in [server_counters(u) for u in url.values()]:
+            for key, value in each.items():
+                found[key] = found.get(key, 0.0) + value
+        return found
     names = {"vllm:generation_tokens_total": "generated", "gptj_tokens_generated_total": "generated",
              "process_cpu_seconds_total": "cpu_seconds"}
     found = {}
@@ -194,10 +249,11 @@ def server_counters(url: str) -> dict:
     return found
 
 
-def run_load(url: str, requests: list[Request], timeout: float = 1800.0) -> dict:
-    """Sends `requests` open-loop to `url`; returns the summary (see `summarize`) with the server's own count
-    of the tokens it generated over the run (`server_tokens`, None when it exports none) and its CPU seconds
-    per output token (`cpu_ms_per_token`, None when it exports no process CPU time)."""
+def run_load(url: str | dict[str, str], requests: list[Request], timeout: float = 1800.0) -> dict:
+    """Sends `requests` open-loop to `url` (or, a dict, to the server of each request's model); returns the
+    summary (see `summarize`) with the servers' own count of the tokens they generated over the run
+    (`server_tokens`, None when they export none) and their CPU seconds per output token
+    (`cpu_ms_per_token`, None when they export no process CPU time)."""
     before = server_counters(url)
     outcomes, seconds = asyncio.run(_run(url, requests, timeout))
     after = server_counters(url)
@@ -207,6 +263,17 @@ def run_load(url: str, requests: list[Request], timeout: float = 1800.0) -> dict
     summary["cpu_ms_per_token"] = (1e3 * delta["cpu_seconds"] / summary["tokens"]
                                    if "cpu_seconds" in delta and summary["tokens"] else None)
     return summary
+
+
+def run_one_after_another(url: str, requests: list[Request], timeout: float = 1800.0) -> list[Outcome]:
+    """Sends each request when the one before has finished (closed loop, one at a time)."""
+    import httpx
+
+    async def run():
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            return [await _one(client, url, request, time.monotonic()) for request in requests]
+
+    return asyncio.run(run())
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -286,15 +353,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def bench_weights(folder: str, seed: int = 0) -> str:
-    """The CPU bench model as an HF GPT-J checkpoint in `folder` (fp32); EOS and padding ids never chosen."""
+def bench_weights(folder: str, seed: int = 0, max_len: int = BENCH_MODEL["max_len"]) -> str:
+    """The CPU bench model (of context `max_len`) as an HF GPT-J checkpoint in `folder` (fp32); EOS and padding
+    ids never chosen."""
     import torch
     import transformers
 
     from gptj.model.transformer import GPTJConfig
     from gptj.weights.formats.hf import hf_config_dict
 
-    config = GPTJConfig(**BENCH_MODEL)
+    config = GPTJConfig(**{**BENCH_MODEL, "max_len": max_len})
     torch.manual_seed(seed)
     hf_config = transformers.GPTJConfig(**{k: v for k, v in hf_config_dict(config).items()
                                            if k not in ("architectures", "model_type", "torch_dtype", "dtype")})
@@ -354,10 +422,10 @@ def unpack(root: str, commit: str, folder: str) -> str:
     return folder
 
 
-def gptj_command(tree: str, hf_dir: str, workdir: str, port: int, extra: list[str]) -> list[str]:
+def gptj_command(tree: str, hf_dir: str, workdir: str, port: int, extra: list[str], slots: int = SLOTS) -> list[str]:
     return [sys.executable, os.path.join(tree, "main.py"), f"--config={os.path.join(tree, 'gptj/configs/tiny.py')}",
             f"--workdir={workdir}", "--mode=serve", f"--port={port}", f"--config.init_from=hf:{hf_dir}",
-            "--config.mesh.data=1", f"--config.serve.max_batch_size={SLOTS}",
+            "--config.mesh.data=1", f"--config.serve.max_batch_size={slots}",
             "--config.serve.max_new_tokens_limit=256"] + extra
 
 
@@ -433,19 +501,24 @@ def serve_hf(hf_dir: str, port: int) -> None:
 # -- the benchmark ------------------------------------------------------------------------------
 
 
-def measure(name: str, url: str, rates: list[float], count: int, max_len: int, warm_pass: bool) -> dict:
+def measure(name: str, url: str | dict[str, str], rates: list[float], count: int, max_len: int, warm_pass: bool,
+            models: list[str] = ()) -> dict:
     """{rate: summary}. With `warm_pass`, each rate's load first runs once untimed, for a server that
-    compiles lazily (the previous engine compiles a program per batch, prompt and generation bucket)."""
+    compiles lazily (the previous engine compiles a program per batch, prompt and generation bucket).
+    With `models`, each request names one of them at random (`url`: a dict of a server per model)."""
     import httpx
 
     results = {}
     for i, rate in enumerate(rates):
         requests = workload(rate, count, seed=i, max_len=max_len)
+        if models:
+            requests = with_models(requests, list(models), seed=100 + i)
         if warm_pass:
             run_load(url, requests)
         summary = run_load(url, requests)
         results[rate] = summary
-        compiled = httpx.get(url + "/health", timeout=30).json().get("compiled_while_serving")
+        compiled = sum(httpx.get(u + "/health", timeout=30).json().get("compiled_while_serving") or 0
+                       for u in ([url] if isinstance(url, str) else url.values()))
         print(f"  {name:8s} {rate:5.2f} req/s: {summary['tokens_per_s']:7.1f} tokens/s "
               f"({summary['window_tokens_per_s']:.1f} while arriving), TTFT p50/p99 "
               f"{_ms(summary['ttft_p50'])}/{_ms(summary['ttft_p99'])} ms (short {_ms(summary['short_ttft_p99'])}), "
@@ -453,7 +526,7 @@ def measure(name: str, url: str, rates: list[float], count: int, max_len: int, w
               f"{summary['errors']} errors {summary['error_sample']}; {token_check(summary)}"
               + ("" if summary["cpu_ms_per_token"] is None else
                  f"; server CPU {summary['cpu_ms_per_token']:.2f} ms/token")
-              + ("" if compiled is None else f", programs compiled while serving: {compiled}"), flush=True)
+              + f", programs compiled while serving: {compiled}", flush=True)
     return results
 
 
@@ -528,9 +601,168 @@ def rows_for(results: dict[str, dict], rates: list[float], machine: str) -> list
     return rows
 
 
+# -- --workload=adapters: one server of many adapters against one server per merged adapter ------------------
+
+# (name, rank, targets) of the adapters of the mixed workload.
+ADAPTERS = (("a0", 8, ("q_proj", "v_proj")), ("a1", 16, ("q_proj", "k_proj", "v_proj", "out_proj")),
+            ("a2", 16, ("fc_in", "fc_out")), ("a3", 32, ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")))
+SLOTS_PER_MODEL = 2  # each merged server's slots; the multi-adapter server gets as many in all
+
+
+def adapter_dirs(folder: str, seed: int = 0) -> dict[str, str]:
+    """Random PEFT adapters (ADAPTERS) of the bench model in `folder`: {name: directory}."""
+    import numpy as np
+
+    from gptj.model.lora import adapter_tree
+    from gptj.model.transformer import GPTJConfig, LoraConfig
+    from gptj.weights.formats.peft import adapter_pair_shapes, write_peft
+
+    config, rng, dirs = GPTJConfig(**BENCH_MODEL), np.random.default_rng(seed), {}
+    for name, rank, targets in ADAPTERS:
+        lora = LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets)
+        pairs = {t: tuple(rng.normal(0.0, 0.02, shape).astype(np.float32) for shape in shapes)
+                 for t, shapes in adapter_pair_shapes(config, lora).items()}
+        dirs[name] = os.path.join(folder, name)
+        write_peft(adapter_tree(pairs), config, lora, dirs[name])
+    return dirs
+
+
+def deployment_bytes(slots: int, copies: int, pool_slots: int = 0, pool_rank: int = 0) -> int:
+    """What a deployment holds (fp32): `copies` of the bench model's weights, KV caches of `slots` rows of its
+    context in all, and an adapter pool of `pool_slots` x `pool_rank` (gptj.model.lora.pool_shapes)."""
+    import math
+
+    import flax.linen as nn
+
+    from gptj.model.lora import pool_shapes
+    from gptj.model.transformer import GPTJConfig, abstract_params, count_params
+
+    config = GPTJConfig(**BENCH_MODEL)
+    weights = 4 * count_params(nn.meta.unbox(abstract_params(config)))
+    kv = 2 * config.num_layers * config.d_model * (config.max_len + 1) * 4
+    pool = sum(4 * math.prod(shape) for pair in pool_shapes(config, pool_slots, pool_rank).values()
+               for shape in pair) if pool_slots else 0
+    return copies * weights + slots * kv + pool
+
+
+def run_adapters(args, tmp: str, env: dict, logs: str, machine: str) -> tuple[list[dict], str]:
+    """--workload=adapters: (rows, the README table); see the module docstring."""
+    rates = [float(r) for r in (args.rates or ("4" if args.quick else "2,4,8")).split(",")]
+    count = args.requests or (32 if args.quick else 64)
+    models = [""] + [name for name, _, _ in ADAPTERS]
+    hf_dir = bench_weights(os.path.join(tmp, "hf"))
+    dirs = adapter_dirs(os.path.join(tmp, "adapters"))
+    total = SLOTS_PER_MODEL * len(models)
+    rank = max(r for _, r, _ in ADAPTERS)
+    results: dict[str, dict] = {}
+    with contextlib.ExitStack() as stack:
+        print("starting one server with every adapter ...", flush=True)
+        adapters = ",".join(f"{name}=peft:{path}" for name, path in dirs.items())
+        port = free_port()
+        command = gptj_command(ROOT, hf_dir, os.path.join(tmp, "run-multi"), port,
+                               [f"--config.serve.adapters={adapters}", f"--config.serve.max_adapter_rank={rank}"],
+                               slots=total)
+        url = stack.enter_context(server(command, ROOT, env, port, os.path.join(logs, "adapters-multi.log")))
+        results["one server, every adapter"] = measure("multi", url, rates, count, BENCH_MODEL["max_len"], False,
+                                                       models)
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for model in models:
+            print(f"starting the server of {model or 'the base'} ...", flush=True)
+            extra = [f"--config.lora.init_from=peft:{dirs[model]}"] if model else []
+            port = free_port()
+            command = gptj_command(ROOT, hf_dir, os.path.join(tmp, f"run-{model or 'base'}"), port, extra,
+                                   slots=SLOTS_PER_MODEL)
+            urls[model] = stack.enter_context(server(command, ROOT, env, port,
+                                                     os.path.join(logs, f"adapters-{model or 'base'}.log")))
+        results["a server per merged model"] = measure("separate", urls, rates, count, BENCH_MODEL["max_len"],
+                                                       False, models)
+    multi_bytes = deployment_bytes(total, 1, len(ADAPTERS), rank)
+    separate_bytes = deployment_bytes(total, len(models))
+    memory = (f"{total} slots in all; memory (fp32 weights, KV caches, adapter pool): one server "
+              f"{multi_bytes / 2**20:.0f} MiB, five servers {separate_bytes / 2**20:.0f} MiB")
+    print(memory, flush=True)
+    ours, theirs, top = results["one server, every adapter"], results["a server per merged model"], max(rates)
+    peer = "a server per merged adapter (5)"
+    rows = [result(
+        f"mixed-adapter capacity, output tokens/s under Poisson {top:g} req/s (4 adapters + base, bench model)",
+        "tokens/s", ours[top]["tokens_per_s"], peer=theirs[top]["tokens_per_s"], peer_name=peer,
+        note=(f"TTFT p50 {_ms(ours[top]['ttft_p50'])} vs {_ms(theirs[top]['ttft_p50'])} ms, p99 "
+              f"{_ms(ours[top]['ttft_p99'])} vs {_ms(theirs[top]['ttft_p99'])} ms; {memory}; {machine}"))]
+    if ours[top]["cpu_ms_per_token"] and theirs[top]["cpu_ms_per_token"]:
+        # On a machine others load too, five processes take a larger share of the cores than one: the CPU time
+        # the servers spent per output token is the comparison that share does not tilt.
+        rows.append(result(
+            f"mixed-adapter serving, server CPU per output token, Poisson {top:g} req/s (4 adapters + base)", "ms",
+            ours[top]["cpu_ms_per_token"], peer=theirs[top]["cpu_ms_per_token"], peer_name=peer,
+            higher_is_better=False, note=f"every server process's CPU time over the run; {memory}; {machine}"))
+    return rows, f"{memory}\n\n" + markdown(results, rates)
+
+
+# -- --workload=prefix: shared-prefix traffic with and without the prefix cache ---------------------------------
+
+PREFIX_TOKENS, PREFIX_CONTEXT, PREFIX_BLOCK = 1500, 2048, 64
+
+
+def run_prefix(args, tmp: str, env: dict, logs: str, machine: str) -> tuple[list[dict], str]:
+    """--workload=prefix: (rows, the README table); see the module docstring."""
+    import statistics
+
+    import httpx
+
+    count = args.requests or 20
+    hf_dir = bench_weights(os.path.join(tmp, "hf-2048"), max_len=PREFIX_CONTEXT)
+    # Two requests of another prefix compile the programs the timed ones use (a first prompt's, a later one's).
+    warm = shared_prefix_requests(2, PREFIX_TOKENS, seed=1)
+    timed = shared_prefix_requests(count, PREFIX_TOKENS, seed=2)
+    outcomes, health = {}, {}
+    for name, gib in (("without prefix cache", 0.0), ("with prefix cache", 0.25)):
+        port = free_port()
+        command = gptj_command(ROOT, hf_dir, os.path.join(tmp, f"run-prefix-{gib}"), port,
+                               [f"--config.serve.prefix_cache_gib={gib}",
+                                f"--config.serve.prefix_block_size={PREFIX_BLOCK}", "--config.serve.warmup=false"])
+        print(f"starting the server {name} ...", flush=True)
+        with server(command, ROOT, env, port, os.path.join(logs, f"prefix-{gib}.log")) as url:
+            run_one_after_another(url, warm)
+            before = httpx.get(url + "/health", timeout=30).json()
+            outcomes[name] = run_one_after_another(url, timed)
+            after = httpx.get(url + "/health", timeout=30).json()
+            health[name] = {key: after[key] - before[key] for key in ("prefilled_tokens", "prompt_tokens",
+                                                                      "prefix_cache_hits", "prefix_cache_misses",
+                                                                      "prefix_cache_tokens_saved")}
+        errors = [o.error for o in outcomes[name] if o.error or o.status != 200]
+        if errors:
+            raise RuntimeError(f"{name}: {len(errors)} requests failed: {errors[0]}")
+        ttft = [o.first - o.sent for o in outcomes[name]]
+        print(f"  {name}: TTFT first {_ms(ttft[0])} ms, later p50 {_ms(statistics.median(ttft[1:]))} ms", flush=True)
+    plain, cached = outcomes["without prefix cache"], outcomes["with prefix cache"]
+    same = sum(a.text == b.text for a, b in zip(plain, cached))
+    later = {name: statistics.median([o.first - o.sent for o in rows[1:]]) for name, rows in outcomes.items()}
+    first = {name: rows[0].first - rows[0].sent for name, rows in outcomes.items()}
+    stats = health["with prefix cache"]
+    table = ("| server | TTFT, first request (ms) | TTFT, requests 2-20, p50 (ms) | prompt tokens prefilled | "
+             "prefix-cache hits / misses | outputs equal |\n|---|---|---|---|---|---|\n")
+    for name in outcomes:
+        h = health[name]
+        table += (f"| {name} | {_ms(first[name])} | {_ms(later[name])} | {h['prefilled_tokens']} of "
+                  f"{h['prompt_tokens']} | {h['prefix_cache_hits']} / {h['prefix_cache_misses']} | "
+                  f"{same} of {count} |\n")
+    rows = [result(
+        f"time to first token, requests 2-{count} sharing a {PREFIX_TOKENS}-token prefix (bench model, one after "
+        "another)", "ms", 1e3 * later["with prefix cache"], peer=1e3 * later["without prefix cache"],
+        peer_name="gptj without prefix cache", higher_is_better=False,
+        note=(f"goal >= 5x; first request {_ms(first['with prefix cache'])} vs {_ms(first['without prefix cache'])} "
+              f"ms; outputs equal {same} of {count}; {stats['prefix_cache_tokens_saved']} prompt tokens taken from "
+              f"the cache; {machine}"))]
+    return rows, table
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
+    parser.add_argument("--workload", default="load", choices=("load", "adapters", "prefix"),
+                        help="load: the three engines (default); adapters: many adapters in one server against a "
+                             "server per merged adapter; prefix: shared-prefix traffic with and without the cache")
     parser.add_argument("--rates", default="", help="offered requests/s, comma separated (default by --quick)")
     parser.add_argument("--requests", type=int, default=0, help="requests per rate (default 32 quick, 64 full)")
     parser.add_argument("--servers", default="gptj,previous,hf",
@@ -544,10 +776,27 @@ def main(argv=None) -> None:
     if args.serve_hf:
         serve_hf(args.serve_hf, args.port)
         return
+    machine = cpu_description()
+    if args.workload != "load":
+        with tempfile.TemporaryDirectory(prefix="gptj-serve-load-") as tmp:
+            env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                       PYTHONPATH=ROOT)
+            env.pop("XLA_FLAGS", None)
+            logs = os.path.join(args.json and os.path.dirname(os.path.abspath(args.json)) or tmp, "serve_load_logs")
+            os.makedirs(logs, exist_ok=True)
+            print(f"serve_load --workload={args.workload}: {machine}", flush=True)
+            run = run_adapters if args.workload == "adapters" else run_prefix
+            rows, table = run(args, tmp, env, logs, machine)
+        print("\n" + table)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(f"`python benchmarks/serve_load.py --workload={args.workload}"
+                        f"{' --quick' if args.quick else ''}` on {machine}\n\n{table}")
+        emit_results(args.json, rows)
+        return
     rates = [float(r) for r in (args.rates or ("1,8" if args.quick else "0.5,1,2,4,8")).split(",")]
     count = args.requests or (32 if args.quick else 64)
     names = [n.strip() for n in args.servers.split(",") if n.strip()]
-    machine = cpu_description()
     print(f"serve_load: rates {rates} req/s, {count} requests each, {machine}", flush=True)
     max_len = BENCH_MODEL["max_len"]
     results: dict[str, dict] = {}

@@ -83,3 +83,11 @@ class VocabularyError(GptjError, ValueError):
 
 class EvalError(GptjError, ValueError):
     """An evaluation that cannot run as configured; the message says why and what to do."""
+
+
+class AdapterError(GptjError, ValueError):
+    """An adapter a server cannot hold: unreadable, another base's, a name in use, past the server's limits."""
+
+
+class UnknownAdapterError(AdapterError, LookupError):
+    """A request or an unload names an adapter (model) the server does not hold; the message lists those it does."""

@@ -31,8 +31,11 @@ beside the model's count and the least time a step can take there (`Work`).
 
 `--plan=serve` plans inference instead (`make_serve_plan`): the weights in the
 compute dtype, in int8 and in int4 (`gptj.model.quantized`), each with the KV cache
-for `--batch_size` rows of `--context_len` tokens, and the temporaries of a
-prefill of the whole context and of one decode step, compiled the same way:
+for `--batch_size` rows of `--context_len` tokens, the adapter pool of
+`config.serve.adapters` / `max_adapters` (every target at the pool's rank), the
+prefix cache's block store (`config.serve.prefix_cache_gib`), and the temporaries
+of a prefill of the whole context and of one decode step (rows through adapters
+when there are any), compiled the same way:
 
     python main.py --config=gptj/configs/gptj_6b.py --mode=plan --plan=serve --batch_size=1 --context_len=2048 \
         --device_memory_gib=8 --config.mesh.data=1 --config.mesh.model=1
@@ -55,10 +58,14 @@ from gptj.core.param_tree import merge_params
 from gptj.core.partitioning import STAGE_AXIS, Partitioner, make_mesh, per_device_bytes
 from gptj.core.pipeline import Schedule
 from gptj.core.trainer import MemoryReport
-from gptj.errors import ConfigError, PartitioningError
+from gptj.errors import AdapterError, ConfigError, PartitioningError
+from gptj.inference.adapters import adapter_pool_size
+from gptj.inference.prefix_cache import prefix_block_bytes, store_blocks
 from gptj.model import quantized as quantize
-from gptj.model.transformer import (GPTJ, GPTJConfig, abstract_params, cache_logical_axes, count_params, init_cache,
-                                    matmul_params, output_logits, recompute_flops_per_token, train_flops_per_token)
+from gptj.model.lora import pool_shapes, pool_tree
+from gptj.model.transformer import (ADAPTER_POOL, GPTJ, GPTJConfig, abstract_params, cache_logical_axes, count_params,
+                                    init_cache, matmul_params, output_logits, recompute_flops_per_token,
+                                    resolve_dtype, train_flops_per_token)
 from gptj.settings import RunSettings
 from gptj.weights.source import open_weights, param_shardings, with_runtime
 
@@ -556,10 +563,12 @@ class ServeRow:
     weights: int
     kv_cache: int
     temporaries: int | None  # the larger of the prefill's and the decode step's
-    peak: int | None  # the larger program's arguments + outputs not written in place + temporaries
+    peak: int | None  # the larger program's arguments + outputs not written in place + temporaries, + prefix store
     refused: str = ""  # the target compiler's out-of-memory refusal of either program
     prefill_bound: "targets.StepBound | None" = None  # on a target: the least time of the prefill
     decode_bound: "targets.StepBound | None" = None  # ... and of one decode step
+    adapters: int = 0  # the adapter pool (replicated)
+    prefix_cache: int = 0  # the prefix cache's block store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -574,15 +583,20 @@ class ServePlan:
     dtype: str
     rows: tuple[ServeRow, ...]
     device_memory: int | None
+    adapter_slots: int = 0
+    adapter_rank: int = 0
+    prefix_blocks: int = 0
+    prefix_block_size: int = 0
 
     compiled_for: str = ""  # as Plan.compiled_for
     compiler_checked: bool = False  # as Plan.compiler_checked
 
     def fits(self, row: ServeRow) -> bool | None:
-        """Whether `row`'s peak fits `device_memory` (None when either is unknown; False when refused)."""
+        """Whether `row`'s peak fits `device_memory` (None when either is unknown; False when refused). The
+        compiler's own verdict stands unless a prefix store sits beside its programs."""
         if row.refused:
             return False
-        if self.compiler_checked:
+        if self.compiler_checked and not row.prefix_cache:
             return True
         if row.peak is None or self.device_memory is None:
             return None
@@ -599,24 +613,39 @@ def serve_model_config(config) -> GPTJConfig:
 
 
 def _serve_row(model: GPTJConfig, partitioner: Partitioner, batch: int, context: int,
-               target: targets.Target | None = None) -> ServeRow:
-    """Compiles a whole-context prefill and a decode step of `model` on abstract inputs; see ServeRow."""
+               target: targets.Target | None = None, adapter_slots: int = 0, adapter_rank: int = 0,
+               prefix_blocks: int = 0, block_size: int = 1) -> ServeRow:
+    """Compiles a whole-context prefill and a decode step of `model` on abstract inputs; see ServeRow.
+
+    With an adapter pool of `adapter_slots` x `adapter_rank`, the programs run every row through an adapter;
+    `prefix_blocks` blocks of `block_size` tokens are the prefix cache's store, held beside them."""
     boxed = nn.meta.unbox(abstract_params(model))
     shardings = param_shardings(model, partitioner)
     cache = jax.eval_shape(lambda: init_cache(model, batch, context))
     cache_specs = jax.tree_util.tree_map(lambda axes: PartitionSpec(*axes), cache_logical_axes(cache),
                                          is_leaf=lambda x: isinstance(x, tuple))
     cache_shardings = partitioner.shardings_for(cache_specs, cache, optimizer_subtree=None)
+    dtype = resolve_dtype(model.dtype)
+    pool = pool_tree({t: tuple(jax.ShapeDtypeStruct(shape, dtype) for shape in pair)
+                      for t, pair in pool_shapes(model, adapter_slots, adapter_rank).items()}) if adapter_slots else {}
+    replicated = partitioner.sharding(())
+    adapters = per_device_bytes(pool, jax.tree_util.tree_map(lambda _: replicated, pool))
+    store = {name: jax.ShapeDtypeStruct((model.num_layers, prefix_blocks, model.num_heads, block_size,
+                                         model.head_dim), dtype) for name in ("key", "value")}
+    store_sharding = partitioner.sharding(("layers", None, "act_heads", None, "head_dim"))
+    prefix_cache = per_device_bytes(store, {name: store_sharding for name in store}) if prefix_blocks else 0
     decoder = GPTJ(model, decode=True)
 
-    def step(params, cache, tokens):  # the next token's logits only, as a server samples them
-        hidden, variables = decoder.apply({"params": params, "cache": cache}, tokens, return_hidden=True,
-                                          mutable=["cache"])
+    def step(params, pool, cache, tokens):  # the next token's logits only, as a server samples them
+        variables = {"params": params, ADAPTER_POOL: pool} if pool else {"params": params}
+        ids = jnp.arange(tokens.shape[0], dtype=jnp.int32) % max(adapter_slots, 1)  # a mix of adapters
+        hidden, variables = decoder.apply({**variables, "cache": cache}, tokens, return_hidden=True,
+                                          mutable=["cache"], adapter_ids=ids if pool else None)
         logits = output_logits(hidden[:, -1], params["lm_head_kernel"], params["lm_head_bias"], model)
         return logits, variables["cache"]
 
-    program = partitioner.jit(step, in_shardings=(shardings, cache_shardings, partitioner.batch_sharding(2)),
-                              donate_argnums=(1,))
+    program = partitioner.jit(step, in_shardings=(shardings, replicated, cache_shardings,
+                                                  partitioner.batch_sharding(2)), donate_argnums=(2,))
     temporaries = peak = None
     options = _cpu_options(partitioner) if target is None else targets.compiler_options(target)
     bounds = []
@@ -624,14 +653,14 @@ def _serve_row(model: GPTJConfig, partitioner: Partitioner, batch: int, context:
         tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
         try:
             with targets.chatter_held() if target else contextlib.nullcontext():
-                compiled = program.lower(boxed, cache, tokens).compile(options)
+                compiled = program.lower(boxed, pool, cache, tokens).compile(options)
         except jax.errors.JaxRuntimeError as e:  # a TPU compiler refuses a program that does not fit its HBM
             refused = targets.refusal(e) if target is not None else None
             if not refused:
                 raise
             return ServeRow(quantize.describe(model) or model.dtype, per_device_bytes(boxed, shardings),
                             per_device_bytes(cache, cache_shardings), targets.refused_temporaries(refused), None,
-                            refused=refused)
+                            refused=refused, adapters=adapters, prefix_cache=prefix_cache)
         if target is not None:
             bounds.append(targets.step_time_bound(targets.program_cost(compiled, partitioner.mesh, target.accelerator),
                                                   target.accelerator))
@@ -643,8 +672,10 @@ def _serve_row(model: GPTJConfig, partitioner: Partitioner, batch: int, context:
                    + temp)
         temporaries, peak = max(temporaries or 0, temp), max(peak or 0, high)
     return ServeRow(quantize.describe(model) or model.dtype, per_device_bytes(boxed, shardings),
-                    per_device_bytes(cache, cache_shardings), temporaries, peak,
-                    prefill_bound=bounds[0] if bounds else None, decode_bound=bounds[1] if bounds else None)
+                    per_device_bytes(cache, cache_shardings), temporaries,
+                    None if peak is None else peak + prefix_cache,
+                    prefill_bound=bounds[0] if bounds else None, decode_bound=bounds[1] if bounds else None,
+                    adapters=adapters, prefix_cache=prefix_cache)
 
 
 def make_serve_plan(config, batch: int, context: int, device_memory_gib: float | None = None,
@@ -654,9 +685,9 @@ def make_serve_plan(config, batch: int, context: int, device_memory_gib: float |
     The weights are held in the compute dtype (`model.dtype`: inference keeps
     no fp32 master copy) or quantized as `python -m gptj.convert quantize`
     writes them by default (int8 per channel, int4 in groups of
-    `quantize.default_group_size`; every matrix); the KV cache is in the
-    compute dtype. `target`: compiled by that hardware's compiler, as `make_plan`. `weight_bits`: the
-    formats to plan (0: the compute dtype, 8, 4), all three by default.
+    `quantize.default_group_size`; every matrix); the KV cache, the adapter
+    pool and the prefix store are in the compute dtype. `target`: compiled by that hardware's compiler, as
+    `make_plan`. `weight_bits`: the formats to plan (0: the compute dtype, 8, 4), all three by default.
     """
     if batch <= 0 or context <= 0:
         raise ConfigError(f"--batch_size and --context_len must be positive, got {batch} and {context}")
@@ -671,6 +702,13 @@ def make_serve_plan(config, batch: int, context: int, device_memory_gib: float |
         raise ConfigError(f"--batch_size={batch} must be divisible by the data-parallel size "
                          f"({partitioner.data_parallel_size}, from mesh.data and rule set {config.mesh.rules!r})")
     served = model.replace(param_dtype=model.dtype)
+    serve = RunSettings.from_config(config).serve
+    try:
+        slots, rank = adapter_pool_size(serve)
+    except (AdapterError, ValueError) as e:
+        raise ConfigError(f"serve.adapters: {e}") from None
+    block_size = serve.prefix_block_size
+    blocks = store_blocks(serve.prefix_cache_gib, prefix_block_bytes(served, block_size), context // block_size)
     rows = []
     for bits in weight_bits:
         if bits:
@@ -678,11 +716,12 @@ def make_serve_plan(config, batch: int, context: int, device_memory_gib: float |
                                            quant_targets=quantize.TARGETS)
         else:
             served_format = served
-        rows.append(_serve_row(served_format, partitioner, batch, context, parsed))
+        rows.append(_serve_row(served_format, partitioner, batch, context, parsed, slots, rank, blocks, block_size))
     return ServePlan(num_params=count_params(nn.meta.unbox(abstract_params(served))),
                      mesh=_mesh_sizes(partitioner), rule_set=partitioner.rule_set.name, batch=batch,
                      context=context, dtype=model.dtype, rows=tuple(rows), device_memory=device_memory,
-                     compiled_for=_compiled_for(parsed), compiler_checked=_compiler_checked(parsed, device_memory))
+                     compiled_for=_compiled_for(parsed), compiler_checked=_compiler_checked(parsed, device_memory),
+                     adapter_slots=slots, adapter_rank=rank, prefix_blocks=blocks, prefix_block_size=block_size)
 
 
 def format_serve_plan(plan: ServePlan) -> str:
@@ -698,13 +737,18 @@ def format_serve_plan(plan: ServePlan) -> str:
         f"serve plan: {plan.num_params:,} parameters; mesh {mesh} ({where}), rule set {plan.rule_set}",
         f"      batch {plan.batch} x {plan.context} tokens of context; prefill of the whole context and a decode "
         f"step, compute {plan.dtype}",
-        f"  {'per device':<24}{'weights':>13}{'KV cache':>13}{'temporaries':>13}{'peak':>13}  {memory}",
+        f"      adapters: {plan.adapter_slots} slots of rank {plan.adapter_rank} on every target"
+        if plan.adapter_slots else "      adapters: none (config.serve.adapters, max_adapters)",
+        f"      prefix cache: {plan.prefix_blocks} blocks of {plan.prefix_block_size} tokens"
+        if plan.prefix_blocks else "      prefix cache: off (config.serve.prefix_cache_gib)",
+        f"  {'per device':<24}{'weights':>13}{'KV cache':>13}{'adapters':>13}{'prefix cache':>13}"
+        f"{'temporaries':>13}{'peak':>13}  {memory}",
     ]
     for row in plan.rows:
         fits = plan.fits(row)
         verdict = "" if fits is None else ("yes" if fits else "NO")
-        lines.append(f"  {row.weights_format:<24}{gib(row.weights):>13}{gib(row.kv_cache):>13}"
-                     f"{gib(row.temporaries):>13}{gib(row.peak):>13}  {verdict}")
+        lines.append(f"  {row.weights_format:<24}{gib(row.weights):>13}{gib(row.kv_cache):>13}{gib(row.adapters):>13}"
+                     f"{gib(row.prefix_cache):>13}{gib(row.temporaries):>13}{gib(row.peak):>13}  {verdict}")
         if row.refused:
             lines.append(f"    the compiler refused it: {row.refused}")
     bounded = [row for row in plan.rows if row.decode_bound is not None]

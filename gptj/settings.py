@@ -17,8 +17,8 @@ and names every problem it finds: an invalid model, mesh or rule set,
 optimizer and train settings out of range, a batch that does not split over
 the data-parallel devices and microbatches, unknown seqio tasks (or tasks whose
 records do not fit `train.objective`), a malformed `init_from`, LoRA settings
-and `train.trainable`, the dpo section and a DPO run without a reference, and
-quantized weights for training.
+and `train.trainable`, the dpo section and a DPO run without a reference, the
+served adapters and prefix cache, and quantized weights for training.
 """
 
 from __future__ import annotations
@@ -219,7 +219,8 @@ class ServeSettings:
     waiting request takes the first slot that frees. Prompts are prefilled prefill_chunk tokens per call,
     so a long prompt delays running rows by one chunk at a time; a decode call runs up to decode_steps
     steps when nothing waits. More than max_queue waiting rows are answered 429. warmup compiles every
-    prefill and decode shape before the server accepts requests."""
+    prefill and decode shape before the server accepts requests. adapters / max_adapters / max_adapter_rank:
+    many LoRA adapters over one base; prefix_cache_gib / prefix_block_size: prefix caching."""
 
     host: str = "127.0.0.1"
     port: int = 5000
@@ -237,6 +238,19 @@ class ServeSettings:
     # Most tokens per server-sent event: 1 sends each token as its own event (as OpenAI and vLLM do), even
     # when one decode call made several (decode_steps); decode_steps sends about one event per call.
     stream_interval: int = 1
+    # LoRA adapters served beside the base, unmerged (a request's `model` picks one by name): 'name=DIR,name2=DIR2',
+    # each DIR a HuggingFace PEFT adapter directory or a gptj LoRA workdir over these base weights.
+    adapters: str = ""
+    # Adapters held at once (those of `adapters` and any loaded by POST /v1/load_lora_adapter); 0: as many as
+    # `adapters` names. Each takes a slot of every target at max_adapter_rank (0: the largest rank `adapters`
+    # names, at least 16); --plan=serve counts them.
+    max_adapters: int = 0
+    max_adapter_rank: int = 0
+    # Prefix caching: keys and values of prompt blocks of prefix_block_size tokens stay in a store of
+    # prefix_cache_gib (device memory of its own; 0: off) after their request, least recently used first out;
+    # a prompt that starts with stored blocks prefills only the rest.
+    prefix_cache_gib: float = 0.0
+    prefix_block_size: int = 64
 
 
 def _default(factory):
@@ -535,6 +549,34 @@ def _check_dpo(settings: RunSettings, mode: str, problems: list[str]) -> None:
         problems.append(f"train.z_loss={train.z_loss} applies to train.objective=lm; DPO has no z-loss")
 
 
+def _check_serve(settings: RunSettings, problems: list[str]) -> None:
+    """The serve section's adapters (names, directories, how many) and prefix-cache settings."""
+    from gptj.inference.adapters import parse_adapter_specs
+
+    serve = settings.serve
+    try:
+        specs = parse_adapter_specs(serve.adapters)
+    except ValueError as e:
+        problems.append(f"serve.adapters: {e}")
+        specs = []
+    for name, path in specs:
+        directory = path[len(PEFT_PREFIX):] if path.startswith(PEFT_PREFIX) else path
+        if not os.path.isdir(directory):
+            problems.append(f"serve.adapters: {name}={path}: {directory} does not exist")
+    if serve.max_adapters < 0:
+        problems.append(f"serve.max_adapters must be >= 0 (0: as many as serve.adapters names), "
+                        f"got {serve.max_adapters}")
+    elif 0 < serve.max_adapters < len(specs):
+        problems.append(f"serve.adapters names {len(specs)} adapters but serve.max_adapters={serve.max_adapters}")
+    if serve.max_adapter_rank < 0:
+        problems.append(f"serve.max_adapter_rank must be >= 0 (0: the largest rank of serve.adapters), "
+                        f"got {serve.max_adapter_rank}")
+    if not serve.prefix_cache_gib >= 0:
+        problems.append(f"serve.prefix_cache_gib must be >= 0 (0: no prefix cache), got {serve.prefix_cache_gib}")
+    if serve.prefix_block_size < 1:
+        problems.append(f"serve.prefix_block_size must be >= 1, got {serve.prefix_block_size}")
+
+
 def _recorded_quantization(path: str) -> str:
     """'int8 per channel' etc. when the gptj weights at `path` are quantized ('' if not, or unreadable here)."""
     from gptj.errors import WeightsError
@@ -604,6 +646,8 @@ def validate(config: Any, mode: str = "train", *, check_tasks: bool = True,
         _check_init_from(settings.init_from, problems)
     _check_lora(settings, mode, problems)
     _check_dpo(settings, mode, problems)
+    if mode in ("serve", "plan"):
+        _check_serve(settings, problems)
     if settings.sample.cpu_dtype not in CPU_DTYPES:
         problems.append(f"sample.cpu_dtype must be one of {CPU_DTYPES}, got {settings.sample.cpu_dtype!r}")
     if mode == "train":

@@ -23,7 +23,8 @@ def serve_config(**changes):
     """A `config.serve`-like section with test-sized limits."""
     values = dict(host="127.0.0.1", port=0, max_batch_size=8, max_queue=64, prefill_chunk=32, decode_steps=4,
                   warmup=False, max_new_tokens_limit=64, model_name="gptj-test", chat_template="gptj_sft",
-                  stream_interval=1)
+                  stream_interval=1, adapters="", max_adapters=0, max_adapter_rank=0, prefix_cache_gib=0.0,
+                  prefix_block_size=64)
     values.update(changes)
     return types.SimpleNamespace(**values)
 

@@ -84,7 +84,8 @@ def test_run_all_merges_scripts_and_notes_the_rest(tmp_path):
     status = {s["name"]: s["status"] for s in report["scripts"]}
     assert status == {"train_vs_hf": "ok", "lora_vs_peft": "missing", "decode_vs_hf": "no-contract",
                       "quantized_decode": "missing", "eval_vs_hf": "failed", "prepare_data": "missing",
-                      "weights_memory": "missing", "serve_load": "missing", "dpo_vs_trl": "missing"}
+                      "weights_memory": "missing", "serve_load": "missing", "dpo_vs_trl": "missing",
+                      "multi_lora": "missing", "serve_load:prefix": "missing", "serve_load:adapters": "missing"}
     metrics = {r["metric"]: r for r in report["results"]}
     train = metrics["train tokens/s"]
     assert train["ratio"] == pytest.approx(1.5)

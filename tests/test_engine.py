@@ -98,7 +98,9 @@ def test_scoring_applies_the_head_chunk_by_chunk_not_to_all_logits_at_once(pair)
     runner = sampler.runner
     rows, length = 64, PARITY_MAX_LEN
     spec = lambda dtype: jax.ShapeDtypeStruct((rows, length), dtype)  # noqa: E731
-    compiled = runner._score.lower(runner.params, spec(jnp.int32), spec(bool), MAX_TOP_LOGPROBS).compile()
+    ids = jax.ShapeDtypeStruct((rows,), jnp.int32)
+    compiled = runner._score.lower(runner.params, runner.adapter_pool, spec(jnp.int32), spec(bool), ids,
+                                   MAX_TOP_LOGPROBS).compile()
     full_logits = rows * (length - 1) * runner.config.padded_vocab_size * 4
     assert compiled.memory_analysis().temp_size_in_bytes < full_logits / 2
 

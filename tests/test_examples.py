@@ -102,7 +102,7 @@ def instruction_tuned(tmp_path_factory):
     sample = common + ["--mode=sample", f"--prompt_file={tmp_path / 'prompts.txt'}",
                        f"--output={tmp_path / 'out.jsonl'}"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=xla_flags(1))
+               XLA_FLAGS=xla_flags(1, fast_compile=False))
     for cmd in (train, sample):
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -214,7 +214,7 @@ def test_preference_tuning_learns_the_preferred_answer_on_held_out_requests(tmp_
         before, after = example.run({str(tmp_path)!r}, shrink)
         print(json.dumps({{"before": before, "after": after}}))
     """))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1, fast_compile=False))
     done = subprocess.run([sys.executable, str(driver)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

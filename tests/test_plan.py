@@ -57,3 +57,25 @@ def test_mesh_larger_than_the_machine_says_how_to_fake_devices():
 
     with pytest.raises(PartitioningError, match="xla_force_host_platform_device_count"):
         plan_lib.make_plan(_tiny("megatron", 2, 8))
+
+
+def test_serve_plan_counts_the_adapter_pool_and_the_prefix_store():
+    """--plan=serve with 3 adapter slots of rank 8 and a prefix cache: the pool is every target's A and B at
+    rank 8 for each slot, replicated (bf16); the store is whole blocks of keys and values, heads split over
+    the model axis; the peak holds both beside the weights and the KV cache. (The bf16 row only: the
+    quantized ones hold the same pool and store.)"""
+    config = _tiny("megatron", 2, 2)
+    config.model.dtype = "bfloat16"
+    config.serve.update(dict(max_adapters=3, max_adapter_rank=8, prefix_block_size=8))
+    block = 2 * 2 * 4 * 8 * 16 * 2  # keys and values, 2 layers, 4 heads, 8 positions, head_dim 16, bf16
+    config.serve.prefix_cache_gib = 10.5 * block / GIB
+    plan = plan_lib.make_serve_plan(config, batch=2, context=32, weight_bits=(0,))
+    assert (plan.adapter_slots, plan.adapter_rank, plan.prefix_blocks, plan.prefix_block_size) == (3, 8, 10, 8)
+    d, mlp, layers = 64, 256, 2
+    per_rank = 4 * (d + d) + (d + mlp) + (mlp + d)  # q, k, v, out; fc_in; fc_out: inputs + outputs per rank
+    [row] = plan.rows
+    assert row.adapters == 3 * 8 * layers * per_rank * 2
+    assert row.prefix_cache == 10 * block // 2  # heads over the 2-way model axis
+    assert row.peak >= row.weights + row.kv_cache + row.adapters + row.prefix_cache
+    text = plan_lib.format_serve_plan(plan)
+    assert "adapters: 3 slots of rank 8 on every target" in text and "prefix cache: 10 blocks of 8 tokens" in text

@@ -139,8 +139,9 @@ def test_decode_loop_writes_the_cache_in_place_and_never_copies_it():
     assert cache["cached_key"].shape == (3, slots, 4, cache_len + 1, 8)
     spec = jax.ShapeDtypeStruct
     with runner.partitioner.activate():
-        lowered = runner._decode.lower(runner.params, cache, spec((slots, ROW_FIELDS), jnp.int32),
-                                       spec((slots, 2), jnp.float32), spec((), jnp.int32), spec((), bool), 4, 0)
+        lowered = runner._decode.lower(runner.params, runner.adapter_pool, cache,
+                                       spec((slots, ROW_FIELDS), jnp.int32), spec((slots, 2), jnp.float32),
+                                       spec((), jnp.int32), spec((), bool), 4, 0)
     others, writes = _cache_sized_instructions(lowered.compile().as_text(), f"3,{slots},4,{cache_len + 1},8")
     assert set(others) <= {"parameter", "get-tuple-element", "bitcast"}, others
     assert writes == 4

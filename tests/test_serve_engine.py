@@ -291,16 +291,16 @@ def test_health_and_prometheus_metrics_report_the_engine(server):
 
 # -- schema-driven fuzzing ------------------------------------------------------------------------
 
-FUZZ_EXAMPLES = 40
+FUZZ_EXAMPLES = 15
 
 
 @pytest.fixture(scope="module")
 def fuzz_server(pair):
-    """The module server's engine shapes (so no new compiles) with tight limits (4 queued rows, 8 new tokens),
+    """The module server's engine shapes (so no new compiles) with tight limits (4 queued rows, 2 new tokens),
     so that generated requests stay cheap."""
     _, sampler = pair
     app = build_app(sampler, sampler.tokenizer, serve_config(max_batch_size=SLOTS, prefill_chunk=32, decode_steps=2,
-                                                             max_queue=4, max_new_tokens_limit=8))
+                                                             max_queue=4, max_new_tokens_limit=2))
     with running(app) as url:
         yield url
 
@@ -319,7 +319,7 @@ def test_schema_fuzz_finds_no_5xx_and_no_response_outside_the_schema(fuzz_server
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
         "POST /v1/completions", "POST /v1/chat/completions", "POST /complete", "POST /tokenize", "POST /detokenize",
-        "GET /health"}
+        "GET /health", "GET /v1/models", "POST /v1/load_lora_adapter", "POST /v1/unload_lora_adapter"}
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
     for operation in operations:
         negative = [schemathesis.GenerationMode.NEGATIVE] if operation.body else []  # a GET has nothing to break

@@ -77,3 +77,31 @@ def test_rows_compare_throughput_over_the_run_and_short_request_latency_where_th
     assert capacity["gptj"] == 90.0 and capacity["peer"] == 30.0 and capacity["ratio"] == pytest.approx(3.0)
     assert "Poisson 1 req/s" in latency["metric"]  # the highest rate the previous engine sustained
     assert latency["gptj"] == pytest.approx(200.0) and latency["peer"] == pytest.approx(900.0)
+
+
+def test_the_adapters_and_prefix_workloads_route_and_share_as_described():
+    requests = serve_load.with_models(serve_load.workload(rate=2.0, count=500, seed=0, max_len=256),
+                                      ["", "a0", "a1"], seed=5)
+    assert {r.model for r in requests} == {"", "a0", "a1"}
+    assert abs(sum(r.model == "a0" for r in requests) / 500 - 1 / 3) < 0.07  # drawn uniformly
+    # One server of every model gets the model by name; a server per model gets none (it serves its own).
+    assert serve_load._route("http://one", requests[0]) == ("http://one", requests[0].model)
+    assert serve_load._route({"": "http://b", "a0": "http://0", "a1": "http://1"}, requests[0])[1] == ""
+    shared = serve_load.shared_prefix_requests(20, 1500, seed=2)
+    assert len(shared) == 20 and all(r.prompt[:1500] == shared[0].prompt[:1500] for r in shared)
+    assert all(10 <= len(r.prompt) - 1500 <= 30 for r in shared)
+    assert len({tuple(r.prompt[1500:]) for r in shared}) == 20  # each its own question
+    # Five merged copies hold the weights five times; the adapter pool is small beside one copy.
+    one, five = serve_load.deployment_bytes(10, 1, 4, 32), serve_load.deployment_bytes(10, 5)
+    weights = serve_load.deployment_bytes(0, 1)
+    assert five - one > 3.9 * weights and one - serve_load.deployment_bytes(10, 1) < 0.1 * weights
+
+
+def test_run_all_runs_a_workload_of_a_script(tmp_path):
+    from benchmarks import run_all
+
+    (tmp_path / "serve_load.py").write_text("import sys; print(sys.argv[1:])\n")
+    record = run_all.run_script("serve_load:prefix", str(tmp_path), str(tmp_path / "out"), True, 60, dict(os.environ))
+    assert record["status"] == "no-output"  # it wrote no --json; the log shows what it was given
+    log = (tmp_path / "out" / "logs" / "serve_load-prefix.log").read_text()
+    assert "'--workload=prefix', '--quick', '--json'" in log

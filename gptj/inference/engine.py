@@ -16,6 +16,19 @@ Each scheduler step (vLLM, TGI and JetStream schedule the same way):
      `decode_steps`, ending early when a row finishes while requests wait for a slot.
 A row that finishes (max tokens, EOS, a stop string, a cancelled client) frees its slot at once.
 
+Adapters: a job's `adapter` names a LoRA adapter loaded beside the base (`gptj.inference.adapters`:
+`load_adapter` / `unload_adapter`, within the runner's adapter pool); every program call runs rows of
+any adapters and of the base together, each through its own. Unloading waits for the adapter's rows.
+
+Prefix cache (`prefix_cache_gib` > 0): the keys and values of a prompt's full blocks of
+`prefix_block_size` tokens are copied into a block store as the prompt is prefilled, and stay there after
+the row ends, keyed by the tokens up to the block's end and the adapter (`gptj.inference.prefix_cache`;
+least recently used blocks go first). A row whose prompt starts with stored blocks gets them copied into
+its slot and prefills only the rest (at least its last token, whose logits it samples from); a prompt
+whose next block an older row is computing waits for it instead of computing it too. Only prompt blocks
+are stored (keys computed by prefill, as a prompt without the cache computes them), so a row's output is
+the same with and without the cache. Scoring (echo + logprobs) runs whole sequences and does not use it.
+
 Each slot is one sequence at its own positions (`gptj.inference.runner`), so a row's
 greedy tokens do not depend on what else is running, and a sampled row draws
 from fold_in(PRNGKey(seed), i) for its i-th token, as it would alone.
@@ -30,14 +43,18 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
+import math
 import threading
 import time
 from typing import Callable, Sequence
 
 import numpy as np
 
-from gptj.inference.runner import (EOS, MAX_TOP_LOGPROBS, MIN_LENGTH_BUCKET, MIN_TOKENS, POS, REMAINING, ROW_FIELDS,
-                                   SEED, STEP, TEMPERATURE, TOKEN, TOP_K, TOP_P, Generation, ModelRunner)
+from gptj.inference.adapters import Adapter, AdapterRegistry, read_adapter
+from gptj.inference.prefix_cache import PrefixIndex, block_keys, prefix_block_bytes, store_blocks
+from gptj.inference.runner import (ADAPTER, EOS, MAX_TOP_LOGPROBS, MIN_LENGTH_BUCKET, MIN_TOKENS, NO_ADAPTER, POS,
+                                   REMAINING, ROW_FIELDS, SEED, STEP, TEMPERATURE, TOKEN, TOP_K, TOP_P, Generation,
+                                   ModelRunner)
 from gptj.inference.sampling_ops import bucket
 
 GENERATE, SCORE = "generate", "score"
@@ -59,7 +76,8 @@ class Job:
     it samples; EOS tokens it draws stay in `tokens` but not in the text.
     `min_tokens`: EOS is never drawn before that many tokens (unless
     `ignore_eos`: it ends nothing then), and no stop string ends the row
-    before them.
+    before them. `adapter` names a loaded adapter to run through ("": the
+    base); `Engine.submit` resolves it (`served_adapter`).
     """
 
     kind: str
@@ -74,6 +92,7 @@ class Job:
     eos_id: int | None = -1
     ignore_eos: bool = False
     min_tokens: int = 0
+    adapter: str = ""
     on_update: Callable[[Generation], None] | None = None
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     cancelled: bool = False
@@ -81,11 +100,21 @@ class Job:
     cancelled_at_call: int | None = None
     freed_at_call: int | None = None
     submitted_at: float = 0.0
+    served_adapter: Adapter | None = None
+
+    @property
+    def adapter_slot(self) -> int:
+        """The adapter pool slot the job runs through (NO_ADAPTER: the base)."""
+        return NO_ADAPTER if self.served_adapter is None else self.served_adapter.slot
 
 
 @dataclasses.dataclass(eq=False)
 class _Row:
-    """A generate job in a slot: how much of its prompt is cached and what it has produced."""
+    """A generate job in a slot: how much of its prompt is cached and what it has produced.
+
+    `keys` are the prefix-cache keys of its prompt's full blocks (none without a cache); the first `stored`
+    of them are known to be in the block store (restored from it, or saved to it).
+    """
 
     job: Job
     slot: int
@@ -93,6 +122,9 @@ class _Row:
     eos: int            # the id that ends the row on the device (-1: none)
     hidden: int | None  # an id left out of the text (EOS under ignore_eos)
     admitted_at: float
+    keys: list = dataclasses.field(default_factory=list)
+    stored: int = 0
+    reused: int = 0  # prompt tokens taken from the prefix cache
     cursor: int = 0
     tokens: list = dataclasses.field(default_factory=list)
     logprobs: list = dataclasses.field(default_factory=list)
@@ -159,13 +191,18 @@ class Engine:
       max_queue: most rows waiting for a slot (or a scoring batch); more is QueueFull.
       tokenizer: for stop strings and `Generation.text`.
       eos_id: the token that ends a row (None: none).
+      prefix_cache_gib: memory of the prefix block store (0: no prefix cache).
+      prefix_block_size: tokens per prefix block.
     """
 
     def __init__(self, runner: ModelRunner, *, slots: int = 8, cache_len: int | None = None,
                  prefill_chunk: int = 512, prefill_budget: int | None = None, decode_steps: int = 4,
-                 max_queue: int = 256, tokenizer=None, eos_id: int | None = None, log_size: int = 4096):
-        if slots < 1 or max_queue < 1 or decode_steps < 1 or prefill_chunk < 1:
-            raise ValueError("slots, max_queue, decode_steps and prefill_chunk must be >= 1")
+                 max_queue: int = 256, tokenizer=None, eos_id: int | None = None, log_size: int = 4096,
+                 prefix_cache_gib: float = 0.0, prefix_block_size: int = 64):
+        if slots < 1 or max_queue < 1 or decode_steps < 1 or prefill_chunk < 1 or prefix_block_size < 1:
+            raise ValueError("slots, max_queue, decode_steps, prefill_chunk and prefix_block_size must be >= 1")
+        if not prefix_cache_gib >= 0:
+            raise ValueError(f"prefix_cache_gib must be >= 0 (0: no prefix cache), got {prefix_cache_gib}")
         self.runner = runner
         self.slots = -(-int(slots) // runner.row_multiple) * runner.row_multiple
         self.cache_len = int(cache_len or runner.config.max_len)
@@ -188,8 +225,19 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.counters = {"requests": 0, "rows": 0, "rejected": 0, "finished_rows": 0, "failed_rows": 0,
-                         "cancelled_rows": 0, "tokens_generated": 0, "prompt_tokens": 0, "scored_rows": 0,
-                         "prefill_calls": 0, "decode_calls": 0, "decode_steps": 0, "score_calls": 0}
+                         "cancelled_rows": 0, "tokens_generated": 0, "prompt_tokens": 0, "prefilled_tokens": 0,
+                         "scored_rows": 0, "prefill_calls": 0, "decode_calls": 0, "decode_steps": 0, "score_calls": 0,
+                         "prefix_cache_queries": 0, "prefix_cache_hits": 0, "prefix_cache_misses": 0,
+                         "prefix_cache_tokens_saved": 0,
+                         "adapters_loaded": 0, "adapters_unloaded": 0}
+        self.adapters = AdapterRegistry(runner.adapter_slots)
+        self._control: collections.deque = collections.deque()  # work for the engine's thread (pool writes)
+        self.prefix_block_size = int(prefix_block_size)
+        self._row_blocks = self.cache_len // self.prefix_block_size  # blocks a row's columns hold
+        blocks = store_blocks(prefix_cache_gib, prefix_block_bytes(runner.config, self.prefix_block_size),
+                              self._row_blocks)
+        self._prefix = PrefixIndex(blocks, self.prefix_block_size) if blocks > 0 else None
+        self._store = runner.new_prefix_store(blocks, self.prefix_block_size) if self._prefix else None
         self.histograms = {name: Histogram() for name in HISTOGRAMS}
         self.step_log: collections.deque[dict] = collections.deque(maxlen=log_size)
 
@@ -224,7 +272,8 @@ class Engine:
             raise ValueError("stop strings need a tokenizer")
 
     def submit(self, jobs: Sequence[Job]) -> None:
-        """Queues all of `jobs` (one request's rows) or none; QueueFull when more than max_queue rows would wait."""
+        """Queues all of `jobs` (one request's rows) or none; QueueFull when more than max_queue rows would wait,
+        UnknownAdapterError when a job names an adapter that is not loaded (or is being unloaded)."""
         for job in jobs:
             self.check(job)
         now = time.monotonic()
@@ -233,12 +282,83 @@ class Engine:
             if waiting + len(jobs) > self.max_queue:
                 self.counters["rejected"] += 1
                 raise QueueFull(f"{waiting} rows are waiting and this engine queues at most {self.max_queue}")
+            self._acquire_adapters(jobs)
             for job in jobs:
                 job.submitted_at = now
                 (self._scoring if job.kind == SCORE else self._waiting).append(job)
             self.counters["requests"] += 1
             self.counters["rows"] += len(jobs)
             self._lock.notify_all()
+
+    def _acquire_adapters(self, jobs: Sequence[Job]) -> None:
+        """Resolves each job's adapter, counting it as used until the job's future is done (all or none)."""
+        taken = []
+        try:
+            for job in jobs:
+                if job.adapter:
+                    job.served_adapter = self.adapters.acquire(job.adapter)
+                    taken.append(job)
+        except Exception:
+            for job in taken:
+                self.adapters.release(job.served_adapter)
+                job.served_adapter = None
+            raise
+        for job in taken:
+            job.future.add_done_callback(lambda _, adapter=job.served_adapter: self.adapters.release(adapter))
+
+    # -- adapters (any thread) ----------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str) -> Adapter:
+        """Reads the adapter at `path` (on this thread), writes it into a free pool slot (on the engine's
+        thread, between steps) and makes `name` take requests; returns it. AdapterError (one line) for a
+        name in use, no free slot, or an adapter that cannot be read or does not fit the base."""
+        slot = self.adapters.reserve(name)
+        try:
+            lora, entry = read_adapter(path, self.runner)
+            self._on_engine_thread(lambda: self.runner.write_adapter(slot, entry)).result()
+        except BaseException:
+            self.adapters.unreserve(name)
+            raise
+        self.counters["adapters_loaded"] += 1
+        return self.adapters.activate(name, path, lora)
+
+    def unload_adapter(self, name: str) -> concurrent.futures.Future:
+        """Stops `name` taking requests; the future resolves (to the Adapter) once the rows already using it
+        have finished and its slot is free. UnknownAdapterError if it is not loaded."""
+        future = self.adapters.drain(name)
+        future.add_done_callback(lambda _: self.counters.__setitem__("adapters_unloaded",
+                                                                     self.counters["adapters_unloaded"] + 1))
+        with self._lock:
+            self._lock.notify_all()  # the engine forgets the adapter's prefix blocks at its next step
+        return future
+
+    def _on_engine_thread(self, action: Callable[[], None]) -> concurrent.futures.Future:
+        """Runs `action` between two steps of the engine's thread (here and now when none runs)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if self._thread is None:
+            action()
+            future.set_result(None)
+            return future
+        with self._lock:
+            self._control.append((action, future))
+            self._lock.notify_all()
+        return future
+
+    def _run_control(self) -> None:
+        """The actions queued for this thread, and forgetting the prefix blocks of unloaded adapters."""
+        while True:
+            with self._lock:
+                if not self._control:
+                    break
+                action, future = self._control.popleft()
+            try:
+                action()
+                future.set_result(None)
+            except Exception as error:  # noqa: BLE001 - the caller gets the error, the engine goes on
+                future.set_exception(error)
+        for namespace in self.adapters.retired():
+            if self._prefix is not None:
+                self._prefix.drop(namespace)
 
     def cancel(self, jobs: Sequence[Job]) -> None:
         """Stops `jobs` (their client went away): waiting ones leave the queue at once, running ones free
@@ -266,22 +386,39 @@ class Engine:
     def running_slots(self) -> int:
         return sum(row is not None for row in self._rows)
 
+    def adapter_activity(self) -> tuple[list[str], list[str]]:
+        """(the adapters of rows in a slot, the adapters of rows waiting for one), each sorted."""
+        running = {r.job.adapter for r in list(self._rows) if r is not None and r.job.adapter}
+        with self._lock:
+            waiting = {job.adapter for job in list(self._waiting) + list(self._scoring) if job.adapter}
+        return sorted(running), sorted(waiting)
+
+    GAUGES = ("slots", "running_slots", "prefilling_slots", "waiting_rows", "adapters", "prefix_cache_blocks",
+              "prefix_cache_blocks_used")
+
     def health(self) -> dict:
-        """Slots, queue and counters as plain numbers."""
+        """Slots, queue, adapters, prefix cache and counters as plain numbers (and each adapter's rows)."""
         rows = list(self._rows)
+        adapters = self.adapters.describe()
+        prefix = self._prefix
         return {"slots": self.slots, "running_slots": sum(r is not None for r in rows),
                 "prefilling_slots": sum(r is not None and r.prefilling for r in rows),
                 "waiting_rows": self.waiting_rows, **self.counters,
+                "prefix_cache_blocks": prefix.blocks if prefix else 0,
+                "prefix_cache_blocks_used": prefix.used if prefix else 0,
+                "prefix_cache_evictions": prefix.evictions if prefix else 0,
+                "prefix_block_size": self.prefix_block_size,
                 "programs_compiled": self.runner.stats["programs"],
-                "compiled_while_serving": self.runner.stats["compiled_while_serving"]}
+                "compiled_while_serving": self.runner.stats["compiled_while_serving"],
+                **adapters, "adapters": len(adapters["adapters"]), "adapter_rows": adapters["adapters"]}
 
     def prometheus(self, prefix: str = "gptj") -> str:
         """/metrics: gauges, counters and the latency histograms in Prometheus' text format."""
         health = self.health()
         lines = []
-        for name in ("slots", "running_slots", "prefilling_slots", "waiting_rows"):
+        for name in self.GAUGES:
             lines += [f"# TYPE {prefix}_{name} gauge", f"{prefix}_{name} {health[name]}"]
-        for name in list(self.counters) + ["programs_compiled", "compiled_while_serving"]:
+        for name in list(self.counters) + ["prefix_cache_evictions", "programs_compiled", "compiled_while_serving"]:
             lines += [f"# TYPE {prefix}_{name}_total counter", f"{prefix}_{name}_total {health[name]}"]
         for name, help_text in HISTOGRAMS.items():
             lines += self.histograms[name].prometheus(f"{prefix}_{name}", help_text)
@@ -290,7 +427,7 @@ class Engine:
     # -- running ------------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._scoring or any(r is not None for r in self._rows))
+        return bool(self._waiting or self._scoring or self._control or any(r is not None for r in self._rows))
 
     def run_until_idle(self) -> None:
         """Steps on this thread until every submitted job has finished."""
@@ -319,6 +456,9 @@ class Engine:
             left = list(self._waiting) + list(self._scoring)
             self._waiting.clear()
             self._scoring.clear()
+            control, self._control = list(self._control), collections.deque()
+        for _, future in control:
+            future.set_exception(error)
         for job in left:
             self._fail(job, error)
         for row in list(self._rows):
@@ -356,13 +496,19 @@ class Engine:
             self._cache, _ = self.runner.decode(self._cache, idle_rows, idle_f, 0, False, self.decode_steps, num_top)
             self.runner.pick(logits, np.zeros((self._pick_rows, ROW_FIELDS), np.int32),
                              np.ones((self._pick_rows, 2), np.float32), num_top)
+        if self._prefix is not None:  # a copy into the padding slot past the cache's rows changes nothing
+            skip = np.full(self._row_blocks, self._prefix.blocks, np.int32)
+            self._store = self.runner.save_prefix(self._store, self._cache, self.slots, skip)
+            self._cache = self.runner.restore_prefix(self._cache, self._store, self.slots, skip, 0)
         return self.runner.stats["programs"] - before
 
     def _chunk_lengths(self) -> list[int]:
         """The padded chunk lengths _prefill_group can pick: powers of two below the chunk, the chunk, and
-        what is left of a row's columns when that is less than a chunk."""
+        what is left of a row's columns when that is less than a chunk (a prompt restored from the prefix
+        cache starts at a multiple of the block size)."""
         powers = {min(bucket(n, MIN_LENGTH_BUCKET), self.prefill_chunk) for n in range(1, self.prefill_chunk + 1)}
-        rests = {room for room in range(self.cache_len, 0, -self.prefill_chunk) if room < self.prefill_chunk}
+        stride = math.gcd(self.prefill_chunk, self.prefix_block_size) if self._prefix else self.prefill_chunk
+        rests = {room for room in range(self.cache_len, 0, -stride) if room < self.prefill_chunk}
         return sorted(powers | rests)
 
     def _most_rows(self, length: int) -> int:
@@ -373,6 +519,7 @@ class Engine:
 
     def step(self) -> bool:
         """One scheduler step (see the module docstring); returns whether it ran anything."""
+        self._run_control()
         self._sweep_cancelled()
         self._admit()
         ran = False
@@ -419,10 +566,67 @@ class Engine:
             slot = free.pop(0)
             eos = self.eos_id if job.eos_id == -1 else job.eos_id
             eos = -1 if eos is None else int(eos)
-            self._rows[slot] = _Row(job, slot, next(self._order), -1 if job.ignore_eos else eos,
-                                    eos if job.ignore_eos and eos >= 0 else None, now)
+            row = _Row(job, slot, next(self._order), -1 if job.ignore_eos else eos,
+                       eos if job.ignore_eos and eos >= 0 else None, now)
+            self._rows[slot] = row
             self.counters["prompt_tokens"] += len(job.prompt)
             self._log("admit", slot=slot, prompt_tokens=len(job.prompt))
+            if self._prefix is not None:
+                namespace = "" if job.served_adapter is None else job.served_adapter.namespace
+                row.keys = block_keys(job.prompt, self.prefix_block_size, namespace)
+                self.counters["prefix_cache_queries"] += len(job.prompt)
+                self._extend_from_store(row)
+
+    # -- the prefix cache ---------------------------------------------------------------
+
+    def _extend_from_store(self, row: _Row) -> int:
+        """Copies the stored blocks that continue a row's prompt from its cursor into its slot (at most up to
+        its prompt's last token, which it must prefill to sample from); returns how many tokens that saved."""
+        size = self.prefix_block_size
+        first, limit = row.cursor // size, (len(row.job.prompt) - 1) // size
+        if row.cursor % size or first >= limit:
+            return 0
+        found = self._prefix.lookup(row.keys[first:limit])
+        if not found:
+            return 0
+        blocks = np.full(self._row_blocks, self._prefix.blocks, np.int32)  # out of range: keep the slot's own
+        blocks[first:first + len(found)] = found
+        self._cache = self.runner.restore_prefix(self._cache, self._store, row.slot, blocks, first + len(found))
+        saved = len(found) * size
+        row.cursor += saved
+        row.reused += saved
+        row.stored = max(row.stored, first + len(found))
+        self.counters["prefix_cache_tokens_saved"] += saved
+        self._log("restore", slot=row.slot, start=first * size, tokens=saved)
+        return saved
+
+    def _save_to_store(self, row: _Row) -> None:
+        """After a row's prefill chunk: copies its prompt blocks so far that the store lacks into it (the whole
+        chain is offered, so a block evicted since it was stored is stored again and no block of the chain is
+        evicted for another)."""
+        done = min(row.cursor // self.prefix_block_size, len(row.keys))
+        if done <= row.stored:
+            return
+        namespace = "" if row.job.served_adapter is None else row.job.served_adapter.namespace
+        placed = self._prefix.add(row.keys[:done], namespace)
+        row.stored = done
+        if any(block is not None for block in placed):
+            blocks = np.full(self._row_blocks, self._prefix.blocks, np.int32)  # out of range: not saved
+            for i, block in enumerate(placed):
+                if block is not None:
+                    blocks[i] = block
+            self._store = self.runner.save_prefix(self._store, self._cache, row.slot, blocks)
+
+    def _computing(self, row: _Row, older: list[_Row]) -> bool:
+        """Whether an older prefilling row will compute the block `row` needs next (the same tokens up to its
+        end, through the same adapter): then `row` waits and takes it from the store."""
+        if self._prefix is None or row.cursor % self.prefix_block_size:
+            return False
+        block = row.cursor // self.prefix_block_size
+        if block >= len(row.keys):
+            return False
+        return any(block < len(o.keys) and o.keys[block] == row.keys[block] and o.cursor <= row.cursor
+                   for o in older)
 
     def _score_batch(self) -> bool:
         """Scores the oldest waiting sequences that fit in one call of `prefill_chunk` tokens (at least one)."""
@@ -444,7 +648,8 @@ class Engine:
         self.counters["score_calls"] += 1
         self._log("score", rows=len(jobs), tokens=sum(len(j.prompt) for j in jobs))
         try:
-            scores = self.runner.score([job.prompt for job in jobs], top_logprobs=max(j.top_logprobs for j in jobs))
+            scores = self.runner.score([job.prompt for job in jobs], top_logprobs=max(j.top_logprobs for j in jobs),
+                                       adapter_ids=[job.adapter_slot for job in jobs])
         except Exception as error:  # noqa: BLE001 - a failed scoring call fails only its own rows
             logging.exception("scoring batch failed")
             for job in jobs:
@@ -462,6 +667,10 @@ class Engine:
         their padded chunks fit one call of `prefill_budget` tokens.
         """
         pending = sorted((r for r in self._rows if r is not None and r.prefilling), key=lambda r: r.order)
+        if self._prefix is not None:
+            for row in pending:
+                self._extend_from_store(row)  # blocks an older row saved since this one was admitted
+            pending = [r for i, r in enumerate(pending) if r.prefilling and not self._computing(r, pending[:i])]
         if not pending:
             return None
         start = pending[0].cursor
@@ -485,22 +694,31 @@ class Engine:
         out[SEED] = np.array(job.seed & 0xFFFFFFFF, np.uint32).view(np.int32)
         out[EOS] = row.eos
         out[MIN_TOKENS] = job.min_tokens
+        out[ADAPTER] = job.adapter_slot
         out_f[TEMPERATURE], out_f[TOP_P] = job.temperature, job.top_p
 
     def _prefill(self, start: int, group: list[_Row], k: int, length: int) -> None:
         slot_ids = np.full(k, self.slots, np.int32)  # padding rows point past the cache: never written
         tokens = np.zeros((k, length), np.int32)
         lengths = np.zeros(k, np.int32)
+        adapter_ids = np.full(k, NO_ADAPTER, np.int32)
         for i, row in enumerate(group):
             chunk = row.job.prompt[start:start + length]
             tokens[i, :len(chunk)] = chunk
-            lengths[i], slot_ids[i] = len(chunk), row.slot
+            lengths[i], slot_ids[i], adapter_ids[i] = len(chunk), row.slot, row.job.adapter_slot
         self.counters["prefill_calls"] += 1
+        self.counters["prefilled_tokens"] += int(lengths.sum())
         self._log("prefill", slots=[r.slot for r in group], start=start, tokens=int(lengths.sum()),
                   shape=(k, length))
-        self._cache, logits = self.runner.prefill(self._cache, slot_ids, tokens, lengths, start, self._pick_rows)
+        self._cache, logits = self.runner.prefill(self._cache, slot_ids, tokens, lengths, start, self._pick_rows,
+                                                  adapter_ids)
         for i, row in enumerate(group):
             row.cursor += int(lengths[i])
+            if self._prefix is not None:
+                self._save_to_store(row)
+                if not row.prefilling and len(row.job.prompt) > self.prefix_block_size:
+                    # A prompt of more than one block could have reused one: a hit if it did, else a miss.
+                    self.counters["prefix_cache_hits" if row.reused else "prefix_cache_misses"] += 1
         ready = [(i, row) for i, row in enumerate(group) if not row.prefilling]
         if not ready:  # a middle chunk of a long prompt: nothing to sample yet
             return
@@ -526,7 +744,8 @@ class Engine:
         self._cache, (tokens, token_lps, top_ids, top_lps, produced) = self.runner.decode(
             self._cache, rows, rows_f, steps, bool(self._waiting), self.decode_steps, num_top)
         self.counters["decode_steps"] += int(produced.max())
-        self._log("decode", slots=[r.slot for r in decoding], steps=int(produced.max()))
+        self._log("decode", slots=[r.slot for r in decoding], steps=int(produced.max()),
+                  adapters=sorted({r.job.adapter_slot for r in decoding}))
         now = time.monotonic()
         for row in decoding:
             n = int(produced[row.slot])
@@ -607,12 +826,16 @@ class Engine:
             job.future.set_exception(error)
 
     def _reset(self, error: BaseException) -> None:
-        """After a failed device call (whose donated cache may be gone): fail every row in a slot, new cache."""
+        """After a failed device call (whose donated cache or store may be gone): fail every row in a slot, new
+        cache, empty prefix store."""
         for row in list(self._rows):
             if row is not None:
                 self._free(row)
                 self._fail(row.job, error)
         self._cache = self.runner.new_cache(self.slots, self.cache_len)
+        if self._prefix is not None:
+            self._prefix.clear()
+            self._store = self.runner.new_prefix_store(self._prefix.blocks, self.prefix_block_size)
 
 
 def _find_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:

@@ -4,7 +4,7 @@
 rows per request and vocabulary), so the schema a client or a fuzzer reads is
 the one the server enforces; `describe_validation_errors` turns pydantic's
 errors into one readable line; `declare_errors` makes the schema state the
-400 / 429 / 500 answers and the server-sent events of a streamed completion.
+400 / 404 / 429 / 500 answers and the server-sent events of a streamed completion.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from gptj.inference.adapters import NAME_PATTERN
 from gptj.inference.runner import MAX_TOP_LOGPROBS
 
 MAX_STOP_STRINGS = 4
@@ -135,6 +136,28 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     tokens: list[StrictInt]
+
+
+AdapterName = Annotated[str, Field(strict=True, pattern=f"^{NAME_PATTERN.pattern}$")]
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter: a name for requests' `model`, and a PEFT directory or gptj LoRA workdir
+    on the server's disk."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: AdapterName
+    lora_path: Text
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    """vLLM's POST /v1/unload_lora_adapter (its `lora_int_id` is accepted and ignored: names identify adapters)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: AdapterName
+    lora_int_id: StrictInt | None = None
 
 
 def bounded_requests(max_new_tokens: int, max_rows: int, vocab_size: int) -> dict[str, type[BaseModel]]:
@@ -274,11 +297,15 @@ class CompleteResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """A served model: the base (`parent` None), or a LoRA adapter over it (`root`: where it was read from)."""
+
     id: str
     object: str
     created: int
     owned_by: str
     max_model_len: int
+    root: str
+    parent: str | None = None
 
 
 class ModelList(BaseModel):
@@ -370,7 +397,7 @@ def declare_errors(app) -> None:
             for path, event in (("/v1/completions", "CompletionResponse"), ("/v1/chat/completions",
                                                                            "ChatCompletionChunk")):
                 responses = spec["paths"][path]["post"]["responses"]
-                responses["404"] = dict(error, description="the request's model is not served here")
+                responses["404"] = dict(error, description="the request's model (base or adapter) is not served")
                 responses["429"] = dict(error, description="more rows waiting than the server queues")
                 responses["200"]["content"]["text/event-stream"] = {"schema": {
                     "type": "object", "required": ["data"],
@@ -378,6 +405,11 @@ def declare_errors(app) -> None:
                                    "an ErrorResponse if generation fails mid-stream, or [DONE]",
                     "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}
             spec["paths"]["/complete"]["post"]["responses"]["429"] = dict(error, description="server busy")
+            for path, answers in (("/v1/load_lora_adapter", {}),
+                                  ("/v1/unload_lora_adapter", {"404": "no adapter of that name is loaded"})):
+                responses = spec["paths"][path]["post"]["responses"]
+                responses["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
+                responses.update({code: dict(error, description=text) for code, text in answers.items()})
             app.openapi_schema = spec
         return app.openapi_schema
 

@@ -14,17 +14,22 @@ Endpoints:
                         (`config.serve.chat_template`, `gptj.inference.chat`), max_tokens /
                         max_completion_tokens, the sampling fields above, logprobs / top_logprobs.
   POST /complete        mesh-transformer-jax's API: {"context", "top_p", "temp"} -> {"completion"}.
-  GET  /v1/models, GET /health (engine state and counters), GET /metrics (Prometheus text: gptj_* and the
+  GET  /v1/models       the base model and each loaded LoRA adapter (`parent`: the base).
+  POST /v1/load_lora_adapter {"lora_name", "lora_path"}, POST /v1/unload_lora_adapter {"lora_name"}: vLLM's
+                        runtime adapter endpoints (`gptj.inference.adapters`); unloading waits for the rows
+                        using the adapter.
+  GET  /health (engine state, adapters, prefix cache, counters), GET /metrics (Prometheus text: gptj_* and the
                         vLLM names of the gauges, counters and histograms that have an equivalent here).
   GET  /tokenizer_info, POST /tokenize, POST /detokenize: vLLM's tokenizer endpoints, so lm-eval's
                         `tokenizer_backend=remote` (auto-detected) needs no tokenizer files of its own.
   GET  /openapi.json    the schema of all of the above, errors included.
 
 Requests run on one `gptj.inference.engine.Engine` (continuous batching over `config.serve.max_batch_size`
-slots). A request's `model` must name a model this server serves (`CompletionService.resolve_model`), or be
-left out. Every error is a JSON body {"error": {"message", "type", "param", "code"}}: 400 for anything the
-client got wrong, 404 for a model not served here, 429 when more rows wait than `max_queue`, 500 only for
-a server fault; no request can stop the server.
+slots). A request's `model` names the base (`config.serve.model_name`, or left out) or a loaded adapter
+(`CompletionService.resolve_model`); rows of every adapter and of the base decode together. Every error is
+a JSON body {"error": {"message", "type", "param", "code"}}: 400 for anything the client got wrong, 404
+for a model (adapter) not served here, 429 when more rows wait than `max_queue`, 500 only for a server
+fault; no request can stop the server.
 
 Streaming sends each token as its own event (at most `config.serve.stream_interval` tokens per event),
 even when one engine step decoded several; text that a stop string might still cover, or that ends inside
@@ -44,14 +49,17 @@ import uuid
 from typing import Any, AsyncIterator
 
 from gptj.data.vocab import EOT_TOKEN
+from gptj.errors import AdapterError, UnknownAdapterError
+from gptj.inference.adapters import adapter_pool_size, parse_adapter_specs
 from gptj.inference.chat import ChatTemplate, ChatTemplateError
 from gptj.inference.engine import GENERATE, SCORE, Engine, Job, QueueFull
 from gptj.inference.runner import Generation, Score
 from gptj.inference.sampler import encode_text
 from gptj.inference.schema import (ChatCompletionRequest, ChatCompletionResponse, CompleteRequest, CompleteResponse,
                                    CompletionRequest, CompletionResponse, DetokenizeResponse, HealthResponse,
-                                   ModelList, SamplingFields, TokenizeRequest, TokenizeResponse, TokenizerInfo,
-                                   bounded_requests, declare_errors, describe_validation_errors)
+                                   LoadLoraAdapterRequest, ModelList, SamplingFields, TokenizeRequest,
+                                   TokenizeResponse, TokenizerInfo, UnloadLoraAdapterRequest, bounded_requests,
+                                   declare_errors, describe_validation_errors)
 
 # The reference's /complete always generated this many tokens.
 REFERENCE_COMPLETE_TOKENS = 512
@@ -162,7 +170,11 @@ def _prometheus_label(value: str) -> str:
 VLLM_GAUGES = (("vllm:num_requests_running", "running_slots", "Rows in a slot (prefilling or decoding)."),
                ("vllm:num_requests_waiting", "waiting_rows", "Rows waiting for a slot or a scoring batch."))
 VLLM_COUNTERS = (("vllm:prompt_tokens_total", "prompt_tokens", "Prompt tokens of admitted rows."),
-                 ("vllm:generation_tokens_total", "tokens_generated", "Tokens generated (EOS included)."))
+                 ("vllm:generation_tokens_total", "tokens_generated", "Tokens generated (EOS included)."),
+                 ("vllm:prefix_cache_queries_total", "prefix_cache_queries",
+                  "Prompt tokens looked up in the prefix cache."),
+                 ("vllm:prefix_cache_hits_total", "prefix_cache_tokens_saved",
+                  "Prompt tokens found in the prefix cache (not prefilled)."))
 VLLM_HISTOGRAMS = (("vllm:time_to_first_token_seconds", "time_to_first_token_seconds"),
                    ("vllm:time_per_output_token_seconds", "inter_token_latency_seconds"),
                    ("vllm:inter_token_latency_seconds", "inter_token_latency_seconds"),
@@ -189,6 +201,11 @@ def vllm_metrics(engine: Engine, model_name: str) -> str:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name}{{{labels}}} {health[source]}"]
     for name, source in VLLM_HISTOGRAMS:
         lines += engine.histograms[source].prometheus(name, HISTOGRAMS[source], labels)
+    running, waiting = engine.adapter_activity()
+    lora = (f'max_lora="{engine.adapters.slots}",running_lora_adapters="{_prometheus_label(",".join(running))}",'
+            f'waiting_lora_adapters="{_prometheus_label(",".join(waiting))}"')
+    lines += ["# HELP vllm:lora_requests_info The adapters of running and of waiting rows (value: the time).",
+              "# TYPE vllm:lora_requests_info gauge", f"vllm:lora_requests_info{{{lora}}} {time.time()}"]
     return "\n".join(lines) + "\n"
 
 
@@ -218,15 +235,43 @@ class CompletionService:
         self.stream_interval = int(stream_interval)
         self.started = time.time()
 
-    # -- request checking ---------------------------------------------------------------
+    # -- models: the base and its adapters -----------------------------------------------
 
     def resolve_model(self, requested: str | None) -> str:
-        """The served model a request's `model` field names: this server's model when left out or empty; a 404
-        (OpenAI's model_not_found) for a name it does not serve. Every endpoint that takes `model` asks here."""
+        """The served model a request's `model` field names: the base when left out, empty or its name, else a
+        loaded adapter; a 404 (OpenAI's model_not_found) naming the models served for anything else. Every
+        endpoint that takes `model` asks here."""
         if not requested or requested == self.model_name:
             return self.model_name
-        raise RequestError(f"The model `{requested}` does not exist (this server serves `{self.model_name}`).",
-                           status=404, param="model", code="model_not_found")
+        if requested in self.engine.adapters.names():
+            return requested
+        served = ", ".join([self.model_name] + self.engine.adapters.names())
+        raise RequestError(f"The model `{requested}` does not exist; this server serves: {served}.", status=404,
+                           param="model", code="model_not_found")
+
+    def adapter_of(self, model: str) -> str:
+        """The engine's adapter name of a resolved model ("" for the base)."""
+        return "" if model == self.model_name else model
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """POST /v1/load_lora_adapter: reads and loads an adapter (blocking; run it off the event loop)."""
+        if name == self.model_name:
+            raise RequestError(f"`{name}` is the base model's name; choose another adapter name",
+                               param="lora_name")
+        try:
+            self.engine.load_adapter(name, path)
+        except AdapterError as e:
+            raise RequestError(str(e), param="lora_path") from None
+
+    async def unload_adapter(self, name: str) -> None:
+        """POST /v1/unload_lora_adapter: returns once the rows using it have finished and its slot is free."""
+        try:
+            future = self.engine.unload_adapter(name)
+        except UnknownAdapterError as e:
+            raise RequestError(str(e), status=404, param="lora_name", code="model_not_found") from None
+        await asyncio.wrap_future(future)
+
+    # -- request checking ---------------------------------------------------------------
 
     def encode(self, text: str, param: str) -> list[int]:
         try:
@@ -277,6 +322,8 @@ class CompletionService:
             self.engine.submit(jobs)
         except QueueFull as e:
             raise RequestError(f"server busy: {e}; retry later", status=429, kind="rate_limit_error") from None
+        except UnknownAdapterError as e:  # unloaded since the request was read
+            raise RequestError(str(e), status=404, param="model", code="model_not_found") from None
 
     async def wait(self, jobs: list[Job]) -> list[Any]:
         try:
@@ -299,7 +346,7 @@ class CompletionService:
         return {"completion": generation.text}
 
     def generate_jobs(self, request: SamplingFields, prompts: list[list[int]], max_tokens: int,
-                      top_logprobs: int) -> list[Job]:
+                      top_logprobs: int, model: str) -> list[Job]:
         """The generate jobs of a request: n per prompt (choice i of a prompt draws with seed + i)."""
         if request.stream_options is not None and not request.stream:
             raise RequestError("stream_options can only be given with stream=true", param="stream_options")
@@ -319,7 +366,7 @@ class CompletionService:
             return []
         return [Job(GENERATE, prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                     seed=seed + i, stop=stop, top_logprobs=top_logprobs, ignore_eos=bool(request.ignore_eos),
-                    min_tokens=min_tokens)
+                    min_tokens=min_tokens, adapter=self.adapter_of(model))
                 for prompt in prompts for i in range(n)]
 
     def plan(self, request: CompletionRequest):
@@ -328,8 +375,9 @@ class CompletionService:
         prompts = self.prompts_of(request.prompt, request.n or 1)
         max_tokens = request.max_tokens if request.max_tokens is not None else min(16, self.max_new_tokens_limit)
         self.check_lengths(prompts, max_tokens)
-        generate = self.generate_jobs(request, prompts, max_tokens, request.logprobs or 0)
-        score = ([Job(SCORE, prompt, top_logprobs=request.logprobs or 0) for prompt in prompts]
+        generate = self.generate_jobs(request, prompts, max_tokens, request.logprobs or 0, model)
+        score = ([Job(SCORE, prompt, top_logprobs=request.logprobs or 0, adapter=self.adapter_of(model))
+                  for prompt in prompts]
                  if request.echo and request.logprobs is not None else [])
         return model, prompts, generate, score
 
@@ -345,7 +393,7 @@ class CompletionService:
             if max_tokens <= 0:
                 max_tokens = 1  # the context is full: answered by check_lengths below
         self.check_lengths([prompt], max_tokens, param="messages")
-        return model, prompt, self.generate_jobs(request, [prompt], max_tokens, request.top_logprobs or 0)
+        return model, prompt, self.generate_jobs(request, [prompt], max_tokens, request.top_logprobs or 0, model)
 
     # -- responses ----------------------------------------------------------------------
 
@@ -639,9 +687,21 @@ def create_app(service: CompletionService, *, warmup: bool = False):
 
     @app.get("/v1/models", response_model=ModelList)
     async def models():
-        return {"object": "list", "data": [{"id": service.model_name, "object": "model",
-                                            "created": int(service.started), "owned_by": "gptj",
-                                            "max_model_len": service.max_len}]}
+        base = {"id": service.model_name, "object": "model", "created": int(service.started), "owned_by": "gptj",
+                "max_model_len": service.max_len, "root": service.model_name, "parent": None}
+        adapters = [{**base, "id": a.name, "created": int(a.loaded_at), "root": a.path, "parent": service.model_name}
+                    for a in service.engine.adapters.adapters()]
+        return {"object": "list", "data": [base] + adapters}
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+    async def load_lora_adapter(request: LoadLoraAdapterRequest):
+        await asyncio.to_thread(service.load_adapter, request.lora_name, request.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+    async def unload_lora_adapter(request: UnloadLoraAdapterRequest):
+        await service.unload_adapter(request.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' removed successfully.")
 
     @app.get("/health", response_model=HealthResponse)
     async def health():
@@ -669,10 +729,20 @@ def create_app(service: CompletionService, *, warmup: bool = False):
 
 
 def build_app(sampler, tokenizer, serve_config) -> Any:
-    """An app serving `sampler`'s model with the engine settings and names of a serve section (ServeSettings)."""
+    """An app serving `sampler`'s model with the engine settings, names, adapters and prefix cache of a serve
+    section (ServeSettings); the adapters it names are loaded here. ValueError for a setting out of range,
+    AdapterError for an adapter that cannot be served."""
+    slots, rank = adapter_pool_size(serve_config)
+    if slots:
+        sampler.runner.reserve_adapters(slots, rank)
     engine = Engine(sampler.runner, slots=serve_config.max_batch_size, max_queue=serve_config.max_queue,
                     prefill_chunk=serve_config.prefill_chunk, decode_steps=serve_config.decode_steps,
-                    tokenizer=tokenizer, eos_id=sampler.eos_id)
+                    tokenizer=tokenizer, eos_id=sampler.eos_id, prefix_cache_gib=serve_config.prefix_cache_gib,
+                    prefix_block_size=serve_config.prefix_block_size)
+    for name, path in parse_adapter_specs(serve_config.adapters):
+        if name == serve_config.model_name:
+            raise AdapterError(f"serve.adapters: {name!r} is the base model's name (serve.model_name)")
+        engine.load_adapter(name, path)
     service = CompletionService(engine, tokenizer, model_name=serve_config.model_name,
                                 max_new_tokens_limit=serve_config.max_new_tokens_limit,
                                 chat_template=ChatTemplate.load(serve_config.chat_template),
@@ -695,6 +765,8 @@ def serve(config, workdir: str | None) -> None:
     sampler = build_sampler(settings, workdir)
     try:
         app = build_app(sampler, sampler.tokenizer, settings.serve)
+    except AdapterError as e:
+        raise ConfigError(f"serve.adapters: {e}") from None
     except ConfigError:  # the chat template: already says which setting
         raise
     except ValueError as e:  # a serve setting out of range (slots, queue, chunk, steps, stream interval)

@@ -15,6 +15,10 @@ every projection calls), as `<target>_lora_a` [layers, in..., rank] and
 `merge` folds trained adapters into their kernels (W + alpha/r · A·B), so a
 fine-tuned model runs for inference, or leaves as a HuggingFace model, at the
 base model's speed and shape. The PEFT file format is `gptj.weights.formats.peft`.
+
+A server holding several adapters over one base keeps them unmerged, in an
+adapter pool (`pool_shapes`, `pool_entry`): every target, ranks padded to the
+pool's, B scaled by alpha / rank, one slot per adapter.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ import functools
 import re
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gptj.core.param_tree import merge_params, select_params
-from gptj.model.transformer import LoraConfig, lora_param_names
+from gptj.model.transformer import LORA_TARGETS, LoraConfig, abstract_params, lora_param_names, pool_names
 
 # What a LoRA run trains unless `train.trainable` says otherwise: the adapters alone.
 ADAPTER_PATTERN = r".*_lora_[ab]"
@@ -145,3 +150,47 @@ def merge(params, lora: LoraConfig, donate: bool = False):
         kernel = _module(base, module_path)[kernel_name]
         _node(merged, module_path)[kernel_name] = _merged_kernel(kernel, a, b, lora.scale, donate)
     return merge_params(base, merged)
+
+
+# -- adapters pooled beside one base, for serving (the `adapter_pool` collection of gptj.model.transformer) --
+
+
+def pool_shapes(config, slots: int, rank: int) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """{target: (A's shape, B's shape)} of an adapter pool of `slots` adapters of rank <= `rank`, every target:
+    A [layers, slots, in..., rank], B [layers, slots, rank, out...]."""
+    tree = nn.meta.unbox(abstract_params(config, LoraConfig(rank=rank, targets=LORA_TARGETS)))
+    shapes = {}
+    for target in LORA_TARGETS:
+        a, b = (tuple(x.shape) for x in adapter_pair(tree, target))
+        shapes[target] = (a[:1] + (slots,) + a[1:], b[:1] + (slots,) + b[1:])
+    return shapes
+
+
+def pool_tree(pairs: dict[str, tuple[Any, Any]]) -> dict:
+    """The `adapter_pool` collection's tree from {target: (A, B)} (its module paths and `pool_names`)."""
+    tree: dict = {}
+    for target, (a, b) in pairs.items():
+        node = _node(tree, KERNELS[target][0])
+        for name, value in zip(pool_names(target), (a, b)):
+            node[name] = value
+    return tree
+
+
+def pool_entry(adapters, lora: LoraConfig, rank: int, config) -> dict:
+    """One adapter as a slot of an adapter pool (`pool_tree` layout, fp32 numpy, without the slot axis).
+
+    Every target is present: the adapter's own padded with zeros from its
+    rank to `rank` (the extra columns of A and rows of B add exact zeros),
+    B multiplied by alpha / rank; a target it does not adapt is all zeros.
+    """
+    if lora.rank > rank:
+        raise ValueError(f"rank {lora.rank} exceeds the pool's rank {rank}")
+    pairs = {}
+    for target, (a_shape, b_shape) in pool_shapes(config, 1, rank).items():
+        a_pad, b_pad = np.zeros(a_shape[:1] + a_shape[2:], np.float32), np.zeros(b_shape[:1] + b_shape[2:], np.float32)
+        if lora.adapts(target):
+            a, b = adapter_pair(adapters, target)
+            a_pad[..., :lora.rank] = np.asarray(a, np.float32)
+            b_pad[:, :lora.rank] = np.asarray(b, np.float32) * np.float32(lora.scale)
+        pairs[target] = (a_pad, b_pad)
+    return pool_tree(pairs)

@@ -36,6 +36,15 @@ its kernel, e.g. blocks/attn/q_proj_lora_a [layers, embed, lora_rank] and
 blocks/attn/q_proj_lora_b [layers, lora_rank, heads, head_dim];
 blocks/mlp/fc_in_lora_a [layers, embed, lora_rank], ...
 
+Serving many adapters over one base (`gptj.inference`), the adapters are not
+parameters but a separate variable collection, `adapter_pool` (ADAPTER_POOL):
+per target, `<target>_pool_a` [layers, slots, in..., rank] and
+`<target>_pool_b` [layers, slots, rank, out...] (B already multiplied by its
+adapter's alpha / rank; ranks and targets a slot lacks are zeros), beside the
+kernel in the same module. A call given `adapter_ids` [B] adds to each row the
+delta of its own slot (a negative id: none; `pooled_lora_delta`), so rows of
+different adapters and of the plain base run in one batch.
+
 Decoding (`decode=True`) keeps a KV cache in the `cache` collection, at the
 model's top level: `cached_key`/`cached_value` [layers, batch, heads,
 cache_len, head_dim] (heads before slots: the layout the attention
@@ -52,6 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Mapping, NamedTuple
 
 import flax.linen as nn
@@ -267,6 +277,47 @@ def lora_param_names(target: str) -> tuple[str, str]:
     return f"{target}_lora_a", f"{target}_lora_b"
 
 
+# The variable collection of the adapters a server holds beside one base (see the module docstring).
+ADAPTER_POOL = "adapter_pool"
+
+
+def pool_names(target: str) -> tuple[str, str]:
+    """The names of a target's pooled adapters A and B in the `adapter_pool` collection."""
+    return f"{target}_pool_a", f"{target}_pool_b"
+
+
+def pooled_lora_delta(x: jax.Array, pool_a: jax.Array, pool_b: jax.Array, adapter_ids: jax.Array,
+                      letters: tuple[str, str, str, str, str]) -> jax.Array:
+    """Each row's own adapter delta (x·A[id])·B[id] for one layer's pool A [slots, in..., r], B [slots, r, out...].
+
+    A negative or out-of-range id adds nothing (the plain base); B carries its
+    adapter's scale. Two ways, chosen by shape at trace time (measured by
+    benchmarks/multi_lora.py):
+    - several tokens per row (prefill, scoring): each row's A and B are
+      gathered, then two batched contractions over its tokens (the per-row
+      gather of Punica's BGMV and S-LoRA): work follows the rows' tokens,
+      while multiplying every token by every adapter would take `slots` times
+      the arithmetic;
+    - one token per row (a decode step) and at least as many rows as slots:
+      every row through every adapter in one contraction, the others'
+      results masked out, which reads each adapter once where the gather
+      would copy one per row.
+    """
+    x_sub, w_in, w_out, batch, y_sub = letters
+    rows, slots = x.shape[0], pool_a.shape[0]
+    if math.prod(x.shape[1:len(batch)]) == 1 and rows >= slots:
+        keep = jax.nn.one_hot(adapter_ids, slots, dtype=x.dtype)  # a negative id: no adapter
+        keep = keep.reshape((rows,) + (1,) * (len(batch) - 1) + (slots, 1))
+        xa = jnp.einsum(f"{x_sub},n{w_in}r->{batch}nr", x, pool_a) * keep
+        return jnp.einsum(f"{batch}nr,nr{w_out}->{y_sub}", xa, pool_b)
+    row = x_sub[0]
+    ids = jnp.where(adapter_ids < 0, slots, adapter_ids)
+    a = jnp.take(pool_a, ids, axis=0, mode="fill", fill_value=0)
+    b = jnp.take(pool_b, ids, axis=0, mode="fill", fill_value=0)
+    xa = jnp.einsum(f"{x_sub},{row}{w_in}r->{batch}r", x, a)
+    return jnp.einsum(f"{batch}r,{row}r{w_out}->{y_sub}", xa, b)
+
+
 def _split_einsum(spec: str) -> tuple[str, str, str, str, str]:
     """'btd,dhk->bthk' -> (x 'btd', kernel inputs 'd', kernel outputs 'hk', batch 'bt', y 'bthk')."""
     operands, y = spec.split("->")
@@ -310,7 +361,8 @@ _lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 def project(module: nn.Module, x: jax.Array, target: str, kernel_name: str, spec: str, shape: tuple[int, ...],
-            axes: tuple[str, ...], lora: LoraConfig | None, deterministic: bool) -> jax.Array:
+            axes: tuple[str, ...], lora: LoraConfig | None, deterministic: bool,
+            adapter_ids: jax.Array | None = None) -> jax.Array:
     """One projection of the model (no bias): y = einsum(spec, x, W), plus its LoRA adapters if any.
 
     Every projection (q, k, v, out, fc_in, fc_out) goes through here, so a
@@ -320,15 +372,20 @@ def project(module: nn.Module, x: jax.Array, target: str, kernel_name: str, spec
     that also index x are its inputs, the rest its outputs, which fixes the
     adapters' shapes: A [inputs..., rank], B [rank, outputs...]. The matmuls
     run in the compute dtype; dropout (training only) is applied to the
-    adapters' input, as PEFT does.
+    adapters' input, as PEFT does. With `adapter_ids` and an `adapter_pool`
+    holding this target, each row also gets its pooled adapter's delta.
     """
     cfg = module.config
     dtype, pdt = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
     kernel = matrix_param(module, kernel_name, target, _init(cfg.init_std), shape, axes)
     y = quantize.einsum(spec, x, kernel, dtype)
+    letters = _split_einsum(spec)
+    pool_a, pool_b = pool_names(target)
+    if adapter_ids is not None and module.has_variable(ADAPTER_POOL, pool_a):
+        y = y + pooled_lora_delta(x, module.get_variable(ADAPTER_POOL, pool_a).astype(dtype),
+                                  module.get_variable(ADAPTER_POOL, pool_b).astype(dtype), adapter_ids, letters)
     if lora is None or not lora.adapts(target):
         return y
-    letters = _split_einsum(spec)
     n_in = len(letters[1])
     fan_in = int(np.prod(shape[:n_in]))
     bound = 1.0 / np.sqrt(fan_in)
@@ -406,14 +463,15 @@ class Attention(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, positions, token_mask, cache=None):
+    def __call__(self, x, positions, token_mask, cache=None, adapter_ids=None):
         cfg = self.config
         dtype = resolve_dtype(cfg.dtype)
         qkv_shape = (cfg.d_model, cfg.num_heads, cfg.head_dim)
         qkv_axes = ("embed", "heads", "head_dim")
 
         def qkv(name):
-            y = project(self, x, name, name, "btd,dhk->bthk", qkv_shape, qkv_axes, self.lora, self.deterministic)
+            y = project(self, x, name, name, "btd,dhk->bthk", qkv_shape, qkv_axes, self.lora, self.deterministic,
+                        adapter_ids)
             return nn.with_logical_constraint(y, ("act_batch", "act_length", "act_heads", "head_dim"))
 
         q, k, v = qkv("q_proj"), qkv("k_proj"), qkv("v_proj")
@@ -431,7 +489,7 @@ class Attention(nn.Module):
             out = causal_attention(q, k, v, token_mask, impl=cfg.attention_impl, scale=scale, dtype=dtype)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", "head_dim"))
         out = project(self, out, "out_proj", "out_proj", "bthk,hkd->btd", (cfg.num_heads, cfg.head_dim, cfg.d_model),
-                      ("heads", "head_dim", "embed"), self.lora, self.deterministic)
+                      ("heads", "head_dim", "embed"), self.lora, self.deterministic, adapter_ids)
         return out, new_kv
 
 
@@ -443,19 +501,19 @@ class MLP(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, adapter_ids=None):
         cfg = self.config
         dtype, pdt = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
         zeros = nn.initializers.zeros
         # Each bias is created right after its kernel (and adapters): the order of
         # creation fixes which random numbers each parameter is initialised from.
         h = project(self, x, "fc_in", "fc_in_kernel", "btd,df->btf", (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"),
-                    self.lora, self.deterministic)
+                    self.lora, self.deterministic, adapter_ids)
         b_in = self.param("fc_in_bias", nn.with_logical_partitioning(zeros, ("mlp",)), (cfg.mlp_dim,), pdt)
         h = nn.with_logical_constraint(h + b_in.astype(dtype), ("act_batch", "act_length", "act_mlp"))
         h = jax.nn.gelu(h, approximate=True)
         out = project(self, h, "fc_out", "fc_out_kernel", "btf,fd->btd", (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"),
-                      self.lora, self.deterministic)
+                      self.lora, self.deterministic, adapter_ids)
         b_out = self.param("fc_out_bias", nn.with_logical_partitioning(zeros, ("embed",)), (cfg.d_model,), pdt)
         return out + b_out.astype(dtype)
 
@@ -472,14 +530,14 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, positions, token_mask, layer_cache=None, cache_state=None):
+    def __call__(self, x, positions, token_mask, layer_cache=None, cache_state=None, adapter_ids=None):
         # The LayerNorm's output stays in the residual stream's layout (what is saved of it for the backward
         # pass too); attention and MLP gather it whole where a rule set splits it by sequence.
         h = nn.with_logical_constraint(LayerNorm(self.config, name="ln")(x), RESIDUAL_AXES)
         cache = None if layer_cache is None else (*layer_cache, *cache_state)
         attention = Attention(self.config, self.lora, self.deterministic, name="attn")
-        attn, new_kv = attention(h, positions, token_mask, cache)
-        out = x + attn + MLP(self.config, self.lora, self.deterministic, name="mlp")(h)
+        attn, new_kv = attention(h, positions, token_mask, cache, adapter_ids)
+        out = x + attn + MLP(self.config, self.lora, self.deterministic, name="mlp")(h, adapter_ids)
         out = nn.with_logical_constraint(out, RESIDUAL_AXES)
         return out, new_kv
 
@@ -502,12 +560,14 @@ class GPTJ(nn.Module):
 
     With `lora`, the projections it targets carry low-rank adapters (see
     `LoraConfig`); `deterministic=False` (training, with a `dropout` RNG)
-    applies the adapters' dropout.
+    applies the adapters' dropout. `adapter_ids` [B] picks each row's adapter
+    from an `adapter_pool` collection passed with the params (a negative id:
+    the plain base); without that collection it is ignored.
 
     With `pipeline`, the layers run as a pipeline of `pipeline.stages` stages
     on `pipeline.microbatches` microbatches of the batch (`gptj.core.pipeline`;
-    the mesh's stage axis must have that size); initialisation and decoding
-    do not pipeline.
+    the mesh's stage axis must have that size); initialisation does not
+    pipeline, and a pipelined model neither decodes nor picks adapters per row.
     """
 
     config: GPTJConfig
@@ -518,7 +578,7 @@ class GPTJ(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, token_mask=None, return_hidden: bool = False,
-                 deterministic: bool = True):
+                 deterministic: bool = True, adapter_ids=None):
         cfg = self.config
         dtype, pdt = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
         if positions is None:
@@ -535,19 +595,21 @@ class GPTJ(nn.Module):
         x = nn.with_logical_constraint(x, RESIDUAL_AXES)
 
         blocks = layer_stack(cfg, cfg.num_layers)
-        if self.decode and self.pipeline is not None:
-            raise ValueError("a pipelined GPT-J does not decode: build the decoder without `pipeline`")
+        if self.pipeline is not None and (self.decode or adapter_ids is not None):
+            raise ValueError("a pipelined GPT-J neither decodes nor picks adapters per row: build it without "
+                             "`pipeline`")
         if self.decode:
             cache = self._cache_variables(tokens.shape)
             layer_cache = (cache["cached_key"].value, cache["cached_value"].value)
             cache_state = (cache["key_mask"].value, cache["index"].value)
             x, new_kv = blocks(cfg, self.lora, deterministic, name="blocks")(x, positions, token_mask, layer_cache,
-                                                                             cache_state)
+                                                                             cache_state, adapter_ids)
             self._write_cache(cache, new_kv, token_mask)
         elif self.pipeline is not None and not self.is_initializing():
             x = self._pipelined_layers(x, positions, token_mask, deterministic)
         else:
-            x, _ = blocks(cfg, self.lora, deterministic, name="blocks")(x, positions, token_mask, None, None)
+            x, _ = blocks(cfg, self.lora, deterministic, name="blocks")(x, positions, token_mask, None, None,
+                                                                        adapter_ids)
 
         # The head, like attention and MLP, reads the whole sequence.
         x = nn.with_logical_constraint(LayerNorm(cfg, name="ln_f")(x), TENSOR_PARALLEL_AXES)
@@ -568,7 +630,7 @@ class GPTJ(nn.Module):
 
         def stage_fn(params, h, per_microbatch, rng):
             rngs = {} if rng is None else {"dropout": rng}
-            return stage_layers.apply({"params": params}, h, *per_microbatch, None, None, rngs=rngs)[0]
+            return stage_layers.apply({"params": params}, h, *per_microbatch, None, None, None, rngs=rngs)[0]
 
         dropout = not deterministic and self.lora is not None and self.lora.dropout > 0
         x = pipeline_lib.run(stage_fn, self.variables["params"]["blocks"], x, (positions, token_mask),
@@ -611,16 +673,17 @@ def layer_stack(config: GPTJConfig, length: int):
     the same scan at trace time (longer compile, no loop overhead), and a
     pipeline stage applies this scan to its slice of the layers. When
     decoding, each layer's cache slice is a scanned input (read, never
-    carried) and the layers' new keys/values come back as scan outputs.
+    carried) and the layers' new keys/values come back as scan outputs; an
+    adapter pool is stacked on the layers as the parameters are.
     """
     block = Block
     if config.remat_policy != "none":
         block = nn.remat(Block, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=False)
     return nn.scan(
         block,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, ADAPTER_POOL: 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
         length=length,
         unroll=1 if config.scan_layers else length,
         metadata_params={nn.PARTITION_NAME: "layers"},
@@ -732,8 +795,20 @@ def count_params(tree) -> int:
 def abstract_params(config: GPTJConfig, lora: LoraConfig | None = None):
     """Parameter shapes, dtypes and logical axes (as nn.Partitioned boxes), with nothing allocated.
 
-    With `lora`, the tree also holds its adapters.
+    With `lora`, the tree also holds its adapters. Each (config, lora) is traced
+    once per process (a trace of the whole model: loading, checking and
+    serving adapters ask for the same shapes many times); every call gets a
+    tree of its own.
     """
+    try:
+        traced = _traced_params(config, lora)
+    except TypeError:  # a config holding an unhashable value (a list from a hand-made dict): trace it here
+        traced = _traced_params.__wrapped__(config, lora)
+    return jax.tree_util.tree_map(lambda leaf: leaf, traced)
+
+
+@functools.lru_cache(maxsize=32)
+def _traced_params(config: GPTJConfig, lora: LoraConfig | None):
     model = GPTJ(config, lora=lora)
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(tokens.shape, tokens.dtype)))["params"]

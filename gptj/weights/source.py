@@ -36,6 +36,9 @@ and so do a PEFT adapter over them and the converters.
 Who calls what: training's `init_from` opens and places weights
 (`gptj.train`); sampling, serving and evaluation call `load_for_inference`
 (the workdir's own weights, else `init_from`); the converters read `arrays()`.
+A server holding several adapters over one base reads each with
+`open_adapter` (unmerged: a PEFT directory or a gptj LoRA workdir, checked
+against the base it is served over).
 """
 
 from __future__ import annotations
@@ -44,11 +47,12 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -61,7 +65,7 @@ from gptj.model import lora as lora_lib
 from gptj.model import quantized as quantize
 from gptj.model.transformer import GPTJConfig, LoraConfig, abstract_params, resolve_dtype
 from gptj.weights import params_dir as params_io
-from gptj.weights.spec import parse_init_from, peft_adapter_dir
+from gptj.weights.spec import PEFT_PREFIX, parse_init_from, peft_adapter_dir
 
 # Model fields a run may choose whatever the weights were trained with (numerics
 # and memory policy); every other field is the weights' shape and comes from them.
@@ -303,6 +307,77 @@ def with_peft_adapter(weights: Weights, spec: str) -> Weights:
     adapted = Adapted(base_spec=weights.spec, base_pad=weights.config.vocab_pad_multiple, source="peft", path=path,
                       lora=read_peft_config(path))
     return dataclasses.replace(weights, adapted=adapted)
+
+
+# The model fields that fix an adapter's shapes (another base's adapters differ in one of them).
+ADAPTER_SHAPE_FIELDS = ("num_layers", "d_model", "num_heads", "mlp_dim")
+
+
+def _adapter_weights(path: str) -> tuple[str, Weights | None]:
+    """(its directory, None) for a PEFT adapter directory (`peft:DIR`, or a directory holding
+    adapter_config.json), (its directory, its opened Weights) for a gptj LoRA workdir."""
+    from gptj.weights.formats.peft import ADAPTER_CONFIG
+
+    directory = peft_adapter_dir(path)
+    if path.startswith(PEFT_PREFIX) or os.path.isfile(os.path.join(directory, ADAPTER_CONFIG)):
+        return directory, None
+    if not os.path.isdir(directory):
+        raise WeightsError(f"{directory}: no such directory (expected a PEFT adapter directory or a gptj LoRA "
+                           "workdir)")
+    try:
+        weights = open_weights(directory)
+    except WeightsError as e:
+        raise WeightsError(f"{directory}: neither a PEFT adapter directory (no {ADAPTER_CONFIG}) nor a gptj LoRA "
+                           f"workdir ({e})") from None
+    adapted = weights.adapted
+    if adapted is None or adapted.lora is None:
+        raise WeightsError(f"{directory}: a model trained in full, not LoRA adapters; serve it on its own "
+                           "(--workdir)")
+    if adapted.trained != lora_lib.ADAPTER_PATTERN:
+        raise WeightsError(f"{directory}: trained {adapted.trained!r} besides LoRA adapters, which cannot be "
+                           "served over a shared base; serve it on its own (--workdir)")
+    return directory, weights
+
+
+def open_adapter_config(path: str) -> LoraConfig:
+    """The LoraConfig of an adapter `open_adapter` reads (its config file only)."""
+    from gptj.weights.formats.peft import read_peft_config
+
+    directory, weights = _adapter_weights(path)
+    return read_peft_config(directory) if weights is None else weights.adapted.lora
+
+
+def open_adapter(path: str, base: GPTJConfig, base_fingerprint: Callable[[], str] | None = None
+                 ) -> tuple[LoraConfig, Any]:
+    """(LoraConfig, the adapters as fp32 numpy) of a LoRA adapter to serve, unmerged, over the base `base`.
+
+    `path` is a HuggingFace PEFT adapter directory (`peft:DIR` or a directory
+    holding adapter_config.json) or a gptj workdir of a LoRA run. A workdir
+    must have trained its adapters only (`train.trainable` unset) over a
+    model of the base's shape; with `base_fingerprint` (a function giving
+    the served base's `fingerprint`, or "" where it cannot be told), its
+    recorded base must have the same fingerprint, so another base of the same
+    shape is refused too (compared where the two pad the vocabulary alike).
+    Raises WeightsError with one line saying what does not fit.
+    """
+    from gptj.weights.formats.peft import read_peft
+
+    directory, weights = _adapter_weights(path)
+    if weights is None:
+        return read_peft(directory, base)
+    adapted = weights.adapted
+    theirs = {f: getattr(weights.config, f) for f in ADAPTER_SHAPE_FIELDS}
+    ours = {f: getattr(base, f) for f in ADAPTER_SHAPE_FIELDS}
+    if theirs != ours:
+        raise WeightsError(f"{directory}: adapters of a model with {theirs}, but the served base has {ours}")
+    comparable = weights.config.padded_vocab_size == base.padded_vocab_size and adapted.fingerprint
+    served = base_fingerprint() if base_fingerprint is not None and comparable else ""
+    if served and served != adapted.fingerprint:
+        raise WeightsError(
+            f"{directory} was trained over base weights with fingerprint {adapted.fingerprint}, but the served base "
+            f"has fingerprint {served}: another base")
+    trained = adapted.trained_params(weights.config)
+    return adapted.lora, jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), trained)
 
 
 def open_weights(spec: str, vocab_pad_multiple: int = 1, base: str | None = None) -> Weights:

@@ -37,12 +37,11 @@ pair would carry no preference: almost always a broken export).
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from gptj.data.tasks.files import read_json_rows
 from gptj.data.tasks.sft import EXAMPLE_SHUFFLE_BUFFER, MASK, TEXT, JsonRowsSource, json_lines_files, keep_prompt
 from gptj.errors import DataError
 
@@ -75,34 +74,24 @@ class DPOSource(JsonRowsSource):
     """Preference JSON-lines files as {"text", "loss_mask"} pair records [2, seq_len + 1]; one split; hosts
     split the records."""
 
-    def examples(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(tokens, mask) [2, seq_len + 1] of every pair in file order, cut or skipped by the length rule.
+    fields = FIELDS
+    what = "preference"
 
-        Raises `DataError` naming the file and row on bad input.
-        """
-        eos = self.vocabulary.eos_id
-        total = cut = skipped = 0
-        first_skipped = ""
-        for path in self.files:
-            for row, (prompt, chosen, rejected) in read_json_rows(path, FIELDS):
-                for name, completion in (("chosen", chosen), ("rejected", rejected)):
-                    if not completion:
-                        raise DataError(f"{path}: row {row}: field {name!r} is empty")
-                if chosen == rejected:
-                    raise DataError(f"{path}: row {row}: 'chosen' and 'rejected' are the same text, so the pair "
-                                    "states no preference")
-                prompt_ids = self.vocabulary.encode(prompt)
-                pair = encode_pair(prompt_ids, self.vocabulary.encode(chosen), self.vocabulary.encode(rejected),
-                                   eos, self.seq_len)
-                total += 1
-                if pair is None:
-                    skipped += 1
-                    first_skipped = first_skipped or f" (first: {path} row {row})"
-                    continue
-                tokens, mask = pair
-                cut += int(np.argmax(mask[0]) < len(prompt_ids))  # the chosen row's completion starts early
-                yield tokens, mask
-        self.report_length_rule("preference", total, cut, skipped, first_skipped)
+    def encode_row(self, path: str, row: int, values: tuple[str, ...]) -> tuple[Any, bool]:
+        """(tokens, mask) [2, seq_len + 1] of one pair (None when skipped), and whether its prompt was cut."""
+        prompt, chosen, rejected = values
+        for name, completion in (("chosen", chosen), ("rejected", rejected)):
+            if not completion:
+                raise DataError(f"{path}: row {row}: field {name!r} is empty")
+        if chosen == rejected:
+            raise DataError(f"{path}: row {row}: 'chosen' and 'rejected' are the same text, so the pair "
+                            "states no preference")
+        prompt_ids = self.vocabulary.encode(prompt)
+        pair = encode_pair(prompt_ids, self.vocabulary.encode(chosen), self.vocabulary.encode(rejected),
+                           self.vocabulary.eos_id, self.seq_len)
+        if pair is None:
+            return None, False
+        return pair, int(np.argmax(pair[1][0])) < len(prompt_ids)  # the chosen row's completion starts early
 
     def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None, shard_info=None,
                     *, sequence_length=None, use_cached: bool = False, num_epochs: int | None = 1) -> tf.data.Dataset:

@@ -46,7 +46,7 @@ partition the single-host set.
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import seqio
@@ -94,7 +94,7 @@ def encode_example(prompt_ids: Sequence[int], completion_ids: Sequence[int], eos
 class JsonRowsSource(seqio.DataSource):
     """What the JSON-lines tasks share: their files, vocabulary and record length, one split that hosts
     divide record by record, errors tagged for the input iterator, and one warning per task about the
-    examples the length rule cut or skipped. Subclasses read the rows (`examples`) and lay out records
+    examples the length rule cut or skipped. Subclasses encode a row (`encode_row`) and lay out records
     (`get_dataset`)."""
 
     def __init__(self, files: Sequence[str], vocabulary, seq_len: int, split: str = "train"):
@@ -111,17 +111,35 @@ class JsonRowsSource(seqio.DataSource):
     def list_shards(self, split: str) -> Sequence[str]:
         return [split]
 
-    def examples(self) -> Iterator:
-        """The examples of every row in file order; raises `DataError` naming the file and row on bad input."""
+    fields: tuple[str, ...]  # the JSON fields of a row, in the order `encode_row` takes them
+    what: str  # what the rows are, for the length rule's warning
+
+    def encode_row(self, path: str, row: int, values: tuple[str, ...]) -> tuple[Any, bool]:
+        """(the row's example, or None where the length rule skips it; whether its prompt was cut from the left).
+
+        Raises `DataError` naming the file and row on bad input."""
         raise NotImplementedError
 
-    def report_length_rule(self, what: str, total: int, cut: int, skipped: int, first_skipped: str) -> None:
-        """Warns, once per task, how many of `total` examples had their prompt cut or were skipped."""
+    def examples(self) -> Iterator:
+        """The examples of every row in file order, cut or skipped by the length rule; one warning per task
+        counts them. Raises `DataError` naming the file and row on bad input."""
+        total = cut = skipped = 0
+        first_skipped = ""
+        for path in self.files:
+            for row, values in read_json_rows(path, self.fields):
+                example, prompt_cut = self.encode_row(path, row, values)
+                total += 1
+                if example is None:
+                    skipped += 1
+                    first_skipped = first_skipped or f" (first: {path} row {row})"
+                    continue
+                cut += int(prompt_cut)
+                yield example
         if (cut or skipped) and not self._reported:
             # Once per task: every epoch (and every host) reads the same rows again.
             self._reported = True
             logging.warning("%s data %s: of %d examples, %d had their prompt cut from the left and %d were skipped "
-                            "because completion + EOS is longer than seq_len=%d tokens%s", what,
+                            "because completion + EOS is longer than seq_len=%d tokens%s", self.what,
                             ",".join(self.files), total, cut, skipped, self.seq_len, first_skipped)
 
     def tagged_examples(self):
@@ -147,29 +165,21 @@ class SFTSource(JsonRowsSource):
         super().__init__(files, vocabulary, seq_len, split)
         self.pack = bool(pack)
 
-    def examples(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(tokens, mask) of every example in file order, cut or skipped by the length rule.
+    fields = FIELDS
+    what = "prompt/completion"
 
-        Raises `DataError` naming the file and row on bad input.
-        """
-        eos = self.vocabulary.eos_id
-        total = cut = skipped = 0
-        first_skipped = ""
-        for path in self.files:
-            for row, (prompt, completion) in read_json_rows(path, FIELDS):
-                if not completion:
-                    raise DataError(f"{path}: row {row}: field 'completion' is empty")
-                prompt_ids = self.vocabulary.encode(prompt)
-                example = encode_example(prompt_ids, self.vocabulary.encode(completion), eos, self.seq_len)
-                total += 1
-                if example is None:
-                    skipped += 1
-                    first_skipped = first_skipped or f" (first: {path} row {row})"
-                    continue
-                tokens, mask = example
-                cut += int(len(tokens) - int(mask.sum()) < len(prompt_ids))
-                yield tokens, mask
-        self.report_length_rule("prompt/completion", total, cut, skipped, first_skipped)
+    def encode_row(self, path: str, row: int, values: tuple[str, ...]) -> tuple[Any, bool]:
+        """(tokens, mask) of one prompt/completion row (None when skipped), and whether its prompt was cut."""
+        prompt, completion = values
+        if not completion:
+            raise DataError(f"{path}: row {row}: field 'completion' is empty")
+        prompt_ids = self.vocabulary.encode(prompt)
+        example = encode_example(prompt_ids, self.vocabulary.encode(completion), self.vocabulary.eos_id,
+                                 self.seq_len)
+        if example is None:
+            return None, False
+        tokens, mask = example
+        return example, len(tokens) - int(mask.sum()) < len(prompt_ids)
 
     def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None, shard_info=None,
                     *, sequence_length=None, use_cached: bool = False, num_epochs: int | None = 1) -> tf.data.Dataset:
