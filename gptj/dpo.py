@@ -93,6 +93,11 @@ class PairModel(nn.Module):
         """The wrapped model's LoRA adapters (None: none)."""
         return self.model.lora
 
+    @property
+    def pipeline(self):
+        """The wrapped model's pipeline schedule over the mesh's stages (None: none)."""
+        return self.model.pipeline
+
     def __call__(self, tokens, **kwargs):
         return self.model(tokens.reshape((-1,) + tokens.shape[2:]), **kwargs)
 

@@ -54,7 +54,9 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from gptj import recipe, targets
-from gptj.core.partitioning import Partitioner, make_mesh, per_device_bytes
+from gptj.core.param_tree import merge_params
+from gptj.core.partitioning import STAGE_AXIS, Partitioner, make_mesh, per_device_bytes
+from gptj.core.pipeline import Schedule
 from gptj.core.trainer import MemoryReport
 from gptj.errors import AdapterError, ConfigError, PartitioningError
 from gptj.inference.adapters import adapter_pool_size
@@ -77,7 +79,7 @@ class Plan:
     """Per-device bytes of one compiled train step, and the arithmetic beside them."""
 
     num_params: int
-    mesh: dict[str, int]
+    mesh: dict[str, int]  # axis sizes; the stage axis only when it has more than one stage
     rule_set: str
     params: int
     opt_state: int
@@ -92,6 +94,7 @@ class Plan:
     frozen_dtype: str = ""
     lora_params_expected: int = 0  # what a LoRA run's frozen bf16 base would take per device under these rules
     host: "HostMemory | None" = None  # host memory of reading and writing this model's weights
+    pipeline: Schedule | None = None  # the pipeline over the mesh's stages (None: no stage axis)
     objective: str = "lm"
     num_reference: int = 0  # the DPO reference's own parameters (beyond the frozen ones)
     reference: int = 0
@@ -151,7 +154,13 @@ def _split_ways(partitioner, rules) -> int:
     for name in ("embed", "mlp"):
         axis = table.get(name)
         axes |= {axis} if isinstance(axis, str) else set(axis or ())
-    return math.prod(partitioner.mesh.shape[a] for a in axes)
+    return math.prod(partitioner.mesh.shape.get(a, 1) for a in axes)
+
+
+def _expected_bytes(params, bytes_per_param: int, ways: int, stages: int) -> int:
+    """Per-device bytes of `params` (a tree) split `ways` ways, its stacked layers (`blocks`) also over the stages."""
+    stacked = count_params(params.get("blocks", {}))
+    return (stacked // stages + count_params(params) - stacked) * bytes_per_param // ways
 
 
 def _device_memory(device_memory_gib: float | None, target: targets.Target | None = None) -> int | None:
@@ -167,12 +176,12 @@ def _device_memory(device_memory_gib: float | None, target: targets.Target | Non
 
 
 def _partitioner(mesh_config) -> Partitioner:
-    """The config's mesh and rule set; sizes given in full use the first data x model devices."""
-    data, model = mesh_config.data, mesh_config.model
+    """The config's mesh and rule set; sizes given in full use the first stage x data x model devices."""
+    stage, data, model = mesh_config.stage, mesh_config.data, mesh_config.model
     devices = jax.devices()
-    if data > 0 and model > 0 and data * model < len(devices):
-        devices = devices[:data * model]
-    return Partitioner(make_mesh(data, model, devices=devices), mesh_config.rules)
+    if data > 0 and model > 0 and stage * data * model < len(devices):
+        devices = devices[:stage * data * model]
+    return Partitioner(make_mesh(data, model, devices=devices, stage=stage), mesh_config.rules)
 
 
 def _planning_partitioner(mesh_config) -> Partitioner:
@@ -204,7 +213,7 @@ def _target(target: str | None, mesh_settings) -> targets.Target | None:
     if not target:
         return None
     parsed = targets.parse_target(target)
-    targets.mesh_shape(parsed, mesh_settings.data, mesh_settings.model)
+    targets.mesh_shape(parsed, mesh_settings.data, mesh_settings.model, mesh_settings.stage)
     targets.check_compiler(parsed)
     return parsed
 
@@ -267,23 +276,27 @@ def make_plan(config, device_memory_gib: float | None = None, target: str | None
     if not refused and parsed is not None:
         work = _train_work(trainer, settings, partitioner, parsed, n, n_frozen)
     rule_set = partitioner.rule_set
-    params_ways = _split_ways(partitioner, rule_set.rules)
-    model_params = count_params(nn.meta.unbox(abstract_params(trainer.model.config)))
+    params_ways, stages = _split_ways(partitioner, rule_set.rules), partitioner.stages
+    model_params = nn.meta.unbox(abstract_params(trainer.model.config))
     return Plan(
-        num_params=n, mesh=dict(partitioner.mesh.shape), rule_set=rule_set.name, params=report.params,
+        num_params=n, mesh=_mesh_sizes(partitioner), rule_set=rule_set.name, params=report.params,
         opt_state=report.opt_state, temporaries=report.temporaries, peak=report.peak,
-        params_expected=n * weight_bytes // params_ways,
-        opt_state_expected=n * ADAM_MOMENT_BYTES // _split_ways(partitioner, rule_set.optimizer_rules),
+        params_expected=_expected_bytes(abstract["params"], weight_bytes, params_ways, stages),
+        opt_state_expected=_expected_bytes(abstract["params"], ADAM_MOMENT_BYTES,
+                                           _split_ways(partitioner, rule_set.optimizer_rules), stages),
         device_memory=device_memory, num_frozen=n_frozen, frozen=report.frozen,
-        frozen_expected=0 if frozen_dtype is None else n_frozen * frozen_dtype.itemsize // params_ways,
+        frozen_expected=(0 if frozen_dtype is None else
+                         _expected_bytes(frozen, frozen_dtype.itemsize, params_ways, stages)),
         frozen_dtype="" if frozen_dtype is None else frozen_dtype.name,
-        lora_params_expected=(n + n_frozen) * 2 // params_ways, host=host_memory(trainer.model.config),
+        lora_params_expected=_expected_bytes(merge_params(abstract["params"], frozen), 2, params_ways, stages),
+        host=host_memory(trainer.model.config), pipeline=trainer.model.pipeline,
         compiled_for=_compiled_for(parsed), refused=refused, work=work,
         compiler_checked=_compiler_checked(parsed, device_memory),
         objective=settings.train.objective, num_reference=n_reference, reference=report.reference,
-        reference_expected=n_reference * reference_dtype.itemsize // params_ways,
+        reference_expected=_expected_bytes(trainer.abstract_reference, reference_dtype.itemsize, params_ways,
+                                           stages),
         reference_dtype=reference_dtype.name if settings.train.objective == "dpo" else "",
-        reference_copy_expected=model_params * reference_dtype.itemsize // params_ways)
+        reference_copy_expected=_expected_bytes(model_params, reference_dtype.itemsize, params_ways, stages))
 
 
 def _refused_report(trainer, refused: str) -> MemoryReport:
@@ -325,18 +338,29 @@ def ways_out(plan: Plan, config) -> list[str]:
         ways.append(f"LoRA: freeze the weights in bfloat16 ({plan.lora_params_expected / GIB:.2f} GiB per device "
                     "here) and train low-rank adapters, with no gradient or optimizer state for the base: "
                     "--config.lora.rank=16 --config.init_from=... (gptj/configs/gptj_6b_lora.py)")
-    devices = math.prod(plan.mesh.values())
+    devices, model = math.prod(plan.mesh.values()), plan.mesh.get("model", 1)
     # Weights, gradients and optimizer state (most of a full fine-tune's peak) split over zero3's
     # devices; activations do not. The estimate splits the whole peak and keeps 10% for them.
     total = plan.peak * devices
     needed = next((n for n in (2 ** k for k in range(1, 13)) if n > devices and total / n <= 0.9 * plan.device_memory),
                   None)
     if needed is not None:
-        model = plan.mesh.get("model", 1)
         ways.append(f"zero3 over {needed} devices (about {total / needed / GIB:.1f} GiB each if all of this peak "
                     f"splits; activations do not, so plan it on {needed} devices): --config.mesh.rules=zero3 "
                     f"--config.mesh.data={max(1, needed // model)} --config.mesh.model={model}, with "
                     "train.batch_size a multiple of the data-parallel size")
+    if plan.rule_set == "megatron" and model > 1:
+        ways.append("sequence parallelism: --config.mesh.rules=megatron_sp (the residual stream, its LayerNorms and "
+                    f"what is saved of them split {model} ways over model by sequence, not replicated)")
+    layers = config.model.num_layers
+    state = plan.params + plan.opt_state + plan.frozen
+    stages = next((n for n in (2, 4, 8, 16) if layers % n == 0
+                   and plan.peak - state * (1 - 1 / n) <= 0.9 * plan.device_memory), None)
+    if plan.pipeline is None and stages is not None:
+        ways.append(f"a pipeline of {stages} stages (the layers' weights, gradients and optimizer state split "
+                    f"{stages} more ways, about {(plan.peak - state * (1 - 1 / stages)) / GIB:.1f} GiB here; plan it "
+                    f"on {stages} times the devices): --config.mesh.stage={stages}, train.microbatches a multiple "
+                    f"of {stages}")
     if config.model.remat_policy != "full":
         ways.append("rematerialise every layer: --config.model.remat_policy=full")
     if config.train.batch_size // config.train.microbatches > 1:
@@ -346,12 +370,22 @@ def ways_out(plan: Plan, config) -> list[str]:
     return ways
 
 
+def _mesh_sizes(partitioner: Partitioner) -> dict[str, int]:
+    """The mesh's axis sizes, {'data': 2, 'model': 4}; the stage axis (first) only when there is a pipeline."""
+    return {k: v for k, v in partitioner.mesh.shape.items() if k != STAGE_AXIS or v > 1}
+
+
+def _mesh_text(mesh: dict[str, int]) -> str:
+    """'data=2 x model=4', or 'stage=2 x data=2 x model=2'."""
+    return " x ".join(f"{k}={v}" for k, v in mesh.items())
+
+
 def format_plan(plan: Plan, config) -> str:
     """The table `--mode=plan` prints."""
     def gib(n):
         return "n/a" if n is None else f"{n / GIB:8.3f} GiB"
 
-    mesh = " x ".join(f"{k}={v}" for k, v in plan.mesh.items())
+    mesh = _mesh_text(plan.mesh)
     devices = math.prod(plan.mesh.values())
     batch, micro, seq = config.train.batch_size, config.train.microbatches, config.data.seq_len
     if plan.num_frozen:
@@ -369,6 +403,10 @@ def format_plan(plan: Plan, config) -> str:
         f"      batch {batch}{' pairs x 2' if plan.objective == 'dpo' else ''} x {seq} tokens in {micro} "
         f"microbatch(es) of {batch // micro}; "
         f"remat {config.model.remat_policy}, compute {config.model.dtype}",
+        *([] if plan.pipeline is None else [
+            f"      pipeline: {plan.pipeline.stages} stages of {config.model.num_layers // plan.pipeline.stages} "
+            f"layers, GPipe over {micro} microbatches: {plan.pipeline.iterations} iterations, bubble "
+            f"{100 * plan.pipeline.bubble:.0f}%"]),
         f"  {'per device':<34}{'compiled':>14}{'arithmetic':>14}",
         *params_rows,
         *([_reference_row(plan, gib)] if plan.objective == "dpo" else []),
@@ -680,7 +718,7 @@ def make_serve_plan(config, batch: int, context: int, device_memory_gib: float |
             served_format = served
         rows.append(_serve_row(served_format, partitioner, batch, context, parsed, slots, rank, blocks, block_size))
     return ServePlan(num_params=count_params(nn.meta.unbox(abstract_params(served))),
-                     mesh=dict(partitioner.mesh.shape), rule_set=partitioner.rule_set.name, batch=batch,
+                     mesh=_mesh_sizes(partitioner), rule_set=partitioner.rule_set.name, batch=batch,
                      context=context, dtype=model.dtype, rows=tuple(rows), device_memory=device_memory,
                      compiled_for=_compiled_for(parsed), compiler_checked=_compiler_checked(parsed, device_memory),
                      adapter_slots=slots, adapter_rank=rank, prefix_blocks=blocks, prefix_block_size=block_size)
@@ -691,7 +729,7 @@ def format_serve_plan(plan: ServePlan) -> str:
     def gib(n):
         return "n/a" if n is None else f"{n / GIB:.3f} GiB"
 
-    mesh = " x ".join(f"{k}={v}" for k, v in plan.mesh.items())
+    mesh = _mesh_text(plan.mesh)
     devices = math.prod(plan.mesh.values())
     memory = "" if plan.device_memory is None else f"fits {plan.device_memory / GIB:.2f} GiB"
     where = _where(plan.compiled_for, devices)

@@ -32,6 +32,7 @@ from gptj.core import losses
 from gptj.core import optimizer as optimizer_lib
 from gptj.core.param_tree import merge_params, param_paths, path_matcher, select_params
 from gptj.core.partitioning import Partitioner, place
+from gptj.core.pipeline import Schedule
 from gptj.core.trainer import Trainer
 from gptj.errors import ConfigError, TrainableError
 from gptj.model import lora as lora_lib
@@ -118,12 +119,16 @@ def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Traine
     see `head_loss_fns`); with 0 it returns the full logits and the loss is
     `losses.next_token_loss` over them.
 
+    On a mesh with stages, the model runs its layers as a pipeline of
+    `train.microbatches` microbatches (`pipeline_schedule`).
+
     With `train.objective=dpo` the model reads pairs ([B, 2, L]: `dpo.PairModel`)
     and the loss is `gptj.dpo`'s, against a reference model, the starting
     policy: the same GPT-J without adapters (with `lora.init_from`'s adapters
     if it starts from some), over the frozen base and, where it differs from
     that base (no LoRA, base parameters that train, starting adapters), its
-    own copy in `dpo.reference_dtype` (`load_reference` reads it).
+    own copy in `dpo.reference_dtype` (`load_reference` reads it). On stages,
+    the reference runs on the same pipeline.
     """
     from gptj.data.pipeline import train_batch_spec
 
@@ -135,7 +140,8 @@ def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Traine
     if chunk_tokens < 0:
         raise ConfigError(f"train.loss_chunk_tokens must be >= 0 (0: the full-logits loss), got {chunk_tokens}")
     lora = settings.lora.adapters
-    module = GPTJ(model, lora=lora, head_inputs=bool(chunk_tokens))
+    pipeline = pipeline_schedule(model, partitioner, train.microbatches)
+    module = GPTJ(model, lora=lora, head_inputs=bool(chunk_tokens), pipeline=pipeline)
     summarize, objective = losses.summarize, {}
     if train.objective == "dpo":
         from gptj import dpo
@@ -145,7 +151,7 @@ def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Traine
         module = dpo.PairModel(module)
         # The reference is the starting policy: the model without adapters, unless it starts from an adapter.
         reference_lora = dataclasses.replace(lora, dropout=0.0) if settings.lora.init_from else None
-        reference = GPTJ(model, lora=reference_lora, head_inputs=bool(chunk_tokens))
+        reference = GPTJ(model, lora=reference_lora, head_inputs=bool(chunk_tokens), pipeline=pipeline)
         objective = dict(reference_model=dpo.PairModel(reference), reference_dtype=settings.dpo.reference_dtype)
     elif chunk_tokens:
         vocab_chunk = loss_vocab_chunk(train.loss_chunk_vocab, partitioner)
@@ -170,6 +176,17 @@ def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Traine
         raise ConfigError(f"train.trainable={trainable!r} trains no LoRA adapter (it trains {trained}); "
                           f"include {lora_lib.ADAPTER_PATTERN!r}")
     return trainer
+
+
+def pipeline_schedule(model: GPTJConfig, partitioner: Partitioner, microbatches: int) -> Schedule | None:
+    """The pipeline the model runs on `partitioner`'s stages (None without stages); ConfigError if it cannot."""
+    if partitioner.stages == 1:
+        return None
+    schedule = Schedule(stages=partitioner.stages, microbatches=microbatches)
+    problems = schedule.problems(model.num_layers, names=("mesh.stage", "train.microbatches", "model.num_layers"))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return schedule
 
 
 # Vocabulary entries per chunk of the fused loss on a CPU, when train.loss_chunk_vocab is -1 (auto): one

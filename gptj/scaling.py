@@ -36,6 +36,24 @@ algorithms whose time is `latency + wire_bytes / bandwidth`):
 * memory-bound extras: Adam's update (about 28 bytes of HBM traffic per fp32
   parameter the device owns) and, with several microbatches, adding each
   microbatch's gradients into the accumulator.
+* pipeline (`stages` S > 1, GPipe as `gptj.core.pipeline` runs it): each
+  device holds L/S layers and runs them on M + S - 1 iterations of one
+  microbatch each; S - 1 of them are the bubble, (S - 1) / (M + S - 1) of the
+  layers' time, computed but wasted. The embedding and head run once per step
+  on the device's rows of the batch (split over stage x data). Per iteration,
+  forward and backward, two collective-permutes of one microbatch's residual
+  stream between neighbouring stages: the outputs to the next stage (on the
+  critical path) and the stream's slot towards stage 0 (hidden with
+  `overlap`); they cross the data-centre network when the mesh spans slices
+  (stage is the outermost axis). Tensor-parallel all-reduces run in every
+  iteration, the bubble's included. Activation memory: GPipe keeps what the
+  remat policy saves for all M + S - 1 iterations of the stage's layers.
+* sequence parallelism (`megatron_sp`): each activation all-reduce becomes a
+  reduce-scatter and an all-gather, the same bytes on the wire (Megatron-LM's
+  argument; one more latency); what is saved of the residual stream, and the
+  pipeline's transfers, shrink by the model axis. (XLA:CPU compiles an
+  all-reduce and a slice instead of the reduce-scatter; the TPU and GPU
+  compilers form reduce-scatters.)
 
 The reference points (`REFERENCE_POINTS`, checked by `python -m gptj.scaling check`):
 
@@ -69,9 +87,28 @@ all-reduces vanish. On v3's fast torus the choice is about memory and shapes
 more than bandwidth; on GPUs, where `data` crosses InfiniBand at 1/9 of
 NVLink's bandwidth, the balance moves towards megatron inside a node.
 
+20B and 40B (gptj/configs/gptj_20b.py, gptj_40b.py; `compare`): 8-way
+tensor parallelism alone cannot hold their fp32 weights, Adam moments and
+gradients (35 and 66 GiB per core), so on TPU v3 the candidates are zero3, or
+a pipeline that splits the layers over stages. A pipeline's state is more
+than its weights' and moments' share: GPipe's backward loop sums the stage's
+gradient in fp32 beside each iteration's own, and reads the weights cast to
+bf16 (20 bytes per parameter of the stage; with these, the estimates of the
+pipelines the TPU compiler refuses on a v3-256 are within 4% of the memory
+it reports, README). On one v3 pod the torus carries zero3's per-microbatch
+weight gathers almost for free and zero3 is predicted fastest (by ~6-8%,
+inside this model's error); megatron_sp + pipeline fits with the stages split
+16 ways (~9-10 GiB), not 8 (~16-17 GiB), and without sequence sharding a
+pipeline does not fit at all (its replicated residual stream of all
+microbatches in flight). Across slices (2 v4-512, 4 v5e-256) zero3's gathers
+and megatron's gradient all-reduce cross the data-centre network, while a
+pipeline over the slices sends only a microbatch's activations there:
+megatron_sp + pipeline is the pick.
+
 Public API: `Hardware`, `HARDWARE`, `MODEL_SHAPES`, `Workload`, `estimate`,
 `estimate_from_config` (the hook for `--mode=plan`), `StepEstimate.report()`,
-`train_flops_per_token`, `decode_limit`, `calibrate_efficiency`, `REFERENCE_POINTS`.
+`train_flops_per_token`, `decode_limit`, `calibrate_efficiency`, `REFERENCE_POINTS`,
+`SYSTEMS`, `compare_large`, `compare_20b_40b`.
 """
 
 from __future__ import annotations
@@ -121,6 +158,12 @@ HARDWARE: dict[str, Hardware] = {
         "TPU v4 chip", peak_flops=275e12, hbm_bandwidth=1200 * GB, hbm_bytes=32 * GIB,
         fast_bandwidth=268 * GB, fast_domain=4096, slow_bandwidth=6 * GB, compute_efficiency=0.55,
         source="Google Cloud TPU v4 page: 275 TFLOP/s, 32 GiB / 1200 GB/s HBM, 1.1 PB/s all-reduce per 4096 chips"),
+    "tpu_v5e": Hardware(
+        "TPU v5e chip", peak_flops=197e12, hbm_bandwidth=819 * GB, hbm_bytes=16 * GB,
+        fast_bandwidth=100 * GB, fast_domain=256, slow_bandwidth=6.25 * GB, compute_efficiency=0.5,
+        source="Google Cloud TPU v5e page: 197 TFLOP/s bf16, 16 GB / 819 GB/s HBM, 1600 Gbps ICI per chip (half "
+               "of it assumed for one ring), 256 chips per slice; data-centre network between slices assumed at "
+               "50 Gb/s per chip; efficiency assumed"),
     "a100": Hardware(
         "A100 SXM 80GB", peak_flops=312e12, hbm_bandwidth=2039 * GB, hbm_bytes=80 * GB,
         fast_bandwidth=300 * GB, fast_domain=8, slow_bandwidth=25 * GB, compute_efficiency=0.5,
@@ -171,6 +214,11 @@ def total_params(cfg: GPTJConfig) -> int:
     return v * d + cfg.num_layers * per_layer + 2 * d + d * v + v
 
 
+def embedding_and_head_params(cfg: GPTJConfig) -> int:
+    """Parameters outside the stacked layers: embedding, final LayerNorm, head with bias (not split over stages)."""
+    return 2 * cfg.d_model * cfg.padded_vocab_size + 2 * cfg.d_model + cfg.padded_vocab_size
+
+
 def forward_flops_per_token(cfg: GPTJConfig, seq_len: int) -> float:
     """Forward FLOPs per token: 2 per matmul parameter plus the attention scores and mix (4 * T * d per layer),
     a third of the training FLOPs (`gptj.model.transformer.train_flops_per_token`)."""
@@ -200,17 +248,23 @@ def gather_seconds(nbytes: float, n: int, bandwidth: float, latency: float) -> f
 
 # -- the workload and the estimate ------------------------------------------------------
 
+RULES = ("megatron", "megatron_sp", "zero3", "zero1", "dp")
+
+
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """One training run's shape: model, batch, mesh and rule set.
 
     `global_batch` sequences of `seq_len` tokens per optimizer step, split into
-    `microbatches` accumulation steps; the mesh is `data` x `model` devices.
-    `compute_bytes` is the compute dtype's size (activations and gathered
-    weights travel in it); `grad_bytes` the size gradients are reduced in.
-    `tp_allreduces_per_layer`: activation all-reduces per layer and microbatch
-    under tensor parallelism (`GPTJ_TP_ALLREDUCES` for this package's model,
-    `REFERENCE_TP_ALLREDUCES` for mesh-transformer-jax's fused block).
+    `microbatches` (accumulation steps, or with `stages` > 1 the pipeline's
+    microbatches); the mesh is `stages` x `data` x `model` devices, stage
+    outermost. `compute_bytes` is the compute dtype's size (activations and
+    gathered weights travel in it); `grad_bytes` the size gradients are reduced
+    in. `tp_allreduces_per_layer`: activation all-reduces per layer and
+    microbatch under tensor parallelism (`GPTJ_TP_ALLREDUCES` for this
+    package's model, `REFERENCE_TP_ALLREDUCES` for mesh-transformer-jax's fused
+    block). `loss_chunk_tokens`: tokens whose logits the loss holds at once (0:
+    all of a microbatch's, or of a stage's rows with a pipeline).
     """
 
     model: GPTJConfig
@@ -224,12 +278,14 @@ class Workload:
     grad_bytes: int = 2
     overlap: bool = False
     tp_allreduces_per_layer: int = GPTJ_TP_ALLREDUCES
+    stages: int = 1
+    loss_chunk_tokens: int = 0
 
     def __post_init__(self):
         problems = []
-        if self.rules not in ("megatron", "zero3", "zero1", "dp"):
-            problems.append(f"rules {self.rules!r} is not one of megatron, zero3, zero1, dp")
-        for name in ("seq_len", "global_batch", "data", "model_parallel", "microbatches"):
+        if self.rules not in RULES:
+            problems.append(f"rules {self.rules!r} is not one of {', '.join(RULES)}")
+        for name in ("seq_len", "global_batch", "data", "model_parallel", "microbatches", "stages"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if not problems:
@@ -239,16 +295,31 @@ class Workload:
                                 f"replicas x {self.microbatches} microbatches")
             if self.rules == "dp" and self.model_parallel != 1:
                 problems.append("rules 'dp' replicates the model, so model_parallel must be 1")
+            if self.stages > 1:
+                from gptj.core.pipeline import Schedule
+
+                if self.rules == "dp":
+                    problems.append("rules 'dp' splits no layers over stages, so stages must be 1")
+                problems += Schedule(self.stages, self.microbatches).problems(self.model.num_layers)
         if problems:
             raise ValueError("invalid workload: " + "; ".join(problems))
 
     @property
     def devices(self) -> int:
-        return self.data * self.model_parallel
+        return self.stages * self.data * self.model_parallel
 
     @property
     def tokens_per_step(self) -> int:
         return self.global_batch * self.seq_len
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.rules == "megatron_sp"
+
+    @property
+    def iterations(self) -> int:
+        """Microbatch steps per optimizer step: M, plus the S - 1 that fill and drain a pipeline."""
+        return self.microbatches + self.stages - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,11 +336,28 @@ class StepEstimate:
     memory_bound_s: float
     state_bytes_per_device: float
     activation_bytes_per_device: float
+    bubble_s: float = 0.0          # a pipeline's fill and drain: S - 1 iterations of a stage's compute
+    stage_transfer_s: float = 0.0  # a pipeline's collective-permutes between neighbouring stages
 
     @property
     def step_s(self) -> float:
-        return (self.compute_s + self.tensor_parallel_s + self.data_parallel_s + self.param_gather_s
-                + self.memory_bound_s - self.hidden_s)
+        return (self.compute_s + self.bubble_s + self.tensor_parallel_s + self.data_parallel_s + self.param_gather_s
+                + self.stage_transfer_s + self.memory_bound_s - self.hidden_s)
+
+    @property
+    def communication_s(self) -> float:
+        """Collective time left exposed (not hidden behind compute)."""
+        return (self.tensor_parallel_s + self.data_parallel_s + self.param_gather_s + self.stage_transfer_s
+                - self.hidden_s)
+
+    @property
+    def memory_bytes_per_device(self) -> float:
+        """State plus activations: what must fit in a device's memory."""
+        return self.state_bytes_per_device + self.activation_bytes_per_device
+
+    @property
+    def fits(self) -> bool:
+        return self.memory_bytes_per_device <= self.hardware.hbm_bytes
 
     @property
     def tokens_per_s(self) -> float:
@@ -285,14 +373,17 @@ class StepEstimate:
     def report(self) -> str:
         """A few lines: the layout, the time split, throughput, MFU and per-device state."""
         w, hw = self.workload, self.hardware
-        comm = self.tensor_parallel_s + self.data_parallel_s + self.param_gather_s - self.hidden_s
+        comm = self.communication_s
+        mesh = f"{w.stages}x{w.data}x{w.model_parallel}" if w.stages > 1 else f"{w.data}x{w.model_parallel}"
+        pipeline = (f" + bubble {self.bubble_s:.3f} + stage transfers {self.stage_transfer_s:.3f}"
+                    if w.stages > 1 else "")
         lines = [
-            f"{w.rules:8s} mesh {w.data}x{w.model_parallel} on {w.devices} x {hw.name}: batch {w.global_batch} x "
+            f"{w.rules:8s} mesh {mesh} on {w.devices} x {hw.name}: batch {w.global_batch} x "
             f"{w.seq_len} in {w.microbatches} microbatch(es), remat {w.model.remat_policy}, "
             f"overlap {'on' if w.overlap else 'off'}",
-            f"  step {self.step_s:.3f} s = compute {self.compute_s:.3f} + tensor-parallel {self.tensor_parallel_s:.3f}"
-            f" + data-parallel {self.data_parallel_s:.3f} + param gathers {self.param_gather_s:.3f}"
-            f" + memory-bound {self.memory_bound_s:.3f} - hidden {self.hidden_s:.3f}"
+            f"  step {self.step_s:.3f} s = compute {self.compute_s:.3f}{pipeline} + tensor-parallel "
+            f"{self.tensor_parallel_s:.3f} + data-parallel {self.data_parallel_s:.3f} + param gathers "
+            f"{self.param_gather_s:.3f} + memory-bound {self.memory_bound_s:.3f} - hidden {self.hidden_s:.3f}"
             f"  (communication exposed: {100 * comm / self.step_s:.1f}%)",
             f"  {self.tokens_per_s:,.0f} tokens/s, MFU {100 * self.mfu:.1f}% at {100 * hw.compute_efficiency:.0f}% "
             f"matmul efficiency; per device: state {self.state_bytes_per_device / GIB:.2f} GiB + activations "
@@ -309,81 +400,144 @@ def _axis_bandwidth(hw: Hardware, span: int) -> float:
 def estimate(workload: Workload, hardware: str | Hardware = "tpu_v3") -> StepEstimate:
     """Predicts one optimizer step of `workload` on `hardware` (see the module docstring for the model)."""
     w, hw = workload, _hardware(hardware)
-    cfg, m, d = w.model, w.model_parallel, w.data
+    cfg, m, d, stages = w.model, w.model_parallel, w.data, w.stages
     lat = hw.collective_latency
     replicas = w.devices if w.rules == "dp" else d
     micro_seqs = w.global_batch // (replicas * w.microbatches)  # sequences per replica per microbatch
     micro_tokens = micro_seqs * w.seq_len
+    head_tokens = w.global_batch // (replicas * stages) * w.seq_len  # this device's rows of the batch
+    speed = hw.peak_flops * hw.compute_efficiency
 
+    # A stage's layers on one microbatch (the whole stack without a pipeline); the head (forward and
+    # backward) on this device's rows, once per step: a pipeline splits them over the stages.
     _, hw_flops = train_flops_per_token(cfg, w.seq_len)
-    compute_micro = micro_tokens * hw_flops / m / (hw.peak_flops * hw.compute_efficiency)
-    compute = w.microbatches * compute_micro
+    head_flops = 6.0 * cfg.d_model * cfg.padded_vocab_size
+    stage_micro = micro_tokens * (hw_flops - head_flops) / stages / m / speed
+    compute = w.microbatches * stage_micro + head_tokens * head_flops / m / speed
+    compute_micro = compute / w.microbatches
+    bubble = (stages - 1) * stage_micro
 
-    # The model axis is the fast-varying one (neighbouring devices); `data` spans the whole mesh.
-    model_bw, data_bw = _axis_bandwidth(hw, m), _axis_bandwidth(hw, w.devices)
+    # Stage outermost, model innermost: the model axis spans m neighbouring devices, data d x m of them,
+    # and stage-to-stage transfers span the whole mesh (across slices, when there are several).
+    model_bw, data_bw, stage_bw = (_axis_bandwidth(hw, m), _axis_bandwidth(hw, d * m),
+                                   _axis_bandwidth(hw, w.devices))
 
     tensor_parallel = 0.0
     if m > 1:
-        act_bytes = micro_tokens * cfg.d_model * w.compute_bytes
-        count = cfg.num_layers * w.tp_allreduces_per_layer + 2
-        tensor_parallel = w.microbatches * count * all_reduce_seconds(act_bytes, m, model_bw, lat)
+        # Sequence parallelism turns each all-reduce into a reduce-scatter and an all-gather: the same bytes
+        # on the wire, one more latency.
+        extra = lat if w.sequence_parallel else 0.0
+        per_layer = w.tp_allreduces_per_layer * (all_reduce_seconds(micro_tokens * cfg.d_model * w.compute_bytes,
+                                                                    m, model_bw, lat) + extra)
+        tensor_parallel = w.iterations * cfg.num_layers // stages * per_layer
+        # The embedding (forward) and the head (backward): per microbatch, or once over a stage's rows.
+        calls, tokens = (w.microbatches, micro_tokens) if stages == 1 else (1, head_tokens)
+        tensor_parallel += calls * 2 * (all_reduce_seconds(tokens * cfg.d_model * w.compute_bytes, m, model_bw,
+                                                           lat) + extra)
+
+    stage_transfer = hidden = 0.0
+    if stages > 1:
+        # Per iteration, forward and backward: the outputs move to the next stage (on the critical path) and
+        # the stream's slot one stage back (needed only M/S iterations later: hidden when overlapped). The
+        # residual stream is replicated over model, or split by sequence under megatron_sp.
+        sent = micro_tokens * cfg.d_model * w.compute_bytes / (m if w.sequence_parallel else 1)
+        permute = lat + sent / stage_bw
+        stage_transfer = 2 * 2 * w.iterations * permute
+        if w.overlap:
+            hidden += 2 * w.iterations * permute
 
     params = total_params(cfg)
-    shard = params / m  # parameters per device before any split over data
-    data_parallel = param_gather = hidden = 0.0
+    block = params - embedding_and_head_params(cfg)  # the stacked layers
+
+    def per_device(owners: int) -> float:
+        """Parameters per device when each is split `owners` ways, the stacked layers also over the stages.
+
+        (The embedding's and head's share is counted as split over data where a pipeline also splits its
+        gradient's reduction over the stages: a few percent of the bytes.)
+        """
+        return (block / stages + params - block) / owners
+
+    shard = per_device(m)  # parameters per device before any split over data
+    data_parallel = param_gather = 0.0
     backward_window = compute_micro * 2.0 / 3.0
-    if w.rules in ("megatron", "dp"):
+    if w.rules in ("megatron", "megatron_sp", "dp"):
         n = w.devices if w.rules == "dp" else d
         data_parallel = all_reduce_seconds(shard * w.grad_bytes, n, data_bw, lat)
         if w.overlap:
-            hidden = min(data_parallel, backward_window)
+            hidden += min(data_parallel, backward_window)
     elif w.rules == "zero1":
         data_parallel = (gather_seconds(shard * w.grad_bytes, d, data_bw, lat)
                          + gather_seconds(shard * 4, d, data_bw, lat))
-    else:  # zero3: two weight gathers and one gradient reduce-scatter per microbatch, one per layer each
-        per_micro = (2 * gather_seconds(shard * w.compute_bytes, d, data_bw, 0.0)
-                     + gather_seconds(shard * w.grad_bytes, d, data_bw, 0.0)
-                     + (3 * cfg.num_layers * lat if d > 1 else 0.0))
-        param_gather = w.microbatches * per_micro
+    else:  # zero3: two weight gathers and one gradient reduce-scatter per microbatch (iteration), one per layer each
+        looped = shard if stages == 1 else block / stages / m  # a pipeline gathers its head once per step
+        per_micro = (2 * gather_seconds(looped * w.compute_bytes, d, data_bw, 0.0)
+                     + gather_seconds(looped * w.grad_bytes, d, data_bw, 0.0)
+                     + (3 * cfg.num_layers // stages * lat if d > 1 else 0.0))
+        param_gather = w.iterations * per_micro
+        if stages > 1:
+            param_gather += 3 * gather_seconds((params - block) / m * w.compute_bytes, d, data_bw, lat)
         if w.overlap:
-            hidden = w.microbatches * min(per_micro, compute_micro)
+            hidden += w.iterations * min(per_micro, compute_micro)
 
     opt_owners = d * m if w.rules in ("zero3", "zero1") else m
     if w.rules == "dp":
         opt_owners = 1
     grad_owners = d * m if w.rules == "zero3" else opt_owners
-    memory_bound = params / opt_owners * ADAM_BYTES_PER_PARAM / hw.hbm_bandwidth
-    if w.microbatches > 1:  # read and write the accumulator once per microbatch
-        memory_bound += w.microbatches * 2 * params / grad_owners * w.grad_bytes / hw.hbm_bandwidth
+    memory_bound = per_device(opt_owners) * ADAM_BYTES_PER_PARAM / hw.hbm_bandwidth
+    accumulates = w.iterations > 1  # gradient accumulation, or the pipeline's backward loop
+    if accumulates:  # read and write the accumulator once per microbatch (iteration)
+        memory_bound += w.iterations * 2 * per_device(grad_owners) * w.grad_bytes / hw.hbm_bandwidth
 
     param_owners = d * m if w.rules == "zero3" else (1 if w.rules == "dp" else m)
-    state = params / param_owners * 4 + params / opt_owners * 8
-    if w.microbatches > 1:
-        state += params / grad_owners * w.grad_bytes
-    activations = activation_bytes(cfg, micro_seqs, w.seq_len, m, w.compute_bytes)
+    state = per_device(param_owners) * 4 + per_device(opt_owners) * 8
+    if stages > 1:
+        # GPipe's backward loop (as the TPU compiler lays it out): the stage's gradient summed in fp32 (the loop's
+        # carry) beside each iteration's own, and the weights cast to the compute dtype once for every iteration.
+        state += per_device(grad_owners) * (4 + w.grad_bytes) + per_device(param_owners) * w.compute_bytes
+    elif accumulates:
+        state += per_device(grad_owners) * w.grad_bytes
+    activations = activation_bytes(cfg, micro_seqs, w.seq_len, m, w.compute_bytes, stages=stages,
+                                   microbatches=w.microbatches, sequence_parallel=w.sequence_parallel,
+                                   head_tokens=head_tokens if stages > 1 else micro_tokens,
+                                   loss_chunk_tokens=w.loss_chunk_tokens)
     if w.rules == "zero3" and d > 1:  # two layers' gathered weights (one in use, one prefetched)
-        layer_params = (total_params(cfg) - 2 * cfg.d_model * cfg.padded_vocab_size) / cfg.num_layers
-        activations += 2 * layer_params / m * w.compute_bytes
+        activations += 2 * block / cfg.num_layers / m * w.compute_bytes
     return StepEstimate(w, hw, compute, tensor_parallel, data_parallel, param_gather, hidden, memory_bound, state,
-                        activations)
+                        activations, bubble, stage_transfer)
 
 
-def activation_bytes(cfg: GPTJConfig, micro_seqs: int, seq_len: int, model_parallel: int, compute_bytes: int) -> float:
-    """A rough peak of activation memory per device for one microbatch of `micro_seqs` sequences.
+def activation_bytes(cfg: GPTJConfig, micro_seqs: int, seq_len: int, model_parallel: int, compute_bytes: int,
+                     stages: int = 1, microbatches: int = 1, sequence_parallel: bool = False,
+                     head_tokens: int | None = None, loss_chunk_tokens: int = 0) -> float:
+    """A rough peak of activation memory per device.
 
-    What the remat policy saves for every layer, plus the working set of the
-    one layer being differentiated (fp32 scores and bf16 probabilities with
-    their gradients, the MLP hidden state) and the fp32 logits with their
-    gradient. Good to tens of percent: enough to tell whether a layout fits.
+    What the remat policy saves for every layer of a microbatch of
+    `micro_seqs` sequences (for all the stage's layers of all M + S - 1
+    iterations with a pipeline: GPipe keeps them until the backward pass, plus
+    its stream of M/S microbatches and the one in flight, with gradients),
+    plus the working set of the one layer being differentiated (fp32 scores
+    and bf16 probabilities with their gradients, the MLP hidden state) and the
+    fp32 logits with their gradient for the `head_tokens` the head reads
+    (`loss_chunk_tokens` at a time when the loss is chunked). Sequence
+    parallelism splits what is saved of the residual stream (the block's
+    input, its LayerNorm's output, the branches' sum) over model. Good to tens
+    of percent: enough to tell whether a layout fits.
     """
     d, f, h, m, t = cfg.d_model, cfg.mlp_dim, cfg.num_heads, model_parallel, seq_len
     tokens = micro_seqs * t
-    saved_per_token = {"full": d, "dots_no_batch": 3 * d + (3 * d + f) / m}.get(
-        cfg.remat_policy, 3 * d + (4 * d + 2 * f) / m + 3 * h * t / m)  # none/dots/save_all keep the scores too
-    saved = cfg.num_layers * tokens * saved_per_token * compute_bytes
+    residual = d / m if sequence_parallel else d
+    saved_per_token = {"full": residual, "dots_no_batch": 3 * residual + (3 * d + f) / m}.get(
+        cfg.remat_policy, 3 * residual + (4 * d + 2 * f) / m + 3 * h * t / m)  # none/dots/save_all: scores too
+    held = microbatches + stages - 1 if stages > 1 else 1  # accumulation holds one microbatch's at a time
+    saved = cfg.num_layers // stages * held * tokens * saved_per_token * compute_bytes
+    if stages > 1:
+        saved += (microbatches // stages + 1) * tokens * residual * compute_bytes * 2
     scores = micro_seqs * (h / m) * t * t * (4 + compute_bytes) * 2
     hidden = tokens * (f / m) * compute_bytes * 3
-    logits = tokens * (cfg.padded_vocab_size / m) * 4 * 2
+    head_tokens = tokens if head_tokens is None else head_tokens
+    if loss_chunk_tokens:
+        head_tokens = min(head_tokens, loss_chunk_tokens)
+    logits = head_tokens * (cfg.padded_vocab_size / m) * 4 * 2
     return saved + scores + hidden + logits
 
 
@@ -392,19 +546,20 @@ def estimate_from_config(config: Any, num_devices: int, hardware: str | Hardware
     """The `--mode=plan` hook: estimates a run config (sections model, mesh, train, data) on `num_devices`.
 
     `config` is the run config (a ConfigDict or gptj.settings.RunSettings);
-    `mesh.data` / `mesh.model` may be -1 as in the config files.
+    `mesh.data` / `mesh.model` may be -1 as in the config files; `mesh.stage` is the pipeline.
     """
     from gptj.core.partitioning import resolve_mesh_shape
     from gptj.settings import RunSettings
 
     settings = RunSettings.from_config(config)
-    model = settings.model
-    data, model_parallel = resolve_mesh_shape(settings.mesh.data, settings.mesh.model, num_devices)
+    model, mesh = settings.model, settings.mesh
+    data, model_parallel = resolve_mesh_shape(mesh.data, mesh.model, num_devices, mesh.stage)
     workload = Workload(model=model, seq_len=settings.data.seq_len, global_batch=settings.train.batch_size,
-                        data=data, model_parallel=model_parallel, rules=settings.mesh.rules,
+                        data=data, model_parallel=model_parallel, rules=mesh.rules, stages=mesh.stage,
                         microbatches=settings.train.microbatches,
                         compute_bytes=2 if model.dtype in ("bfloat16", "float16") else 4,
-                        grad_bytes=2 if model.dtype in ("bfloat16", "float16") else 4, overlap=overlap)
+                        grad_bytes=2 if model.dtype in ("bfloat16", "float16") else 4, overlap=overlap,
+                        loss_chunk_tokens=settings.train.loss_chunk_tokens)
     return estimate(workload, hardware)
 
 
@@ -505,6 +660,117 @@ def compare_6b_v3_256(overlap_options: Sequence[bool] = (False, True)) -> list[t
             for label, w in layouts for ov in overlap_options]
 
 
+# -- past 6B: 20B and 40B on TPU pods and slices ------------------------------------------
+
+def _config_shape(name: str) -> GPTJConfig:
+    """The model section of a built-in config file (gptj/configs/<name>.py) as a GPTJConfig."""
+    from gptj.configs import load_config
+
+    return GPTJConfig.from_dict(load_config(name).model.to_dict())
+
+
+@dataclasses.dataclass(frozen=True)
+class System:
+    """A machine to train on: `devices` of `hardware` (several slices when it spans more than its fast domain)."""
+
+    name: str
+    hardware: Hardware
+    devices: int
+    global_batch: int  # sequences per step: two per device (the configs' 512 on 256 v3 cores)
+
+
+SYSTEMS: dict[str, System] = {
+    "v3-256": System("TPU v3-256", HARDWARE["tpu_v3"], 256, 512),
+    "v3-512": System("TPU v3-512", HARDWARE["tpu_v3"], 512, 1024),
+    "2x v4-512": System("2 TPU v4-512 slices (256 chips each) over the data-centre network",
+                        dataclasses.replace(HARDWARE["tpu_v4"], fast_domain=256), 512, 1024),
+    "4x v5e-256": System("4 TPU v5e-256 slices over the data-centre network", HARDWARE["tpu_v5e"], 1024, 2048),
+}
+
+# The share of a device's memory a pick may plan to use: the estimate is good to tens of percent.
+FIT_MARGIN = 0.9
+COMPARED_MODEL_PARALLEL = 8
+# A pipeline may also split its stages 16 ways: two TPU v3 cores per chip, 8 chips of the torus.
+PIPELINE_MODEL_PARALLEL = (8, 16)
+
+
+def _layout_label(w: Workload) -> str:
+    mesh = f"{w.stages}x{w.data}x{w.model_parallel}" if w.stages > 1 else f"{w.data}x{w.model_parallel}"
+    kind = f"{w.rules} + pipeline" if w.stages > 1 else w.rules
+    return f"{kind} {mesh}, {w.microbatches} micro"
+
+
+def compare_large(model: GPTJConfig, system: System, seq_len: int = 2048,
+                  model_parallel: int = COMPARED_MODEL_PARALLEL) -> tuple[list[tuple[str, StepEstimate]],
+                                                                           tuple[str, StepEstimate] | None]:
+    """megatron, megatron_sp, zero3, and megatron(_sp) + pipeline for `model` on `system`; and the pick.
+
+    Every layout without a pipeline splits the model `model_parallel` ways;
+    every layout takes microbatches of one sequence per data-parallel replica;
+    collectives overlap where the schedule allows. A pipeline row takes the
+    number of stages (2, 4, 8 or 16, dividing the layers) and the model split
+    (PIPELINE_MODEL_PARALLEL) that are fastest among those that fit, else the
+    ones needing least memory. The pick is the fastest layout whose estimated
+    memory fits in FIT_MARGIN of a device's (None if none does).
+    """
+    hw = system.hardware
+
+    def workload(rules: str, stages: int, model_parallel: int = model_parallel) -> Workload:
+        data = system.devices // (stages * model_parallel)
+        return Workload(model, seq_len, system.global_batch, data=data, model_parallel=model_parallel, rules=rules,
+                        microbatches=system.global_batch // data, overlap=True, stages=stages, loss_chunk_tokens=1024)
+
+    def fits(est: StepEstimate) -> bool:
+        return est.memory_bytes_per_device <= FIT_MARGIN * hw.hbm_bytes
+
+    rows = [(_layout_label(w), estimate(w, hw)) for w in (workload(r, 1) for r in ("megatron", "megatron_sp", "zero3"))]
+    for rules in ("megatron", "megatron_sp"):
+        options = [estimate(workload(rules, n, m), hw) for n in (2, 4, 8, 16) for m in PIPELINE_MODEL_PARALLEL
+                   if model.num_layers % n == 0 and model.num_heads % m == 0 and system.devices % (n * m) == 0
+                   and (system.global_batch // (system.devices // (n * m))) % n == 0]
+        fitting = [e for e in options if fits(e)]
+        best = (max(fitting, key=lambda e: e.tokens_per_s) if fitting
+                else min(options, key=lambda e: e.memory_bytes_per_device))
+        rows.append((_layout_label(best.workload), best))
+    rows.sort(key=lambda row: -row[1].tokens_per_s)
+    pick = next(((label, est) for label, est in rows if fits(est)), None)
+    return rows, pick
+
+
+def _why(rows: list[tuple[str, StepEstimate]], pick: tuple[str, StepEstimate] | None, hw: Hardware) -> str:
+    """Why the pick: what does not fit, what the others lose, and what a circular schedule would gain."""
+    limit = FIT_MARGIN * hw.hbm_bytes / GIB
+    if pick is None:
+        return f"no layout fits in {limit:.1f} GiB per device: use more devices"
+    label, est = pick
+    w = est.workload
+    out = [f"pick {label}: the fastest layout that fits in {limit:.1f} GiB ({100 * FIT_MARGIN:.0f}% of "
+           f"{hw.hbm_bytes / GIB:.0f} GiB)."]
+    too_big = [f"{lbl} ({e.memory_bytes_per_device / GIB:.0f} GiB, {100 * (e.tokens_per_s / est.tokens_per_s - 1):+.0f}%"
+               " tokens/s)" for lbl, e in rows if e.memory_bytes_per_device > FIT_MARGIN * hw.hbm_bytes]
+    if too_big:
+        out.append("Does not fit: " + ", ".join(too_big) + ".")
+    slower = [(lbl, e) for lbl, e in rows if e.tokens_per_s < est.tokens_per_s and lbl != label
+              and e.memory_bytes_per_device <= FIT_MARGIN * hw.hbm_bytes]
+    for lbl, e in slower:
+        out.append(f"{lbl} fits but is {100 * (1 - e.tokens_per_s / est.tokens_per_s):.0f}% slower "
+                   f"(communication exposed {100 * e.communication_s / e.step_s:.0f}% of its step, bubble "
+                   f"{100 * e.bubble_s / e.step_s:.0f}%).")
+    if w.stages > 1:
+        circular = (w.stages - 1) / (2 * w.microbatches + w.stages - 1)
+        out.append(f"Its bubble is {100 * est.bubble_s / est.step_s:.1f}% of the step and its stage transfers "
+                   f"{100 * est.stage_transfer_s / est.step_s:.1f}%; a circular schedule of 2 repeats would cut the "
+                   f"bubble to {100 * circular:.1f}% of the iterations (not built: GPipe with microbatches of one "
+                   "sequence already keeps it small, and a circular one would move every stage's weights each step).")
+    return " ".join(out)
+
+
+def compare_20b_40b(systems: Sequence[str] = tuple(SYSTEMS)) -> list[tuple[str, System, list, tuple | None]]:
+    """`compare_large` of the 20B and 40B configs (gptj/configs/gptj_20b.py, gptj_40b.py) on each system."""
+    return [(name, SYSTEMS[system], *compare_large(_config_shape(name), SYSTEMS[system]))
+            for name in ("gptj_20b", "gptj_40b") for system in systems]
+
+
 # -- command line ------------------------------------------------------------------------
 
 def _cmd_check(_args) -> int:
@@ -545,6 +811,19 @@ def _cmd_compare(_args) -> int:
           "with no tensor parallelism; overlapped, that layout is the fastest (~+11% over megatron as compiled, "
           "~+5% over the fused block), because the per-layer all-reduces disappear. Assumes the same matmul "
           "efficiency at every layout's shapes (the 256x1 matmuls are larger, so if anything it is conservative).")
+    for name, system, rows, pick in compare_20b_40b():
+        model = _config_shape(name)
+        hw = system.hardware
+        print(f"\n{name} ({total_params(model) / 1e9:.1f}B) on {system.name}: {system.devices} x {hw.name} "
+              f"({hw.hbm_bytes / GIB:.0f} GiB), batch {system.global_batch} x 2048, full remat, bf16, "
+              f"{100 * hw.compute_efficiency:.0f}% matmul efficiency, collectives overlapped where possible:")
+        print(f"{'layout':44s} {'step s':>7s} {'tokens/s':>9s} {'bubble %':>8s} {'comm %':>7s} {'MFU %':>6s} "
+              f"{'GiB/dev':>8s}")
+        for label, est in rows:
+            print(f"{label:44s} {est.step_s:7.2f} {est.tokens_per_s:9,.0f} {100 * est.bubble_s / est.step_s:8.1f} "
+                  f"{100 * est.communication_s / est.step_s:7.1f} {100 * est.mfu:6.1f} "
+                  f"{est.memory_bytes_per_device / GIB:8.1f}")
+        print("Why: " + _why(rows, pick, hw))
     return 0
 
 
@@ -559,9 +838,9 @@ def _cmd_estimate(args) -> int:
         hw = dataclasses.replace(hw, compute_efficiency=args.efficiency)
     from gptj.core.partitioning import resolve_mesh_shape
 
-    data, model_parallel = resolve_mesh_shape(-1, args.model_parallel, args.devices)
+    data, model_parallel = resolve_mesh_shape(-1, args.model_parallel, args.devices, args.stages)
     workload = Workload(cfg, seq_len=args.seq_len, global_batch=args.batch, data=data, model_parallel=model_parallel,
-                        rules=args.rules, microbatches=args.microbatches, overlap=args.overlap)
+                        rules=args.rules, microbatches=args.microbatches, overlap=args.overlap, stages=args.stages)
     print(estimate(workload, hw).report())
     return 0
 
@@ -571,13 +850,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gptj.scaling", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("check", help="reproduce the reference's published throughputs")
-    sub.add_parser("compare", help="GPT-J-6B on a v3-256: megatron vs zero3")
+    sub.add_parser("compare", help="GPT-J-6B on a v3-256: megatron vs zero3; 20B and 40B on TPU pods and slices")
     est = sub.add_parser("estimate", help="estimate one workload")
     est.add_argument("--model", default="gptj_6b", help=f"one of {sorted(MODEL_SHAPES)}")
     est.add_argument("--hardware", default="tpu_v3", help=f"one of {sorted(HARDWARE)}")
     est.add_argument("--devices", type=int, default=256)
     est.add_argument("--model-parallel", type=int, default=8)
-    est.add_argument("--rules", default="megatron", choices=["megatron", "zero3", "zero1", "dp"])
+    est.add_argument("--rules", default="megatron", choices=list(RULES))
+    est.add_argument("--stages", type=int, default=1, help="pipeline stages")
     est.add_argument("--batch", type=int, default=512, help="global sequences per step")
     est.add_argument("--microbatches", type=int, default=16)
     est.add_argument("--seq-len", type=int, default=2048)

@@ -48,12 +48,17 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 @dataclasses.dataclass(frozen=True)
 class MeshSettings:
-    """The device mesh `data` x `model` (-1: the rest of the devices) and the rule set that maps logical axes
-    onto it: megatron | zero3 | zero1 | dp (gptj.core.partitioning.RULE_SETS)."""
+    """The device mesh `stage` x `data` x `model` (-1: the rest of the devices) and the rule set that maps
+    logical axes onto it: megatron | megatron_sp | zero3 | zero1 | dp (gptj.core.partitioning.RULE_SETS).
+
+    stage > 1 trains as a pipeline (gptj.core.pipeline, GPipe): the layers split into `stage` stages of
+    consecutive layers, train.microbatches the pipeline's microbatches (a multiple of stage). Evaluation,
+    sampling and serving have no pipeline: their stage devices join the data axis."""
 
     data: int = -1
     model: int = 1
     rules: str = "megatron"
+    stage: int = 1  # pipeline stages (1: no pipeline)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,11 +441,13 @@ def _check_train(settings: RunSettings, data_parallel: int | None, problems: lis
     except ValueError as e:
         problems.append(str(e))
     if data_parallel and train.batch_size > 0 and train.microbatches > 0:
-        if train.batch_size % (data_parallel * train.microbatches):
+        # A pipeline splits the batch over its stages by microbatches, and each microbatch over data.
+        per_stage = data_parallel // settings.mesh.stage if settings.mesh.stage > 1 else data_parallel
+        if train.batch_size % (per_stage * train.microbatches):
             problems.append(
-                f"train.batch_size={train.batch_size} must be divisible by the data-parallel size ({data_parallel}, "
+                f"train.batch_size={train.batch_size} must be divisible by the data-parallel size ({per_stage}, "
                 f"from mesh.data and rule set {settings.mesh.rules!r}) times train.microbatches="
-                f"{train.microbatches} = {data_parallel * train.microbatches}")
+                f"{train.microbatches} = {per_stage * train.microbatches}")
     if data.seq_len <= 0:
         problems.append(f"data.seq_len must be positive, got {data.seq_len}")
     elif not settings.init_from and data.seq_len > settings.model.max_len:
@@ -449,6 +456,26 @@ def _check_train(settings: RunSettings, data_parallel: int | None, problems: lis
         problems.append("data.train_task is empty: name the seqio task to train on")
     if train.use_wandb and importlib.util.find_spec("wandb") is None:
         problems.append("train.use_wandb is set but wandb is not installed (pip install wandb)")
+
+
+def _check_pipeline(settings: RunSettings, problems: list[str]) -> None:
+    """mesh.stage: a rule set that splits the layers over it, and a schedule the model and microbatches allow."""
+    from gptj.core.partitioning import RULE_SETS
+    from gptj.core.pipeline import Schedule
+
+    stage, rules = settings.mesh.stage, settings.mesh.rules
+    if stage < 1:
+        problems.append(f"mesh.stage must be positive (1: no pipeline), got {stage}")
+        return
+    if stage == 1:
+        return
+    if rules in RULE_SETS and not RULE_SETS[rules].pipelines:
+        problems.append(f"mesh.rules={rules!r} splits no layers over the stage axis, so it cannot use "
+                        f"mesh.stage={stage}; pipeline with megatron, megatron_sp, zero3 or zero1, or set mesh.stage=1")
+    # A model read from init_from is checked once its shape is known (gptj.recipe.build_trainer).
+    layers = None if settings.init_from else settings.model.num_layers
+    schedule = Schedule(stages=stage, microbatches=settings.train.microbatches)
+    problems.extend(schedule.problems(layers, names=("mesh.stage", "train.microbatches", "model.num_layers")))
 
 
 def _check_init_from(spec: str, problems: list[str]) -> None:
@@ -602,16 +629,17 @@ def validate(config: Any, mode: str = "train", *, check_tasks: bool = True,
     """
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    from gptj.core.partitioning import Partitioner, make_mesh
+    from gptj.core.partitioning import Partitioner
     from gptj.errors import PartitioningError
 
     settings = RunSettings.from_config(config)
     problems: list[str] = []
     data_parallel = None
+    if mode in ("train", "plan"):  # the other modes have no pipeline: their stages join the data axis
+        _check_pipeline(settings, problems)
     try:  # a plan is made for a machine other than this one, so its mesh is checked there
-        if mode != "plan":
-            mesh = make_mesh(settings.mesh.data, settings.mesh.model)
-            data_parallel = Partitioner(mesh, settings.mesh.rules).data_parallel_size
+        if mode != "plan" and not problems:
+            data_parallel = Partitioner.from_config(settings.mesh, fold_stages=mode != "train").data_parallel_size
     except PartitioningError as e:
         problems.append(str(e))
     if settings.init_from:

@@ -347,16 +347,17 @@ def target_devices(target: Target) -> list:
     return list(topology.devices)
 
 
-def mesh_shape(target: Target, data: int, model: int) -> tuple[int, int]:
+def mesh_shape(target: Target, data: int, model: int, stage: int = 1) -> tuple[int, int]:
     """The config's mesh on the target: both sizes given may use some of its devices; -1 takes the rest."""
-    if data > 0 and model > 0 and target.devices % (data * model) == 0:
+    if data > 0 and model > 0 and target.devices % (stage * data * model) == 0:
         return data, model
     try:
-        return resolve_mesh_shape(data, model, target.devices)
+        return resolve_mesh_shape(data, model, target.devices, stage)
     except GptjError as e:
         if "devices" not in str(e):  # a size that is no size at all: the mesh's own message
             raise TargetError(f"{e} (--target={target.spec})") from e
-        raise TargetError(f"mesh data={data} x model={model} does not divide the {target.devices} devices of "
+        mesh = f"stage={stage} x data={data} x model={model}" if stage > 1 else f"data={data} x model={model}"
+        raise TargetError(f"mesh {mesh} does not divide the {target.devices} devices of "
                           f"{target.spec}; --config.mesh.data=-1 takes the rest") from e
 
 
@@ -364,12 +365,13 @@ def target_partitioner(target: Target, mesh_settings) -> Partitioner:
     """The config's mesh (`settings.mesh`) and rule set over the target's devices (its compiler loaded)."""
     from jax.experimental import mesh_utils
 
-    data, model = mesh_shape(target, mesh_settings.data, mesh_settings.model)
-    devices = target_devices(target)[:data * model]
+    stage = mesh_settings.stage
+    data, model = mesh_shape(target, mesh_settings.data, mesh_settings.model, stage)
+    devices = target_devices(target)[:stage * data * model]
     try:  # neighbours on the torus / NVLink for the model axis, as on the hardware
-        grid = mesh_utils.create_device_mesh((data, model), devices, allow_split_physical_axes=True)
+        grid = mesh_utils.create_device_mesh((stage, data, model), devices, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError):
-        grid = np.asarray(devices).reshape(data, model)
+        grid = np.asarray(devices).reshape(stage, data, model)
     return Partitioner(Mesh(grid, MESH_AXES), mesh_settings.rules)
 
 

@@ -43,6 +43,7 @@ EXPECTED = {
     },
 }
 EXPECTED["zero1"] = EXPECTED["megatron"]  # zero1 shards only the optimizer state further
+EXPECTED["megatron_sp"] = EXPECTED["megatron"]  # megatron_sp splits activations differently, not params
 EXPECTED["dp"] = {name: P(*([None] * len(spec))) for name, spec in EXPECTED["megatron"].items()}
 
 

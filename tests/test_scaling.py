@@ -80,6 +80,67 @@ def test_slow_links_beyond_the_fast_domain():
     assert inside.data_parallel_s == pytest.approx(params / 2 * 2 / 1e9)
 
 
+def test_pipeline_step_by_hand():
+    # 2 stages of 1 layer x 1 data x 2 model, 4 microbatches of 2 sequences: 5 iterations.
+    w = scaling.Workload(TINY, seq_len=4, global_batch=8, data=1, model_parallel=2, microbatches=4, stages=2,
+                         tp_allreduces_per_layer=3)
+    assert w.devices == 4 and w.iterations == 5
+    est = scaling.estimate(w, TOY_HW)
+    head = 6 * 8 * 100  # the head's FLOPs per token (forward and backward), run once over this device's 16 tokens
+    stage_micro = 8 * (4 * 4928 - head) / 2 / 2 / (1e12 * 0.5)  # one layer of the two, on 8 tokens, model 2
+    assert est.compute_s == pytest.approx(4 * stage_micro + 16 * head / 2 / (1e12 * 0.5))
+    assert est.bubble_s == pytest.approx(stage_micro)  # (S - 1) iterations of a stage's compute
+    # the bubble is (S - 1) / (M + S - 1) of the time the stage's layers take
+    assert est.bubble_s / (est.bubble_s + 4 * stage_micro) == pytest.approx(1 / 5)
+    # 3 all-reduces of 8 tokens x d 8 x 2 B per layer and iteration; embedding and head once over 16 tokens.
+    assert est.tensor_parallel_s == pytest.approx(5 * 3 * 128 / 1e9 + 2 * 256 / 1e9)
+    # 2 transfers (to the next stage, the stream's slot back) each way per iteration, 128 B each.
+    assert est.stage_transfer_s == pytest.approx(4 * 5 * 128 / 1e9)
+    # Each device holds its stage's layer and the (unsplit) embedding and head, over model 2: fp32 weights and Adam
+    # moments, the backward loop's fp32 gradient sum and each iteration's bf16 gradient, the bf16 weights it reads.
+    block = scaling.total_params(TINY) - scaling.embedding_and_head_params(TINY)
+    per_device = (block / 2 + scaling.embedding_and_head_params(TINY)) / 2
+    assert est.state_bytes_per_device == pytest.approx(per_device * (4 + 8 + 4 + 2 + 2))
+    assert est.step_s == pytest.approx(est.compute_s + est.bubble_s + est.tensor_parallel_s + est.stage_transfer_s
+                                       + est.memory_bound_s)
+
+
+def test_sequence_parallel_same_bytes_less_activation_memory():
+    base = scaling.Workload(TINY, seq_len=4, global_batch=8, data=2, model_parallel=2, microbatches=2)
+    megatron, sp = (scaling.estimate(dataclasses.replace(base, rules=r), TOY_HW) for r in ("megatron", "megatron_sp"))
+    assert sp.tensor_parallel_s == pytest.approx(megatron.tensor_parallel_s)  # latency 0: the same bytes
+    assert sp.activation_bytes_per_device < megatron.activation_bytes_per_device
+    # full remat saves the block's input, d per token: split over model 2 by sequence.
+    saved = 2 * 8 * 8 * 2  # layers x tokens x d x bytes
+    assert megatron.activation_bytes_per_device - sp.activation_bytes_per_device == pytest.approx(saved / 2)
+    assert sp.state_bytes_per_device == megatron.state_bytes_per_device
+
+
+def test_20b_40b_picks():
+    results = {(name, system.name): (rows, pick) for name, system, rows, pick in scaling.compare_20b_40b()}
+    for (name, system), (rows, pick) in results.items():
+        by_label = dict(rows)
+        assert pick is not None, (name, system)
+        # Without a pipeline, megatron's state alone outgrows a device: 20B and 40B over 8-way tensor parallelism.
+        plain = next(est for label, est in rows if label.startswith("megatron ") and "pipeline" not in label)
+        assert not plain.fits, (name, system)
+        if "slices" in system:  # across slices a pipeline (over the slices) and sequence sharding win
+            assert pick[0].startswith("megatron_sp + pipeline"), (name, system, pick[0])
+        assert pick[1].fits and by_label[pick[0]] is pick[1]
+    # On one v3-256, as the TPU compiler found (README): each config's layout fits, its pipeline with the stages split
+    # 8 ways instead of 16 does not, nor does it without sequence sharding.
+    from gptj.configs import load_config
+
+    for name in ("gptj_20b", "gptj_40b"):
+        def planned(**mesh):
+            config = load_config(name)
+            config.mesh.update(mesh)
+            memory = scaling.estimate_from_config(config, 256, "tpu_v3").memory_bytes_per_device
+            return memory / (scaling.FIT_MARGIN * 16 * 2**30)
+
+        assert planned() < 1 < min(planned(model=8), planned(rules="megatron")), name
+
+
 def test_reference_points_within_25_percent():
     for point, est in scaling.check_reference_points():
         assert est.tokens_per_s == pytest.approx(point.tokens_per_s, rel=0.25), point.name
@@ -135,6 +196,12 @@ def test_bad_workload_is_one_clear_error():
         scaling.Workload(TINY, seq_len=4, global_batch=10, data=4)
     with pytest.raises(ValueError, match="rules 'fsdp'"):
         scaling.Workload(TINY, seq_len=4, global_batch=8, data=1, rules="fsdp")
+    with pytest.raises(ValueError, match="microbatches=1 is fewer than stages=2"):
+        scaling.Workload(TINY, seq_len=4, global_batch=8, data=1, stages=2)
+    with pytest.raises(ValueError, match="layers=2 is not divisible by stages=4"):
+        scaling.Workload(TINY, seq_len=4, global_batch=8, data=1, stages=4, microbatches=4)
+    with pytest.raises(ValueError, match="rules 'dp' splits no layers"):
+        scaling.Workload(TINY, seq_len=4, global_batch=8, data=1, stages=2, microbatches=2, rules="dp")
 
 
 def _collective_operands(rules: str, mesh: tuple[int, int], layers: int, batch: int, seq: int, op: str):

@@ -1,15 +1,25 @@
 """The device mesh, the rule sets that map logical axis names onto it, and sharded state.
 
-A rule set is an ordered table of `(logical_name, mesh_axis_or_None)`; the
-first row naming a logical axis wins. Changing the rule set changes the
-parallelism; model code never mentions `data` or `model`.
+The mesh has three axes, `stage` x `data` x `model` (stage outermost, model
+innermost). A rule set is an ordered table of `(logical_name, mesh_axis_or_None)`;
+the first row naming a logical axis wins. Changing the rule set changes the
+parallelism; model code never mentions `stage`, `data` or `model`.
 
-| rule set   | params over   | optimizer state over | activations' batch over |
-|------------|---------------|----------------------|-------------------------|
-| `megatron` | model         | model                | data                    |
-| `zero3`    | data x model  | data x model         | data                    |
-| `zero1`    | model         | data x model         | data                    |
-| `dp`       | (replicated)  | (replicated)         | data x model            |
+| rule set      | params over          | optimizer state over | batch over   | residual stream over |
+|---------------|----------------------|----------------------|--------------|----------------------|
+| `megatron`    | stage x model        | stage x model        | stage x data | (replicated)         |
+| `megatron_sp` | stage x model        | stage x model        | stage x data | model, by sequence   |
+| `zero3`       | stage x data x model | stage x data x model | stage x data | (replicated)         |
+| `zero1`       | stage x model        | stage x data x model | stage x data | (replicated)         |
+| `dp`          | (replicated)         | (replicated)         | data x model | (replicated)         |
+
+`stage` is the pipeline axis: a stacked parameter's `layers` dimension is split
+over it (each stage holds a contiguous block of layers) and `gptj.core.pipeline`
+runs microbatches through the stages. Its size is 1 unless asked for, and an
+axis of size 1 is left out of every PartitionSpec, so a run without a pipeline
+lays everything out, and names it, exactly as a 2D `data` x `model` mesh would.
+`dp` has no use for it (it splits no parameter), so a stage axis under `dp` is
+an error.
 
 Every logical name used by a parameter must appear in the table (mapping to
 None is fine); a name no row resolves is an error naming the parameter.
@@ -32,24 +42,37 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gptj.core.streaming import LazyArray, finish_reading
 from gptj.errors import PartitioningError
 
-MESH_AXES = ("data", "model")
+STAGE_AXIS = "stage"
+MESH_AXES = (STAGE_AXIS, "data", "model")
 
 Rules = tuple[tuple[str, Any], ...]
 
-# Activations: batch over data, tensor-parallel dims over model, the residual
-# stream replicated over model (Megatron's layout).
+# Activations: batch over data (and over the pipeline's stages outside the
+# pipelined layers: embedding, head and loss), tensor-parallel dims over model,
+# the residual stream replicated over model (Megatron's layout). `layers`, the
+# leading axis of the stacked block parameters, is split over the stages;
+# `act_stage` is the stage dimension of the pipeline's own buffers.
 _TENSOR_PARALLEL_ACTIVATIONS: Rules = (
-    ("act_batch", "data"),
+    ("act_batch", (STAGE_AXIS, "data")),
     ("act_length", None),
+    ("act_residual_length", None),
     ("act_kv_length", None),
     ("act_embed", None),
     ("act_heads", "model"),
     ("act_mlp", "model"),
     ("act_vocab", "model"),
     ("head_dim", None),
-    ("layers", None),
+    ("layers", STAGE_AXIS),
+    ("act_stage", STAGE_AXIS),
     ("lora_rank", None),  # LoRA adapters' rank: small, never split
 )
+
+# Megatron's sequence parallelism: between the tensor-parallel regions (attention
+# and MLP), the residual stream, its LayerNorms and what is saved of them for the
+# backward pass are split over model along the sequence instead of replicated.
+# Entering a region all-gathers the sequence; leaving it reduce-scatters, where
+# megatron all-reduces: the same bytes on the wire, 1/model of the activations.
+_SEQUENCE_PARALLEL_ACTIVATIONS: Rules = (("act_residual_length", "model"),) + _TENSOR_PARALLEL_ACTIVATIONS
 
 _MEGATRON_PARAMS: Rules = (
     ("vocab", "model"),
@@ -69,6 +92,7 @@ _ZERO3_PARAMS: Rules = (
 _DATA_PARALLEL: Rules = (
     ("act_batch", ("data", "model")),
     ("act_length", None),
+    ("act_residual_length", None),
     ("act_kv_length", None),
     ("act_embed", None),
     ("act_heads", None),
@@ -76,6 +100,7 @@ _DATA_PARALLEL: Rules = (
     ("act_vocab", None),
     ("head_dim", None),
     ("layers", None),
+    ("act_stage", None),
     ("lora_rank", None),
     ("vocab", None),
     ("embed", None),
@@ -101,10 +126,17 @@ class RuleSet:
     def optimizer_rules(self) -> Rules:
         return self.opt_state_rules or self.rules
 
+    @property
+    def pipelines(self) -> bool:
+        """Whether the rule set splits the stacked layers over the `stage` axis (so a pipeline can use it)."""
+        return dict(reversed(self.rules)).get("layers") == STAGE_AXIS
+
 
 RULE_SETS: dict[str, RuleSet] = {
     "megatron": RuleSet("megatron", "tensor parallel over model, data parallel over data",
                         _MEGATRON_PARAMS + _TENSOR_PARALLEL_ACTIVATIONS),
+    "megatron_sp": RuleSet("megatron_sp", "megatron with the residual stream split over model by sequence",
+                           _MEGATRON_PARAMS + _SEQUENCE_PARALLEL_ACTIVATIONS),
     "zero3": RuleSet("zero3", "megatron plus params and optimizer state split over data (2D FSDP)",
                      _ZERO3_PARAMS + _TENSOR_PARALLEL_ACTIVATIONS),
     "zero1": RuleSet("zero1", "megatron params; optimizer state also split over data",
@@ -115,7 +147,7 @@ RULE_SETS: dict[str, RuleSet] = {
 
 
 def get_rule_set(name: str | RuleSet) -> RuleSet:
-    """Looks up a rule set by name (`megatron`, `zero3`, `zero1`, `dp`)."""
+    """Looks up a rule set by name (`megatron`, `megatron_sp`, `zero3`, `zero1`, `dp`)."""
     if isinstance(name, RuleSet):
         return name
     if name not in RULE_SETS:
@@ -123,44 +155,99 @@ def get_rule_set(name: str | RuleSet) -> RuleSet:
     return RULE_SETS[name]
 
 
-def resolve_mesh_shape(data: int, model: int, num_devices: int) -> tuple[int, int]:
-    """Resolves a (data, model) request where one entry may be -1 ("the rest of the devices")."""
+def resolve_mesh_shape(data: int, model: int, num_devices: int, stage: int = 1) -> tuple[int, int]:
+    """Resolves a (data, model) request where one entry may be -1 ("the rest of the devices").
+
+    `stage` devices (the pipeline axis, always given) take their share first:
+    data x model must use num_devices / stage.
+    """
+    if stage < 1:
+        raise PartitioningError(f"mesh: stage must be a positive size, got {stage}")
     if data == -1 and model == -1:
         raise PartitioningError("mesh: only one of data and model may be -1")
     for name, size in (("data", data), ("model", model)):
         if size == 0 or size < -1:
             raise PartitioningError(f"mesh: {name} must be a positive size or -1, got {size}")
-    known = (data if data != -1 else 1) * (model if model != -1 else 1)
+    staged = f"stage={stage} x " if stage > 1 else ""
+    known = stage * (data if data != -1 else 1) * (model if model != -1 else 1)
     if num_devices % known:
-        raise PartitioningError(f"mesh: data={data} x model={model} does not divide the {num_devices} available devices")
+        raise PartitioningError(f"mesh: {staged}data={data} x model={model} does not divide the {num_devices} "
+                                "available devices")
     if data == -1:
         data = num_devices // known
     if model == -1:
         model = num_devices // known
-    if data * model != num_devices:
+    if stage * data * model != num_devices:
         raise PartitioningError(
-            f"mesh: data={data} x model={model} = {data * model} devices, but {num_devices} are available; "
-            "use -1 for one axis to take the rest")
+            f"mesh: {staged}data={data} x model={model} = {stage * data * model} devices, but {num_devices} are "
+            "available; use -1 for one axis to take the rest")
     return data, model
 
 
-def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 2D (`data`, `model`) mesh over all (or the given) devices, across every host.
+def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | None = None, stage: int = 1) -> Mesh:
+    """A (`stage`, `data`, `model`) mesh over all (or the given) devices, across every host.
 
     The model axis is the fast-varying one, so a model-parallel group sits on
-    neighbouring devices of one host whenever model <= local device count.
+    neighbouring devices of one host whenever model <= local device count; the
+    stage axis is the slowest, so on several TPU slices the stages are split
+    over the slices first: a pipeline sends only one microbatch's activations
+    from stage to stage, which suits the data-centre network between slices.
     """
     devices = list(jax.devices() if devices is None else devices)
-    data, model = resolve_mesh_shape(data, model, len(devices))
+    data, model = resolve_mesh_shape(data, model, len(devices), stage)
+    shape = (stage, data, model)
     if devices[0].platform in ("tpu", "gpu", "cuda", "rocm") and len(devices) == jax.device_count():
-        from jax.experimental import mesh_utils
-        try:
-            grid = mesh_utils.create_device_mesh((data, model), devices, allow_split_physical_axes=True)
-        except (ValueError, NotImplementedError, AssertionError):
-            grid = np.asarray(devices).reshape(data, model)
+        grid = _accelerator_grid(shape, devices)
     else:
-        grid = np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id))).reshape(data, model)
+        grid = np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id))).reshape(shape)
     return Mesh(grid, MESH_AXES)
+
+
+def _accelerator_grid(shape: tuple[int, int, int], devices: list) -> np.ndarray:
+    """Devices arranged as `shape` by the physical topology (`mesh_utils`), slices outermost when several.
+
+    Several TPU slices (devices with distinct `slice_index`) are joined by the
+    data-centre network: they divide the stage axis (else the data axis) and
+    each slice holds the rest of the mesh on its own interconnect.
+    """
+    from jax.experimental import mesh_utils
+
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    dcn = None
+    if slices > 1:
+        stage, data, _ = shape
+        if stage % slices == 0:
+            dcn = (slices, 1, 1)
+        elif data % slices == 0:
+            dcn = (1, slices, 1)
+        else:
+            raise PartitioningError(f"mesh: {slices} TPU slices divide neither stage={stage} nor data={data}; the "
+                                    "axes that cross slices must be a multiple of the slice count")
+    try:
+        if dcn is not None:
+            ici = tuple(n // k for n, k in zip(shape, dcn))
+            return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+        return np.asarray(devices).reshape(shape)
+
+
+# Mesh axes a spec leaves out where the mesh lacks them or has them at size 1.
+_OPTIONAL_AXES = (STAGE_AXIS,)
+
+
+def _axis_names(mesh_axes) -> tuple[str, ...]:
+    """A rule's mesh axes (None, a name, or a tuple of names) as a tuple of names."""
+    if mesh_axes is None:
+        return ()
+    return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+
+
+def _axes_value(names: tuple[str, ...]):
+    """The PartitionSpec entry for a tuple of mesh axis names: None, one name, or the tuple."""
+    if not names:
+        return None
+    return names[0] if len(names) == 1 else names
 
 
 def _path_str(path) -> str:
@@ -183,53 +270,66 @@ class Partitioner:
     def __init__(self, mesh: Mesh, rule_set: str | RuleSet = "megatron"):
         self.mesh = mesh
         self.rule_set = get_rule_set(rule_set)
+        if self.stages > 1 and not self.rule_set.pipelines:
+            raise PartitioningError(
+                f"mesh: rule set {self.rule_set.name!r} splits no layers over the stage axis, so it cannot use "
+                f"stage={self.stages}; pipeline with megatron, megatron_sp, zero3 or zero1, or set mesh.stage=1")
+        # The rules as this mesh resolves them: what traced code's logical constraints see.
+        self.rules: Rules = tuple((name, self._present(axes)) for name, axes in self.rule_set.rules)
 
     @classmethod
-    def from_config(cls, mesh_config) -> "Partitioner":
-        """The mesh and rule set a run's `mesh` settings name (data, model, rules), over every device."""
-        return cls(make_mesh(mesh_config.data, mesh_config.model), mesh_config.rules)
+    def from_config(cls, mesh_config, fold_stages: bool = False) -> "Partitioner":
+        """The mesh and rule set a run's `mesh` settings name (stage, data, model, rules), over every device.
+
+        `fold_stages`: the stage devices join the data axis instead (inference, which has no pipeline).
+        """
+        stage, data = mesh_config.stage, mesh_config.data
+        if fold_stages and stage > 1:
+            stage, data = 1, (data * stage if data != -1 else -1)
+        return cls(make_mesh(data, mesh_config.model, stage=stage), mesh_config.rules)
 
     @property
-    def rules(self) -> Rules:
-        return self.rule_set.rules
+    def stages(self) -> int:
+        """The size of the mesh's pipeline axis (1: no pipeline)."""
+        return self.axis_size(STAGE_AXIS)
 
     def axis_size(self, mesh_axes) -> int:
-        if mesh_axes is None:
-            return 1
-        if isinstance(mesh_axes, str):
-            mesh_axes = (mesh_axes,)
-        return math.prod(self.mesh.shape[a] for a in mesh_axes)
+        """Devices over which `mesh_axes` (a mesh axis name, a tuple of them, or None) split a dimension."""
+        return math.prod(self.mesh.shape.get(a, 1) for a in _axis_names(mesh_axes))
+
+    def _present(self, mesh_axes):
+        """`mesh_axes` without the optional axes this mesh lacks or has at size 1 (see the module docstring)."""
+        names = tuple(a for a in _axis_names(mesh_axes)
+                      if a in self.mesh.shape and not (a in _OPTIONAL_AXES and self.mesh.shape[a] == 1))
+        return _axes_value(names)
 
     # -- logical names -> shardings ------------------------------------------------
 
     def mesh_spec(self, logical: PartitionSpec | Sequence[str | None], rules: Rules | None = None, *, where: str = "",
                   shape: Sequence[int] | None = None) -> PartitionSpec:
-        """Resolves one logical spec to a mesh PartitionSpec, checking names and divisibility."""
+        """Resolves one logical spec to a mesh PartitionSpec, checking names and divisibility.
+
+        A mesh axis shards at most one dimension: the first that names it; a
+        later dimension naming it (alone or in a tuple) goes without it.
+        """
         table = dict(reversed(rules or self.rules))  # reversed: the first row of a name wins
-        mesh_axes = []
+        used: set[str] = set()
+        resolved = []
         for dim, name in enumerate(logical):
             if name is None:
-                mesh_axes.append(None)
+                resolved.append(None)
                 continue
             if name not in table:
                 raise PartitioningError(
                     f"{where or 'array'}: logical axis {name!r} is not resolved by rule set "
                     f"{self.rule_set.name!r} (known axes: {sorted(table)})")
-            axis = table[name]
+            axis = self._present(tuple(a for a in _axis_names(table[name]) if a not in used))
             if shape is not None and axis is not None and shape[dim] % self.axis_size(axis):
                 raise PartitioningError(
                     f"{where or 'array'}: dimension {dim} ({name}={shape[dim]}) is not divisible by mesh axis "
                     f"{axis!r} of size {self.axis_size(axis)} under rule set {self.rule_set.name!r}")
-            mesh_axes.append(axis)
-        # A mesh axis may shard only one dimension; a later repeat is replicated.
-        used, resolved = set(), []
-        for axis in mesh_axes:
-            names = set((axis,) if isinstance(axis, str) else (axis or ()))
-            if names & used:
-                resolved.append(None)
-            else:
-                used |= names
-                resolved.append(axis)
+            used |= set(_axis_names(axis))
+            resolved.append(axis)
         return PartitionSpec(*resolved)
 
     def shardings_for(self, logical_specs, abstract=None, *, optimizer_subtree: str | None = "opt_state"):
@@ -405,6 +505,20 @@ def _from_boxes(x: LazyArray, sharding) -> jax.Array:
             blocks[k] = x.read(box, primary=first_holder[k].process_index == jax.process_index())
         shards.append(jax.device_put(blocks[k], device))
     return jax.make_array_from_single_device_arrays(x.shape, sharding, shards)
+
+
+def without_axis(rules: Rules, axis: str) -> Rules:
+    """`rules` with `axis` taken out of every row (inside a pipeline stage, whose own dimension holds `stage`)."""
+    return tuple((name, _axes_value(tuple(a for a in _axis_names(axes) if a != axis))) for name, axes in rules)
+
+
+def logical_spec(logical: Sequence[str | None], rules: Rules) -> PartitionSpec:
+    """The PartitionSpec of logical axis names under `rules` (first row of a name wins; None stays None).
+
+    No checks and no conflict resolution: for arrays whose names map to distinct mesh axes.
+    """
+    table = dict(reversed(rules))
+    return PartitionSpec(*(None if name is None else table.get(name) for name in logical))
 
 
 def per_device_bytes(abstract, shardings) -> int:

@@ -11,6 +11,10 @@ the shape of a batch, and it
 - jits the train step (gradient accumulation over microbatches with
   `lax.scan`, the optimizer update, a non-finite guard) and the eval step with
   explicit in/out shardings, donating the old state;
+- on a mesh with a pipeline axis (`Partitioner.stages` > 1), leaves the
+  microbatches to the module: it is given the whole batch and must run it
+  through its stages as `microbatches` microbatches (`gptj.core.pipeline`),
+  so the gradient is taken once per step, over the whole pipeline;
 - compiles the train step ahead of time and logs per-device memory (params,
   optimizer state, XLA temporaries) before step 1;
 - runs the loop, calling hooks (checkpointing, validation, metrics,
@@ -199,7 +203,8 @@ class Trainer:
         masks must accept boxed trees).
       partitioner: mesh and rule set.
       batch_spec: global shape/dtype of one batch, e.g. {'inputs': ShapeDtypeStruct((B, L), int32), ...}.
-      microbatches: gradient accumulation steps per update; B must divide by it.
+      microbatches: gradient accumulation steps per update; B must divide by it. On a mesh with
+        stages, the module's pipeline microbatches instead (it must be built for this many).
       summarize: sums -> metrics dict (default: loss = loss_sum / weight).
       lr_schedule: step -> learning rate, reported as the `lr` metric.
       on_nonfinite: 'stop' (raise NonFiniteLossError) or 'skip' (drop the update, keep going).
@@ -460,7 +465,7 @@ class Trainer:
             return sums["loss_sum"], sums
 
         grad_fn = jax.grad(objective, has_aux=True)
-        if self.microbatches == 1:
+        if self.microbatches == 1 or self.partitioner.stages > 1:  # with stages, the module's pipeline microbatches
             return grad_fn(params, batch, 0)
         microbatches = jax.tree_util.tree_map(self._split_microbatches, batch)
         param_shardings = self.state_shardings["params"]

@@ -88,7 +88,7 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
     if not has_own_weights(workdir) and not settings.init_from:
         raise EvalError(f"nothing to evaluate: {workdir} holds no checkpoint and config.init_from is empty "
                         "(pass --config.init_from=hf:PATH, mtj:PATH or a params directory)")
-    partitioner = Partitioner.from_config(settings.mesh)
+    partitioner = Partitioner.from_config(settings.mesh, fold_stages=True)  # no pipeline
     params, model_config = load_for_inference(settings, workdir, partitioner)
     started = time.time()
     validation = validation_metrics(settings, params, model_config, partitioner)

@@ -201,7 +201,7 @@ def build_sampler(config, workdir: str | None) -> Sampler:
     """A Sampler for a run config (ConfigDict or RunSettings): mesh from its `mesh` section, weights as
     `gptj.weights.source.load_for_inference` finds them."""
     settings = RunSettings.from_config(config)
-    partitioner = Partitioner.from_config(settings.mesh)
+    partitioner = Partitioner.from_config(settings.mesh, fold_stages=True)  # no pipeline
     params, model_config = load_for_inference(settings, workdir, partitioner)
     return Sampler(model_config, params, partitioner, tokenizer=get_tokenizer(),
                    chunk_steps=settings.sample.chunk_steps)

@@ -2,9 +2,18 @@
 
 The model never mentions a mesh axis. Parameters carry logical axis names
 (`vocab`, `embed`, `heads`, `head_dim`, `mlp`, `layers`) and activations carry
-`act_*` names; `gptj.core.partitioning` maps both onto the `data` x `model` mesh.
-Activation names are distinct from parameter names so that a rule set can shard
-a weight's `embed` dimension (ZeRO-3) without also sharding the residual stream.
+`act_*` names; `gptj.core.partitioning` maps both onto the `stage` x `data` x
+`model` mesh. Activation names are distinct from parameter names so that a rule
+set can shard a weight's `embed` dimension (ZeRO-3) without also sharding the
+residual stream. The residual stream (between the blocks' attention and MLP,
+with its LayerNorms) names its sequence axis `act_residual_length`, apart from
+the `act_length` of the attention and MLP inside a block, so that a rule set
+can split it over the model axis by sequence (`megatron_sp`).
+
+With `pipeline` (a `gptj.core.pipeline.Schedule`), training and evaluation
+run the layer stack as a pipeline over the mesh's stages (each stage the
+`nn.scan` of its L/S layers, the same scan as without); the parameters and
+their initialisation are the same.
 
 Parameter layout (the same whether or not `scan_layers` is set, so checkpoints
 move freely between the two):
@@ -60,6 +69,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptj.core import pipeline as pipeline_lib
 from gptj.core.losses import map_position_chunks
 from gptj.model import quantized as quantize
 from gptj.model.attention import ATTENTION_IMPLS, NEG_INF, cached_attention, causal_attention
@@ -189,6 +199,12 @@ def matrix_param(module: nn.Module, name: str, target: str, init, shape: tuple[i
         return module.param(name, nn.with_logical_partitioning(init, axes), shape, pdt)
     spans = quantize.MATRICES[target].spans
     return module.param(name, quantize.param_init(shape, axes, spans, cfg.quant_bits, cfg.quant_group_size, pdt))
+
+
+# The residual stream's logical axes: [batch, sequence, d_model], the sequence split by sequence-parallel rules;
+# and [batch, sequence, d_model] as the tensor-parallel regions (attention, MLP, embedding, head) read it: whole.
+RESIDUAL_AXES = ("act_batch", "act_residual_length", "act_embed")
+TENSOR_PARALLEL_AXES = ("act_batch", "act_length", "act_embed")
 
 
 class HeadInputs(NamedTuple):
@@ -515,12 +531,14 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, token_mask, layer_cache=None, cache_state=None, adapter_ids=None):
-        h = LayerNorm(self.config, name="ln")(x)
+        # The LayerNorm's output stays in the residual stream's layout (what is saved of it for the backward
+        # pass too); attention and MLP gather it whole where a rule set splits it by sequence.
+        h = nn.with_logical_constraint(LayerNorm(self.config, name="ln")(x), RESIDUAL_AXES)
         cache = None if layer_cache is None else (*layer_cache, *cache_state)
         attention = Attention(self.config, self.lora, self.deterministic, name="attn")
         attn, new_kv = attention(h, positions, token_mask, cache, adapter_ids)
         out = x + attn + MLP(self.config, self.lora, self.deterministic, name="mlp")(h, adapter_ids)
-        out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_embed"))
+        out = nn.with_logical_constraint(out, RESIDUAL_AXES)
         return out, new_kv
 
 
@@ -545,12 +563,18 @@ class GPTJ(nn.Module):
     applies the adapters' dropout. `adapter_ids` [B] picks each row's adapter
     from an `adapter_pool` collection passed with the params (a negative id:
     the plain base); without that collection it is ignored.
+
+    With `pipeline`, the layers run as a pipeline of `pipeline.stages` stages
+    on `pipeline.microbatches` microbatches of the batch (`gptj.core.pipeline`;
+    the mesh's stage axis must have that size); initialisation and decoding
+    do not pipeline.
     """
 
     config: GPTJConfig
     decode: bool = False
     lora: LoraConfig | None = None
     head_inputs: bool = False
+    pipeline: pipeline_lib.Schedule | None = None
 
     @nn.compact
     def __call__(self, tokens, positions=None, token_mask=None, return_hidden: bool = False,
@@ -565,25 +589,14 @@ class GPTJ(nn.Module):
         embedding = matrix_param(self, "wte", "wte", _init(cfg.init_std), (cfg.padded_vocab_size, cfg.d_model),
                                  ("vocab", "embed"))
         x = quantize.take_rows(embedding, tokens, dtype)
-        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+        # The lookup of a vocabulary-split embedding is summed over model whole, then enters the residual
+        # stream's layout (a reduce-scatter where that is split by sequence, not a gather of the table).
+        x = nn.with_logical_constraint(x, TENSOR_PARALLEL_AXES)
+        x = nn.with_logical_constraint(x, RESIDUAL_AXES)
 
-        block = Block
-        policy = REMAT_POLICIES[cfg.remat_policy]
-        if cfg.remat_policy != "none":
-            block = nn.remat(Block, policy=policy, prevent_cse=False)
-        # One stacked parameter layout for both settings: scan_layers=False
-        # unrolls the same scan at trace time (longer compile, no loop overhead).
-        # When decoding, each layer's cache slice is a scanned input (read, never
-        # carried) and the layers' new keys/values come back as scan outputs.
-        blocks = nn.scan(
-            block,
-            variable_axes={"params": 0, ADAPTER_POOL: 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
-            length=cfg.num_layers,
-            unroll=1 if cfg.scan_layers else cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
+        blocks = layer_stack(cfg, cfg.num_layers)
+        if self.decode and self.pipeline is not None:
+            raise ValueError("a pipelined GPT-J does not decode: build the decoder without `pipeline`")
         if self.decode:
             cache = self._cache_variables(tokens.shape)
             layer_cache = (cache["cached_key"].value, cache["cached_value"].value)
@@ -591,11 +604,14 @@ class GPTJ(nn.Module):
             x, new_kv = blocks(cfg, self.lora, deterministic, name="blocks")(x, positions, token_mask, layer_cache,
                                                                              cache_state, adapter_ids)
             self._write_cache(cache, new_kv, token_mask)
+        elif self.pipeline is not None and not self.is_initializing():
+            x = self._pipelined_layers(x, positions, token_mask, deterministic)
         else:
             x, _ = blocks(cfg, self.lora, deterministic, name="blocks")(x, positions, token_mask, None, None,
                                                                         adapter_ids)
 
-        x = LayerNorm(cfg, name="ln_f")(x)
+        # The head, like attention and MLP, reads the whole sequence.
+        x = nn.with_logical_constraint(LayerNorm(cfg, name="ln_f")(x), TENSOR_PARALLEL_AXES)
         if return_hidden:  # before the head's params: a trunk initialised this way has no LM head
             return x
         head = matrix_param(self, "lm_head_kernel", "lm_head", _init(cfg.init_std),
@@ -604,6 +620,22 @@ class GPTJ(nn.Module):
         if self.head_inputs:
             return HeadInputs(x, head, head_bias)
         return output_logits(x, head, head_bias, cfg)
+
+    def _pipelined_layers(self, x, positions, token_mask, deterministic: bool):
+        """The blocks run as a pipeline: each stage applies the layer scan to its slice of the stacked params."""
+        cfg = self.config
+        stage_layers = layer_stack(cfg, cfg.num_layers // self.pipeline.stages)(cfg, self.lora, deterministic,
+                                                                               parent=None)
+
+        def stage_fn(params, h, per_microbatch, rng):
+            rngs = {} if rng is None else {"dropout": rng}
+            return stage_layers.apply({"params": params}, h, *per_microbatch, None, None, None, rngs=rngs)[0]
+
+        dropout = not deterministic and self.lora is not None and self.lora.dropout > 0
+        x = pipeline_lib.run(stage_fn, self.variables["params"]["blocks"], x, (positions, token_mask),
+                             schedule=self.pipeline, x_axes=RESIDUAL_AXES,
+                             rng=self.make_rng("dropout") if dropout else None)
+        return nn.with_logical_constraint(x, RESIDUAL_AXES)
 
     def _cache_variables(self, shape) -> dict[str, Any]:
         """The `cache` collection's variables; created (zero, with `shape[1]` slots) when the model is initialised."""
@@ -631,6 +663,29 @@ class GPTJ(nn.Module):
             cache[name].value = jax.lax.dynamic_update_slice(old, new.astype(old.dtype), (0, 0, 0, start, 0))
         cache["key_mask"].value = jax.lax.dynamic_update_slice(cache["key_mask"].value, token_mask, (0, start))
         cache["index"].value = start + token_mask.shape[1]
+
+
+def layer_stack(config: GPTJConfig, length: int):
+    """The scanned stack of `length` blocks (remat as the config says), parameters stacked on `layers`.
+
+    One stacked parameter layout for every setting: scan_layers=False unrolls
+    the same scan at trace time (longer compile, no loop overhead), and a
+    pipeline stage applies this scan to its slice of the layers. When
+    decoding, each layer's cache slice is a scanned input (read, never
+    carried) and the layers' new keys/values come back as scan outputs.
+    """
+    block = Block
+    if config.remat_policy != "none":
+        block = nn.remat(Block, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=False)
+    return nn.scan(
+        block,
+        variable_axes={"params": 0, ADAPTER_POOL: 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+        length=length,
+        unroll=1 if config.scan_layers else length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
 
 
 def output_logits(hidden: jax.Array, kernel: jax.Array, bias: jax.Array, config: GPTJConfig,
