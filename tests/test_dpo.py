@@ -459,7 +459,7 @@ def test_the_reference_holds_only_what_the_policy_changes(rank, trainable, own):
     assert param_paths(trainer.abstract_reference) == ([p for p in everything if "_lora_" not in p]
                                                        if own is None else own)
     for leaf in jax.tree_util.tree_leaves(trainer.abstract_reference):  # in dpo.reference_dtype, sharded as trained
-        assert leaf.dtype == jnp.bfloat16 and leaf.sharding.mesh.shape == {"data": 2, "model": 4}
+        assert leaf.dtype == jnp.bfloat16 and dict(leaf.sharding.mesh.shape) == {"stage": 1, "data": 2, "model": 4}
 
 
 def test_the_plan_shows_the_reference_memory(base_weights):
