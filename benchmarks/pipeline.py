@@ -49,19 +49,9 @@ def hlo_matmul_flops(hlo: str) -> float:
     call, a while loop's body `known_trip_count` times, a conditional's most
     expensive branch (the train step's update runs in one).
     """
-    computations: dict[str, list[str]] = {}
-    entry, current = None, None
-    for line in hlo.splitlines():
-        header = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
-        if header and not line.startswith(" "):
-            current = header.group(2)
-            computations[current] = []
-            if header.group(1):
-                entry = current
-        elif line.startswith("}"):
-            current = None
-        elif current is not None:
-            computations[current].append(line)
+    from gptj.targets import hlo_computations
+
+    computations, entry = hlo_computations(hlo)
 
     def dims(shape: str) -> list[int]:
         found = re.match(r"\w+\[([\d,]*)\]", shape)

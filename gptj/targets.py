@@ -437,7 +437,7 @@ def _array_bytes(type_text: str) -> float:
                for dtype, dims in _ARRAY.findall(type_text))
 
 
-def _computations(text: str) -> tuple[dict[str, list[str]], str]:
+def hlo_computations(text: str) -> tuple[dict[str, list[str]], str]:
     """{computation name: its instruction lines} of an HLO module's text, and the entry's name."""
     computations, entry, current = {}, None, None
     for line in text.splitlines():
@@ -555,7 +555,7 @@ def program_cost(compiled, mesh: Mesh, accelerator: Accelerator) -> ProgramCost:
     from jaxlib import _hlo
 
     text = compiled.runtime_executable().hlo_modules()[0].to_string()
-    computations, entry = _computations(text)
+    computations, entry = hlo_computations(text)
     header, body_text = text.split("\n", 1)
     cpu = xla_bridge.get_backend("cpu")
     once_cache: dict[str, tuple[float, float]] = {}
