@@ -67,6 +67,7 @@ from benchmarks.common import (emit_results, matmul_peak_flops, measure_matmul_f
 from gptj import scaling  # noqa: E402
 from gptj.core import losses
 from gptj.core.partitioning import Partitioner, make_mesh  # noqa: E402
+from gptj.hardware import ACCELERATORS  # noqa: E402
 from gptj.inference.sampler import Sampler  # noqa: E402
 from gptj.model import quantized as quantize
 from gptj.model.attention import causal_attention, einsum_attention  # noqa: E402
@@ -96,20 +97,13 @@ def device_limits(dry_run: bool) -> Limits:
     if dry_run or device.platform == "cpu":
         return Limits(f"{kind} (measured fp32 matmul peak)", matmul_peak_flops(n=512, runs=5), None, False)
     upper = kind.upper()
-    if "H200" in upper:
-        hw = scaling.HARDWARE["h200"]
-        return Limits(kind, hw.peak_flops, hw.hbm_bandwidth, True)
-    if "H100" in upper and "PCIE" in upper:
-        return Limits(kind, 756e12, 2.0e12, True)
-    if "H100" in upper:
-        hw = scaling.HARDWARE["h100"]
-        return Limits(kind, hw.peak_flops, hw.hbm_bandwidth, True)
-    if "A100" in upper:
-        hw = scaling.HARDWARE["a100"]
-        return Limits(kind, hw.peak_flops, hw.hbm_bandwidth, True)
-    print(f"warning: unknown device kind {kind!r}; using H100 SXM limits", file=sys.stderr)
-    hw = scaling.HARDWARE["h100"]
-    return Limits(f"{kind} (assumed H100 SXM limits)", hw.peak_flops, hw.hbm_bandwidth, True)
+    name = ("h200" if "H200" in upper else "h100-pcie" if "H100" in upper and "PCIE" in upper
+            else "h100" if "H100" in upper else "a100" if "A100" in upper else None)
+    if name is None:
+        print(f"warning: unknown device kind {kind!r}; using H100 SXM limits", file=sys.stderr)
+        name, kind = "h100", f"{kind} (assumed H100 SXM limits)"
+    hw = ACCELERATORS[name]
+    return Limits(kind, hw.peak_flops, hw.hbm_bandwidth, True)
 
 
 def _xla_flops(compiled) -> float | None:
@@ -321,7 +315,7 @@ def bench_decode(cfg: GPTJConfig, batches: list[int], prompt_len: int, new_token
         weights = quantize.describe(cfg) or "bf16"
         weight_bytes = _matmul_weight_bytes(cfg)
         if limits.hbm_bandwidth:
-            hw = dataclasses.replace(scaling.HARDWARE["h100"], peak_flops=limits.peak_flops,
+            hw = dataclasses.replace(ACCELERATORS["h100"], peak_flops=limits.peak_flops,
                                      hbm_bandwidth=limits.hbm_bandwidth)
             limit = scaling.decode_limit(cfg, batch, int(mean_context), hw, weight_bytes=weight_bytes)
         per_step = scaling.decode_bytes_per_step(cfg, batch, int(mean_context), weight_bytes=weight_bytes)

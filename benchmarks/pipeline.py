@@ -97,10 +97,10 @@ def hlo_matmul_flops(hlo: str) -> float:
 
 def predicted_flops(model, seq_len: int, stage: int, data: int, model_parallel: int) -> float:
     """Per-device FLOPs of one step as gptj.scaling counts them (compute plus bubble, at 1 FLOP/s)."""
-    from gptj import scaling
+    from gptj import hardware, scaling
 
-    unit = scaling.Hardware("1 FLOP/s", peak_flops=1.0, hbm_bandwidth=1.0, hbm_bytes=1.0, fast_bandwidth=1.0,
-                            fast_domain=8, slow_bandwidth=1.0, compute_efficiency=1.0, collective_latency=0.0)
+    unit = hardware.Accelerator("1 FLOP/s", peak_flops=1.0, hbm_bandwidth=1.0, hbm_bytes=1, fast_bandwidth=1.0,
+                                fast_domain=8, slow_bandwidth=1.0, compute_efficiency=1.0, collective_latency=0.0)
     workload = scaling.Workload(model, seq_len, BATCH, data=data, model_parallel=model_parallel,
                                 microbatches=MICROBATCHES, stages=stage, compute_bytes=4, grad_bytes=4)
     est = scaling.estimate(workload, unit)

@@ -105,10 +105,11 @@ and megatron's gradient all-reduce cross the data-centre network, while a
 pipeline over the slices sends only a microbatch's activations there:
 megatron_sp + pipeline is the pick.
 
-Public API: `Hardware`, `HARDWARE`, `MODEL_SHAPES`, `Workload`, `estimate`,
-`estimate_from_config` (the hook for `--mode=plan`), `StepEstimate.report()`,
-`train_flops_per_token`, `decode_limit`, `calibrate_efficiency`, `REFERENCE_POINTS`,
-`SYSTEMS`, `compare_large`, `compare_20b_40b`.
+Public API: `MODEL_SHAPES`, `Workload`, `estimate`, `estimate_from_config`
+(the hook for `--mode=plan`), `StepEstimate.report()`, `train_flops_per_token`,
+`decode_limit`, `calibrate_efficiency`, `REFERENCE_POINTS`, `SYSTEMS`,
+`compare_large`, `compare_20b_40b`. The hardware is named as in
+`gptj.hardware.ACCELERATORS` ("tpu_v3", "h100", ...) or given as an `Accelerator`.
 """
 
 from __future__ import annotations
@@ -118,65 +119,9 @@ import dataclasses
 import sys
 from typing import Any, Sequence
 
+from gptj.hardware import ACCELERATORS, GIB, Accelerator, accelerator
 from gptj.model import transformer as gptj_model
 from gptj.model.transformer import GPTJConfig, matmul_params
-
-GB = 1e9
-GIB = 2.0**30
-
-
-@dataclasses.dataclass(frozen=True)
-class Hardware:
-    """One accelerator type and its links. A "device" is what JAX calls a device (a TPU v3 core, a GPU).
-
-    `fast_bandwidth` is what one device moves per second in a ring collective
-    inside its fast domain (`fast_domain` devices: a TPU slice's torus, a GPU
-    node's NVLink); beyond it collectives run at `slow_bandwidth` (DCN,
-    InfiniBand). `compute_efficiency` is the fraction of peak the model's
-    matmuls reach (hardware FLOPs, remat included), a stated assumption.
-    """
-
-    name: str
-    peak_flops: float
-    hbm_bandwidth: float
-    hbm_bytes: float
-    fast_bandwidth: float
-    fast_domain: int
-    slow_bandwidth: float
-    compute_efficiency: float
-    collective_latency: float = 10e-6
-    source: str = ""
-
-
-HARDWARE: dict[str, Hardware] = {
-    "tpu_v3": Hardware(
-        "TPU v3 core", peak_flops=61.5e12, hbm_bandwidth=450 * GB, hbm_bytes=16 * GIB,
-        fast_bandwidth=166 * GB, fast_domain=2048, slow_bandwidth=3 * GB, compute_efficiency=0.53,
-        source="Google Cloud TPU v3 page: 123 TFLOP/s bf16, 32 GiB and 900 GB/s HBM per 2-core chip; "
-               "340 TB/s all-reduce bandwidth per 1024-chip pod; efficiency from the reference's v3-32 6B run"),
-    "tpu_v4": Hardware(
-        "TPU v4 chip", peak_flops=275e12, hbm_bandwidth=1200 * GB, hbm_bytes=32 * GIB,
-        fast_bandwidth=268 * GB, fast_domain=4096, slow_bandwidth=6 * GB, compute_efficiency=0.55,
-        source="Google Cloud TPU v4 page: 275 TFLOP/s, 32 GiB / 1200 GB/s HBM, 1.1 PB/s all-reduce per 4096 chips"),
-    "tpu_v5e": Hardware(
-        "TPU v5e chip", peak_flops=197e12, hbm_bandwidth=819 * GB, hbm_bytes=16 * GB,
-        fast_bandwidth=100 * GB, fast_domain=256, slow_bandwidth=6.25 * GB, compute_efficiency=0.5,
-        source="Google Cloud TPU v5e page: 197 TFLOP/s bf16, 16 GB / 819 GB/s HBM, 1600 Gbps ICI per chip (half "
-               "of it assumed for one ring), 256 chips per slice; data-centre network between slices assumed at "
-               "50 Gb/s per chip; efficiency assumed"),
-    "a100": Hardware(
-        "A100 SXM 80GB", peak_flops=312e12, hbm_bandwidth=2039 * GB, hbm_bytes=80 * GB,
-        fast_bandwidth=300 * GB, fast_domain=8, slow_bandwidth=25 * GB, compute_efficiency=0.5,
-        source="NVIDIA A100 datasheet; NVLink3 600 GB/s bidirectional; one 200 Gb/s NIC per GPU"),
-    "h100": Hardware(
-        "H100 SXM", peak_flops=989e12, hbm_bandwidth=3350 * GB, hbm_bytes=80 * GB,
-        fast_bandwidth=450 * GB, fast_domain=8, slow_bandwidth=50 * GB, compute_efficiency=0.45,
-        source="NVIDIA H100 SXM datasheet (dense bf16); NVLink4 900 GB/s bidirectional; one 400 Gb/s NIC per GPU"),
-    "h200": Hardware(
-        "H200 SXM", peak_flops=989e12, hbm_bandwidth=4800 * GB, hbm_bytes=141 * GB,
-        fast_bandwidth=450 * GB, fast_domain=8, slow_bandwidth=50 * GB, compute_efficiency=0.45,
-        source="NVIDIA H200 datasheet (H100 compute, 4.8 TB/s HBM3e)"),
-}
 
 # Shapes the benchmarks and the scaling checks use. "gptj_1.3b" is GPT-Neo-1.3B's
 # shape (24 layers, d_model 2048, 16 heads of 128) with GPT-J's block and its
@@ -195,14 +140,6 @@ GPTJ_TP_ALLREDUCES = 6
 # Bytes of HBM traffic per fp32 parameter for one Adam(W) update: read param,
 # grad, m, v (16) and write param, m, v (12).
 ADAM_BYTES_PER_PARAM = 28
-
-
-def _hardware(hw: str | Hardware) -> Hardware:
-    if isinstance(hw, Hardware):
-        return hw
-    if hw not in HARDWARE:
-        raise ValueError(f"unknown hardware {hw!r}; choose one of {sorted(HARDWARE)}")
-    return HARDWARE[hw]
 
 
 # -- FLOPs and bytes -------------------------------------------------------------------
@@ -327,7 +264,7 @@ class StepEstimate:
     """Seconds per optimizer step, split by cause, and what they add up to."""
 
     workload: Workload
-    hardware: Hardware
+    hardware: Accelerator
     compute_s: float
     tensor_parallel_s: float
     data_parallel_s: float
@@ -392,14 +329,14 @@ class StepEstimate:
         return "\n".join(lines)
 
 
-def _axis_bandwidth(hw: Hardware, span: int) -> float:
+def _axis_bandwidth(hw: Accelerator, span: int) -> float:
     """Per-device bandwidth of a collective whose ring spans `span` consecutive devices."""
     return hw.fast_bandwidth if span <= hw.fast_domain else hw.slow_bandwidth
 
 
-def estimate(workload: Workload, hardware: str | Hardware = "tpu_v3") -> StepEstimate:
+def estimate(workload: Workload, hardware: str | Accelerator = "tpu_v3") -> StepEstimate:
     """Predicts one optimizer step of `workload` on `hardware` (see the module docstring for the model)."""
-    w, hw = workload, _hardware(hardware)
+    w, hw = workload, accelerator(hardware)
     cfg, m, d, stages = w.model, w.model_parallel, w.data, w.stages
     lat = hw.collective_latency
     replicas = w.devices if w.rules == "dp" else d
@@ -541,7 +478,7 @@ def activation_bytes(cfg: GPTJConfig, micro_seqs: int, seq_len: int, model_paral
     return saved + scores + hidden + logits
 
 
-def estimate_from_config(config: Any, num_devices: int, hardware: str | Hardware = "tpu_v3",
+def estimate_from_config(config: Any, num_devices: int, hardware: str | Accelerator = "tpu_v3",
                          overlap: bool = False) -> StepEstimate:
     """The `--mode=plan` hook: estimates a run config (sections model, mesh, train, data) on `num_devices`.
 
@@ -563,9 +500,9 @@ def estimate_from_config(config: Any, num_devices: int, hardware: str | Hardware
     return estimate(workload, hardware)
 
 
-def calibrate_efficiency(workload: Workload, hardware: str | Hardware, tokens_per_s: float) -> float:
+def calibrate_efficiency(workload: Workload, hardware: str | Accelerator, tokens_per_s: float) -> float:
     """The compute efficiency at which `estimate` reproduces a measured throughput exactly."""
-    hw = _hardware(hardware)
+    hw = accelerator(hardware)
     probe = estimate(workload, dataclasses.replace(hw, compute_efficiency=1.0))
     other = probe.step_s - probe.compute_s
     compute_needed = workload.tokens_per_step / tokens_per_s - other
@@ -588,10 +525,10 @@ def decode_bytes_per_step(cfg: GPTJConfig, batch: int, cache_len: int, weight_by
     return weights + kv
 
 
-def decode_limit(cfg: GPTJConfig, batch: int, cache_len: int, hardware: str | Hardware,
+def decode_limit(cfg: GPTJConfig, batch: int, cache_len: int, hardware: str | Accelerator,
                  weight_bytes: int = 2) -> float:
     """Upper bound on decode tokens/s: the slower of reading the bytes at HBM bandwidth and doing the FLOPs at peak."""
-    hw = _hardware(hardware)
+    hw = accelerator(hardware)
     memory_s = decode_bytes_per_step(cfg, batch, cache_len, weight_bytes) / hw.hbm_bandwidth
     flops_s = batch * forward_flops_per_token(cfg, cache_len) / hw.peak_flops
     return batch / max(memory_s, flops_s)
@@ -674,17 +611,17 @@ class System:
     """A machine to train on: `devices` of `hardware` (several slices when it spans more than its fast domain)."""
 
     name: str
-    hardware: Hardware
+    hardware: Accelerator
     devices: int
     global_batch: int  # sequences per step: two per device (the configs' 512 on 256 v3 cores)
 
 
 SYSTEMS: dict[str, System] = {
-    "v3-256": System("TPU v3-256", HARDWARE["tpu_v3"], 256, 512),
-    "v3-512": System("TPU v3-512", HARDWARE["tpu_v3"], 512, 1024),
+    "v3-256": System("TPU v3-256", ACCELERATORS["tpu_v3"], 256, 512),
+    "v3-512": System("TPU v3-512", ACCELERATORS["tpu_v3"], 512, 1024),
     "2x v4-512": System("2 TPU v4-512 slices (256 chips each) over the data-centre network",
-                        dataclasses.replace(HARDWARE["tpu_v4"], fast_domain=256), 512, 1024),
-    "4x v5e-256": System("4 TPU v5e-256 slices over the data-centre network", HARDWARE["tpu_v5e"], 1024, 2048),
+                        dataclasses.replace(ACCELERATORS["tpu_v4"], fast_domain=256), 512, 1024),
+    "4x v5e-256": System("4 TPU v5e-256 slices over the data-centre network", ACCELERATORS["tpu_v5e"], 1024, 2048),
 }
 
 # The share of a device's memory a pick may plan to use: the estimate is good to tens of percent.
@@ -737,7 +674,7 @@ def compare_large(model: GPTJConfig, system: System, seq_len: int = 2048,
     return rows, pick
 
 
-def _why(rows: list[tuple[str, StepEstimate]], pick: tuple[str, StepEstimate] | None, hw: Hardware) -> str:
+def _why(rows: list[tuple[str, StepEstimate]], pick: tuple[str, StepEstimate] | None, hw: Accelerator) -> str:
     """Why the pick: what does not fit, what the others lose, and what a circular schedule would gain."""
     limit = FIT_MARGIN * hw.hbm_bytes / GIB
     if pick is None:
@@ -776,9 +713,9 @@ def compare_20b_40b(systems: Sequence[str] = tuple(SYSTEMS)) -> list[tuple[str, 
 def _cmd_check(_args) -> int:
     cal = CALIBRATION_POINT
     eff = calibrate_efficiency(cal.workload, cal.hardware, cal.tokens_per_s)
-    print(f"Assumption: TPU v3 matmul efficiency {HARDWARE['tpu_v3'].compute_efficiency:.2f} of peak "
+    print(f"Assumption: TPU v3 matmul efficiency {ACCELERATORS['tpu_v3'].compute_efficiency:.2f} of peak "
           f"(solved from {cal.name}, {cal.source}: {eff:.3f}).")
-    print(f"Links: {HARDWARE['tpu_v3'].source}.\n")
+    print(f"Links: {ACCELERATORS['tpu_v3'].source}.\n")
     worst = 0.0
     for point, est in check_reference_points():
         err = est.tokens_per_s / point.tokens_per_s - 1
@@ -794,7 +731,7 @@ def _cmd_check(_args) -> int:
 def _cmd_compare(_args) -> int:
     rows = compare_6b_v3_256()
     print("GPT-J-6B on a TPU v3-256, batch 512 x 2048, full remat, bf16 compute, "
-          f"{100 * HARDWARE['tpu_v3'].compute_efficiency:.0f}% matmul efficiency:\n")
+          f"{100 * ACCELERATORS['tpu_v3'].compute_efficiency:.0f}% matmul efficiency:\n")
     print(f"{'layout':40s} {'step s':>7s} {'tokens/s':>9s} {'comm %':>7s} {'MFU %':>6s} {'GiB/core':>9s}")
     for label, est in rows:
         comm = est.tensor_parallel_s + est.data_parallel_s + est.param_gather_s - est.hidden_s
@@ -833,7 +770,7 @@ def _cmd_estimate(args) -> int:
     cfg = MODEL_SHAPES[args.model]
     if args.remat:
         cfg = cfg.replace(remat_policy=args.remat)
-    hw = _hardware(args.hardware)
+    hw = accelerator(args.hardware)
     if args.efficiency:
         hw = dataclasses.replace(hw, compute_efficiency=args.efficiency)
     from gptj.core.partitioning import resolve_mesh_shape
@@ -853,7 +790,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("compare", help="GPT-J-6B on a v3-256: megatron vs zero3; 20B and 40B on TPU pods and slices")
     est = sub.add_parser("estimate", help="estimate one workload")
     est.add_argument("--model", default="gptj_6b", help=f"one of {sorted(MODEL_SHAPES)}")
-    est.add_argument("--hardware", default="tpu_v3", help=f"one of {sorted(HARDWARE)}")
+    est.add_argument("--hardware", default="tpu_v3", help=f"one of {sorted(ACCELERATORS)}")
     est.add_argument("--devices", type=int, default=256)
     est.add_argument("--model-parallel", type=int, default=8)
     est.add_argument("--rules", default="megatron", choices=list(RULES))

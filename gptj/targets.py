@@ -18,8 +18,8 @@ bytes and collective traffic per device: XLA's HLO cost analysis counts a
 loop's body once, so the walk here multiplies every loop body (the layer
 scan, the microbatch loop) by its trip count, and it adds the matmuls the
 GPU compiler hands to cuBLAS (custom calls, which the analysis counts as free). `step_time_bound` turns them
-into the least time a step can take on the target (`Accelerator`'s peak
-FLOP/s, HBM and interconnect bandwidth).
+into the least time a step can take on the target (the peak FLOP/s, HBM and
+interconnect bandwidth of its `gptj.hardware.Accelerator`).
 
 The compilers: installed as extras (`pip install -e '.[tpu,cuda12]'`), or in
 a folder of their own that only a `--target` plan loads (`COMPILERS_DIR`,
@@ -49,9 +49,7 @@ from jax.sharding import Mesh
 from gptj.core import runtime
 from gptj.core.partitioning import MESH_AXES, Partitioner, resolve_mesh_shape
 from gptj.errors import ConfigError, GptjError
-
-GB = 1e9
-GIB = 2**30
+from gptj.hardware import ACCELERATORS, Accelerator
 
 # Where scripts/install.sh puts the compilers, so that jax does not load them at every start.
 COMPILERS_DIR = Path(os.environ.get("GPTJ_TARGET_COMPILERS", os.path.join(sys.prefix, "target-compilers")))
@@ -64,85 +62,15 @@ class TargetError(ConfigError):
     """A `--target` that names no hardware we compile for, or that cannot be compiled for here."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Accelerator:
-    """One accelerator generation, per JAX device (a TPU v3 core; a TPU v4 or v5p chip, whose two cores
-    act as one megacore; a v5e or v6e chip; a GPU).
-
-    Peak FLOP/s are dense bf16; bandwidths are what one device moves per second: `hbm_bandwidth`
-    to its own memory, `link_bandwidth` in a collective inside its fast domain (a TPU slice's
-    ICI, a GPU host's NVLink), `host_link_bandwidth` between GPU hosts (InfiniBand). The
-    figures are the vendors' published peaks: a step-time bound made from them is a bound.
-    """
-
-    name: str
-    platform: str  # "tpu" or "cuda"
-    hbm_bytes: int
-    peak_flops: float
-    hbm_bandwidth: float
-    link_bandwidth: float
-    host_link_bandwidth: float = 0.0
-    # TPU: the topology's name prefix, how many cores a Cloud TPU name counts per JAX device,
-    # the libtpu chip configuration; GPU: the XLA target config and the devices per host.
-    topology_prefix: str = ""
-    cores_per_device: int = 1
-    chip_config: str = "default"
-    target_config: str = ""
-    devices_per_host: int = 8
-    sizes: tuple[int, ...] = ()  # the counts sold (Cloud TPU names' numbers; GPUs per host up to a full host)
-    source: str = ""
-
-
 # Chip grids of Cloud TPU slices, by chip count: a 2D torus (v3, v5e, v6e) or 3D (v4, v5p), as libtpu names them.
 GRID_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16", 512: "16x32",
            1024: "32x32"}
 GRID_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8",
            1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
 
-
-ACCELERATORS: dict[str, Accelerator] = {
-    "v3": Accelerator(
-        "TPU v3", "tpu", hbm_bytes=16 * GIB, peak_flops=61.5e12, hbm_bandwidth=450 * GB, link_bandwidth=166 * GB,
-        topology_prefix="v3", cores_per_device=1, sizes=(8, 32, 64, 128, 256, 512, 1024, 2048),
-        source="Cloud TPU v3: 123 TFLOP/s bf16, 32 GiB and 900 GB/s HBM per 2-core chip; 340 TB/s all-reduce "
-               "bandwidth per 1024-chip pod (166 GB/s per core)"),
-    "v4": Accelerator(
-        "TPU v4", "tpu", hbm_bytes=32 * GIB, peak_flops=275e12, hbm_bandwidth=1200 * GB, link_bandwidth=268 * GB,
-        topology_prefix="v4", cores_per_device=2, chip_config="megacore",
-        sizes=(8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
-        source="Cloud TPU v4: 275 TFLOP/s bf16, 32 GiB and 1200 GB/s HBM per chip (one megacore device); "
-               "1.1 PB/s all-reduce bandwidth per 4096 chips"),
-    "v5e": Accelerator(
-        "TPU v5e", "tpu", hbm_bytes=16 * GIB, peak_flops=197e12, hbm_bandwidth=819 * GB, link_bandwidth=200 * GB,
-        topology_prefix="v5e", cores_per_device=1, sizes=(1, 4, 8, 16, 32, 64, 128, 256),
-        source="Cloud TPU v5e: 197 TFLOP/s bf16, 16 GiB and 819 GB/s HBM per chip; ICI 1,600 Gbps per chip"),
-    "v5p": Accelerator(
-        "TPU v5p", "tpu", hbm_bytes=95 * GIB, peak_flops=459e12, hbm_bandwidth=2765 * GB, link_bandwidth=600 * GB,
-        topology_prefix="v5p", cores_per_device=2, chip_config="megacore",
-        sizes=(8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
-        source="Cloud TPU v5p: 459 TFLOP/s bf16, 95 GiB and 2,765 GB/s HBM per chip (one megacore device); "
-               "ICI 4,800 Gbps per chip"),
-    "v6e": Accelerator(
-        "TPU v6e", "tpu", hbm_bytes=32 * GIB, peak_flops=918e12, hbm_bandwidth=1640 * GB, link_bandwidth=448 * GB,
-        topology_prefix="v6e", cores_per_device=1, sizes=(1, 4, 8, 16, 32, 64, 128, 256),
-        source="Cloud TPU v6e (Trillium): 918 TFLOP/s bf16, 32 GiB and 1,640 GB/s HBM per chip; "
-               "ICI 3,584 Gbps per chip"),
-    "h100": Accelerator(
-        "NVIDIA H100 SXM", "cuda", hbm_bytes=84942979072, peak_flops=989e12, hbm_bandwidth=3352 * GB,
-        link_bandwidth=450 * GB, host_link_bandwidth=50 * GB, target_config="h100_sxm.txtpb", sizes=(1, 2, 4, 8),
-        source="NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16, 80 GB HBM3 at 3.35 TB/s; NVLink 4 900 GB/s "
-               "both ways; one 400 Gb/s InfiniBand NIC per GPU between hosts"),
-    "h100-pcie": Accelerator(
-        "NVIDIA H100 PCIe", "cuda", hbm_bytes=84942979072, peak_flops=756e12, hbm_bandwidth=2039 * GB,
-        link_bandwidth=64 * GB, host_link_bandwidth=50 * GB, target_config="h100_pcie.txtpb", sizes=(1, 2, 4, 8),
-        source="NVIDIA H100 PCIe datasheet: 756 TFLOP/s dense bf16, 80 GB HBM2e at 2.0 TB/s; PCIe Gen5 x16 "
-               "64 GB/s each way between GPUs; 400 Gb/s InfiniBand between hosts"),
-    "h200": Accelerator(
-        "NVIDIA H200 SXM", "cuda", hbm_bytes=151397597184, peak_flops=989e12, hbm_bandwidth=4800 * GB,
-        link_bandwidth=450 * GB, host_link_bandwidth=50 * GB, target_config="h200.txtpb", sizes=(1, 2, 4, 8),
-        source="NVIDIA H200 SXM datasheet: H100's compute, 141 GB HBM3e at 4.8 TB/s; NVLink 4; 400 Gb/s "
-               "InfiniBand per GPU between hosts"),
-}
+# What a --target names: a TPU generation (tpu:v3-8 -> "v3") or a GPU model XLA has a target config of (gpu:h100).
+TPU_GENERATIONS = {a.topology_prefix: a for a in ACCELERATORS.values() if a.platform == "tpu"}
+GPU_MODELS = {name: a for name, a in ACCELERATORS.items() if a.target_config}
 
 TARGET_EXAMPLES = "tpu:v3-8, tpu:v3-256, tpu:v4-8, tpu:v5e-8, tpu:v5p-8, tpu:v6e-8, gpu:h100, gpu:h100x8, gpu:h200x64"
 
@@ -158,9 +86,10 @@ class Target:
 
     @property
     def hosts(self) -> int:
-        """How many hosts the devices sit on (GPU targets: 8 per host; TPU slices: as the topology says)."""
+        """How many hosts the devices sit on (GPU targets: a host is a fast domain of 8; TPU slices: as the
+        topology says)."""
         if self.accelerator.platform == "cuda":
-            return max(1, self.devices // self.accelerator.devices_per_host)
+            return max(1, self.devices // self.accelerator.fast_domain)
         return 1
 
     @property
@@ -178,14 +107,12 @@ def parse_target(spec: str) -> Target:
     """The `Target` named by `spec` ('tpu:v3-8', 'gpu:h100x8'); a TargetError names what is sold otherwise."""
     kind, _, name = spec.partition(":")
     kind, name = kind.strip().lower(), name.strip().lower()
-    tpus = sorted(k for k, a in ACCELERATORS.items() if a.platform == "tpu")
-    gpus = sorted(k for k, a in ACCELERATORS.items() if a.platform == "cuda")
     if kind == "tpu":
         generation, _, count = name.partition("-")
-        accelerator = ACCELERATORS.get(generation)
-        if accelerator is None or accelerator.platform != "tpu" or not count.isdigit():
+        accelerator = TPU_GENERATIONS.get(generation)
+        if accelerator is None or not count.isdigit():
             raise TargetError(f"unknown --target={spec!r}: a TPU target is tpu:GENERATION-COUNT with GENERATION one "
-                              f"of {', '.join(tpus)} (e.g. {TARGET_EXAMPLES})")
+                              f"of {', '.join(sorted(TPU_GENERATIONS))} (e.g. {TARGET_EXAMPLES})")
         count = int(count)
         if count not in accelerator.sizes:
             raise TargetError(f"--target={spec!r}: {accelerator.name} is not sold as {generation}-{count}; slices "
@@ -196,12 +123,12 @@ def parse_target(spec: str) -> Target:
         return Target(spec, accelerator, devices, f"{accelerator.topology_prefix}:{grid}")
     if kind == "gpu":
         model, _, count = name.partition("x")
-        accelerator = ACCELERATORS.get(model)
-        if accelerator is None or accelerator.platform != "cuda" or (count and not count.isdigit()):
+        accelerator = GPU_MODELS.get(model)
+        if accelerator is None or (count and not count.isdigit()):
             raise TargetError(f"unknown --target={spec!r}: a GPU target is gpu:MODEL or gpu:MODELxCOUNT with MODEL "
-                              f"one of {', '.join(gpus)} (e.g. {TARGET_EXAMPLES})")
+                              f"one of {', '.join(sorted(GPU_MODELS))} (e.g. {TARGET_EXAMPLES})")
         count = int(count or 1)
-        per_host = accelerator.devices_per_host
+        per_host = accelerator.fast_domain
         if count not in accelerator.sizes and (count % per_host or count == 0):
             sizes = ", ".join(map(str, accelerator.sizes))
             raise TargetError(f"--target={spec!r}: {accelerator.name} GPUs come {sizes} to a host, or in whole "
@@ -499,7 +426,7 @@ def _gemm_flops(lines: list[str]) -> float:
     return total
 
 
-def _collective(line: str, devices_per_host: int, device_hosts: list[int]) -> tuple[str, float, bool] | None:
+def _collective(line: str, device_hosts: list[int]) -> tuple[str, float, bool] | None:
     """(kind, bytes one device sends, whether a group spans hosts) of a collective instruction line."""
     match = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (.*?) (" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
     if match is None:
@@ -617,7 +544,7 @@ def program_cost(compiled, mesh: Mesh, accelerator: Accelerator) -> ProgramCost:
     counts: dict[str, float] = {}
     for name, times in runs.items():
         for line in computations.get(name, []):
-            found = _collective(line, accelerator.devices_per_host, device_hosts)
+            found = _collective(line, device_hosts)
             if found is None:
                 continue
             kind, wire, spans_hosts = found
@@ -650,9 +577,9 @@ class StepBound:
 
 def step_time_bound(cost: ProgramCost, accelerator: Accelerator) -> StepBound:
     """The least time one run of a program with `cost` takes on a device of `accelerator` (see StepBound)."""
-    link_s = cost.link_bytes / accelerator.link_bandwidth
+    link_s = cost.link_bytes / accelerator.fast_bandwidth
     if cost.host_link_bytes:
-        link_s += cost.host_link_bytes / accelerator.host_link_bandwidth
+        link_s += cost.host_link_bytes / accelerator.slow_bandwidth
     return StepBound(cost.flops / accelerator.peak_flops, cost.bytes_accessed / accelerator.hbm_bandwidth, link_s)
 
 

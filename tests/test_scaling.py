@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from gptj import scaling
+from gptj import hardware, scaling
 from gptj.model.transformer import GPTJConfig, abstract_params, count_params
 
 # vocab 100, 2 layers, d_model 8, 2 heads, d_ff 32.
@@ -12,8 +12,8 @@ TINY = GPTJConfig(vocab_size=100, num_layers=2, d_model=8, num_heads=2, rotary_d
                   remat_policy="full")
 
 # Round numbers so every term below can be checked by hand.
-TOY_HW = scaling.Hardware("toy", peak_flops=1e12, hbm_bandwidth=1e11, hbm_bytes=1e12, fast_bandwidth=1e9,
-                          fast_domain=4, slow_bandwidth=1e8, compute_efficiency=0.5, collective_latency=0.0)
+TOY_HW = hardware.Accelerator("toy", peak_flops=1e12, hbm_bandwidth=1e11, hbm_bytes=10**12, fast_bandwidth=1e9,
+                              fast_domain=4, slow_bandwidth=1e8, compute_efficiency=0.5, collective_latency=0.0)
 
 
 def test_flops_by_hand():
@@ -149,8 +149,8 @@ def test_reference_points_within_25_percent():
 def test_efficiency_comes_from_the_calibration_point():
     cal = scaling.CALIBRATION_POINT
     solved = scaling.calibrate_efficiency(cal.workload, cal.hardware, cal.tokens_per_s)
-    assert solved == pytest.approx(scaling.HARDWARE["tpu_v3"].compute_efficiency, abs=0.01)
-    hw = dataclasses.replace(scaling.HARDWARE["tpu_v3"], compute_efficiency=solved)
+    assert solved == pytest.approx(hardware.ACCELERATORS["tpu_v3"].compute_efficiency, abs=0.01)
+    hw = dataclasses.replace(hardware.ACCELERATORS["tpu_v3"], compute_efficiency=solved)
     assert scaling.estimate(cal.workload, hw).tokens_per_s == pytest.approx(cal.tokens_per_s, rel=1e-9)
 
 

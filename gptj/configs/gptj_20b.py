@@ -29,26 +29,20 @@ weights and Adam moments per core before any activation. On one v3 pod zero3
 its weight gathers riding the torus; the pipeline is the layout that also
 runs over TPU slices, where `compare` ranks it first and zero3's gathers
 would cross the data-centre network.
+
+The rest is GPT-J-6B's run (gptj_6b.py, which this file starts from): bf16
+compute over fp32 weights with full remat, scanned layers, the data, the
+batch size, and the checkpoint and evaluation cadence.
 """
 
-from gptj.configs import base
+from gptj.configs import gptj_6b
 
 
 def get_config():
-    config = base.get_config()
-    config.model.update(dict(
-        vocab_size=50400, num_layers=44, d_model=6144, num_heads=64, rotary_dim=24, max_len=2048,
-        dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="full",
-    ))
-    config.mesh.update(dict(stage=4, data=-1, model=16, rules="megatron_sp"))
-    config.optimizer.update(dict(
-        lr=9.7e-5, end_lr=9.7e-6, warmup_steps=1500, anneal_steps=150000, weight_decay=0.01, b2=0.95,
-        clip_norm=1.0,
-    ))
-    config.train.update(dict(
-        batch_size=512, microbatches=64, total_steps=150000,
-        ckpt_every=500, keep_every=10000, eval_every=500, val_batches=100,
-    ))
-    config.data.update(dict(train_task="gptj_tfrecords", seq_len=2048))
-    config.eval.harness_tasks = ("lambada_openai", "piqa", "hellaswag", "winogrande")
+    config = gptj_6b.get_config()  # what is not set below is GPT-J-6B's run
+    config.model.update(dict(num_layers=44, d_model=6144, num_heads=64, rotary_dim=24))
+    config.mesh.update(dict(stage=4, model=16, rules="megatron_sp"))
+    config.optimizer.update(dict(lr=9.7e-5, end_lr=9.7e-6, warmup_steps=1500, anneal_steps=150000, weight_decay=0.01,
+                                 b2=0.95))
+    config.train.update(dict(microbatches=64, total_steps=150000))
     return config

@@ -184,6 +184,25 @@ def _with_shardings(abstract, shardings):
     return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+def _nothing_to_give(abstract, whose: str, setter: str) -> dict:
+    """{} for parameter values the steps read when `abstract` holds none; else a TrainableError naming them
+    ("{whose} a, b") and the `setter` that gives them."""
+    if abstract:
+        raise TrainableError(f"{whose} {', '.join(param_paths(abstract))}: give their values with {setter}() "
+                             "before training or evaluating")
+    return {}
+
+
+def _placed(values, abstract, what: str):
+    """`values` laid out and cast as `abstract` (ShapeDtypeStructs with shardings) says; a TrainableError
+    ("{what}: missing ..., unexpected ...") when they are not the same parameters."""
+    expected, given = param_paths(abstract), param_paths(values)
+    if expected != given:
+        missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+        raise TrainableError(f"{what}: missing {missing}, unexpected {unexpected}")
+    return jax.tree_util.tree_map(lambda x, a: place(x, a.sharding, a.dtype), values, abstract)
+
+
 class Trainer:
     """Trains a Flax module's parameters; see the module docstring.
 
@@ -324,19 +343,12 @@ class Trainer:
     def frozen(self):
         """The frozen parameters the steps read (set with `set_frozen`)."""
         if self._frozen is None:
-            if self.freezes:
-                raise TrainableError("this Trainer freezes " + ", ".join(param_paths(self._abstract[2]))
-                                     + ": give their values with set_frozen() before training or evaluating")
-            self._frozen = {}
+            self._frozen = _nothing_to_give(self._abstract[2], "this Trainer freezes", "set_frozen")
         return self._frozen
 
     def set_frozen(self, frozen) -> None:
         """Gives the frozen parameters' values (a tree matching `abstract_frozen`), laid out and cast as it says."""
-        expected, given = param_paths(self._abstract[2]), param_paths(frozen)
-        if expected != given:
-            missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
-            raise TrainableError(f"frozen parameters do not fit the model: missing {missing}, unexpected {unexpected}")
-        self._frozen = jax.tree_util.tree_map(lambda x, a: place(x, a.sharding, a.dtype), frozen, self.abstract_frozen)
+        self._frozen = _placed(frozen, self.abstract_frozen, "frozen parameters do not fit the model")
 
     @functools.cached_property
     def _abstract_reference(self):
@@ -371,22 +383,14 @@ class Trainer:
     def reference(self):
         """The reference's own parameters the steps read (set with `set_reference`)."""
         if self._reference is None:
-            if self._abstract_reference[0]:
-                raise TrainableError("this Trainer's reference model has parameters of its own ("
-                                     + ", ".join(param_paths(self._abstract_reference[0]))
-                                     + "): give their values with set_reference() before training or evaluating")
-            self._reference = {}
+            self._reference = _nothing_to_give(self._abstract_reference[0],
+                                               "this Trainer's reference model has its own parameters", "set_reference")
         return self._reference
 
     def set_reference(self, reference) -> None:
         """Gives the reference's own parameters (a tree matching `abstract_reference`), laid out and cast as it says."""
-        expected, given = param_paths(self._abstract_reference[0]), param_paths(reference)
-        if expected != given:
-            missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
-            raise TrainableError(f"reference parameters do not fit the reference model: missing {missing}, "
-                                 f"unexpected {unexpected}")
-        self._reference = jax.tree_util.tree_map(lambda x, a: place(x, a.sharding, a.dtype), reference,
-                                                 self.abstract_reference)
+        self._reference = _placed(reference, self.abstract_reference,
+                                  "reference parameters do not fit the reference model")
 
     @property
     def abstract_batch(self):

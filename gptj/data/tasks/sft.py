@@ -49,10 +49,10 @@ import logging
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-import seqio
 import tensorflow as tf
 
 from gptj.data.tasks.files import ERROR_TAG, expand_patterns, read_json_rows, text_format
+from gptj.data.tasks.text import RecordStreamSource
 from gptj.errors import DataError
 
 TEXT = "text"
@@ -91,7 +91,7 @@ def encode_example(prompt_ids: Sequence[int], completion_ids: Sequence[int], eos
     return tokens, mask
 
 
-class JsonRowsSource(seqio.DataSource):
+class JsonRowsSource(RecordStreamSource):
     """What the JSON-lines tasks share: their files, vocabulary and record length, one split that hosts
     divide record by record, errors tagged for the input iterator, and one warning per task about the
     examples the length rule cut or skipped. Subclasses encode a row (`encode_row`) and lay out records
@@ -103,13 +103,6 @@ class JsonRowsSource(seqio.DataSource):
         self.vocabulary = vocabulary
         self.seq_len = int(seq_len)
         self._reported = False
-
-    @property
-    def supports_arbitrary_sharding(self) -> bool:
-        return True
-
-    def list_shards(self, split: str) -> Sequence[str]:
-        return [split]
 
     fields: tuple[str, ...]  # the JSON fields of a row, in the order `encode_row` takes them
     what: str  # what the rows are, for the length rule's warning
@@ -148,12 +141,6 @@ class JsonRowsSource(seqio.DataSource):
             yield from self.examples()
         except DataError as e:
             raise DataError(ERROR_TAG + str(e)) from None
-
-    def shard(self, records: tf.data.Dataset, shard_info) -> tf.data.Dataset:
-        """This host's share of the records: every host-count-th one."""
-        if shard_info and shard_info.num_shards > 1:
-            return records.shard(shard_info.num_shards, shard_info.index)
-        return records
 
 
 class SFTSource(JsonRowsSource):

@@ -51,7 +51,27 @@ def _documents_from_files(files: Sequence[str], text_field: str) -> Callable[[],
     return generate
 
 
-class PackedTextSource(seqio.DataSource):
+class RecordStreamSource(seqio.DataSource):
+    """A source every host builds the same stream of records of (same files, same seed), keeping every
+    host-count-th record (`shard`), so the hosts' records partition the single-host set: each split is
+    one shard, which seqio may hand to any number of hosts."""
+
+    @property
+    def supports_arbitrary_sharding(self) -> bool:
+        return True
+
+    def list_shards(self, split: str) -> Sequence[str]:
+        return [split]
+
+    @staticmethod
+    def shard(records: tf.data.Dataset, shard_info) -> tf.data.Dataset:
+        """This host's share of the records under seqio's `shard_info`: every host-count-th one."""
+        if shard_info and shard_info.num_shards > 1:
+            return records.shard(shard_info.num_shards, shard_info.index)
+        return records
+
+
+class PackedTextSource(RecordStreamSource):
     """Tokenized documents from `make_docs(split)` (a tf.data.Dataset of int32 vectors, each ending
     in EOT), shuffled with the seed when asked and packed into `seq_len + 1` records; hosts split
     the packed records."""
@@ -61,13 +81,6 @@ class PackedTextSource(seqio.DataSource):
         self._make_docs = make_docs
         self.seq_len = seq_len
 
-    @property
-    def supports_arbitrary_sharding(self) -> bool:
-        return True
-
-    def list_shards(self, split: str) -> Sequence[str]:
-        return [split]
-
     def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None, shard_info=None,
                     *, sequence_length=None, use_cached: bool = False, num_epochs: int | None = 1) -> tf.data.Dataset:
         """One pass over the split's records (this host's share under `shard_info`)."""
@@ -75,10 +88,7 @@ class PackedTextSource(seqio.DataSource):
         docs = self._make_docs(split)
         if shuffle:
             docs = docs.shuffle(DOC_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=False)
-        records = pack_tokens(docs, self.seq_len)
-        if shard_info and shard_info.num_shards > 1:
-            records = records.shard(shard_info.num_shards, shard_info.index)
-        return records
+        return self.shard(pack_tokens(docs, self.seq_len), shard_info)
 
 
 def text_files_source(pattern: str | Sequence[str], vocabulary, seq_len: int, text_field: str = "text"):
