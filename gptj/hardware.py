@@ -17,9 +17,9 @@ How the figures are read from their sources, so that the rows compare:
 * `slow_bandwidth` is what one device moves per second beyond its fast domain:
   the data-centre network between TPU slices, a GPU's InfiniBand NIC between
   hosts;
-* `hbm_bytes` is what a program may use: the GPUs' figures are the device
-  memory XLA's GPU target configs (gptj/target_configs/) give, what CUDA
-  reports of the card;
+* `hbm_bytes`: a TPU's HBM in GiB (Google's "16 GB" v5e chip holds 16 GiB,
+  of which its compiler offers 15.75); for GPUs what CUDA reports of the card,
+  as XLA's GPU target configs (gptj/target_configs/) give it;
 * `compute_efficiency` is not a published figure but `gptj.scaling`'s
   assumption of the fraction of peak the model's matmuls reach (TPU v3's is
   solved from the reference's own v3-32 run; the others are assumed).

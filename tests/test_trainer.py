@@ -13,7 +13,7 @@ from gptj.core.checkpoint import Checkpointer
 from gptj.core.hooks import CheckpointHook
 from gptj.core.partitioning import Partitioner, make_mesh
 from gptj.core.trainer import Trainer
-from gptj.errors import NonFiniteLossError
+from gptj.errors import NonFiniteLossError, TrainableError
 from gptj.data.pipeline import train_batch_spec
 from gptj.model.transformer import GPTJ, GPTJConfig
 
@@ -126,6 +126,38 @@ def test_batch_not_divisible_by_microbatches_is_refused():
     spec = {"inputs": jax.ShapeDtypeStruct((8, 4), jnp.int32)}
     with pytest.raises(ValueError, match="not divisible by microbatches=3"):
         Trainer(model, losses.next_token_loss, optax.sgd(1.0), partitioner, spec, microbatches=3)
+
+
+def test_frozen_and_reference_values_are_asked_for_and_checked():
+    """The frozen parameters and a reference model's own ones: read before they are given, the error names them
+    and their setter; a tree of other parameters is refused naming what is missing and what is unexpected; the
+    right tree is placed as the abstract one says (nothing here compiles a step)."""
+    config = tiny_config()
+    model = GPTJ(GPTJConfig.from_dict(config.model.to_dict()))
+    partitioner = Partitioner(make_mesh(1, 1, devices=jax.devices()[:1]), "megatron")
+    # Only the final LayerNorm trains; the same module as the reference owns exactly those two parameters.
+    trainer = Trainer(model, losses.next_token_loss, optax.sgd(1.0), partitioner, train_batch_spec(config),
+                      trainable="ln_f/.*", reference_model=model, reference_dtype=jnp.bfloat16)
+    own = ["ln_f/bias", "ln_f/scale"]
+    with pytest.raises(TrainableError, match=r"^this Trainer freezes .*wte.*: give their values with set_frozen\(\)"):
+        trainer.frozen
+    with pytest.raises(TrainableError, match=rf"reference model has its own parameters {', '.join(own)}: give their "
+                                             r"values with set_reference\(\)"):
+        trainer.reference
+    frozen = jax.tree_util.tree_map(lambda a: np.ones(a.shape, a.dtype), trainer.abstract_frozen)
+    reference = jax.tree_util.tree_map(lambda a: np.ones(a.shape, np.float32), trainer.abstract_reference)
+    with pytest.raises(TrainableError, match=r"frozen parameters do not fit the model: missing \[.*\], unexpected "
+                                             r"\['ln_f/bias', 'ln_f/scale'\]"):
+        trainer.set_frozen(reference)
+    trainer.set_frozen(frozen)
+    with pytest.raises(TrainableError, match=r"reference parameters do not fit the reference model: missing "
+                                             r"\['ln_f/bias', 'ln_f/scale'\], unexpected \[.*wte"):
+        trainer.set_reference(frozen)
+    trainer.set_reference(reference)
+    placed = jax.tree_util.tree_leaves(trainer.reference)
+    assert [leaf.dtype for leaf in placed] == [jnp.bfloat16] * 2  # cast as the reference's dtype says
+    assert all(float(leaf.min()) == 1.0 for leaf in placed)
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(trainer.frozen)} == {np.dtype(np.float32)}
 
 
 def test_flops_mfu_and_progress_line():
