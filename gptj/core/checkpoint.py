@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from gptj.core import integrity
+from gptj.core import integrity, streaming
 from gptj.core.storage import as_storage_error, dir_bytes, reason, storage_fault, tree_bytes
 from gptj.errors import CheckpointDamagedError, CheckpointError, StorageError
 
@@ -48,7 +48,6 @@ TRAIN_STATE_ITEM = "train_state"
 DATA_ITEM = "data"
 CONFIG_ITEM = "config"
 INTEGRITY_ITEM = integrity.MANIFEST_ITEM
-ITEMS = (PARAMS_ITEM, TRAIN_STATE_ITEM, DATA_ITEM, CONFIG_ITEM, INTEGRITY_ITEM)
 # Orbax's marker for a step still being written (or left behind by a crash).
 TMP_MARKER = ".orbax-checkpoint-tmp"
 DAMAGED_SUFFIX = ".damaged"
@@ -59,6 +58,13 @@ _MIB = 2**20
 def checkpoints_dir(workdir: str) -> str:
     """Where a workdir keeps its checkpoint steps."""
     return os.path.join(os.path.abspath(workdir), CHECKPOINTS_SUBDIR)
+
+
+def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
+    """Orbax's handlers for the items of a step; arrays through `gptj.core.streaming.array_handler`."""
+    arrays = {item: ocp.PyTreeCheckpointHandler(type_handler_registry=streaming.type_handler_registry())
+              for item in (PARAMS_ITEM, TRAIN_STATE_ITEM)}
+    return {**arrays, **{item: ocp.JsonCheckpointHandler() for item in (DATA_ITEM, CONFIG_ITEM, INTEGRITY_ITEM)}}
 
 
 class Checkpointer:
@@ -80,7 +86,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
             cleanup_tmp_directories=False)  # done by _remove_stale_temporaries, synchronously and logged
         try:
-            self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
         except Exception as e:  # noqa: BLE001 - a directory that cannot be created or listed
             raise as_storage_error(e, self.directory, "cannot open checkpoint directory") from e
         self._warned_space = False
@@ -121,8 +127,8 @@ class Checkpointer:
         manifest = integrity.build_manifest({PARAMS_ITEM: state["params"], TRAIN_STATE_ITEM: train_state},
                                             {DATA_ITEM: data_state, CONFIG_ITEM: config})
         args = ocp.args.Composite(**{
-            PARAMS_ITEM: ocp.args.StandardSave(state["params"]),
-            TRAIN_STATE_ITEM: ocp.args.StandardSave(train_state),
+            PARAMS_ITEM: ocp.args.PyTreeSave(state["params"]),
+            TRAIN_STATE_ITEM: ocp.args.PyTreeSave(train_state),
             DATA_ITEM: ocp.args.JsonSave(data_state),
             CONFIG_ITEM: ocp.args.JsonSave(config),
             INTEGRITY_ITEM: ocp.args.JsonSave(manifest),
