@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from gptj.evaluation.harness_tasks import flatten_metrics, load_tasks
+from gptj.evaluation.harness_tasks import cached_index, flatten_metrics, load_tasks
 from gptj.errors import EvalError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,6 +40,38 @@ def test_unknown_task_names_close_matches():
     message = str(info.value)
     _assert_one_paragraph(message)
     assert "'lambada_opnai'" in message and "lambada_openai" in message  # the close match
+
+
+def test_the_task_index_is_cached_until_a_yaml_changes(tmp_path):
+    """lm-eval's index of a folder of YAMLs is built once, read back equal, and built anew when a YAML changes,
+    when one is added, and when the cached file is damaged."""
+    from lm_eval.tasks._index import TaskIndex
+
+    tasks, cache = tmp_path / "tasks", str(tmp_path / "cache")
+    _write_yaml(tasks, "first", "dataset_path: json\n" + _TASK_BODY)
+    _write_yaml(tasks, "second", "dataset_path: json\n" + _TASK_BODY)
+    builds = []
+
+    def build(paths):
+        builds.append(paths)
+        return TaskIndex.build(paths)
+
+    def index():
+        found = cached_index(str(tasks), build, cache)
+        return {name: (entry.kind, str(entry.yaml_path), entry.cfg) for name, entry in found.items()}
+
+    first = index()
+    assert sorted(first) == ["first", "second"] and len(builds) == 1
+    assert index() == first and len(builds) == 1  # read from the cache
+    (tasks / "second.yaml").write_text((tasks / "second.yaml").read_text().replace("acc", "acc_norm"))
+    changed = index()
+    assert len(builds) == 2 and changed["second"][2]["metric_list"] == [{"metric": "acc_norm"}]
+    _write_yaml(tasks, "third", "dataset_path: json\n" + _TASK_BODY)
+    assert sorted(index()) == ["first", "second", "third"] and len(builds) == 3
+    (cached,) = os.listdir(cache)  # each build replaced the file of the folder's previous state
+    with open(os.path.join(cache, cached), "wb") as f:
+        f.write(b"not a pickle")
+    assert sorted(index()) == ["first", "second", "third"] and len(builds) == 4
 
 
 def test_hub_dataset_not_on_machine(tmp_path):

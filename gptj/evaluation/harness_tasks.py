@@ -9,12 +9,16 @@ files (a folder of task YAMLs passed as `--include_path`, each with
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
+import hashlib
 import json
 import os
+import pickle
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+from unittest import mock
 
 from absl import logging
 
@@ -45,7 +49,86 @@ def force_offline() -> None:
 def _task_manager(include_path: str, include_defaults: bool):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path or None, include_defaults=include_defaults)
+    with _builtin_index_from_cache() if include_defaults else contextlib.nullcontext():
+        return TaskManager(include_path=include_path or None, include_defaults=include_defaults)
+
+
+def index_cache_dir() -> str:
+    """Where lm-eval's index of its built-in tasks is cached ($XDG_CACHE_HOME/gptj, else ~/.cache/gptj)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "gptj", "lm_eval_task_index")
+
+
+def cached_index(directory: str, build: Callable[[list], dict], cache_dir: str) -> dict:
+    """`build([directory])`, lm-eval's index of the task YAMLs under `directory`, kept in a file of `cache_dir`.
+
+    Parsing the harness's ~15k built-in YAMLs takes 25-50 s on a CPU core at
+    every start of an evaluation; the file is named after the YAMLs' paths,
+    sizes and modification times and lm-eval's version, so an edited, added
+    or removed YAML (or another lm-eval) builds it anew, replacing the old
+    file. A file that cannot be read or written is rebuilt or skipped, never
+    an error.
+    """
+    import lm_eval
+
+    from pathlib import Path
+
+    where = hashlib.sha256(os.path.realpath(directory).encode()).hexdigest()[:16]
+    key = hashlib.sha256(lm_eval.__version__.encode())
+    for folder, subfolders, files in os.walk(directory):
+        subfolders.sort()
+        for name in sorted(files):
+            if name.endswith(".yaml"):
+                stat = os.stat(os.path.join(folder, name))
+                key.update(f"{folder}/{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    path = os.path.join(cache_dir, f"{where}-{key.hexdigest()[:16]}.pickle")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except Exception:  # noqa: BLE001 - missing, partly written or from an incompatible lm-eval: build it
+        pass
+    index = build([Path(directory)])
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        partial = f"{path}.{os.getpid()}.tmp"
+        with open(partial, "wb") as f:
+            pickle.dump(index, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(partial, path)  # readers never see a partial file
+        for stale in os.listdir(cache_dir):  # the same folder's index as it was before
+            if stale.startswith(where) and stale.endswith(".pickle") and stale != os.path.basename(path):
+                os.remove(os.path.join(cache_dir, stale))
+    except OSError as e:
+        logging.info("not caching lm-eval's task index in %s: %s", cache_dir, e)
+    return index
+
+
+@contextlib.contextmanager
+def _builtin_index_from_cache():
+    """While a TaskManager is built, its index of the harness's built-in tasks comes from `cached_index`.
+
+    lm-eval has no public hook for this: it swaps the index builder that
+    `lm_eval.tasks.manager` calls (`TaskIndex.build(paths)`, built-in folder
+    first, then include_path folders, later ones overriding), and does nothing
+    where a future lm-eval is laid out otherwise.
+    """
+    try:
+        from lm_eval.tasks import manager
+        build = manager.TaskIndex.build
+    except (ImportError, AttributeError):
+        yield
+        return
+    builtin = os.path.dirname(os.path.abspath(manager.__file__))
+
+    def build_with_cache(paths, **options):
+        paths = list(paths)
+        if options or not paths or os.path.abspath(str(paths[0])) != builtin:
+            return build(paths, **options)
+        index = dict(cached_index(builtin, build, index_cache_dir()))
+        index.update(build(paths[1:]) if paths[1:] else {})
+        return index
+
+    with mock.patch.object(manager.TaskIndex, "build", staticmethod(build_with_cache)):
+        yield
 
 
 def _example_yaml(data_file: str, split: str = "test") -> str:
