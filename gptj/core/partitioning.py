@@ -386,6 +386,7 @@ class Partitioner:
 
     def jit(self, fn: Callable, *, in_shardings=None, out_shardings=None, static_argnums=(), donate_argnums=()):
         """jax.jit of `fn` with the given shardings, traced and run under this mesh and rule set."""
+        @functools.wraps(fn)  # profiles, compile logs and HLO dumps name the program after `fn`
         def traced(*args, **kwargs):
             with nn.logical_axis_rules(self.rules):
                 return fn(*args, **kwargs)
