@@ -188,6 +188,10 @@ def host_dataset(task_name: str, split: str, *, shard_info=None, shuffle: bool =
         raise DataError(f"task {task_name!r} has no {FEATURE!r} feature (has {sorted(ds.element_spec)})")
     options = tf.data.Options()
     options.deterministic = True  # the same order on every run is what makes resuming exact
+    # No autotuning thread: on a 2-core machine its optimisation loop held the iterator's release (at the end of
+    # a run, or on SIGTERM) for 10-20 s in 3 of 4 short tiny.py runs, and the model step, not the input
+    # pipeline, sets the pace (the same tokens/s without it). AUTOTUNE parallelism then means one per core.
+    options.autotune.enabled = False
     if not with_mask:
         return ds.map(lambda ex: ex[FEATURE]).with_options(options)
     has_mask = MASK_FEATURE in ds.element_spec
