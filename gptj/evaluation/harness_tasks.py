@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 from unittest import mock
 
@@ -70,8 +71,6 @@ def cached_index(directory: str, build: Callable[[list], dict], cache_dir: str) 
     an error.
     """
     import lm_eval
-
-    from pathlib import Path
 
     where = hashlib.sha256(os.path.realpath(directory).encode()).hexdigest()[:16]
     key = hashlib.sha256(lm_eval.__version__.encode())
