@@ -14,6 +14,9 @@ setup(
         "optax>=0.2",
         "orbax-checkpoint>=0.11",
         "numpy",
+        # ml_dtypes 0.7.0 spends about 1 CPU-second at import registering its ufunc loops (0.6.0: 10 ms), in every
+        # process that imports jax (each start of main.py, each test process).
+        "ml_dtypes>=0.5,<0.7",
         "absl-py",
         # The GPT-2 BPE tokenizer (sampling, serving, eval): no tensorflow needed.
         "tokenizers",

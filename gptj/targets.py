@@ -381,6 +381,46 @@ def hlo_computations(text: str) -> tuple[dict[str, list[str]], str]:
     return computations, entry
 
 
+def _computation_blocks(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """What an HLO module's text holds between its header line and its first computation (the tables of source
+    locations that instructions' metadata refer to), and (name, text) of each computation, header to closing
+    brace and without ENTRY, in the module's order."""
+    preamble, blocks, current, lines = [], [], None, []
+    for line in text.splitlines()[1:]:
+        header = _HEADER.match(line)
+        if header:
+            current, lines = header.group(2), [line[len("ENTRY "):] if header.group(1) else line]
+        elif current is not None:
+            lines.append(line)
+            if line.startswith("}"):
+                blocks.append((current, "\n".join(lines)))
+                current = None
+        elif not blocks:
+            preamble.append(line)
+    return "\n".join(preamble), blocks
+
+
+def _callees(line: str) -> list[str]:
+    """The computations an instruction line calls: fusions, reductions, loop bodies and conditions, branches."""
+    called = _CALLEES.findall(line)
+    branches = _BRANCHES.search(line)
+    if branches:
+        called += [c.strip().lstrip("%") for c in branches.group(1).split(",")]
+    return called
+
+
+def _reachable(name: str, computations: dict[str, list[str]]) -> set[str]:
+    """Computation `name` and every computation it calls, directly or not."""
+    reached, stack = {name}, [name]
+    while stack:
+        for line in computations.get(stack.pop(), []):
+            for callee in _callees(line):
+                if callee in computations and callee not in reached:
+                    reached.add(callee)
+                    stack.append(callee)
+    return reached
+
+
 def _constant(lines: list[str], name: str) -> int | None:
     for line in lines:
         match = re.match(r"\s*(?:ROOT )?%?" + re.escape(name) + r" = s32\[\][^ ]* constant\((-?\d+)\)", line)
@@ -481,9 +521,10 @@ def program_cost(compiled, mesh: Mesh, accelerator: Accelerator) -> ProgramCost:
     from jax._src.lib import _jax
     from jaxlib import _hlo
 
-    text = compiled.runtime_executable().hlo_modules()[0].to_string()
+    entry_module = compiled.runtime_executable().hlo_modules()[0]
+    text = entry_module.to_string()
     computations, entry = hlo_computations(text)
-    header, body_text = text.split("\n", 1)
+    preamble, blocks = _computation_blocks(text)
     cpu = xla_bridge.get_backend("cpu")
     once_cache: dict[str, tuple[float, float]] = {}
 
@@ -491,16 +532,14 @@ def program_cost(compiled, mesh: Mesh, accelerator: Accelerator) -> ProgramCost:
         """(FLOPs, bytes) of computation `name` run once, the loops in it counted once."""
         if name not in once_cache:
             if name == entry:
-                module = compiled.runtime_executable().hlo_modules()[0]
+                module = entry_module
             else:
-                lines = []
-                for line in body_text.splitlines():
-                    header_match = _HEADER.match(line)
-                    if header_match:
-                        line = line[len("ENTRY "):] if header_match.group(1) else line
-                        line = ("ENTRY " + line) if header_match.group(2) == name else line
-                    lines.append(line)
-                module = _hlo.hlo_module_from_text("HloModule cost\n" + "\n".join(lines))
+                # A module of the loop body and what it calls, the body as its entry: parsing the whole program
+                # again for every loop took a quarter of a GPT-J-6B plan.
+                reached = _reachable(name, computations)
+                body = [("ENTRY " + block) if block_name == name else block
+                        for block_name, block in blocks if block_name in reached]
+                module = _hlo.hlo_module_from_text("\n".join(["HloModule cost", preamble, *body]))
             analysis = _jax.hlo_module_cost_analysis(cpu, module)
             once_cache[name] = (float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0)))
         return once_cache[name]
@@ -514,10 +553,7 @@ def program_cost(compiled, mesh: Mesh, accelerator: Accelerator) -> ProgramCost:
     while order:
         name = order.pop()
         for line in computations.get(name, []):
-            callees = _CALLEES.findall(line)
-            branches = _BRANCHES.search(line)
-            if branches:
-                callees += [c.strip().lstrip("%") for c in branches.group(1).split(",")]
+            callees = _callees(line)
             if " while(" in line:
                 body = re.search(r"body=%?([\w.\-]+)", line).group(1)
                 trips = _trip_count(line, computations)
