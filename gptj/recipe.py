@@ -36,6 +36,7 @@ from gptj.core.pipeline import Schedule
 from gptj.core.trainer import Trainer
 from gptj.errors import ConfigError, TrainableError
 from gptj.model import lora as lora_lib
+from gptj.model.attention import resolve_attention_impl
 from gptj.model.transformer import GPTJ, GPTJConfig, HeadInputs, LoraConfig, count_params, output_logits, resolve_dtype
 from gptj.settings import RunSettings
 from gptj.weights.source import RUNTIME_FIELDS, Weights, fingerprint, open_weights, with_runtime
@@ -140,6 +141,10 @@ def build_trainer(config, model: GPTJConfig, partitioner: Partitioner) -> Traine
     if chunk_tokens < 0:
         raise ConfigError(f"train.loss_chunk_tokens must be >= 0 (0: the full-logits loss), got {chunk_tokens}")
     lora = settings.lora.adapters
+    # `auto` picks the attention kernel of the devices the mesh holds, not of this process's backend: a plan for a
+    # GPU or TPU target compiles on a CPU host (and the CPU's kernel, its blocks unrolled, compiled GPT-J-6B's
+    # 2048-token step 5x slower and planned memory for a kernel the target never runs).
+    model = model.replace(attention_impl=resolve_attention_impl(model.attention_impl, partitioner.platform))
     pipeline = pipeline_schedule(model, partitioner, train.microbatches)
     module = GPTJ(model, lora=lora, head_inputs=bool(chunk_tokens), pipeline=pipeline)
     summarize, objective = losses.summarize, {}
@@ -194,24 +199,22 @@ def pipeline_schedule(model: GPTJConfig, partitioner: Partitioner, microbatches:
 LOSS_CHUNK_LOGITS_BYTES = 4 << 20
 
 
-def loss_vocab_chunk(requested: int, partitioner: Partitioner, backend: str | None = None) -> int:
+def loss_vocab_chunk(requested: int, partitioner: Partitioner) -> int:
     """Vocabulary entries per chunk of the fused loss (0: the whole vocabulary at once).
 
     `requested` is train.loss_chunk_vocab: >= 0 is taken as given; -1 (auto)
-    chunks the vocabulary only on a CPU, where it keeps each chunk's
+    chunks the vocabulary only on a CPU mesh, where it keeps each chunk's
     element-wise work in cache, and only where the vocabulary axis is not
     split over devices (slicing a sharded axis would serialise them); it
     stays -1 then, for `head_loss_fns` to size once the batch shape is known.
     """
-    import jax
-
     if requested < -1:
         raise ConfigError(f"train.loss_chunk_vocab must be -1 (auto), 0 (whole vocabulary) or positive, "
                           f"got {requested}")
     if requested >= 0:
         return requested
     vocab_split = partitioner.axis_size(dict(reversed(partitioner.rules)).get("act_vocab"))
-    return -1 if (backend or jax.default_backend()) == "cpu" and vocab_split == 1 else 0
+    return -1 if partitioner.platform == "cpu" and vocab_split == 1 else 0
 
 
 def head_loss_fns(model: GPTJConfig, chunk_tokens: int, vocab_chunk: int, z_loss: float):

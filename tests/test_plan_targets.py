@@ -101,6 +101,25 @@ def test_compiled_flops_count_every_loop_run(plans, target):
     assert plans[target, "dp"].work.cost.link_bytes > 0
 
 
+def test_auto_kernels_are_the_targets_not_the_planning_cpus():
+    """A plan's program is the one the target's devices would run: `auto` attention and the fused loss's
+    vocabulary chunks resolve for the mesh's platform (the CPU's blockwise kernel, its blocks unrolled, made
+    GPT-J-6B's 2048-token GPU plan compile 5x slower, for a kernel the GPU never runs)."""
+    from gptj import recipe
+    from gptj.settings import RunSettings
+
+    settings = RunSettings.from_config(_tiny("dp"))  # the vocabulary not split: the CPU chunks it
+    assert settings.model.attention_impl == "auto" and settings.train.loss_chunk_vocab == -1
+    found = {}
+    for target in (None, *TARGETS):
+        partitioner = plan_lib._partitioner_for(settings.mesh, targets.parse_target(target) if target else None)
+        trainer = recipe.build_trainer_for_plan(settings, partitioner)
+        found[target] = (partitioner.platform, trainer.model.config.attention_impl,
+                         recipe.loss_vocab_chunk(settings.train.loss_chunk_vocab, partitioner))
+    assert found == {None: ("cpu", "blockwise", -1), "tpu:v3-8": ("tpu", "einsum", 0),
+                     "gpu:h100x8": ("gpu", "einsum", 0)}
+
+
 def test_serve_plan_on_one_gpu():
     config = _tiny("megatron", data=1, model=1)
     plan = plan_lib.make_serve_plan(config, batch=2, context=32, target="gpu:h100")

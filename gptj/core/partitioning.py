@@ -293,6 +293,13 @@ class Partitioner:
         """The size of the mesh's pipeline axis (1: no pipeline)."""
         return self.axis_size(STAGE_AXIS)
 
+    @property
+    def platform(self) -> str:
+        """The backend of the mesh's devices as jax.default_backend() names it ('cpu', 'gpu', 'tpu'): what the
+        programs are built for, which differs from this process's backend when a plan compiles for a target."""
+        platform = self.mesh.devices.flat[0].platform
+        return "gpu" if platform in ("cuda", "rocm") else platform
+
     def axis_size(self, mesh_axes) -> int:
         """Devices over which `mesh_axes` (a mesh axis name, a tuple of them, or None) split a dimension."""
         return math.prod(self.mesh.shape.get(a, 1) for a in _axis_names(mesh_axes))

@@ -16,8 +16,10 @@ the compute dtype. `causal_attention` picks one by name (`GPTJConfig.attention_i
   diagonal skipped, and a custom backward that recomputes each block's
   probabilities from the saved log-normaliser instead of storing them. Memory
   grows with T, work with T^2 / 2; padding masks supported.
-- `auto`: the measured fastest exact kernel for the backend running the
-  program (`DEFAULT_ATTENTION`).
+- `auto`: the measured fastest exact kernel for the devices the program is
+  built for (`DEFAULT_ATTENTION`; a Trainer resolves it for its mesh's
+  platform, so a plan for a GPU or TPU target compiled on a CPU host gets
+  the target's kernel).
 
 A call with a padding mask uses `blockwise` if chosen (or picked by `auto`),
 else `einsum`. Decoding with a KV cache always uses `cached_attention` (one
