@@ -12,6 +12,7 @@ import types
 
 from gptj.inference.sampler import Sampler, get_tokenizer
 from tests.sampling_utils import GPT2_VOCAB_SIZE, gpt2_vocab_config, random_hf_gptj, random_params
+from xla_env import run_heavy_partitioner
 
 # The HF-parity model of the engine tests: GPT-J-6B's padded vocabulary, a context long enough for
 # chunked prefill, and padding ids whose output bias makes them the raw argmax (only masking keeps
@@ -30,9 +31,11 @@ def serve_config(**changes):
 
 
 def tiny_sampler(seed: int = 0) -> Sampler:
-    """A random tiny model over the real GPT-2 vocabulary, with the real tokenizer."""
+    """A random tiny model over the real GPT-2 vocabulary, with the real tokenizer; its programs compiled for
+    decoding many tokens (xla_env.RUN_HEAVY)."""
     config = gpt2_vocab_config()
-    return Sampler(config, random_params(config, seed=seed, std=0.2), tokenizer=get_tokenizer())
+    return Sampler(config, random_params(config, seed=seed, std=0.2), run_heavy_partitioner(),
+                   tokenizer=get_tokenizer())
 
 
 @functools.lru_cache(maxsize=1)
@@ -50,7 +53,7 @@ def padded_vocab_pair():
     hf_dir = tempfile.mkdtemp(prefix="gptj-parity-")
     hf_model = random_hf_gptj(hf_dir, vocab_size=PADDED_VOCAB, max_len=PARITY_MAX_LEN, std=0.2, pad_bias=PAD_BIAS)
     params, config = read_hf(hf_dir, vocab_pad_multiple=64)
-    return hf_model, Sampler(config, params, tokenizer=get_tokenizer())
+    return hf_model, Sampler(config, params, run_heavy_partitioner(), tokenizer=get_tokenizer())
 
 
 def hf_greedy(hf_model, prompt: list[int], new_tokens: int) -> list[int]:

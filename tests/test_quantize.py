@@ -26,6 +26,7 @@ from gptj.settings import validate
 from gptj.errors import ConfigError
 from gptj.weights import params_dir as params_io
 from gptj.weights.source import load_for_inference, open_weights, with_peft_adapter
+from xla_env import run_heavy_partitioner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The shape of gptj/configs/tiny.py (its 50k-row embedding and head dominate its bytes).
@@ -365,7 +366,7 @@ def trained(tmp_path_factory):
     config.train.batch_size = BATCH
     config.data.seq_len = SEQ
     model = recipe.run_model_config(config)
-    partitioner = Partitioner(make_mesh(1, 1, devices=jax.devices()[:1]), "megatron")
+    partitioner = run_heavy_partitioner()  # trains 300 steps, then decodes: see xla_env
     trainer = recipe.build_trainer(config, model, partitioner)
     state = trainer.init_state(0)
     for batch in demo_byte_batches("train", TRAIN_STEPS, BATCH, SEQ, seed=0):

@@ -14,6 +14,7 @@ from gptj.inference.sampler import Sampler
 from gptj.inference.sampling_ops import bucket, draw_from, sample_tokens
 from gptj.model.transformer import GPTJ, GPTJConfig, init_cache
 from tests.sampling_utils import gpt2_vocab_config, random_hf_gptj, random_params
+from xla_env import run_heavy_partitioner
 
 torch = pytest.importorskip("torch")
 
@@ -322,7 +323,7 @@ def test_padding_ids_past_the_tokenizer_are_never_sampled_or_reported():
 
     config = gpt2_vocab_config(vocab_size=50400, max_len=256)
     params = random_params(config, seed=5, std=0.2, pad_bias=4.0)
-    sampler = Sampler(config, params, tokenizer=get_tokenizer(), eos_id=None)
+    sampler = Sampler(config, params, run_heavy_partitioner(), tokenizer=get_tokenizer(), eos_id=None)
     assert sampler.runner.vocab_limit == 50257
     assert Sampler(config, params).runner.vocab_limit == 50257  # no tokenizer: GPT-2's, as GPT-J-6B uses
     outs = sampler.generate([[464, 3290], [15496]] * 4, max_new_tokens=200, temperature=[2.0] * 6 + [0.0, 0.0],

@@ -267,9 +267,12 @@ class Partitioner:
         state = partitioner.jit(init_fn, out_shardings=shardings)(rng)
     """
 
-    def __init__(self, mesh: Mesh, rule_set: str | RuleSet = "megatron"):
+    def __init__(self, mesh: Mesh, rule_set: str | RuleSet = "megatron", compiler_options: dict | None = None):
+        """`compiler_options`: XLA options (DebugOptions fields, as in XLA_FLAGS without the dashes) for every
+        program `jit` builds, over what XLA_FLAGS sets: e.g. {"xla_backend_optimization_level": 1}."""
         self.mesh = mesh
         self.rule_set = get_rule_set(rule_set)
+        self.compiler_options = dict(compiler_options) if compiler_options else None
         if self.stages > 1 and not self.rule_set.pipelines:
             raise PartitioningError(
                 f"mesh: rule set {self.rule_set.name!r} splits no layers over the stage axis, so it cannot use "
@@ -398,7 +401,8 @@ class Partitioner:
             with nn.logical_axis_rules(self.rules):
                 return fn(*args, **kwargs)
 
-        kwargs = dict(static_argnums=static_argnums, donate_argnums=donate_argnums)
+        kwargs = dict(static_argnums=static_argnums, donate_argnums=donate_argnums,
+                      compiler_options=self.compiler_options)
         if in_shardings is not None:
             kwargs["in_shardings"] = in_shardings
         if out_shardings is not None:
