@@ -31,11 +31,9 @@ def serve_config(**changes):
 
 
 def tiny_sampler(seed: int = 0) -> Sampler:
-    """A random tiny model over the real GPT-2 vocabulary, with the real tokenizer; its programs compiled for
-    decoding many tokens (xla_env.RUN_HEAVY)."""
+    """A random tiny model over the real GPT-2 vocabulary, with the real tokenizer."""
     config = gpt2_vocab_config()
-    return Sampler(config, random_params(config, seed=seed, std=0.2), run_heavy_partitioner(),
-                   tokenizer=get_tokenizer())
+    return Sampler(config, random_params(config, seed=seed, std=0.2), tokenizer=get_tokenizer())
 
 
 @functools.lru_cache(maxsize=1)

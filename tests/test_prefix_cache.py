@@ -11,7 +11,6 @@ from gptj.inference.prefix_cache import PrefixIndex, block_keys, prefix_block_by
 from gptj.inference.runner import ModelRunner
 from gptj.model.transformer import GPTJConfig
 from tests.sampling_utils import random_params
-from xla_env import run_heavy_partitioner
 
 VOCAB, CONTEXT, COLUMNS, PREFIX, BLOCK, NEW = 96, 2048, 1600, 1500, 64, 6
 SHARED = PREFIX // BLOCK * BLOCK  # the prefix's tokens in full blocks: what a later prompt reuses
@@ -21,7 +20,7 @@ SHARED = PREFIX // BLOCK * BLOCK  # the prefix's tokens in full blocks: what a l
 def runner():
     config = GPTJConfig(vocab_size=VOCAB, vocab_pad_multiple=8, num_layers=2, d_model=32, num_heads=4, rotary_dim=4,
                         max_len=CONTEXT)
-    return ModelRunner(config, random_params(config, seed=5, std=0.2), run_heavy_partitioner())  # 2,048-token prefills
+    return ModelRunner(config, random_params(config, seed=5, std=0.2))
 
 
 def engine(runner, gib=0.0):
