@@ -21,11 +21,22 @@ else
   INSTALL=(python -m pip install -q --no-compile)
 fi
 "${INSTALL[@]}" -e ".[train,hf,eval,serve,test]"
-# Bytecode for every installed module, compiled in parallel (pip compiles one file at a time).
-# Where PYTHONDONTWRITEBYTECODE is set (as on some CI machines), Python never caches what it
-# compiles on import, so without this every process compiled TensorFlow, torch and jax from
-# source again: 20-40 s of CPU per `python main.py` and per test subprocess.
-python -m compileall -q -j 0 "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" > /dev/null || true
+# Bytecode for what gptj's runs and tests import, written by importing it: two processes side by side, one the
+# training, data, serving and planning stack, the other torch, HF, lm-eval and the test clients. Where
+# PYTHONDONTWRITEBYTECODE is set (as on some CI machines), Python never caches what it compiles on import, so
+# without this every process compiled TensorFlow, torch and jax from source again: 20-40 s of CPU per `python
+# main.py` and per test subprocess. These imports reach a third of the 27k modules installed, in 36 s on a
+# 2-core machine, where compiling all of them (compileall) took 57 s; tests/conftest.py lets the test processes
+# cache the rest they use.
+env -u PYTHONDONTWRITEBYTECODE python -c "
+import gptj.train, gptj.plan, gptj.evaluation.evaluate, gptj.inference.server, gptj.convert.__main__
+import gptj.data.tasks.text, gptj.data.tasks.sft, gptj.data.tasks.dpo, gptj.data.tasks.tfrecords, gptj.data.pipeline
+import tensorflow, seqio, tensorflow_datasets, clu.metric_writers, orbax.checkpoint, fastapi, uvicorn" > /dev/null 2>&1 &
+env -u PYTHONDONTWRITEBYTECODE python -c "
+import torch, transformers, peft, safetensors, lm_eval, lm_eval.tasks, lm_eval.evaluator, trl, openai, httpx
+import schemathesis
+from transformers import GPTJForCausalLM, GPTJConfig, AutoTokenizer" > /dev/null 2>&1 &
+wait || true
 # The TPU and GPU compilers (libtpu, XLA's CUDA plugin: what the `tpu` and `cuda12` extras install), matched to
 # the installed jax, in a folder of their own (gptj.targets.COMPILERS_DIR) that only --target plans load: among the
 # site-packages, jax would load both at every start of every process, a second and a few lines of chatter each.

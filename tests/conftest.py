@@ -4,10 +4,15 @@ XLA_FLAGS must be set before jax is imported anywhere, hence at the top of conft
 """
 
 import os
+import sys
 
 from xla_env import xla_flags  # noqa: E402 - tests/ is on sys.path (rootdir conftest)
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
+# The test processes cache the bytecode of what they import beyond what scripts/install.sh compiled, where the
+# machine sets PYTHONDONTWRITEBYTECODE: otherwise each of their subprocesses would compile it again.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
