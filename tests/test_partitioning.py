@@ -155,3 +155,16 @@ def test_unresolved_logical_axis_names_the_parameter():
     partitioner = Partitioner(make_mesh(2, 4), "megatron")
     with pytest.raises(PartitioningError, match="mystery_kernel: logical axis 'experts' is not resolved"):
         partitioner.abstract_state(lambda rng: Stray().init(rng, jnp.ones((1, 4)))["params"], jax.random.PRNGKey(0))
+
+
+def test_compiler_options_reach_every_program_the_partitioner_compiles():
+    """XLA options given to the Partitioner are the compiler's for its programs: an unknown one is refused by
+    name, a real one compiles and runs."""
+    one = jax.devices()[:1]
+    refused = Partitioner(make_mesh(1, 1, devices=one), "megatron", compiler_options={"xla_not_an_option": True})
+    with pytest.raises(jax.errors.JaxRuntimeError, match="No such compile option: 'xla_not_an_option'"):
+        refused.jit(lambda x: x + 1)(jnp.ones(3))
+    optimised = Partitioner(make_mesh(1, 1, devices=one), "megatron",
+                            compiler_options={"xla_backend_optimization_level": 1})
+    assert optimised.jit(lambda x: x + 1)(jnp.ones(3)).tolist() == [2.0, 2.0, 2.0]
+    assert Partitioner(make_mesh(1, 1, devices=one)).compiler_options is None
