@@ -18,7 +18,7 @@ Mesh: 4 pipeline stages (11 layers each) x data (the rest: 4 on a v3-256) x
 16 model (two cores of 8 chips), `megatron_sp`, 64 microbatches (bubble 3/67
 = 4.5% of the layers' iterations). The TPU compiler (`--mode=plan
 --target=tpu:v3-256`, README) compiles its step within a v3 core's 16 GiB.
-It refuses the same pipeline split 8 ways by model (4 x 8 x 8: 16.2 GiB
+It refuses the same pipeline split 8 ways by model (4 x 8 x 8: 16.3 GiB
 needed of 15.5 available: each device's share of the stage's weights, their
 fp32 gradient sum and each iteration's gradient) and the pipeline without
 sequence sharding (44 GiB: the replicated residual stream of 64 microbatches
