@@ -303,12 +303,17 @@ def bench_decode(cfg: GPTJConfig, batches: list[int], prompt_len: int, new_token
         prompts = rng.integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
         generate = lambda n: sampler.generate(prompts, max_new_tokens=n, temperature=0.0)  # noqa: E731
         generate(new_tokens)  # compiles prefill and the decode loop
-        long_t = time_runs(lambda: generate(new_tokens), runs=runs, warmup=0)
-        short_t = time_runs(lambda: generate(short), runs=runs, warmup=1)
-        # The fastest run of each is the least disturbed by anything else on the machine.
-        decode_s = min(long_t.runs) - min(short_t.runs)
-        if decode_s <= 0:
-            raise RuntimeError(f"batch {batch}: {new_tokens} tokens took no longer than {short}; timing too noisy")
+        # The fastest run of each is the least disturbed by anything else on the machine; a tiny model's
+        # difference can still drown in a busy machine's noise, so it is measured again before giving up.
+        for _ in range(3):
+            long_t = time_runs(lambda: generate(new_tokens), runs=runs, warmup=0)
+            short_t = time_runs(lambda: generate(short), runs=runs, warmup=1)
+            decode_s = min(long_t.runs) - min(short_t.runs)
+            if decode_s > 0:
+                break
+        else:
+            raise RuntimeError(f"batch {batch}: {new_tokens} tokens took no longer than {short} in 3 measurements; "
+                               "timing too noisy")
         tokens_per_s = batch * (new_tokens - short) / decode_s
         mean_context = prompt_len + (new_tokens + short) / 2
         limit = None
