@@ -364,40 +364,49 @@ def _array_bytes(type_text: str) -> float:
                for dtype, dims in _ARRAY.findall(type_text))
 
 
+@dataclasses.dataclass(frozen=True)
+class HloText:
+    """An HLO module's text in parts: what sits between its header line and its first computation (the tables
+    of source locations that instructions' metadata refer to), each computation's text from its header (without
+    ENTRY) to its closing brace, in the module's order, and the entry's name."""
+
+    preamble: str
+    blocks: list[tuple[str, list[str]]]
+    entry: str | None
+
+    @classmethod
+    def parse(cls, text: str) -> "HloText":
+        preamble, blocks, entry, lines = [], [], None, None
+        for line in text.splitlines()[1:]:
+            header = _HEADER.match(line)
+            if header:
+                lines = [line[len("ENTRY "):] if header.group(1) else line]
+                blocks.append((header.group(2), lines))
+                entry = header.group(2) if header.group(1) else entry
+            elif lines is not None:
+                lines.append(line)
+                if line.startswith("}"):
+                    lines = None
+            elif not blocks:
+                preamble.append(line)
+        return cls("\n".join(preamble), blocks, entry)
+
+    @property
+    def computations(self) -> dict[str, list[str]]:
+        """{computation name: its instruction lines}."""
+        return {name: lines[1:-1] for name, lines in self.blocks}
+
+    def module_of(self, name: str, reached: set[str]) -> str:
+        """The text of a module of the computations in `reached`, computation `name` its entry."""
+        body = ["\n".join((["ENTRY " + lines[0]] if block == name else lines[:1]) + lines[1:])
+                for block, lines in self.blocks if block in reached]
+        return "\n".join(["HloModule cost", self.preamble, *body])
+
+
 def hlo_computations(text: str) -> tuple[dict[str, list[str]], str]:
     """{computation name: its instruction lines} of an HLO module's text, and the entry's name."""
-    computations, entry, current = {}, None, None
-    for line in text.splitlines():
-        header = _HEADER.match(line)
-        if header:
-            current = header.group(2)
-            computations[current] = []
-            if header.group(1):
-                entry = current
-        elif line.startswith("}"):
-            current = None
-        elif current is not None:
-            computations[current].append(line)
-    return computations, entry
-
-
-def _computation_blocks(text: str) -> tuple[str, list[tuple[str, str]]]:
-    """What an HLO module's text holds between its header line and its first computation (the tables of source
-    locations that instructions' metadata refer to), and (name, text) of each computation, header to closing
-    brace and without ENTRY, in the module's order."""
-    preamble, blocks, current, lines = [], [], None, []
-    for line in text.splitlines()[1:]:
-        header = _HEADER.match(line)
-        if header:
-            current, lines = header.group(2), [line[len("ENTRY "):] if header.group(1) else line]
-        elif current is not None:
-            lines.append(line)
-            if line.startswith("}"):
-                blocks.append((current, "\n".join(lines)))
-                current = None
-        elif not blocks:
-            preamble.append(line)
-    return "\n".join(preamble), blocks
+    parsed = HloText.parse(text)
+    return parsed.computations, parsed.entry
 
 
 def _callees(line: str) -> list[str]:
@@ -523,8 +532,8 @@ def program_cost(compiled, mesh: Mesh, accelerator: Accelerator) -> ProgramCost:
 
     entry_module = compiled.runtime_executable().hlo_modules()[0]
     text = entry_module.to_string()
-    computations, entry = hlo_computations(text)
-    preamble, blocks = _computation_blocks(text)
+    parsed = HloText.parse(text)
+    computations, entry = parsed.computations, parsed.entry
     cpu = xla_bridge.get_backend("cpu")
     once_cache: dict[str, tuple[float, float]] = {}
 
@@ -536,10 +545,7 @@ def program_cost(compiled, mesh: Mesh, accelerator: Accelerator) -> ProgramCost:
             else:
                 # A module of the loop body and what it calls, the body as its entry: parsing the whole program
                 # again for every loop took a quarter of a GPT-J-6B plan.
-                reached = _reachable(name, computations)
-                body = [("ENTRY " + block) if block_name == name else block
-                        for block_name, block in blocks if block_name in reached]
-                module = _hlo.hlo_module_from_text("\n".join(["HloModule cost", preamble, *body]))
+                module = _hlo.hlo_module_from_text(parsed.module_of(name, _reachable(name, computations)))
             analysis = _jax.hlo_module_cost_analysis(cpu, module)
             once_cache[name] = (float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0)))
         return once_cache[name]
