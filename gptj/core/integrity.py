@@ -288,24 +288,8 @@ def block_digest(block: np.ndarray, offsets: tuple[int, ...], global_shape: tupl
             position += (index * strides[axis] % 2**32).astype(np.uint32).reshape(shape)
         if per_element == 2:
             position += np.arange(2, dtype=np.uint32)
-        total += int(_mix_in_place(words, position).sum(dtype=np.uint64))
+        total += int(_mix(words, position, np.uint32).sum(dtype=np.uint64))
     return total % 2**32
-
-
-def _mix_in_place(words: np.ndarray, position: np.ndarray) -> np.ndarray:
-    """`_mix` of numpy uint32 arrays, computed in `position`'s memory (which it overwrites and returns): one
-    temporary instead of one per operation, each a pass over megabytes of freshly mapped pages."""
-    h = position
-    h *= np.uint32(_POSITION)
-    h += np.uint32(_SEED)
-    h ^= words
-    h *= np.uint32(_M1)
-    shifted = np.right_shift(h, 15)
-    h ^= shifted
-    h *= np.uint32(_M2)
-    np.right_shift(h, 13, out=shifted)
-    h ^= shifted
-    return h
 
 
 class StreamedDigests:
