@@ -36,7 +36,7 @@ env -u PYTHONDONTWRITEBYTECODE python -c "
 import torch, transformers, peft, safetensors, lm_eval, lm_eval.tasks, lm_eval.evaluator, trl, openai, httpx
 import schemathesis
 from transformers import GPTJForCausalLM, GPTJConfig, AutoTokenizer" > /dev/null 2>&1 &
-wait || true
+wait  # each import is only a speed-up: a failed one leaves its modules to be compiled on use
 # The TPU and GPU compilers (libtpu, XLA's CUDA plugin: what the `tpu` and `cuda12` extras install), matched to
 # the installed jax, in a folder of their own (gptj.targets.COMPILERS_DIR) that only --target plans load: among the
 # site-packages, jax would load both at every start of every process, a second and a few lines of chatter each.
