@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import functools
 import json
 import os
 import threading
@@ -55,7 +54,6 @@ from absl import logging
 from etils import epath
 from jax import lax
 from jax.experimental import multihost_utils
-from jax.sharding import PartitionSpec as P
 
 from gptj.core import storage
 from gptj.errors import CheckpointDamagedError, CheckpointError, IntegrityError, StorageError
@@ -105,26 +103,36 @@ def _words(x: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
 
-def _hash_block(block: jax.Array, offsets, global_shape: tuple[int, ...]) -> jax.Array:
-    """Sum over the block's elements of mix(bits ^ key(position in the global array)), mod 2**32.
+def _strides(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Each axis's step between neighbouring positions of an array of `shape` and `dtype`, in 32-bit words, mod 2**32.
+
+    The position of an element (of its first word) is the sum over axes of its
+    index times the axis's stride: its word offset in the C-ordered array.
+    """
+    strides, stride = [], 2 if _bit_width(dtype) == 64 else 1
+    for n in reversed(shape):
+        strides.insert(0, stride % 2**32)
+        stride *= n
+    return np.array(strides, np.uint32)
+
+
+def _hash_block(block: jax.Array, offsets: jax.Array, strides: jax.Array) -> jax.Array:
+    """Sum over the block's elements of mix(bits ^ key(position in the whole array)), mod 2**32.
 
     `mix` is murmur3's 32-bit finaliser (two odd multiplies and xor-shifts): a
     bijection, so two different values at one position never hash alike.
 
-    `offsets` place the block in the global array (per axis; traced values
-    inside shard_map). uint32 position arithmetic wraps for arrays of more
-    than 2**32 words, which only stops it telling apart positions exactly
-    2**32 words apart.
+    `offsets` (uint32, one per axis) place the block in the whole array, whose
+    `_strides` are `strides`. uint32 position arithmetic wraps for arrays of
+    more than 2**32 words, which only stops it telling apart positions
+    exactly 2**32 words apart.
     """
     words = _words(block)
-    per_element = 2 if words.ndim > block.ndim else 1  # 8-byte types: two words per element, on a last axis
     position = jnp.zeros(words.shape, jnp.uint32)
-    stride = per_element
-    for axis in reversed(range(block.ndim)):
-        index = lax.broadcasted_iota(jnp.uint32, words.shape, axis) + jnp.asarray(offsets[axis]).astype(jnp.uint32)
-        position = position + index * jnp.uint32(stride % 2**32)
-        stride *= global_shape[axis]
-    if per_element == 2:
+    for axis in range(block.ndim):
+        index = lax.broadcasted_iota(jnp.uint32, words.shape, axis) + offsets[axis]
+        position = position + index * strides[axis]
+    if words.ndim > block.ndim:  # 8-byte types: two words per element, on a last axis
         position = position + lax.broadcasted_iota(jnp.uint32, words.shape, block.ndim)
     return jnp.sum(_mix(words, position, jnp.uint32), dtype=jnp.uint32)
 
@@ -138,100 +146,42 @@ def _mix(words, position, uint32):
     return h ^ (h >> 13)
 
 
-def _whole(x: jax.Array) -> jax.Array:
-    """The digest of an array computed as one block (one device, or XLA's own partitioning)."""
-    x = jnp.asarray(x)
-    return _hash_block(x, (0,) * x.ndim, x.shape)
+# Compiled once per block shape and dtype (offsets and strides are arguments): the parameters, Adam's two moments and
+# every layer of a scanned stack share a handful of shard shapes, so a tree compiles a few small programs.
+_device_hash = jax.jit(_hash_block)
 
 
-def _by_shard(x: jax.Array, mesh: jax.sharding.Mesh, spec: tuple) -> jax.Array:
-    """Per-device partial digests of an array laid out by (mesh, spec), one per device (a 1-D array over the mesh).
-
-    Each distinct shard is hashed once, by the first of its replicas; the
-    other replicas give 0. Hashing the global array under jit instead would
-    make every replica hash all of a replicated array (a data-parallel copy
-    of the params on each device): free on an accelerator, but CPU devices
-    share cores. No collective runs inside: the partials are summed on the
-    host (see `array_digests`).
-    """
-    shape = x.shape
-    axes_of = [() if d is None else (d,) if isinstance(d, str) else tuple(d) for d in spec]
-    replica_axes = [a for a in mesh.axis_names if not any(a in axes for axes in axes_of)]
-
-    def local(block):  # one device's shard: its partial sum, or 0 on a replica that is not the first
-        offsets = []
-        for axes, size in zip(axes_of, block.shape):
-            index = jnp.uint32(0)
-            for axis in axes:
-                index = index * jnp.uint32(mesh.shape[axis]) + lax.axis_index(axis).astype(jnp.uint32)
-            offsets.append(index * jnp.uint32(size))
-        primary = jnp.bool_(True)
-        for axis in replica_axes:
-            primary = primary & (lax.axis_index(axis) == 0)
-        h = lax.cond(primary, lambda b: _hash_block(b, offsets, shape), lambda b: jnp.uint32(0), block)
-        return h.reshape(1)
-
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(*spec),), out_specs=P(tuple(mesh.axis_names)),
-                         check_vma=False)(x)
+def _shard_offsets(index: tuple[slice, ...]) -> np.ndarray:
+    """Where a shard (`jax.Shard.index`) starts in its array, per axis."""
+    return np.array([s.start or 0 for s in index], np.uint32)
 
 
-def _layout(x: jax.Array) -> tuple:
-    """How `_tree_digests` hashes `x`: ("shards", mesh, spec) for an evenly sharded NamedSharding array, else ()."""
-    sharding = x.sharding
-    if not isinstance(sharding, jax.sharding.NamedSharding):
-        return ()
-    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
-    for size, axes in zip(x.shape, spec):
-        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        if size % int(np.prod([sharding.mesh.shape[a] for a in names])):
-            return ()  # uneven shards: shard_map cannot take them
-    return ("shards", sharding.mesh, spec)
-
-
-@functools.lru_cache(maxsize=64)
-def _tree_digests(layouts: tuple[tuple, ...]):
-    """One compiled program hashing a list of device arrays with these layouts (see `_layout`)."""
-    def run(leaves):  # one digest (or per-device partials) per leaf
-        return [_by_shard(x, layout[1], layout[2]) if layout else _whole(x) for x, layout in zip(leaves, layouts)]
-    return jax.jit(run)
-
-
-_host_digest = jax.jit(_whole)
-
-
-def _value(x: jax.Array) -> int:
-    """A scalar result's value, from this process's own copy."""
-    return int(np.asarray(x.addressable_data(0)))
-
-
-def start_digests(tree: Any) -> list[tuple[Any, bool]]:
+def start_digests(tree: Any) -> list[list[jax.Array]]:
     """Starts hashing a tree's leaves and returns at once (JAX runs the work in the background).
 
-    One (result, by_shard) per leaf: `by_shard` results hold one partial sum
-    per device; the others, the whole sum on every process (None on processes
-    other than 0 for host arrays, which process 0 alone hashes).
+    Per leaf, the partial sums this process contributes: one per distinct
+    shard its devices hold (the replica numbered 0 hashes it; other replicas
+    of a shard, here or on other processes, contribute nothing), each hashed
+    on the device that holds it, with no collective and no copy. Host arrays,
+    which every process holds whole, are hashed by process 0 alone.
     """
-    leaves = jax.tree_util.tree_leaves(tree)
-    on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
-    layouts = tuple(_layout(leaves[i]) for i in on_device)
-    started: list[tuple[Any, bool]] = [(None, False)] * len(leaves)
-    for i, layout, result in zip(on_device, layouts, _tree_digests(layouts)([leaves[i] for i in on_device])):
-        started[i] = (result, bool(layout))
-    if jax.process_index() == 0:
-        for i in sorted(set(range(len(leaves))) - set(on_device)):
-            started[i] = (_host_digest(leaves[i]), False)
+    started: list[list[jax.Array]] = []
+    for x in jax.tree_util.tree_leaves(tree):
+        if isinstance(x, jax.Array):
+            strides = _strides(x.shape, x.dtype)
+            started.append([_device_hash(shard.data, _shard_offsets(shard.index), strides)
+                            for shard in x.addressable_shards if shard.replica_id == 0])
+        elif jax.process_index() == 0:
+            x = jnp.asarray(x)
+            started.append([_device_hash(x, np.zeros(x.ndim, np.uint32), _strides(x.shape, x.dtype))])
+        else:
+            started.append([])
     return started
 
 
-def finish_digests(started: list[tuple[Any, bool]]) -> list[str]:
+def finish_digests(started: list[list[jax.Array]]) -> list[str]:
     """The digests `start_digests` started, 8 hex digits each, the same on every process (a collective)."""
-    partial = []
-    for result, by_shard in started:
-        if by_shard:  # this process's devices' partial sums
-            partial.append(sum(int(np.asarray(shard.data)[0]) for shard in result.addressable_shards))
-        else:  # the whole sum, which every process holds: counted once, by process 0
-            partial.append(_value(result) if jax.process_index() == 0 and result is not None else 0)
-    return _summed_over_processes(partial)
+    return _summed_over_processes([sum(int(part) for part in parts) for parts in started])
 
 
 def _summed_over_processes(partial: list[int]) -> list[str]:
@@ -272,10 +222,7 @@ def block_digest(block: np.ndarray, offsets: tuple[int, ...], global_shape: tupl
         words = _host_words(block).reshape(1, -1)
         return int(_mix(words, np.arange(words.size, dtype=np.uint32), np.uint32).sum(dtype=np.uint64) % 2**32)
     per_element = 2 if _bit_width(block.dtype) == 64 else 1
-    strides, stride = [], per_element
-    for n in reversed(global_shape):
-        strides.insert(0, stride)
-        stride *= n
+    strides = _strides(global_shape, block.dtype).astype(np.uint64)
     rows = max(1, _HOST_WORDS // max(1, block.size // block.shape[0] * per_element))
     total = 0
     for start in range(0, block.shape[0], rows):
@@ -331,10 +278,10 @@ def array_digests(tree: Any) -> list[str]:
     """Each leaf's digest (8 hex digits) in flattening order; every process gets the same.
 
     Every process must call it: the per-process sums meet in one small
-    allgather. Device arrays are hashed by one compiled program for the
-    whole tree, each process hashing the shards its devices hold; host
-    (numpy) arrays, which every process holds whole, are hashed by process 0
-    alone, one at a time (a converter's tree is never on the device at once).
+    allgather. Device arrays are hashed shard by shard where they are, each
+    process hashing the distinct shards its devices hold; host (numpy)
+    arrays, which every process holds whole, are hashed by process 0 alone,
+    one at a time (a converter's tree is never on the device at once).
     """
     return finish_digests(start_digests(tree))
 
