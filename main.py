@@ -11,6 +11,8 @@ import traceback
 from absl import app, flags
 from ml_collections import config_flags
 
+from gptj.core import runtime
+
 MODES = ("train", "eval", "sample", "serve", "plan")
 
 FLAGS = flags.FLAGS
@@ -101,7 +103,6 @@ def _parse_flags(argv):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from gptj.core import runtime
     from gptj.core.storage import quiet_storage_noise
     from gptj.errors import GptjError
 
@@ -117,7 +118,6 @@ def main(argv):
 
 
 def _run(config, mode):
-    from gptj.core import runtime
     from gptj.errors import ConfigError
     from gptj.settings import RunSettings, validate
 
@@ -163,4 +163,5 @@ def _run(config, mode):
 
 
 if __name__ == "__main__":
+    runtime.collect_garbage_less_often()  # before jax, TensorFlow and the rest are imported
     app.run(main, flags_parser=_parse_flags)

@@ -78,6 +78,19 @@ def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_main_sets_the_garbage_collection_thresholds_before_importing_jax(tmp_path):
+    from gptj.core import runtime
+
+    record = ("import gc, runpy, sys; real = gc.set_threshold; "
+              "gc.set_threshold = lambda *t: (print('thresholds', t, 'jax' in sys.modules), real(*t)); "
+              "sys.argv = ['main.py'] + sys.argv[1:]; runpy.run_path('main.py', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", record, "--config=gptj/configs/tiny.py", "--mode=fly",
+                           f"--workdir={tmp_path}"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "unknown --mode='fly'" in done.stderr, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [f"thresholds ({runtime.GC_YOUNG_THRESHOLD}, 20, 10) False"]
+
+
 def test_main_trains_on_the_demo_corpus_and_exits_0_on_sigterm(tmp_path):
     """The README command (shrunk): real data, a fresh process, SIGTERM -> finish the step, save, exit 0."""
     import json

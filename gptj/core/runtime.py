@@ -1,8 +1,10 @@
-"""Process start-up shared by every mode: a quiet console, joining the other hosts, quieting all but process 0."""
+"""Process start-up shared by every mode: fewer garbage collections, a quiet console, joining the other hosts,
+quieting all but process 0."""
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.abc
 import importlib.machinery
 import logging as pylogging
@@ -10,13 +12,33 @@ import os
 import sys
 import threading
 
-import jax
 from absl import logging
 
 from gptj.errors import DistributedInitError
 
 # The gptj package (this file is gptj/core/runtime.py): records from any of its modules pass.
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# Container objects allocated (net of those freed) between young collections; Python's default is 700.
+GC_YOUNG_THRESHOLD = 100_000
+
+
+def collect_garbage_less_often() -> None:
+    """Runs Python's cycle collector over young objects 140x less often than its defaults; call before the heavy
+    imports.
+
+    A full collection walks every object the process holds, and a gptj process
+    holds millions (jax, TensorFlow with Keras and scikit-learn, lm-eval, the
+    jaxprs of its programs) that it creates steadily while it imports and
+    traces. With the defaults (700, 10, 10) collections took 9% of a small
+    training run's CPU time (3.1 of 36 s, 2.4 of them in 9 full collections
+    during start-up) and 7% of a test process's (6.7 of 95 s); with these
+    thresholds 0.6 s and 1.7 s. Reference counting still frees everything
+    outside cycles at once, and young cycles (most of a step's garbage) are
+    still collected within 100,000 allocations.
+    """
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 10)
 
 
 class _OwnLinesOnly(pylogging.Filter):
@@ -125,6 +147,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     that jax recognises (TPU pod, SLURM, Open MPI) is joined automatically; a
     plain single-process run does nothing. CPU processes use gloo collectives.
     """
+    import jax  # here, not at the top: main.py sets the garbage-collection thresholds before jax loads
+
     explicit = coordinator_address is not None or num_processes is not None or process_id is not None
     if explicit:
         missing = [n for n, v in (("coordinator_address", coordinator_address), ("num_processes", num_processes),
