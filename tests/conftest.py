@@ -9,7 +9,7 @@ import sys
 
 from xla_env import xla_flags  # noqa: E402 - tests/ is on sys.path (rootdir conftest)
 
-from gptj.core import runtime  # noqa: E402
+from gptj.core import runtime
 
 runtime.collect_garbage_less_often()  # before jax and the rest are imported, as main.py does
 
