@@ -163,5 +163,5 @@ def _run(config, mode):
 
 
 if __name__ == "__main__":
-    runtime.collect_garbage_less_often()  # before jax, TensorFlow and the rest are imported
+    runtime.start_process()  # before jax, TensorFlow and the rest are imported
     app.run(main, flags_parser=_parse_flags)

@@ -50,4 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from gptj.core import runtime
+
+    runtime.start_process()  # as main.py does
     sys.exit(main())

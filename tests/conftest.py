@@ -1,5 +1,5 @@
 """Shared test set-up: 8 fake CPU devices (for 2x4 / 4x2 meshes), a persistent compile cache and main.py's
-garbage-collection thresholds.
+process start-up (runtime.start_process: fewer garbage collections, TensorFlow without Keras's extras).
 
 XLA_FLAGS must be set before jax is imported anywhere, hence at the top of conftest.
 """
@@ -11,7 +11,7 @@ from xla_env import xla_flags  # noqa: E402 - tests/ is on sys.path (rootdir con
 
 from gptj.core import runtime
 
-runtime.collect_garbage_less_often()  # before jax and the rest are imported, as main.py does
+runtime.start_process()  # before jax and the rest are imported, as main.py does
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 # The test processes cache the bytecode of what they import beyond what scripts/install.sh compiled, where the

@@ -102,7 +102,7 @@ def test_epochs_reshuffle_and_stop(tmp_path):
 
 RESUME_SCRIPT = """
 import json, os, sys
-from gptj.core import runtime; runtime.collect_garbage_less_often()  # as main.py does
+from gptj.core import runtime; runtime.start_process()  # as main.py does
 os.environ["XLA_FLAGS"] = {xla_flags!r}
 import numpy as np
 sys.path.insert(0, os.path.join({root!r}, "tests"))

@@ -20,7 +20,7 @@ SEQ = 16
 
 HOST_SCRIPT = """
 import json, os, sys
-from gptj.core import runtime; runtime.collect_garbage_less_often()  # as main.py does
+from gptj.core import runtime; runtime.start_process()  # as main.py does
 pid, port, tmp = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 os.environ["XLA_FLAGS"] = {xla_flags!r}
 import jax

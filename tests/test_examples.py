@@ -199,7 +199,7 @@ def test_preference_tuning_learns_the_preferred_answer_on_held_out_requests(tmp_
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(f"""
         import importlib.util, json, sys
-        from gptj.core import runtime; runtime.collect_garbage_less_often()  # as main.py does
+        from gptj.core import runtime; runtime.start_process()  # as main.py does
         path = {str(ROOT / "examples" / "preference_tuning.py")!r}
         spec = importlib.util.spec_from_file_location("preference_tuning", path)
         example = importlib.util.module_from_spec(spec)

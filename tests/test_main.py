@@ -78,17 +78,21 @@ def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_main_sets_the_garbage_collection_thresholds_before_importing_jax(tmp_path):
+def test_main_starts_the_process_before_importing_jax(tmp_path):
+    """main.py calls runtime.start_process first: the collector's thresholds are set before jax loads, and the
+    loader that imports TensorFlow without Keras's extras is in place."""
     from gptj.core import runtime
 
-    record = ("import gc, runpy, sys; real = gc.set_threshold; "
+    record = ("import atexit, gc, runpy, sys; real = gc.set_threshold; "
               "gc.set_threshold = lambda *t: (print('thresholds', t, 'jax' in sys.modules), real(*t)); "
+              "atexit.register(lambda: print('loaders', [type(f).__name__ for f in sys.meta_path][:1])); "
               "sys.argv = ['main.py'] + sys.argv[1:]; runpy.run_path('main.py', run_name='__main__')")
     done = subprocess.run([sys.executable, "-c", record, "--config=gptj/configs/tiny.py", "--mode=fly",
                            f"--workdir={tmp_path}"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "unknown --mode='fly'" in done.stderr, done.stderr[-2000:]
-    assert done.stdout.splitlines() == [f"thresholds ({runtime.GC_YOUNG_THRESHOLD}, 20, 10) False"]
+    assert done.stdout.splitlines() == [f"thresholds ({runtime.GC_YOUNG_THRESHOLD}, 20, 10) False",
+                                        "loaders ['_TensorFlowLoader']"]
 
 
 def test_main_trains_on_the_demo_corpus_and_exits_0_on_sigterm(tmp_path):
@@ -167,17 +171,20 @@ def test_console_keeps_gptj_lines_and_verbosity_brings_back_the_rest():
                 handler.removeFilter(f)
 
 
-def test_tensorflow_start_up_lines_stay_off_a_quiet_console():
+def test_tensorflow_start_up_lines_stay_off_a_quiet_console_and_keras_extras_stay_unloaded():
     """TensorFlow's native start-up lines (CUDA probing, oneDNN / CPU-feature notices) never reach a quiet
-    console, on import or on its first dataset, and the data still flows."""
-    code = ("import sys; from gptj.core import runtime; runtime.configure_console(int(sys.argv[1])); "
+    console, on import or on its first dataset, and the data still flows. TensorFlow loads without the Keras
+    extras (scikit-learn, pandas, matplotlib, scipy), which import as usual afterwards."""
+    code = ("import sys; from gptj.core import runtime; runtime.start_process(); "
+            "runtime.configure_console(int(sys.argv[1])); "
             "import seqio, tensorflow as tf; print(list(tf.data.Dataset.range(3).map(lambda x: x * 2)"
-            ".as_numpy_iterator()))")
+            ".as_numpy_iterator())); print([m for m in runtime.KERAS_EXTRAS if m in sys.modules]); "
+            "import sklearn, scipy.sparse; print(sklearn.__name__, scipy.sparse.__name__)")
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     quiet = subprocess.run([sys.executable, "-c", code, "0"], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=300)
     assert quiet.returncode == 0, quiet.stderr[-2000:]
-    assert quiet.stdout.split() == ["[np.int64(0),", "np.int64(2),", "np.int64(4)]"]
+    assert quiet.stdout.splitlines() == ["[np.int64(0), np.int64(2), np.int64(4)]", "[]", "sklearn scipy.sparse"]
     noise = ("cuda", "cuinit", "onednn", "cpu_feature_guard", "absl::initializelog", "tensorflow binary")
     assert not [line for line in quiet.stderr.splitlines() if any(n in line.lower() for n in noise)], quiet.stderr
