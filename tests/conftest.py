@@ -21,7 +21,7 @@ sys.dont_write_bytecode = False
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # glibc backs the blocks it maps with transparent huge pages where the kernel allows them on request (its
-# default, THP "madvise"): the test processes' children (training runs, conversions) then fault a tenth as often on
+# default, THP "madvise"): the test processes' children (training runs, conversions) then fault a third as often on
 # fresh XLA and numpy buffers: a 60-step training child 1.95M -> 0.72M page faults, 9% less CPU; int8 quantization
 # of a 1.2 GiB model 17% less CPU, the same peak memory. Read by glibc when a process starts, so it reaches the
 # pytest workers and every child they start.

@@ -188,7 +188,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     that jax recognises (TPU pod, SLURM, Open MPI) is joined automatically; a
     plain single-process run does nothing. CPU processes use gloo collectives.
     """
-    import jax  # here, not at the top: main.py sets the garbage-collection thresholds before jax loads
+    import jax  # here, not at the top: main.py calls start_process before jax loads
 
     explicit = coordinator_address is not None or num_processes is not None or process_id is not None
     if explicit:
