@@ -42,6 +42,21 @@ def test_block_digests_add_up_to_the_array_digest(dtype):
         assert f"{integrity.block_digest(moved, (0, 0, 0), x.shape):08x}" != whole
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int64"])
+def test_host_digest_in_many_chunks_equals_the_whole_blocks(dtype, monkeypatch):
+    """The host hash reuses two buffers chunk by chunk: with 3 rows a chunk, 37 rows end on a short chunk, and the
+    block's offset moves every chunk's positions. 8-byte types hash two words an element (jax, without x64, holds
+    no int64 to compare with: there the reference is the host hash in one chunk)."""
+    x = (np.random.default_rng(1).normal(size=(40, 11)) * 1000).astype(dtype)
+    whole = integrity.block_digest(x, (0, 0), x.shape)
+    if dtype != "int64":
+        assert f"{whole:08x}" == integrity.array_digests([jnp.asarray(x)])[0]
+    monkeypatch.setattr(integrity, "_HOST_WORDS", 3 * 11 * (2 if dtype == "int64" else 1))
+    parts = integrity.block_digest(x[:3], (0, 0), x.shape) + integrity.block_digest(x[3:], (3, 0), x.shape)
+    assert parts % 2**32 == whole
+    assert integrity.block_digest(x[3:], (3, 0), x.shape) != integrity.block_digest(x[3:], (2, 0), x.shape)
+
+
 def test_chunks_are_rows_first_and_bounded():
     assert streaming.chunk_shape((28, 4096, 16384), 4, 32 << 20) == (1, 2048, 4096)  # a layer, halved
     assert streaming.chunk_shape((50400, 4096), 4, 32 << 20) == (1575, 4096)  # a slab of embedding rows
