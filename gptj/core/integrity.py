@@ -237,17 +237,18 @@ def block_digest(block: np.ndarray, offsets: tuple[int, ...], global_shape: tupl
         words = _host_words(block).reshape(1, -1)
         return int(_mix(words, np.arange(words.size, dtype=np.uint32), np.uint32).sum(dtype=np.uint64) % 2**32)
     per_element = 2 if _bit_width(block.dtype) == 64 else 1
-    strides = _strides(global_shape, block.dtype)
+    word_shape = block.shape + ((2,) if per_element == 2 else ())
+    # Only the first axis's keys move from chunk to chunk: each chunk takes its rows of them.
+    first, *others = _position_keys(word_shape, offsets, _strides(global_shape, block.dtype))
     row_words = block.size // block.shape[0] * per_element
-    rows = max(1, _HOST_WORDS // max(1, row_words))
+    rows = min(block.shape[0], max(1, _HOST_WORDS // max(1, row_words)))
     h_buffer, shifted_buffer = np.empty(rows * row_words, np.uint32), np.empty(rows * row_words, np.uint32)
     total = 0
     for start in range(0, block.shape[0], rows):
         words = _host_words(block[start:start + rows])
         h, shifted = h_buffer[:words.size].reshape(words.shape), shifted_buffer[:words.size].reshape(words.shape)
-        keys = _position_keys(words.shape, (offsets[0] + start, *offsets[1:]), strides)
-        np.copyto(h, keys[0])
-        for key in keys[1:]:
+        np.copyto(h, first[start:start + rows])
+        for key in others:
             h += key
         h ^= words  # murmur3's finaliser, as `_mix`
         h *= np.uint32(_M1)
