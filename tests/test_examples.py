@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 from trainer_utils import read_scalars
-from xla_env import xla_flags
+from xla_env import compile_runs_heavy, xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
@@ -152,9 +152,12 @@ def test_the_instruction_tuned_model_answers_chat_requests_as_sampling_does(inst
         assert chunks[-1].usage.completion_tokens == len(outputs[4]["token_ids"]) + 1
 
 
-def test_custom_task_module_registers_and_trains_through_the_run(tmp_path):
+def test_custom_task_module_registers_and_trains_through_the_run(tmp_path, monkeypatch):
     """examples/custom_task.py: `data.module` registers the example's seqio tasks, whose batches are its sums,
     and a run trains on them; a module without `register_tasks`, or one that cannot be imported, is one line."""
+    # The example's own config: 8 devices over the GPT-2 vocabulary, whose [512, 50304] logits make its steps
+    # cost more unoptimised than compiling them at -O1 does (36 -> 21 CPU-s for this test; see xla_env).
+    compile_runs_heavy(monkeypatch)
     from gptj import RunSettings
     from gptj.errors import ConfigError, DataError
     from gptj.data import pipeline, tasks

@@ -15,10 +15,12 @@ exception: its steps' element-wise work over [tokens, 50400] logits runs
 preference-tuning example's SFT stage), more than the compiles save, so
 such children take `fast_compile=False`. Inside a test process the same goes
 for programs run hundreds of times over such a vocabulary (decoding loops, a
-model trained for hundreds of steps): their tests build a Partitioner with
-RUN_HEAVY, which compiles just its programs at -O1 (64 decoded tokens of the
-padded-vocabulary parity model: 3.2 s at -O0, 0.48 s at -O1; its programs
-compile no slower, though a train step's compile takes twice as long).
+model trained for hundreds of steps) or over long contexts: their tests build
+a Partitioner with RUN_HEAVY, which compiles just its programs at -O1 (64
+decoded tokens of the padded-vocabulary parity model: 3.2 s at -O0, 0.48 s at
+-O1; its programs compile no slower, though a train step's compile takes twice
+as long). A run that a test starts from a config in its own process
+(`gptj.train.train_and_evaluate`) gets the same with `compile_runs_heavy`.
 """
 
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
@@ -40,3 +42,18 @@ def run_heavy_partitioner():
     from gptj.core.partitioning import Partitioner, make_mesh
 
     return Partitioner(make_mesh(1, 1, devices=jax.devices()[:1]), "megatron", compiler_options=RUN_HEAVY)
+
+
+def compile_runs_heavy(monkeypatch):
+    """Every Partitioner built from a config's mesh settings (`Partitioner.from_config`, as a training run in this
+    process builds its own) compiles its programs with RUN_HEAVY, for the rest of the test."""
+    from gptj.core.partitioning import Partitioner
+
+    from_config = Partitioner.from_config
+
+    def heavy(mesh_config, fold_stages=False):
+        partitioner = from_config(mesh_config, fold_stages)
+        partitioner.compiler_options = dict(RUN_HEAVY)
+        return partitioner
+
+    monkeypatch.setattr(Partitioner, "from_config", staticmethod(heavy))
