@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from trainer_utils import SyntheticIterator, synthetic_eval_sets, tiny_config
+from xla_env import xla_flags
 
 from gptj import train
 from gptj.settings import validate
@@ -111,7 +112,9 @@ def test_main_trains_on_the_demo_corpus_and_exits_0_on_sigterm(tmp_path):
            "--config.model.rotary_dim=8", "--config.data.seq_len=16", "--config.train.batch_size=8",
            "--config.train.total_steps=100000", "--config.train.log_every=1", "--config.train.eval_every=0",
            "--config.train.ckpt_every=0"]
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    # One CPU device, as the README's command has: 8 fake ones would each initialise the replicated 50k-row
+    # embedding and head, on the same 2 cores.
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     watchdog = threading.Timer(400, process.kill)
     watchdog.start()
