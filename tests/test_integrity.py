@@ -25,9 +25,8 @@ def _device_program_digest(x: jax.Array) -> list[str]:
     """`x`'s digest as an accelerator computes it: the device program on each distinct shard (a CPU device's
     shards are hashed with numpy instead, which array_digests does here)."""
     strides = integrity._strides(x.shape, x.dtype)
-    parts = [integrity._device_hash(shard.data, integrity._shard_offsets(shard.index), strides)
-             for shard in x.addressable_shards if shard.replica_id == 0]
-    return [f"{sum(int(part) for part in parts) % 2**32:08x}"]
+    return integrity.finish_digests([[integrity._device_hash(shard.data, integrity._shard_offsets(shard.index), strides)
+                                      for shard in x.addressable_shards if shard.replica_id == 0]])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "bool", "int4", "uint32"])

@@ -158,13 +158,14 @@ def _shard_offsets(index: tuple[slice, ...]) -> np.ndarray:
 
 
 def start_digests(tree: Any) -> list[list[jax.Array | int]]:
-    """Starts hashing a tree's leaves and returns at once (JAX runs the work in the background).
+    """Starts hashing a tree's leaves: accelerators' shards in the background (JAX runs the work), CPU devices' and
+    host arrays before it returns.
 
     Per leaf, the partial sums this process contributes: one per distinct
     shard its devices hold (the replica numbered 0 hashes it; other replicas
     of a shard, here or on other processes, contribute nothing), each hashed
     where it is, with no collective and no copy: on an accelerator by a small
-    program on its device, on a CPU device by numpy (`block_digest`, at once).
+    program on its device, on a CPU device by numpy (`block_digest`).
     Host arrays, which every process holds whole, are hashed by process 0 alone.
     """
     started: list[list[jax.Array | int]] = []
